@@ -1,0 +1,155 @@
+//! Agent settings from the kernel command line (`agent.*` parameters).
+//!
+//! Parsing never fails: unknown keys and bad values become warnings, and the
+//! setting keeps its default, because an agent that refuses to start over a
+//! typo in the command line leaves a VM nobody can talk to.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// tracing level filter: error, warn, info, debug, trace.
+    pub log_level: String,
+    /// ttrpc listen address, e.g. `vsock://-1:1024`.
+    pub server_addr: String,
+    /// How long to wait for a hot-plugged device to appear.
+    pub hotplug_timeout: Duration,
+    /// Size of container stdio pipes in bytes (0 keeps the kernel default).
+    pub container_pipe_size: u32,
+    /// Offer a shell on `debug_console_vport`.
+    pub debug_console: bool,
+    pub debug_console_vport: u32,
+    /// Developer mode: more permissive, more verbose.
+    pub devmode: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            log_level: "info".into(),
+            server_addr: "vsock://-1:1024".into(),
+            hotplug_timeout: Duration::from_secs(3),
+            container_pipe_size: 0,
+            debug_console: false,
+            debug_console_vport: 1026,
+            devmode: false,
+        }
+    }
+}
+
+const LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
+
+impl AgentConfig {
+    /// Parses a kernel command line; returns the config and the warnings to log
+    /// once logging is up.
+    pub fn from_cmdline(cmdline: &str) -> (AgentConfig, Vec<String>) {
+        let mut cfg = AgentConfig::default();
+        let mut warnings = Vec::new();
+        for word in cmdline.split_whitespace() {
+            let Some(rest) = word.strip_prefix("agent.") else { continue };
+            let (key, value) = match rest.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (rest, None),
+            };
+            let mut bad = |what: &str| {
+                warnings.push(format!("ignoring agent.{key}={}: {what}", value.unwrap_or("")));
+            };
+            match (key, value) {
+                ("log", Some(v)) => {
+                    let v = v.to_ascii_lowercase();
+                    if LEVELS.contains(&v.as_str()) {
+                        cfg.log_level = v;
+                    } else {
+                        bad("not one of error, warn, info, debug, trace");
+                    }
+                }
+                ("server_addr", Some(v)) => {
+                    if valid_server_addr(v) {
+                        cfg.server_addr = v.to_string();
+                    } else {
+                        bad("expected vsock://CID:PORT or unix://PATH");
+                    }
+                }
+                ("hotplug_timeout", Some(v)) => match v.trim_end_matches('s').parse::<u64>() {
+                    Ok(s) if s > 0 && s <= 3600 => cfg.hotplug_timeout = Duration::from_secs(s),
+                    _ => bad("expected whole seconds between 1 and 3600"),
+                },
+                ("container_pipe_size", Some(v)) => match v.parse::<u32>() {
+                    Ok(n) => cfg.container_pipe_size = n,
+                    Err(_) => bad("expected a byte count"),
+                },
+                ("debug_console", None) => cfg.debug_console = true,
+                ("debug_console", Some(v)) => match parse_bool(v) {
+                    Some(b) => cfg.debug_console = b,
+                    None => bad("expected a boolean"),
+                },
+                ("debug_console_vport", Some(v)) => match v.parse::<u32>() {
+                    Ok(p) if p > 0 => cfg.debug_console_vport = p,
+                    _ => bad("expected a vsock port number"),
+                },
+                ("devmode", None) => cfg.devmode = true,
+                ("devmode", Some(v)) => match parse_bool(v) {
+                    Some(b) => cfg.devmode = b,
+                    None => bad("expected a boolean"),
+                },
+                _ => warnings.push(format!("unknown kernel parameter agent.{rest} (ignored)")),
+            }
+        }
+        (cfg, warnings)
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "true" | "on" | "yes" => Some(true),
+        "0" | "false" | "off" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+fn valid_server_addr(v: &str) -> bool {
+    if let Some(rest) = v.strip_prefix("vsock://") {
+        return match rest.split_once(':') {
+            Some((cid, port)) => (cid == "-1" || cid.parse::<u32>().is_ok()) && port.parse::<u32>().is_ok(),
+            None => false,
+        };
+    }
+    v.strip_prefix("unix://").is_some_and(|p| p.starts_with('/') || p.starts_with('@'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_without_agent_params() {
+        let (cfg, warns) = AgentConfig::from_cmdline("console=ttyS0 quiet");
+        assert_eq!(cfg, AgentConfig::default());
+        assert!(warns.is_empty());
+    }
+
+    #[test]
+    fn parses_known_params() {
+        let (cfg, warns) = AgentConfig::from_cmdline(
+            "agent.log=DEBUG agent.server_addr=vsock://-1:2048 agent.hotplug_timeout=10 agent.container_pipe_size=65536 agent.debug_console agent.debug_console_vport=1030 agent.devmode=1",
+        );
+        assert!(warns.is_empty(), "{warns:?}");
+        assert_eq!(cfg.log_level, "debug");
+        assert_eq!(cfg.server_addr, "vsock://-1:2048");
+        assert_eq!(cfg.hotplug_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.container_pipe_size, 65536);
+        assert!(cfg.debug_console && cfg.devmode);
+        assert_eq!(cfg.debug_console_vport, 1030);
+    }
+
+    #[test]
+    fn bad_values_fall_back_with_a_warning() {
+        let (cfg, warns) = AgentConfig::from_cmdline(
+            "agent.log=loud agent.server_addr=tcp://x agent.hotplug_timeout=-3 agent.frobnicate=1 agent.container_pipe_size=big",
+        );
+        assert_eq!(cfg, AgentConfig::default());
+        assert_eq!(warns.len(), 5, "{warns:?}");
+        assert!(warns.iter().any(|w| w.contains("agent.frobnicate")));
+        assert!(warns.iter().any(|w| w.contains("agent.log=loud")));
+    }
+}

@@ -1,0 +1,277 @@
+//! The container's filesystem view, built by the helper inside the new mount
+//! namespace: rootfs bind, spec mounts, device nodes, then pivot_root (or the
+//! chroot fallback), then masked/read-only paths.
+//!
+//! pivot_root cannot move away from the initramfs the guest boots from (the
+//! kernel answers EINVAL when the current root has no parent mount), so in
+//! that case, or when asked, the rootfs is moved over `/` (MS_MOVE) and
+//! chrooted into, as runc's `--no-pivot` does. The old root is then hidden
+//! under the container's rootfs in this mount namespace rather than detached;
+//! a process with CAP_SYS_ADMIN could still reach it, so containers that keep
+//! that capability are weaker under the fallback.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+use super::spec::{ContainerSpec, DeviceSpec, MountSpec};
+
+type Res<T> = std::result::Result<T, String>;
+
+/// Joins `unsafe_path` onto `root`, resolving symlinks as if `root` were `/`:
+/// no `..` or symlink (absolute or relative) can lead outside `root`.
+pub fn secure_join(root: &Path, unsafe_path: &Path) -> Res<PathBuf> {
+    let mut resolved = PathBuf::new();
+    let mut pending: VecDeque<OsString> = components(unsafe_path);
+    let mut links = 0;
+    while let Some(c) = pending.pop_front() {
+        if c == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&c);
+        let full = root.join(&candidate);
+        match fs::symlink_metadata(&full) {
+            Ok(md) if md.file_type().is_symlink() => {
+                links += 1;
+                if links > 255 {
+                    return Err(format!("too many symlinks under {} resolving {}", root.display(), unsafe_path.display()));
+                }
+                let target = fs::read_link(&full).map_err(|e| format!("reading link {}: {e}", full.display()))?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                let mut next = components(&target);
+                next.extend(pending);
+                pending = next;
+            }
+            _ => resolved = candidate,
+        }
+    }
+    Ok(root.join(resolved))
+}
+
+fn components(p: &Path) -> VecDeque<OsString> {
+    p.components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect()
+}
+
+fn m(what: impl std::fmt::Display, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+fn do_mount(src: Option<&str>, dst: &Path, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> Res<()> {
+    mount(src, dst, fstype, flags, data).map_err(|e| {
+        m(format_args!("mount {} on {} (type {}, {:?}, {:?})", src.unwrap_or("none"), dst.display(), fstype.unwrap_or("none"), flags, data.unwrap_or("")), e)
+    })
+}
+
+/// Builds the container's root and enters it. Runs in the helper, in the
+/// container's fresh mount namespace.
+pub fn prepare_rootfs(spec: &ContainerSpec, no_pivot: bool) -> Res<()> {
+    let rootfs = fs::canonicalize(&spec.root.path).map_err(|e| m(format_args!("container rootfs {}", spec.root.path.display()), e))?;
+    if !rootfs.is_dir() {
+        return Err(format!("container rootfs {} is not a directory", rootfs.display()));
+    }
+    // Nothing mounted from here on may propagate back to the agent's namespace.
+    do_mount(None, Path::new("/"), None, MsFlags::MS_REC | spec.rootfs_propagation, None)?;
+    do_mount(Some(path_str(&rootfs)?), &rootfs, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+
+    let mut dev_is_tmpfs = false;
+    for mnt in &spec.mounts {
+        mount_one(&rootfs, mnt)?;
+        if mnt.destination == Path::new("/dev") && mnt.fstype == "tmpfs" {
+            dev_is_tmpfs = true;
+        }
+    }
+    if dev_is_tmpfs {
+        default_devices(&rootfs)?;
+    }
+    for d in &spec.devices {
+        create_device(&rootfs, d)?;
+    }
+
+    enter_root(&rootfs, no_pivot)?;
+
+    for (k, v) in &spec.sysctl {
+        let p = Path::new("/proc/sys").join(k.replace('.', "/"));
+        fs::write(&p, v).map_err(|e| m(format_args!("sysctl {k}={v}"), e))?;
+    }
+    for p in &spec.masked_paths {
+        mask_path(p)?;
+    }
+    for p in &spec.readonly_paths {
+        readonly_path(p)?;
+    }
+    if spec.root.readonly {
+        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_REC;
+        do_mount(None, Path::new("/"), None, flags, None)?;
+    }
+    Ok(())
+}
+
+fn path_str(p: &Path) -> Res<&str> {
+    p.to_str().ok_or_else(|| format!("path {} is not UTF-8", p.display()))
+}
+
+fn mount_one(rootfs: &Path, mnt: &MountSpec) -> Res<()> {
+    let dest = secure_join(rootfs, &mnt.destination)?;
+    let o = &mnt.options;
+    if o.is_bind() {
+        let src = Path::new(&mnt.source);
+        let md = fs::metadata(src).map_err(|e| m(format_args!("bind mount source {}", mnt.source), e))?;
+        if md.is_dir() {
+            fs::create_dir_all(&dest).map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
+        } else {
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).map_err(|e| m(format_args!("creating {}", parent.display()), e))?;
+            }
+            if !dest.exists() {
+                fs::write(&dest, b"").map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
+            }
+        }
+        let rec = o.flags & MsFlags::MS_REC;
+        do_mount(Some(&mnt.source), &dest, None, MsFlags::MS_BIND | rec, None)?;
+        let extra = o.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
+        if !extra.is_empty() {
+            do_mount(None, &dest, None, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra | rec, None)?;
+        }
+    } else {
+        fs::create_dir_all(&dest).map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
+        let (fstype, source) = match mnt.fstype.as_str() {
+            // v2 only: a "cgroup" mount gets the container's cgroup2 view.
+            "cgroup" | "cgroup2" => ("cgroup2", "cgroup2"),
+            t => (t, if mnt.source.is_empty() { t } else { mnt.source.as_str() }),
+        };
+        let res = do_mount(Some(source), &dest, Some(fstype), o.flags, o.data());
+        if let Err(e) = res {
+            // /sys cannot be mounted read-write in some namespaces; mqueue needs
+            // an ipc namespace. Retry sysfs read-only, as runc does.
+            if fstype == "sysfs" {
+                do_mount(Some(source), &dest, Some(fstype), o.flags | MsFlags::MS_RDONLY, o.data())?;
+            } else {
+                return Err(e);
+            }
+        }
+    }
+    if !o.propagation.is_empty() {
+        do_mount(None, &dest, None, o.propagation, None)?;
+    }
+    Ok(())
+}
+
+/// The devices every container gets when its /dev is a fresh tmpfs.
+const DEFAULT_DEVICES: &[(&str, u64, u64)] =
+    &[("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)];
+
+fn default_devices(rootfs: &Path) -> Res<()> {
+    for (name, major, minor) in DEFAULT_DEVICES {
+        let d = DeviceSpec { path: Path::new("/dev").join(name), kind: 'c', major: *major, minor: *minor, mode: 0o666, uid: 0, gid: 0 };
+        create_device(rootfs, &d)?;
+    }
+    let dev = secure_join(rootfs, Path::new("/dev"))?;
+    for (link, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")] {
+        let p = dev.join(link);
+        if fs::symlink_metadata(&p).is_err() {
+            symlink(target, &p).map_err(|e| m(format_args!("symlink {}", p.display()), e))?;
+        }
+    }
+    Ok(())
+}
+
+fn create_device(rootfs: &Path, d: &DeviceSpec) -> Res<()> {
+    let dest = secure_join(rootfs, &d.path)?;
+    if fs::symlink_metadata(&dest).is_ok() {
+        return Ok(());
+    }
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(|e| m(format_args!("creating {}", parent.display()), e))?;
+    }
+    let kind = match d.kind {
+        'b' => SFlag::S_IFBLK,
+        'p' => SFlag::S_IFIFO,
+        _ => SFlag::S_IFCHR,
+    };
+    mknod(&dest, kind, Mode::from_bits_truncate(d.mode), makedev(d.major, d.minor))
+        .map_err(|e| m(format_args!("mknod {} ({}:{})", dest.display(), d.major, d.minor), e))?;
+    // mknod applies the umask; set the asked-for mode exactly.
+    fs::set_permissions(&dest, fs::Permissions::from_mode(d.mode)).map_err(|e| m(format_args!("chmod {}", dest.display()), e))?;
+    nix::unistd::chown(&dest, Some(nix::unistd::Uid::from_raw(d.uid)), Some(nix::unistd::Gid::from_raw(d.gid)))
+        .map_err(|e| m(format_args!("chown {}", dest.display()), e))?;
+    Ok(())
+}
+
+fn enter_root(rootfs: &Path, no_pivot: bool) -> Res<()> {
+    nix::unistd::chdir(rootfs).map_err(|e| m(format_args!("chdir {}", rootfs.display()), e))?;
+    if !no_pivot {
+        match nix::unistd::pivot_root(".", ".") {
+            Ok(()) => {
+                // The old root is now stacked on "."; detach it without
+                // letting the unmount propagate anywhere.
+                do_mount(None, Path::new("."), None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)?;
+                umount2(".", MntFlags::MNT_DETACH).map_err(|e| m("detaching the old root", e))?;
+                nix::unistd::chdir("/").map_err(|e| m("chdir /", e))?;
+                return Ok(());
+            }
+            Err(nix::errno::Errno::EINVAL) => {} // initramfs root: fall back
+            Err(e) => return Err(m("pivot_root", e)),
+        }
+    }
+    do_mount(Some(path_str(rootfs)?), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
+    nix::unistd::chroot(".").map_err(|e| m("chroot", e))?;
+    nix::unistd::chdir("/").map_err(|e| m("chdir /", e))?;
+    Ok(())
+}
+
+fn mask_path(p: &Path) -> Res<()> {
+    match fs::metadata(p) {
+        Err(_) => Ok(()), // nothing there to hide
+        Ok(md) if md.is_dir() => do_mount(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY, None),
+        Ok(_) => do_mount(Some("/dev/null"), p, None, MsFlags::MS_BIND, None),
+    }
+}
+
+fn readonly_path(p: &Path) -> Res<()> {
+    if fs::symlink_metadata(p).is_err() {
+        return Ok(());
+    }
+    let s = path_str(p)?;
+    do_mount(Some(s), p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_REC | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    do_mount(None, p, None, flags, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secure_join_keeps_every_path_inside_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir_all(root.join("usr/lib")).unwrap();
+        symlink("/etc", root.join("abs")).unwrap();
+        symlink("../../../../etc", root.join("usr/rel")).unwrap();
+        symlink("lib", root.join("usr/lib64")).unwrap();
+        symlink("loop", root.join("loop")).unwrap();
+
+        assert_eq!(secure_join(root, Path::new("/etc/passwd")).unwrap(), root.join("etc/passwd"));
+        assert_eq!(secure_join(root, Path::new("/../../etc")).unwrap(), root.join("etc"));
+        assert_eq!(secure_join(root, Path::new("/abs/x")).unwrap(), root.join("etc/x"), "absolute link re-rooted");
+        assert_eq!(secure_join(root, Path::new("/usr/rel/x")).unwrap(), root.join("etc/x"), "relative link clamped");
+        assert_eq!(secure_join(root, Path::new("/usr/lib64/a.so")).unwrap(), root.join("usr/lib/a.so"));
+        assert!(secure_join(root, Path::new("/loop/x")).is_err(), "symlink loop");
+        assert_eq!(secure_join(root, Path::new("")).unwrap(), root.to_path_buf());
+    }
+}

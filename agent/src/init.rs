@@ -1,0 +1,122 @@
+//! What the agent does when the kernel starts it as PID 1: mount the pseudo
+//! filesystems, attach the console, and become a subreaper-of-last-resort.
+//!
+//! Every step logs and carries on when it fails: a PID 1 that exits panics the
+//! kernel, and a partly set-up guest the host can still talk to is more useful.
+
+use std::fs;
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+
+/// One pseudo filesystem to mount at start-up.
+struct PseudoFs {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: Option<&'static str>,
+}
+
+fn pseudo_filesystems() -> Vec<PseudoFs> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    vec![
+        PseudoFs { source: "proc", target: "/proc", fstype: "proc", flags: nosuid_nodev_noexec, data: None },
+        PseudoFs { source: "sysfs", target: "/sys", fstype: "sysfs", flags: nosuid_nodev_noexec, data: None },
+        PseudoFs { source: "dev", target: "/dev", fstype: "devtmpfs", flags: MsFlags::MS_NOSUID, data: Some("mode=0755") },
+        PseudoFs { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data: Some("mode=0755") },
+        PseudoFs { source: "tmpfs", target: "/tmp", fstype: "tmpfs", flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data: None },
+        PseudoFs { source: "devpts", target: "/dev/pts", fstype: "devpts", flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, data: Some("gid=5,mode=620,ptmxmode=666") },
+        PseudoFs { source: "shm", target: "/dev/shm", fstype: "tmpfs", flags: nosuid_nodev_noexec, data: Some("mode=1777") },
+        PseudoFs { source: "cgroup2", target: "/sys/fs/cgroup", fstype: "cgroup2", flags: nosuid_nodev_noexec, data: None },
+    ]
+}
+
+/// Mounts everything; returns human-readable problems instead of failing.
+pub fn setup_pid1() -> Vec<String> {
+    let mut problems = Vec::new();
+    for fs in pseudo_filesystems() {
+        if is_mounted(fs.target) {
+            continue;
+        }
+        if let Err(e) = fs::create_dir_all(fs.target) {
+            problems.push(format!("mkdir {}: {e}", fs.target));
+            continue;
+        }
+        if let Err(e) = mount(Some(fs.source), fs.target, Some(fs.fstype), fs.flags, fs.data) {
+            problems.push(format!("mount {} on {}: {e}", fs.fstype, fs.target));
+        }
+    }
+    if let Err(e) = attach_console() {
+        problems.push(format!("console: {e}"));
+    }
+    // The kernel starts init with an empty environment apart from a few
+    // variables; give child processes a usable PATH.
+    if std::env::var_os("PATH").is_none() {
+        std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    }
+    problems
+}
+
+/// Points stdin/stdout/stderr at /dev/console (devtmpfs provides it even when
+/// the initrd had no node) and makes it our controlling terminal.
+fn attach_console() -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let _ = nix::unistd::setsid();
+    let console = fs::OpenOptions::new().read(true).write(true).open("/dev/console").map_err(|e| {
+        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+    })?;
+    let fd = console.as_raw_fd();
+    for target in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors; `fd` is open for the call.
+        if unsafe { libc::dup2(fd, target) } < 0 {
+            return Err(nix::errno::Errno::last());
+        }
+    }
+    // SAFETY: TIOCSCTTY on our own console fd with arg 1 (steal if needed).
+    unsafe { libc::ioctl(0, libc::TIOCSCTTY, 1) };
+    Ok(())
+}
+
+fn is_mounted(target: &str) -> bool {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else { return false };
+    mounts_contain(&mounts, target)
+}
+
+fn mounts_contain(mounts: &str, target: &str) -> bool {
+    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(target))
+}
+
+/// True when this process is the guest's init.
+pub fn is_pid1() -> bool {
+    std::process::id() == 1
+}
+
+/// Reads the kernel command line; empty when /proc is not available.
+pub fn kernel_cmdline(proc_root: &Path) -> String {
+    fs::read_to_string(proc_root.join("cmdline")).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_table_lookup_matches_whole_target() {
+        let m = "proc /proc proc rw 0 0\nsysfs /sys sysfs rw 0 0\n";
+        assert!(mounts_contain(m, "/proc"));
+        assert!(!mounts_contain(m, "/pro"));
+        assert!(!mounts_contain(m, "/run"));
+    }
+
+    #[test]
+    fn pid1_mounts_include_what_containers_need() {
+        let targets: Vec<_> = pseudo_filesystems().iter().map(|f| f.target).collect();
+        for t in ["/proc", "/sys", "/dev", "/run", "/sys/fs/cgroup", "/dev/pts"] {
+            assert!(targets.contains(&t), "{t}");
+        }
+        // Parents before children.
+        let pos = |t| targets.iter().position(|x| *x == t).unwrap();
+        assert!(pos("/sys") < pos("/sys/fs/cgroup") && pos("/dev") < pos("/dev/pts"));
+    }
+}

@@ -1,0 +1,163 @@
+//! PCI paths (Kata's `02/00` notation) and the guest devices behind them.
+//!
+//! A PCI path lists one slot per bus level, from the root bus down: `02/00`
+//! is "slot 2 on the root bus, a bridge; slot 0 on the bus behind it". The
+//! guest's bus numbers depend on enumeration order, so the path is resolved by
+//! walking sysfs bridge by bridge: `/sys/bus/pci/devices/<bdf>/pci_bus/` of a
+//! bridge names its secondary bus.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{invalid, AgentError};
+use crate::guest::GuestFs;
+
+/// One hop: device (slot) and function on a bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotFn {
+    pub slot: u8,
+    pub function: u8,
+}
+
+/// A guest PCI path, root bus first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciPath(pub Vec<SlotFn>);
+
+/// A guest PCI address, `0000:01:00.0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestBdf(pub String);
+
+impl fmt::Display for GuestBdf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for PciPath {
+    type Err = AgentError;
+
+    /// `02/00`, `2/0`, or with functions `02.1/00.0`; slots are hex (0..=1f),
+    /// functions 0..=7, at most 32 hops.
+    fn from_str(s: &str) -> Result<Self, AgentError> {
+        let bad = || invalid(format!("PCI path {s:?} is not like 02/00 (hex slots, optional .function)"));
+        if s.is_empty() || s.len() > 200 {
+            return Err(bad());
+        }
+        let mut hops = Vec::new();
+        for part in s.split('/') {
+            let (slot, func) = match part.split_once('.') {
+                Some((s, f)) => (s, f),
+                None => (part, "0"),
+            };
+            let slot = u8::from_str_radix(slot, 16).map_err(|_| bad())?;
+            let function = func.parse::<u8>().map_err(|_| bad())?;
+            if slot > 0x1f || function > 7 || part.is_empty() {
+                return Err(bad());
+            }
+            hops.push(SlotFn { slot, function });
+        }
+        if hops.len() > 32 {
+            return Err(bad());
+        }
+        Ok(PciPath(hops))
+    }
+}
+
+/// Resolves a PCI path to the guest address of its last device. `None`
+/// while some hop is not (yet) in sysfs.
+pub fn resolve(guest: &GuestFs, path: &PciPath) -> Option<GuestBdf> {
+    let devices = guest.path("/sys/bus/pci/devices");
+    let mut bus = "0000:00".to_string();
+    for (i, hop) in path.0.iter().enumerate() {
+        let bdf = format!("{bus}:{:02x}.{}", hop.slot, hop.function);
+        let dev = devices.join(&bdf);
+        if !dev.exists() {
+            return None;
+        }
+        if i + 1 == path.0.len() {
+            return Some(GuestBdf(bdf));
+        }
+        // A bridge has exactly one secondary bus under pci_bus/.
+        let mut buses: Vec<String> = std::fs::read_dir(dev.join("pci_bus"))
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        if buses.len() != 1 {
+            return None;
+        }
+        bus = buses.pop()?;
+    }
+    None
+}
+
+/// The block device (`vdb`) a virtio-blk PCI function exposes, if it is up.
+pub fn block_device(guest: &GuestFs, bdf: &GuestBdf) -> Option<String> {
+    let dev = guest.path("/sys/bus/pci/devices").join(&bdf.0);
+    for entry in std::fs::read_dir(&dev).ok()?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_str()?;
+        if !name.starts_with("virtio") {
+            continue;
+        }
+        if let Some(block) = std::fs::read_dir(entry.path().join("block")).ok()?.flatten().next() {
+            let devname = block.file_name().to_str()?.to_string();
+            if guest.path("/dev").join(&devname).exists() {
+                return Some(devname);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::fs;
+    use std::path::Path;
+
+    use super::*;
+
+    /// Root bus with a bridge at 02.0 (secondary bus 01) and a virtio-blk
+    /// disk `vdb` at 01:00.0, plus a plain device at 00:03.0.
+    pub fn fake_pci_tree(root: &Path, with_disk: bool) {
+        let devs = root.join("sys/bus/pci/devices");
+        fs::create_dir_all(devs.join("0000:00:02.0/pci_bus/0000:01")).unwrap();
+        fs::create_dir_all(devs.join("0000:00:03.0")).unwrap();
+        fs::create_dir_all(root.join("dev")).unwrap();
+        if with_disk {
+            fs::create_dir_all(devs.join("0000:01:00.0/virtio4/block/vdb")).unwrap();
+            fs::write(root.join("dev/vdb"), "").unwrap();
+        }
+    }
+
+    #[test]
+    fn parses_pci_paths() {
+        assert_eq!("02/00".parse::<PciPath>().unwrap().0, vec![SlotFn { slot: 2, function: 0 }, SlotFn { slot: 0, function: 0 }]);
+        assert_eq!("1f.3".parse::<PciPath>().unwrap().0, vec![SlotFn { slot: 0x1f, function: 3 }]);
+        for bad in ["", "02/", "/02", "20", "02.8", "zz", "02//00", "../00"] {
+            assert!(bad.parse::<PciPath>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn resolves_bridge_by_bridge_in_a_fake_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_pci_tree(dir.path(), true);
+        let g = GuestFs::new(dir.path());
+        assert_eq!(resolve(&g, &"03".parse().unwrap()), Some(GuestBdf("0000:00:03.0".into())));
+        let bdf = resolve(&g, &"02/00".parse().unwrap()).unwrap();
+        assert_eq!(bdf.0, "0000:01:00.0");
+        assert_eq!(block_device(&g, &bdf).as_deref(), Some("vdb"));
+        assert_eq!(resolve(&g, &"02/01".parse().unwrap()), None, "nothing at 01:01.0");
+        assert_eq!(resolve(&g, &"03/00".parse().unwrap()), None, "03 is no bridge");
+        assert_eq!(resolve(&g, &"05".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn disk_not_yet_there() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_pci_tree(dir.path(), false);
+        let g = GuestFs::new(dir.path());
+        assert_eq!(resolve(&g, &"02/00".parse().unwrap()), None);
+    }
+}

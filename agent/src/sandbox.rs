@@ -1,0 +1,619 @@
+//! The sandbox: its containers, their processes and storages, and the
+//! lifecycle RPCs on them. Maps are behind short std mutexes; slow work
+//! (set-up, waiting, reading) happens outside them, on `Arc` handles.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_protocol::{agent, oci};
+use nix::sys::signal::Signal;
+use protobuf::MessageField;
+use tokio::sync::mpsc;
+
+use crate::config::AgentConfig;
+use crate::container::cgroups::{Cgroup, CgroupTree};
+use crate::container::spec::{ContainerSpec, NamespaceKind, ProcessSpec, Resources};
+use crate::container::wire::{Config as LaunchConfig, LaunchKind};
+use crate::container::{launch, stdio, Container, Process, State};
+use crate::error::{check_id, exists, invalid, not_found, os, precondition, timeout, Result};
+use crate::guest::GuestFs;
+use crate::reaper::Reaper;
+use crate::storage::{StorageEnv, Storages};
+
+/// Most live exec processes per container.
+const MAX_EXECS: usize = 1024;
+
+/// Where the agent keeps things; overridable for tests and development.
+#[derive(Debug, Clone)]
+pub struct AgentPaths {
+    /// Kata's `/run/kata-containers`: storages, shared dirs, CopyFile target.
+    pub run_dir: PathBuf,
+    /// cgroup v2 mount; containers go under `kiln/<sandbox>/<container>`.
+    pub cgroup_root: PathBuf,
+    /// Always chroot instead of pivot_root.
+    pub no_pivot: bool,
+}
+
+impl Default for AgentPaths {
+    fn default() -> Self {
+        AgentPaths { run_dir: "/run/kata-containers".into(), cgroup_root: "/sys/fs/cgroup".into(), no_pivot: false }
+    }
+}
+
+#[derive(Default)]
+struct SandboxState {
+    id: Option<String>,
+    sandbox_pidns: bool,
+    containers: HashMap<String, Arc<Container>>,
+    /// Ids being created right now (so two creates cannot race).
+    creating: HashSet<String>,
+    /// Storages held by the sandbox itself (CreateSandbox).
+    storages: Vec<PathBuf>,
+}
+
+pub struct Sandbox {
+    pub config: AgentConfig,
+    pub guest: GuestFs,
+    pub paths: AgentPaths,
+    pub reaper: Reaper,
+    pub init_daemon: bool,
+    state: Mutex<SandboxState>,
+    storages: tokio::sync::Mutex<Storages>,
+    oom_tx: mpsc::Sender<String>,
+    oom_rx: tokio::sync::Mutex<mpsc::Receiver<String>>,
+}
+
+/// Removes an id from `creating` however creation ends.
+struct Creating<'a> {
+    sandbox: &'a Sandbox,
+    id: String,
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.sandbox.lock().creating.remove(&self.id);
+    }
+}
+
+impl Sandbox {
+    pub fn new(config: AgentConfig, guest: GuestFs, paths: AgentPaths, reaper: Reaper, init_daemon: bool) -> Self {
+        let (oom_tx, oom_rx) = mpsc::channel(64);
+        Sandbox {
+            config,
+            guest,
+            paths,
+            reaper,
+            init_daemon,
+            state: Mutex::new(SandboxState::default()),
+            storages: tokio::sync::Mutex::new(Storages::default()),
+            oom_tx,
+            oom_rx: tokio::sync::Mutex::new(oom_rx),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SandboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn storage_env(&self) -> StorageEnv<'_> {
+        StorageEnv { run_dir: &self.paths.run_dir, guest: &self.guest, hotplug_timeout: self.config.hotplug_timeout }
+    }
+
+    fn cgroups(&self) -> CgroupTree {
+        CgroupTree::new(&self.paths.cgroup_root)
+    }
+
+    pub fn container(&self, cid: &str) -> Result<Arc<Container>> {
+        check_id("container id", cid)?;
+        self.lock().containers.get(cid).cloned().ok_or_else(|| not_found(format!("no container {cid:?} in this sandbox")))
+    }
+
+    fn process(&self, cid: &str, eid: &str) -> Result<(Arc<Container>, Arc<Process>)> {
+        let c = self.container(cid)?;
+        if !eid.is_empty() {
+            check_id("exec id", eid)?;
+        }
+        let p = c.process(eid).ok_or_else(|| not_found(format!("no process {eid:?} in container {cid:?}")))?;
+        Ok((c, p))
+    }
+
+    pub fn container_count(&self) -> usize {
+        self.lock().containers.len()
+    }
+
+    // ---- sandbox ----
+
+    pub async fn create_sandbox(&self, req: &agent::CreateSandboxRequest) -> Result<()> {
+        let id = if req.sandbox_id.is_empty() { "default".to_string() } else { req.sandbox_id.clone() };
+        check_id("sandbox id", &id)?;
+        {
+            let mut st = self.lock();
+            if let Some(existing) = &st.id {
+                return Err(exists(format!("sandbox {existing:?} already exists; DestroySandbox first")));
+            }
+            st.id = Some(id.clone());
+        }
+        let res = self.setup_sandbox(req).await;
+        if res.is_err() {
+            self.lock().id = None;
+        }
+        res
+    }
+
+    async fn setup_sandbox(&self, req: &agent::CreateSandboxRequest) -> Result<()> {
+        if !req.hostname.is_empty() {
+            let h = &req.hostname;
+            if h.len() > 64 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+                return Err(invalid(format!("hostname {h:?} is not a valid hostname")));
+            }
+            if self.init_daemon {
+                nix::unistd::sethostname(h).map_err(|e| os(format!("sethostname({h})"), e))?;
+            } else {
+                tracing::info!(hostname = %h, "not the guest's init: leaving the hostname alone");
+            }
+        }
+        if !req.dns.is_empty() {
+            if req.dns.len() > 64 || req.dns.iter().any(|l| l.len() > 1024 || l.contains(['\0', '\n'])) {
+                return Err(invalid("CreateSandbox dns entries must be at most 64 single lines"));
+            }
+            let text: String = req.dns.iter().map(|l| format!("{l}\n")).collect();
+            let dir = self.paths.run_dir.join("sandbox");
+            std::fs::create_dir_all(&dir).map_err(|e| os(format!("creating {}", dir.display()), e))?;
+            std::fs::write(dir.join("resolv.conf"), &text).map_err(|e| os("writing resolv.conf", e))?;
+            if self.init_daemon {
+                std::fs::write("/etc/resolv.conf", &text).map_err(|e| os("writing /etc/resolv.conf", e))?;
+            }
+        }
+        for m in &req.kernel_modules {
+            self.load_module(m).await?;
+        }
+        if !req.guest_hook_path.is_empty() {
+            tracing::warn!(path = %req.guest_hook_path, "guest OCI hooks are not supported; ignoring guest_hook_path");
+        }
+        let mut added = Vec::new();
+        {
+            let env = self.storage_env();
+            let mut storages = self.storages.lock().await;
+            for s in &req.storages {
+                match storages.add(&env, s).await {
+                    Ok(p) => added.push(p),
+                    Err(e) => {
+                        for p in &added {
+                            storages.release(p);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let mut st = self.lock();
+        st.storages = added;
+        st.sandbox_pidns = req.sandbox_pidns;
+        Ok(())
+    }
+
+    async fn load_module(&self, m: &agent::KernelModule) -> Result<()> {
+        let ok = |s: &str| !s.is_empty() && s.len() <= 256 && !s.starts_with('-') && !s.contains(['\0', '/']);
+        if !ok(&m.name) || !m.parameters.iter().all(|p| ok(p)) {
+            return Err(invalid(format!("kernel module {:?} or its parameters are not valid", m.name)));
+        }
+        let mut args: Vec<&str> = vec!["-v", m.name.as_str()];
+        args.extend(m.parameters.iter().map(String::as_str));
+        let (code, out) = crate::command::run(&self.reaper, "modprobe", &args, Duration::from_secs(60))
+            .await
+            .map_err(|e| precondition(format!("loading kernel module {}: {}", m.name, e.message)))?;
+        if code != 0 {
+            return Err(precondition(format!("modprobe {} failed ({code}): {}", m.name, out.trim())));
+        }
+        Ok(())
+    }
+
+    pub async fn destroy_sandbox(&self) -> Result<()> {
+        let (id, containers, storages) = {
+            let st = self.lock();
+            let id = st.id.clone().ok_or_else(|| precondition("there is no sandbox; CreateSandbox first"))?;
+            (id, st.containers.keys().cloned().collect::<Vec<_>>(), st.storages.clone())
+        };
+        let mut first_err = None;
+        for cid in containers {
+            if let Err(e) = self.remove_container(&cid, 30).await {
+                tracing::warn!(container = %cid, "removing at DestroySandbox: {e}");
+                first_err.get_or_insert(e);
+            }
+        }
+        {
+            let mut s = self.storages.lock().await;
+            for p in &storages {
+                s.release(p);
+            }
+        }
+        self.cgroups().remove_sandbox(&id);
+        let mut st = self.lock();
+        st.storages.clear();
+        if st.containers.is_empty() {
+            st.id = None;
+            st.sandbox_pidns = false;
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    // ---- containers ----
+
+    pub async fn create_container(&self, req: &agent::CreateContainerRequest) -> Result<()> {
+        let cid = req.container_id.as_str();
+        check_id("container id", cid)?;
+        let exec_id = if req.exec_id.is_empty() { cid.to_string() } else { req.exec_id.clone() };
+        check_id("exec id", &exec_id)?;
+        let oci_spec = req.OCI.as_ref().ok_or_else(|| invalid("CreateContainer has no OCI spec"))?;
+        let spec = ContainerSpec::from_oci(oci_spec)?;
+        if spec.has_seccomp {
+            return Err(precondition(
+                "the OCI spec has a seccomp profile and kiln-agent does not apply seccomp yet; strip it (Kata: disable_guest_seccomp=true)",
+            ));
+        }
+        let (sandbox_id, pidns_owner) = {
+            let mut st = self.lock();
+            let sid = st.id.clone().ok_or_else(|| precondition("there is no sandbox; CreateSandbox first"))?;
+            if st.containers.contains_key(cid) || st.creating.contains(cid) {
+                return Err(exists(format!("container {cid:?} already exists")));
+            }
+            let owner = if req.sandbox_pidns && st.sandbox_pidns {
+                st.containers.get(&sid).map(|c| c.init.pid)
+            } else {
+                None
+            };
+            st.creating.insert(cid.to_string());
+            (sid, owner)
+        };
+        let _creating = Creating { sandbox: self, id: cid.to_string() };
+
+        // Storages first: the rootfs may live on one of them.
+        let mut held = Vec::new();
+        {
+            let env = self.storage_env();
+            let mut storages = self.storages.lock().await;
+            for s in &req.storages {
+                match storages.add(&env, s).await {
+                    Ok(p) => held.push(p),
+                    Err(e) => {
+                        for p in &held {
+                            storages.release(p);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let created = self.create_with_storages(req, cid, &exec_id, &sandbox_id, pidns_owner, spec, oci_spec.clone(), &held).await;
+        match created {
+            Ok(c) => {
+                self.lock().containers.insert(cid.to_string(), c);
+                Ok(())
+            }
+            Err(e) => {
+                let mut storages = self.storages.lock().await;
+                for p in &held {
+                    storages.release(p);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_with_storages(
+        &self,
+        req: &agent::CreateContainerRequest,
+        cid: &str,
+        exec_id: &str,
+        sandbox_id: &str,
+        pidns_owner: Option<i32>,
+        spec: ContainerSpec,
+        mut oci_spec: oci::Spec,
+        held: &[PathBuf],
+    ) -> Result<Arc<Container>> {
+        // Resolve the rootfs: relative paths are Kata bundle-relative.
+        let root = if spec.root.path.is_absolute() {
+            spec.root.path.clone()
+        } else {
+            self.paths.run_dir.join("shared/containers").join(cid).join(&spec.root.path)
+        };
+        if !root.is_dir() {
+            return Err(precondition(format!("container rootfs {} is not a directory (is its storage mounted?)", root.display())));
+        }
+        if let Some(r) = oci_spec.Root.as_mut() {
+            r.Path = root.to_string_lossy().into_owned();
+        }
+        let linux = oci_spec.Linux.mut_or_insert_default();
+        if let Some(pid) = pidns_owner {
+            linux.Namespaces.retain(|n| n.Type != "pid");
+            let mut ns = oci::LinuxNamespace::new();
+            ns.Type = "pid".into();
+            ns.Path = format!("/proc/{pid}/ns/pid");
+            linux.Namespaces.push(ns);
+        }
+        let pidns_init = pidns_owner.is_none() && spec.namespace(NamespaceKind::Pid).is_some_and(|n| n.path.is_none());
+
+        let cgroup = self.container_cgroup(sandbox_id, cid, &spec.resources)?;
+        let cleanup_cgroup = |cg: &Option<Cgroup>| {
+            if let Some(cg) = cg {
+                cg.kill_all();
+                let _ = cg.remove(Duration::from_secs(2));
+            }
+        };
+        if req.stdin_port != 0 || req.stdout_port != 0 || req.stderr_port != 0 {
+            tracing::warn!(container = cid, "passfd stdio ports are not supported; stdio goes through ReadStdout/WriteStdin");
+        }
+        let (parent, child) = match if spec.process.terminal {
+            stdio::pty(spec.process.console_size)
+        } else {
+            stdio::pipes(self.config.container_pipe_size)
+        } {
+            Ok(io) => io,
+            Err(e) => {
+                cleanup_cgroup(&cgroup);
+                return Err(e);
+            }
+        };
+        let cfg = LaunchConfig {
+            kind: LaunchKind::Init,
+            no_pivot: self.paths.no_pivot,
+            join_pid: 0,
+            cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
+            spec: oci_spec.clone(),
+        };
+        let launched = match launch::launch(&self.reaper, &cfg, child).await {
+            Ok(l) => l,
+            Err(e) => {
+                cleanup_cgroup(&cgroup);
+                return Err(e.context(format!("creating container {cid}")));
+            }
+        };
+        let init = match Process::new(exec_id.to_string(), launched.pid, pidns_init, launched.exit, parent) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(launched.pid), Signal::SIGKILL);
+                cleanup_cgroup(&cgroup);
+                return Err(e);
+            }
+        };
+        let container = Arc::new(Container {
+            id: cid.to_string(),
+            init,
+            cgroup,
+            storages: held.to_vec(),
+            spec: oci_spec,
+            state: Mutex::new(State::Created),
+            control: tokio::sync::Mutex::new(Some(launched.control)),
+            execs: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+        });
+        if let Some(cg) = &container.cgroup {
+            if cg.memory_events_path().exists() {
+                let task = tokio::spawn(crate::oom::watch(cid.to_string(), cg.memory_events_path(), self.oom_tx.clone()));
+                container.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+            }
+        }
+        tracing::info!(container = cid, pid = container.init.pid, "container created");
+        Ok(container)
+    }
+
+    /// The container's cgroup, with its limits; `None` when the guest has no
+    /// cgroup v2 at all and none were asked for.
+    fn container_cgroup(&self, sandbox_id: &str, cid: &str, r: &Resources) -> Result<Option<Cgroup>> {
+        let tree = self.cgroups();
+        if !tree.root().join("cgroup.controllers").exists() {
+            if r.is_empty() {
+                tracing::warn!(root = %tree.root().display(), "no cgroup v2 mounted; container runs without a cgroup");
+                return Ok(None);
+            }
+            return Err(precondition(format!("resource limits need cgroup v2, and {} is not a cgroup2 mount", tree.root().display())));
+        }
+        let cg = tree.create(sandbox_id, cid)?;
+        if let Err(e) = cg.apply(r) {
+            let _ = cg.remove(Duration::from_secs(1));
+            return Err(e);
+        }
+        Ok(Some(cg))
+    }
+
+    pub async fn start_container(&self, cid: &str) -> Result<()> {
+        let c = self.container(cid)?;
+        let mut control = c.control.lock().await;
+        let mut sock = control.take().ok_or_else(|| precondition(format!("container {cid:?} was already started")))?;
+        launch::start(&mut sock).await.map_err(|e| e.context(format!("starting container {cid}")))?;
+        c.set_state(State::Running);
+        tracing::info!(container = cid, "container started");
+        Ok(())
+    }
+
+    pub async fn remove_container(&self, cid: &str, timeout_secs: u32) -> Result<()> {
+        let c = self.container(cid)?;
+        if c.state() == State::Paused {
+            if let Some(cg) = &c.cgroup {
+                let _ = cg.set_frozen(false).await;
+            }
+        }
+        // Killing the init of a pid namespace kills everything in it; the
+        // cgroup catches processes outside one.
+        let _ = c.init.signal(Signal::SIGKILL);
+        let execs: Vec<Arc<Process>> = c.execs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for p in &execs {
+            let _ = p.signal(Signal::SIGKILL);
+        }
+        if let Some(cg) = &c.cgroup {
+            cg.kill_all();
+        }
+        let wait_all = async {
+            c.init.wait().await;
+            for p in &execs {
+                p.wait().await;
+            }
+        };
+        if timeout_secs == 0 {
+            wait_all.await;
+        } else if tokio::time::timeout(Duration::from_secs(timeout_secs.into()), wait_all).await.is_err() {
+            return Err(timeout(format!("container {cid:?} processes did not exit within {timeout_secs} s")));
+        }
+        self.lock().containers.remove(cid);
+        {
+            let mut storages = self.storages.lock().await;
+            for p in &c.storages {
+                storages.release(p);
+            }
+        }
+        if let Some(cg) = &c.cgroup {
+            if let Err(e) = cg.remove(Duration::from_secs(5)) {
+                tracing::warn!(container = cid, "{e}");
+            }
+        }
+        tracing::info!(container = cid, "container removed");
+        Ok(())
+    }
+
+    // ---- processes ----
+
+    pub async fn exec_process(&self, req: &agent::ExecProcessRequest) -> Result<()> {
+        let c = self.container(&req.container_id)?;
+        check_id("exec id", &req.exec_id)?;
+        let p = req.process.as_ref().ok_or_else(|| invalid("ExecProcess has no process"))?;
+        let pspec = ProcessSpec::from_oci(p)?;
+        if c.init.exit_code().is_some() {
+            return Err(precondition(format!("container {:?} has stopped; cannot exec in it", c.id)));
+        }
+        if c.state() == State::Created {
+            return Err(precondition(format!("container {:?} is not started yet", c.id)));
+        }
+        if c.process(&req.exec_id).is_some() {
+            return Err(exists(format!("exec id {:?} is already in use in container {:?}", req.exec_id, c.id)));
+        }
+        if c.exec_count() >= MAX_EXECS {
+            return Err(precondition(format!("container {:?} already has {MAX_EXECS} exec processes", c.id)));
+        }
+        let mut spec = c.spec.clone();
+        spec.Process = MessageField::some(p.clone());
+        let (parent, child) =
+            if pspec.terminal { stdio::pty(pspec.console_size)? } else { stdio::pipes(self.config.container_pipe_size)? };
+        let cfg = LaunchConfig {
+            kind: LaunchKind::Exec,
+            no_pivot: self.paths.no_pivot,
+            join_pid: c.init.pid,
+            cgroup: c.cgroup.as_ref().map(|cg| cg.path().to_path_buf()),
+            spec,
+        };
+        let mut launched = launch::launch(&self.reaper, &cfg, child).await.map_err(|e| e.context(format!("exec {}", req.exec_id)))?;
+        let proc = Process::new(req.exec_id.clone(), launched.pid, false, launched.exit, parent)?;
+        if let Err(e) = launch::start(&mut launched.control).await {
+            let _ = proc.signal(Signal::SIGKILL);
+            return Err(e.context(format!("exec {}", req.exec_id)));
+        }
+        c.execs.lock().unwrap_or_else(|p| p.into_inner()).insert(req.exec_id.clone(), proc);
+        Ok(())
+    }
+
+    pub fn signal_process(&self, req: &agent::SignalProcessRequest) -> Result<()> {
+        let (_, p) = self.process(&req.container_id, &req.exec_id)?;
+        let sig = i32::try_from(req.signal)
+            .ok()
+            .and_then(|s| Signal::try_from(s).ok())
+            .ok_or_else(|| invalid(format!("signal {} is not a valid signal number", req.signal)))?;
+        p.signal(sig)
+    }
+
+    pub async fn wait_process(&self, req: &agent::WaitProcessRequest) -> Result<i32> {
+        let (c, p) = self.process(&req.container_id, &req.exec_id)?;
+        let code = p.wait().await;
+        if !Arc::ptr_eq(&p, &c.init) {
+            c.reap_exec_if_finished(&p.exec_id);
+        }
+        Ok(code)
+    }
+
+    pub async fn read_stream(&self, req: &agent::ReadStreamRequest, stderr: bool) -> Result<Vec<u8>> {
+        let (c, p) = self.process(&req.container_id, &req.exec_id)?;
+        let data = p.read_output(stderr, req.len).await?;
+        if data.is_empty() && !Arc::ptr_eq(&p, &c.init) {
+            c.reap_exec_if_finished(&p.exec_id);
+        }
+        Ok(data)
+    }
+
+    pub async fn write_stdin(&self, req: &agent::WriteStreamRequest) -> Result<u32> {
+        let (_, p) = self.process(&req.container_id, &req.exec_id)?;
+        if req.data.is_empty() {
+            // Kata's runtime-rs sends an empty write for stdin EOF.
+            p.close_stdin().await;
+            return Ok(0);
+        }
+        Ok(p.write_stdin(&req.data).await? as u32)
+    }
+
+    pub async fn close_stdin(&self, req: &agent::CloseStdinRequest) -> Result<()> {
+        let (_, p) = self.process(&req.container_id, &req.exec_id)?;
+        p.close_stdin().await;
+        Ok(())
+    }
+
+    pub fn tty_win_resize(&self, req: &agent::TtyWinResizeRequest) -> Result<()> {
+        let (_, p) = self.process(&req.container_id, &req.exec_id)?;
+        p.resize(req.row, req.column)
+    }
+
+    // ---- resources ----
+
+    fn cgroup_of(&self, cid: &str) -> Result<(Arc<Container>, Cgroup)> {
+        let c = self.container(cid)?;
+        let cg = c.cgroup.clone().ok_or_else(|| precondition(format!("container {cid:?} has no cgroup (no cgroup v2 in the guest)")))?;
+        Ok((c, cg))
+    }
+
+    pub fn update_container(&self, req: &agent::UpdateContainerRequest) -> Result<()> {
+        let (_, cg) = self.cgroup_of(&req.container_id)?;
+        let r = match req.resources.as_ref() {
+            Some(r) => Resources::from_oci(r)?,
+            None => return Ok(()),
+        };
+        cg.apply(&r)
+    }
+
+    pub fn stats_container(&self, cid: &str) -> Result<agent::StatsContainerResponse> {
+        let (_, cg) = self.cgroup_of(cid)?;
+        let mut resp = agent::StatsContainerResponse::new();
+        resp.cgroup_stats = MessageField::some(cg.stats());
+        for (name, v) in self.guest.net_dev() {
+            let mut n = agent::NetworkStats::new();
+            n.name = name;
+            [n.rx_bytes, n.rx_packets, n.rx_errors, n.rx_dropped, n.tx_bytes, n.tx_packets, n.tx_errors, n.tx_dropped] = v;
+            resp.network_stats.push(n);
+        }
+        Ok(resp)
+    }
+
+    pub async fn set_paused(&self, cid: &str, paused: bool) -> Result<()> {
+        let (c, cg) = self.cgroup_of(cid)?;
+        match (c.state(), paused) {
+            (State::Running, true) | (State::Paused, false) => {}
+            (s, _) => return Err(precondition(format!("container {cid:?} is {s:?}; cannot {}", if paused { "pause" } else { "resume" }))),
+        }
+        cg.set_frozen(paused).await?;
+        c.set_state(if paused { State::Paused } else { State::Running });
+        Ok(())
+    }
+
+    /// Waits for the next container OOM kill.
+    pub async fn next_oom_event(&self) -> Result<String> {
+        let mut rx = self.oom_rx.lock().await;
+        rx.recv().await.ok_or_else(|| precondition("OOM event channel closed"))
+    }
+
+    /// Sum of live execs, for metrics.
+    pub fn process_count(&self) -> usize {
+        self.lock().containers.values().map(|c| 1 + c.exec_count()).sum()
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.paths.run_dir
+    }
+}

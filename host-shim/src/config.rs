@@ -1,0 +1,181 @@
+//! Shim configuration: typed, with built-in defaults, optionally overridden by a
+//! TOML file (`--config`), validated once before anything starts. Keys follow
+//! the `[hypervisor.qemu]` section Kata users know.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize, Serialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ShimConfig {
+    #[serde(default)]
+    pub hypervisor: Hypervisor,
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub vsock: VsockSection,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Hypervisor {
+    #[serde(default)]
+    pub qemu: QemuSection,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct QemuSection {
+    /// QEMU binary; empty means `qemu-system-<arch>` from PATH.
+    #[serde(default)]
+    pub path: String,
+    /// Machine type; empty means the arch's default (q35, virt, pseries, s390-ccw-virtio).
+    #[serde(default)]
+    pub machine_type: String,
+    /// "auto" (KVM when usable, else TCG), "kvm" or "tcg".
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    #[serde(default = "default_vcpus")]
+    pub default_vcpus: u32,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory")]
+    pub default_memory: u32,
+    /// Extra kernel parameters appended to the image's command line.
+    #[serde(default)]
+    pub kernel_params: String,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// vsock port the agent listens on.
+    #[serde(default = "default_agent_port")]
+    pub port: u32,
+    /// Seconds from QEMU launch until the agent must answer `Check`.
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout: u64,
+    /// Seconds for one RPC.
+    #[serde(default = "default_rpc_timeout")]
+    pub rpc_timeout: u64,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct VsockSection {
+    /// The vhost-user vsock backend binary.
+    #[serde(default = "default_vsock_backend")]
+    pub backend: String,
+}
+
+fn default_accel() -> String {
+    "auto".into()
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory() -> u32 {
+    512
+}
+fn default_agent_port() -> u32 {
+    1024
+}
+fn default_boot_timeout() -> u64 {
+    180
+}
+fn default_rpc_timeout() -> u64 {
+    30
+}
+fn default_vsock_backend() -> String {
+    "vhost-device-vsock".into()
+}
+
+impl Default for QemuSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+impl Default for AgentSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+impl Default for VsockSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+impl ShimConfig {
+    /// Built-in defaults, then `path` if given.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<ShimConfig> {
+        let cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
+                Self::parse(&text).with_context(|| format!("in config {}", p.display()))?
+            }
+            None => ShimConfig::default(),
+        };
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<ShimConfig> {
+        let cfg: ShimConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let q = &self.hypervisor.qemu;
+        if !["auto", "kvm", "tcg"].contains(&q.accel.as_str()) {
+            anyhow::bail!("hypervisor.qemu.accel = `{}`: use \"auto\", \"kvm\" or \"tcg\"", q.accel);
+        }
+        if q.default_vcpus == 0 || q.default_vcpus > 256 {
+            anyhow::bail!("hypervisor.qemu.default_vcpus = {}: use 1 to 256", q.default_vcpus);
+        }
+        if q.default_memory < 64 {
+            anyhow::bail!("hypervisor.qemu.default_memory = {} MiB: use at least 64", q.default_memory);
+        }
+        if self.agent.boot_timeout == 0 {
+            anyhow::bail!("agent.boot_timeout = 0: give seconds (TCG boots take a few)");
+        }
+        Ok(())
+    }
+
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(self.agent.boot_timeout)
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        Duration::from_secs(self.agent.rpc_timeout)
+    }
+
+    pub fn vsock_backend(&self) -> PathBuf {
+        PathBuf::from(&self.vsock.backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = ShimConfig::parse("").unwrap();
+        assert_eq!(c.hypervisor.qemu.accel, "auto");
+        assert_eq!(c.agent.port, 1024);
+        assert_eq!(c.hypervisor.qemu.default_memory, 512);
+    }
+
+    #[test]
+    fn overrides_and_unknown_keys() {
+        let c = ShimConfig::parse("[hypervisor.qemu]\ndefault_memory = 1024\naccel = \"tcg\"\n").unwrap();
+        assert_eq!(c.hypervisor.qemu.default_memory, 1024);
+        let e = format!("{:#}", ShimConfig::parse("[hypervisor.qemu]\ndefault_memroy = 1\n").unwrap_err());
+        assert!(e.contains("default_memroy"), "{e}");
+        let e = format!("{:#}", ShimConfig::parse("[hypervisor.qemu]\naccel = \"hvf\"\n").unwrap_err());
+        assert!(e.contains("hypervisor.qemu.accel"), "{e}");
+    }
+}

@@ -1,0 +1,12 @@
+//! kiln-shim as a library: the pieces the `kiln-shim` binary is made of, public
+//! so end-to-end tests drive a real VM through the same code.
+
+pub mod client;
+pub mod config;
+pub mod image;
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+pub mod rpc_cli;
+pub mod vm;
+pub mod vsock;

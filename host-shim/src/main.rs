@@ -1,0 +1,151 @@
+//! kiln-shim: the minimal host side of kiln. Boots kiln images with QEMU and
+//! talks to kiln-agent over vsock. Not a containerd shim: a tool that proves
+//! the guest side works and lets developers drive it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use kiln_shim::config::ShimConfig;
+use kiln_shim::image::BootImage;
+use kiln_shim::vm::{BootOptions, Vm};
+
+#[derive(Parser)]
+#[command(name = "kiln-shim", version, about = "Boot kiln guest images and talk to kiln-agent")]
+struct Cli {
+    /// Configuration file (TOML, Kata-style [hypervisor.qemu] keys).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log level for the shim itself.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot an image until its agent answers, print guest details, shut down.
+    Boot {
+        /// The image's manifest.json (from `cargo xtask build-image`).
+        #[arg(long)]
+        image: PathBuf,
+        /// Show the guest console on stdout.
+        #[arg(long)]
+        console: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Keep the VM running until Ctrl-C (talk to it with `kiln-shim agent --vm DIR ...`).
+        #[arg(long)]
+        stay: bool,
+    },
+    /// Call any agent RPC by name with a JSON request; prints the JSON answer.
+    Agent {
+        /// Run directory of a VM started with `boot --stay` (holds vm.vsock).
+        #[arg(long, conflicts_with = "unix")]
+        vm: Option<PathBuf>,
+        /// Unix socket of an agent started with `--server-addr unix://PATH`.
+        #[arg(long)]
+        unix: Option<PathBuf>,
+        /// RPC name, e.g. Check, GetGuestDetails, CreateContainer.
+        rpc: String,
+        /// Request as protobuf JSON (default `{}`).
+        #[arg(default_value = "{}")]
+        request: String,
+    },
+    /// Print the effective configuration.
+    Config,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("kiln_shim={}", cli.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cfg = ShimConfig::load(cli.config.as_deref())?;
+    match cli.cmd {
+        Cmd::Config => {
+            print!("{}", toml::to_string_pretty(&cfg)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Agent { vm, unix, rpc, request } => {
+            let method = kiln_shim::rpc_cli::resolve(&rpc)?;
+            let stream = match (vm, unix) {
+                (Some(dir), None) => kiln_shim::vsock::connect(&dir.join("vm.vsock"), cfg.agent.port).await?,
+                (None, Some(path)) => tokio::net::UnixStream::connect(&path)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", path.display()))?,
+                _ => anyhow::bail!("say where the agent is: --vm RUN_DIR (from `boot --stay`) or --unix SOCKET"),
+            };
+            let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
+            println!("{}", method.call(&client, &request, cfg.rpc_timeout()).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Boot { image, console, json, stay } => {
+            let image = BootImage::load(&image)?;
+            let mut vm = Vm::launch(&image, &cfg, &BootOptions { console })?;
+            // Ctrl-C drops the VM (and with it QEMU, the backend and the run dir).
+            let ready = tokio::select! {
+                r = vm.wait_ready(&cfg) => r?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            };
+            let version = ready.client.version().await?;
+            let details = ready.client.guest_details().await?;
+            let secs = ready.elapsed.as_secs_f64();
+            if json {
+                let out = serde_json::json!({
+                    "image": image.manifest.image,
+                    "arch": image.manifest.arch,
+                    "accel": vm.accel_note,
+                    "agent_ready_seconds": secs,
+                    "agent_version": version.agent_version,
+                    "init_daemon": details.agent_details.init_daemon,
+                    "mem_block_size_bytes": details.mem_block_size_bytes,
+                    "support_mem_hotplug_probe": details.support_mem_hotplug_probe,
+                    "supports_seccomp": details.agent_details.supports_seccomp,
+                });
+                println!("{out}");
+            } else {
+                println!("image:            {} ({}, kernel {})", image.manifest.image, image.manifest.arch, image.manifest.kernel_version);
+                println!("accelerator:      {}", vm.accel_note);
+                println!("agent version:    {} (init: {})", version.agent_version, details.agent_details.init_daemon);
+                println!("memory block:     {} bytes", details.mem_block_size_bytes);
+                println!("hotplug probe:    {}", details.support_mem_hotplug_probe);
+                println!("seccomp:          {}", details.agent_details.supports_seccomp);
+                println!("agent ready in:   {secs:.2} s from QEMU launch");
+            }
+            if stay {
+                eprintln!(
+                    "VM running; run directory {}\n  try: kiln-shim agent --vm {} GetGuestDetails\nCtrl-C stops it.",
+                    vm.run_dir.path().display(),
+                    vm.run_dir.path().display()
+                );
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = vm.wait_exit() => eprintln!("the VM exited"),
+                }
+            }
+            vm.shutdown();
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Ownership of everything the shim starts: child processes are killed and
+//! reaped when their guard drops, the run directory is removed with its guard,
+//! so success, error and Ctrl-C all leave the host as it was.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// A child process that is terminated (SIGTERM, then SIGKILL) on drop.
+pub struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<ChildGuard> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?}): is it installed? `kiln-shim check` tells what is missing", cmd.get_program()))?;
+        tracing::debug!(name, pid = child.id(), "started");
+        Ok(ChildGuard { name: name.to_string(), child: Some(child) })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `Some(status)` when the process has already exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits up to `grace` for the process to exit on its own.
+    pub fn wait_exit(&mut self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Asks the process to stop and waits up to `grace`, then kills it.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else { return };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                tracing::debug!(name = %self.name, "stopped");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        tracing::debug!(name = %self.name, "killed");
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(2));
+    }
+}
+
+/// A per-VM directory for sockets, logs and the state file; removed on drop.
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    pub fn create() -> anyhow::Result<RunDir> {
+        let base = runtime_base();
+        std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+        let path = tempfile::Builder::new()
+            .prefix("vm-")
+            .tempdir_in(&base)
+            .with_context(|| format!("creating a run directory in {}", base.display()))?
+            .keep();
+        Ok(RunDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// `$KILN_RUN_DIR`, else `$XDG_RUNTIME_DIR/kiln`, else `/run/kiln` for root and
+/// the temp dir otherwise.
+pub fn runtime_base() -> PathBuf {
+    if let Some(d) = std::env::var_os("KILN_RUN_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("kiln");
+    }
+    if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/run/kiln")
+    } else {
+        std::env::temp_dir().join("kiln")
+    }
+}
+
+/// Waits until `path` exists (a socket a child creates), or the deadline.
+pub fn wait_for_path(path: &Path, child: &mut ChildGuard, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if let Some(status) = child.exited() {
+            anyhow::bail!("{} exited ({status}) before creating {}", child.name, path.display());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{} did not create {} within {:?}", child.name, path.display(), timeout);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_kills_child_on_drop() {
+        let guard = ChildGuard::spawn("sleep", Command::new("sleep").arg("100")).unwrap();
+        let pid = guard.pid().unwrap() as i32;
+        drop(guard);
+        // The child was reaped, so the pid no longer exists (or was reused, not as our child).
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        let ours = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains("(sleep)"))
+            .unwrap_or(false);
+        assert!(!(alive && ours), "sleep {pid} survived its guard");
+    }
+
+    #[test]
+    fn run_dir_is_removed_on_drop() {
+        let base = tempfile::tempdir().unwrap();
+        std::env::set_var("KILN_RUN_DIR", base.path());
+        let dir = RunDir::create().unwrap();
+        let p = dir.path().to_path_buf();
+        std::fs::write(p.join("x.sock"), "").unwrap();
+        drop(dir);
+        assert!(!p.exists());
+    }
+}

@@ -1,0 +1,104 @@
+//! QMP, QEMU's control protocol, through the `qapi` crate's typed commands.
+//! Synchronous on purpose: each call is a short request/response on a unix
+//! socket; async callers wrap it in `spawn_blocking`.
+
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use qapi::{qmp, Qmp};
+use serde::{Deserialize, Serialize};
+
+type Stream = qapi::Stream<BufReader<UnixStream>, UnixStream>;
+
+pub struct QmpClient {
+    qmp: Qmp<Stream>,
+}
+
+/// `blockdev-add` with free-form arguments: the typed `BlockdevOptions` enum
+/// covers every driver, but a raw file node is all kiln needs.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BlockdevAdd(pub serde_json::Map<String, serde_json::Value>);
+
+impl qapi::qmp::QmpCommand for BlockdevAdd {}
+impl qapi_spec::Command for BlockdevAdd {
+    const NAME: &'static str = "blockdev-add";
+    const ALLOW_OOB: bool = false;
+    type Ok = qapi_spec::Empty;
+}
+
+impl QmpClient {
+    /// Connects (retrying until `timeout`, QEMU creates the socket shortly
+    /// after start) and negotiates capabilities.
+    pub fn connect(path: &Path, timeout: Duration) -> anyhow::Result<QmpClient> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e).with_context(|| format!("connecting to QMP at {}", path.display())),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let reader = BufReader::new(stream.try_clone().context("cloning the QMP socket")?);
+        let mut qmp = Qmp::new(qapi::Stream::new(reader, stream));
+        qmp.handshake().map_err(|e| anyhow::anyhow!("QMP handshake failed: {e}"))?;
+        Ok(QmpClient { qmp })
+    }
+
+    fn exec<C: qapi::qmp::QmpCommand + qapi_spec::Command>(&mut self, cmd: &C) -> anyhow::Result<C::Ok> {
+        self.qmp.execute(cmd).map_err(|e| anyhow::anyhow!("QMP {} failed: {e}", C::NAME))
+    }
+
+    /// The VM's run state, e.g. "running".
+    pub fn status(&mut self) -> anyhow::Result<String> {
+        let info = self.exec(&qmp::query_status {})?;
+        Ok(serde_json::to_value(info.status)?.as_str().unwrap_or("unknown").to_string())
+    }
+
+    pub fn query_iothreads(&mut self) -> anyhow::Result<Vec<String>> {
+        Ok(self.exec(&qmp::query_iothreads {})?.into_iter().map(|t| t.id).collect())
+    }
+
+    pub fn qom_get(&mut self, path: &str, property: &str) -> anyhow::Result<serde_json::Value> {
+        let v = self.exec(&qmp::qom_get { path: path.into(), property: property.into() })?;
+        Ok(serde_json::to_value(v)?)
+    }
+
+    pub fn device_add(&mut self, driver: &str, id: &str, bus: Option<&str>, props: &[(&str, serde_json::Value)]) -> anyhow::Result<()> {
+        let mut arguments = qapi_spec::Dictionary::new();
+        for (k, v) in props {
+            arguments.insert(k.to_string(), v.clone());
+        }
+        self.exec(&qmp::device_add { driver: driver.into(), id: Some(id.into()), bus: bus.map(str::to_string), arguments })?;
+        Ok(())
+    }
+
+    pub fn device_del(&mut self, id: &str) -> anyhow::Result<()> {
+        self.exec(&qmp::device_del { id: id.into() })?;
+        Ok(())
+    }
+
+    /// Adds a raw-format block node reading `file`.
+    pub fn blockdev_add_raw_file(&mut self, node: &str, file: &Path, read_only: bool) -> anyhow::Result<()> {
+        let args = serde_json::json!({
+            "driver": "raw",
+            "node-name": node,
+            "read-only": read_only,
+            "file": { "driver": "file", "filename": file.display().to_string(), "read-only": read_only }
+        });
+        let serde_json::Value::Object(map) = args else { unreachable!("json! object") };
+        self.exec(&BlockdevAdd(map))?;
+        Ok(())
+    }
+
+    /// Asks QEMU to exit. The connection closing before the answer is fine.
+    pub fn quit(&mut self) {
+        let _ = self.exec(&qmp::quit {});
+    }
+}

@@ -1,0 +1,164 @@
+//! One VM's life: run directory, vsock backend, QEMU, and the agent connection.
+//! Dropping a `Vm` tears everything down in reverse order.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::client::AgentClient;
+use crate::config::ShimConfig;
+use crate::image::BootImage;
+use crate::process::{ChildGuard, RunDir};
+use crate::qemu::{self, HostKvm, QemuLaunch};
+use crate::qmp::QmpClient;
+use crate::vsock::VsockBackend;
+
+pub struct BootOptions {
+    /// Guest console to our stdout instead of a log file.
+    pub console: bool,
+}
+
+pub struct Vm {
+    // Field order is drop order: QEMU first, then its backend, then the directory.
+    qemu: ChildGuard,
+    vsock: VsockBackend,
+    pub run_dir: RunDir,
+    pub console_log: Option<PathBuf>,
+    pub qmp_socket: PathBuf,
+    pub launched: Instant,
+    pub accel_note: String,
+}
+
+/// Time from QEMU launch to the agent's first `SERVING` answer.
+pub struct Ready {
+    pub client: AgentClient,
+    pub elapsed: Duration,
+}
+
+impl Vm {
+    pub fn launch(image: &BootImage, cfg: &ShimConfig, opts: &BootOptions) -> anyhow::Result<Vm> {
+        let run_dir = RunDir::create()?;
+        let dir = run_dir.path().to_path_buf();
+        let backend_log = File::create(dir.join("vsock.log"))?;
+        let vsock = VsockBackend::start(&cfg.vsock_backend(), &dir, backend_log)?;
+
+        let arch = image.manifest.arch.as_str();
+        let (accel, accel_note) = qemu::choose_accel(&cfg.hypervisor.qemu.accel, arch, &HostKvm::probe(std::path::Path::new("/")));
+        tracing::info!("{accel_note}");
+        let console_log = (!opts.console).then(|| dir.join("console.log"));
+        let qmp = dir.join("qmp.sock");
+        let launch = QemuLaunch {
+            arch,
+            accel,
+            config: &cfg.hypervisor.qemu,
+            kernel: &image.kernel,
+            initrd: &image.initrd,
+            cmdline: &image.manifest.cmdline,
+            vhost_vsock_socket: &vsock.vhost_socket,
+            qmp_socket: &qmp,
+            console_log: console_log.as_deref(),
+        };
+        let qemu_log = File::create(dir.join("qemu.log"))?;
+        let mut cmd = Command::new(launch.binary()?);
+        cmd.args(launch.args()?).stderr(qemu_log);
+        if !opts.console {
+            cmd.stdout(File::create(dir.join("qemu.out"))?);
+        }
+        let launched = Instant::now();
+        let qemu = ChildGuard::spawn("qemu", &mut cmd)?;
+        Ok(Vm { qemu, vsock, run_dir, console_log, qmp_socket: qmp, launched, accel_note })
+    }
+
+    /// Waits until the agent answers `Check`, or fails naming why: QEMU died,
+    /// the backend died, or the deadline passed (with the console's last lines).
+    pub async fn wait_ready(&mut self, cfg: &ShimConfig) -> anyhow::Result<Ready> {
+        let deadline = self.launched + cfg.boot_timeout();
+        let port = cfg.agent.port;
+        let mut last_err = String::from("no attempt yet");
+        loop {
+            if let Some(status) = self.qemu.exited() {
+                anyhow::bail!("QEMU exited ({status}) before the agent answered{}", self.diagnostics());
+            }
+            if let Some(status) = self.vsock.guard.exited() {
+                anyhow::bail!("the vsock backend exited ({status}) before the agent answered{}", self.diagnostics());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "the agent did not answer within {:?} (last attempt: {last_err}){}",
+                    cfg.boot_timeout(),
+                    self.diagnostics()
+                );
+            }
+            match self.try_check(port, cfg.rpc_timeout()).await {
+                Ok(client) => return Ok(Ready { client, elapsed: self.launched.elapsed() }),
+                Err(e) => last_err = format!("{e:#}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn try_check(&self, port: u32, rpc_timeout: Duration) -> anyhow::Result<AgentClient> {
+        let stream = tokio::time::timeout(Duration::from_secs(2), crate::vsock::connect(&self.vsock.uds_path, port))
+            .await
+            .context("vsock connect timed out")??;
+        let client = AgentClient::from_stream(stream, rpc_timeout);
+        let status = client.check().await?;
+        if status != kiln_protocol::health::health_check_response::ServingStatus::SERVING {
+            anyhow::bail!("agent health is {status:?}");
+        }
+        Ok(client)
+    }
+
+    /// Pids of QEMU and the vsock backend (for tests that check nothing is left).
+    pub fn pids(&self) -> Vec<u32> {
+        [self.qemu.pid(), self.vsock.guard.pid()].into_iter().flatten().collect()
+    }
+
+    /// The tail of the guest console and QEMU's stderr, for error messages.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        let dir = self.run_dir.path();
+        if let Some(log) = &self.console_log {
+            out.push_str(&format!("\n--- guest console (last lines) ---\n{}", tail(log, 20)));
+        }
+        let q = tail(&dir.join("qemu.log"), 10);
+        if !q.trim().is_empty() {
+            out.push_str(&format!("\n--- qemu stderr ---\n{q}"));
+        }
+        out
+    }
+
+    /// Resolves when QEMU exits on its own.
+    pub async fn wait_exit(&mut self) {
+        while self.qemu.exited().is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A QMP connection to this VM's QEMU.
+    pub fn qmp(&self) -> anyhow::Result<QmpClient> {
+        QmpClient::connect(&self.qmp_socket, Duration::from_secs(5))
+    }
+
+    /// Stops the VM cleanly through QMP `quit`, falling back to signals; then
+    /// its helpers (drop does the signal part too).
+    pub fn shutdown(mut self) {
+        if self.qemu.exited().is_none() {
+            if let Ok(mut q) = QmpClient::connect(&self.qmp_socket, Duration::from_secs(1)) {
+                q.quit();
+                self.qemu.wait_exit(Duration::from_secs(5));
+            }
+        }
+        self.qemu.stop(Duration::from_secs(5));
+        self.vsock.guard.stop(Duration::from_secs(2));
+    }
+}
+
+fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,141 @@
+//! End-to-end: boot a real image in real QEMU (TCG here) and talk to the real
+//! agent over real vsock. Needs a built image; `cargo xtask test` builds one
+//! and runs these with KILN_E2E_MANIFEST set.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use kiln_protocol::agent;
+use kiln_shim::config::ShimConfig;
+use kiln_shim::image::BootImage;
+use kiln_shim::vm::{BootOptions, Vm};
+
+fn manifest() -> PathBuf {
+    PathBuf::from(std::env::var("KILN_E2E_MANIFEST").expect(
+        "KILN_E2E_MANIFEST must name a built manifest.json; run these tests through `cargo xtask test`",
+    ))
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry; count it as gone only when reaped or dead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.split_whitespace().nth(2).is_some_and(|s| s == "Z"),
+        Err(_) => false,
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut hits = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && alive(pid) {
+                hits.push(format!("{pid}: {cmd}"));
+            }
+        }
+    }
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+async fn agent_answers_health_details_and_unimplemented() {
+    let run_base = tempfile::tempdir().unwrap();
+    std::env::set_var("KILN_RUN_DIR", run_base.path());
+    let image = BootImage::load(&manifest()).unwrap();
+    let cfg = ShimConfig::default();
+    let mut vm = Vm::launch(&image, &cfg, &BootOptions { console: false }).unwrap();
+    let pids = vm.pids();
+    assert_eq!(pids.len(), 2, "qemu and the vsock backend run");
+    let ready = vm.wait_ready(&cfg).await.unwrap();
+    eprintln!("agent ready after {:.2} s ({})", ready.elapsed.as_secs_f64(), vm.accel_note);
+
+    let c = &ready.client;
+    let version = c.version().await.unwrap();
+    assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"), "agent and shim come from one workspace version");
+
+    let details = c.guest_details().await.unwrap();
+    assert!(details.agent_details.init_daemon, "the minimal image runs the agent as PID 1");
+    assert_eq!(details.agent_details.version, version.agent_version);
+    assert!(
+        details.mem_block_size_bytes.is_power_of_two() && details.mem_block_size_bytes >= 1 << 20,
+        "memory block size from the guest's sysfs: {}",
+        details.mem_block_size_bytes
+    );
+
+    // A method kiln-agent does not implement answers UNIMPLEMENTED (not NOT_FOUND).
+    let mut req = agent::CopyFileRequest::new();
+    req.path = "/tmp/x".into();
+    match c.agent.copy_file(c.ctx(), &req).await {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED, "{s:?}");
+            assert!(s.message().contains("CopyFile"), "{}", s.message());
+        }
+        other => panic!("expected UNIMPLEMENTED, got {other:?}"),
+    }
+    // The agent keeps serving after that.
+    assert!(c.check().await.is_ok());
+
+    // QEMU is under QMP control.
+    let mut qmp = vm.qmp().unwrap();
+    assert_eq!(qmp.status().unwrap(), "running");
+
+    // The human client reaches the same agent through the run directory.
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-shim"))
+        .args(["agent", "--vm"])
+        .arg(vm.run_dir.path())
+        .args(["GetGuestDetails", r#"{"memBlockSize": true}"#])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["agentDetails"]["initDaemon"], true, "{answer}");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-shim"))
+        .args(["agent", "--vm"])
+        .arg(vm.run_dir.path())
+        .args(["CopyFile", "{}"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UNIMPLEMENTED"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let run_dir = vm.run_dir.path().to_path_buf();
+    drop(ready);
+    vm.shutdown();
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} outlived the VM");
+    }
+    assert!(!run_dir.exists(), "run dir {} removed", run_dir.display());
+}
+
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn shim_boot_command_reports_and_cleans_up() {
+    let run_base = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-shim"))
+        .args(["boot", "--json", "--image"])
+        .arg(manifest())
+        .env("KILN_RUN_DIR", run_base.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kiln-shim boot failed: {stderr}");
+    assert!(stderr.contains("TCG") || stderr.contains("KVM"), "accelerator choice is logged: {stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{json}");
+    assert_eq!(json["image"], "minimal");
+    assert_eq!(json["init_daemon"], true);
+    assert!(json["agent_ready_seconds"].as_f64().unwrap() > 0.0);
+    // Nothing is left: no process mentions the run directory, which is empty.
+    let needle = run_base.path().to_string_lossy().to_string();
+    let left = processes_mentioning(&needle);
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let entries: Vec<_> = std::fs::read_dir(run_base.path()).unwrap().collect();
+    assert!(entries.is_empty(), "run dirs left: {entries:?}");
+}

@@ -1,0 +1,108 @@
+//! Paths and settings shared by every stage.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::arch::Arch;
+use crate::stage::setup;
+use crate::ui::Ui;
+use crate::GlobalFlags;
+
+pub struct Ctx {
+    /// Workspace root (the checkout).
+    pub root: PathBuf,
+    /// `target/kiln`: per-checkout outputs.
+    pub out: PathBuf,
+    /// Content-keyed cache outside the checkout for large inputs and outputs
+    /// (kernel sources and builds), shared by every checkout on the machine.
+    pub cache: PathBuf,
+    /// Timestamp for every file in every artifact.
+    pub source_date_epoch: u64,
+    pub no_setup: bool,
+    pub offline: bool,
+    pub ui: Ui,
+}
+
+impl Ctx {
+    pub fn new(flags: &GlobalFlags) -> anyhow::Result<Ctx> {
+        let root = workspace_root()?;
+        let out = root.join("target").join("kiln");
+        let cache = cache_dir()?;
+        let source_date_epoch = source_date_epoch(&root)?;
+        Ok(Ctx {
+            root,
+            out,
+            cache,
+            source_date_epoch,
+            no_setup: flags.no_setup || flags.offline,
+            offline: flags.offline,
+            ui: Ui::new(),
+        })
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.out.join("logs").join(format!("{name}.log"))
+    }
+
+    /// Output directory of one image for one arch.
+    pub fn image_dir(&self, image: &str, arch: Arch) -> PathBuf {
+        self.out.join(image).join(arch.name())
+    }
+
+    /// Makes sure host tools for `arches` are there (installing them unless
+    /// `--no-setup`/`--offline`), or fails naming what is missing.
+    pub fn ensure_setup(&self, arches: &[Arch]) -> anyhow::Result<()> {
+        let mode = if self.no_setup { setup::Mode::CheckOnly } else { setup::Mode::Install };
+        setup::run(self, arches, mode)
+    }
+
+    /// Path relative to the checkout, for messages and manifests (never a host path in an artifact).
+    pub fn rel<'a>(&self, p: &'a Path) -> &'a Path {
+        p.strip_prefix(&self.root).unwrap_or(p)
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    // xtask lives in <root>/xtask; cargo tells us where at build time.
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest_dir.parent().context("xtask has no parent directory")?.to_path_buf();
+    Ok(root)
+}
+
+/// `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+pub fn cache_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("KILN_CACHE_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("kiln"));
+    }
+    let home = std::env::var_os("HOME").context("neither KILN_CACHE_DIR, XDG_CACHE_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache").join("kiln"))
+}
+
+/// `SOURCE_DATE_EPOCH` if set, else the last commit's time, so two checkouts of
+/// one commit stamp identical times into their artifacts.
+fn source_date_epoch(root: &Path) -> anyhow::Result<u64> {
+    if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
+        return v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds since 1970"));
+    }
+    let out = duct::cmd!("git", "-C", root, "log", "-1", "--format=%ct")
+        .stderr_null()
+        .stdout_capture()
+        .unchecked()
+        .run();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            text.trim().parse().with_context(|| format!("git gave a commit time `{}`", text.trim()))
+        }
+        _ => anyhow::bail!(
+            "cannot tell the build time: set SOURCE_DATE_EPOCH (seconds since 1970), or build from a git checkout with at least one commit"
+        ),
+    }
+}

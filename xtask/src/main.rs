@@ -1,0 +1,161 @@
+//! kiln's build pipeline, run as `cargo xtask <task>`.
+//!
+//! `main` only parses flags and dispatches; each task lives in its own module
+//! under `stage/` and turns typed inputs into artifacts plus a record for the
+//! image manifest. Data flows one way: manifest + recipe in, artifacts out.
+
+mod arch;
+mod cache;
+mod cmd;
+mod ctx;
+mod elf;
+mod hash;
+mod manifest;
+mod recipe;
+mod stage;
+mod ui;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::arch::ArchSel;
+use crate::ctx::Ctx;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build and test kiln guest images", version)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalFlags,
+    #[command(subcommand)]
+    task: Task,
+}
+
+/// Flags every task understands.
+#[derive(Args, Clone, Debug)]
+pub struct GlobalFlags {
+    /// Do not install missing host tools; only report what is missing.
+    #[arg(long, global = true)]
+    pub no_setup: bool,
+    /// Never reach the network (apt, cargo): fail naming the missing input instead.
+    #[arg(long, global = true)]
+    pub offline: bool,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install host needs (apt packages, rustup targets, vhost-device-vsock); idempotent.
+    Setup(ArchFlag),
+    /// Build the static guest agent for one architecture.
+    BuildAgent(ArchFlag),
+    /// Build a guest kernel from kernel-configs/ fragments.
+    BuildKernel(KernelFlags),
+    /// Print the requested/actual table for an image's kernel config without building.
+    KernelCheck(KernelFlags),
+    /// Build the initrd of an image (needs the agent).
+    BuildInitrd(ImageFlags),
+    /// Build everything an image needs and write its manifest.json.
+    BuildImage(ImageFlags),
+    /// Run unit tests and the end-to-end boot tests.
+    Test(TestFlags),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ArchFlag {
+    /// Target architecture: x86_64, aarch64, ppc64le, s390x or all.
+    #[arg(long, default_value = "x86_64")]
+    pub arch: ArchSel,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct KernelFlags {
+    #[arg(long, default_value = "x86_64")]
+    pub arch: ArchSel,
+    /// Image whose kernel fragments to use.
+    #[arg(long, default_value = "minimal")]
+    pub image: String,
+    /// Kernel source: a tarball or an unpacked tree (default: Debian's linux-source-6.12).
+    #[arg(long)]
+    pub kernel_src: Option<PathBuf>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ImageFlags {
+    #[arg(long, default_value = "x86_64")]
+    pub arch: ArchSel,
+    /// Image flavour: a file name (without .toml) in image-manifests/.
+    #[arg(long, default_value = "minimal")]
+    pub image: String,
+    /// Kernel source: a tarball or an unpacked tree (default: Debian's linux-source-6.12).
+    #[arg(long)]
+    pub kernel_src: Option<PathBuf>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct TestFlags {
+    /// Only the unit tests (no image build, no VM).
+    #[arg(long)]
+    pub unit_only: bool,
+    #[arg(long, default_value = "x86_64")]
+    pub arch: ArchSel,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = Ctx::new(&cli.global).and_then(|ctx| run(&ctx, cli.task));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup(f) => stage::setup::run(ctx, &f.arch.arches(), stage::setup::Mode::Install),
+        Task::BuildAgent(f) => {
+            for arch in f.arch.arches() {
+                ctx.ensure_setup(&[arch])?;
+                stage::agent::build(ctx, arch)?;
+            }
+            Ok(())
+        }
+        Task::BuildKernel(f) => {
+            for arch in f.arch.arches() {
+                ctx.ensure_setup(&[arch])?;
+                let image = manifest::ImageManifest::load(ctx, &f.image)?;
+                stage::kernel::build(ctx, &image.kernel_request(ctx, arch, f.kernel_src.clone())?)?;
+            }
+            Ok(())
+        }
+        Task::KernelCheck(f) => {
+            for arch in f.arch.arches() {
+                ctx.ensure_setup(&[arch])?;
+                let image = manifest::ImageManifest::load(ctx, &f.image)?;
+                stage::kernel::check(ctx, &image.kernel_request(ctx, arch, f.kernel_src.clone())?)?;
+            }
+            Ok(())
+        }
+        Task::BuildInitrd(f) => {
+            for arch in f.arch.arches() {
+                ctx.ensure_setup(&[arch])?;
+                let image = manifest::ImageManifest::load(ctx, &f.image)?;
+                let agent = stage::agent::build(ctx, arch)?;
+                stage::initrd::build(ctx, &image, arch, &agent)?;
+            }
+            Ok(())
+        }
+        Task::BuildImage(f) => {
+            let image = manifest::ImageManifest::load(ctx, &f.image)?;
+            for arch in f.arch.arches_for(&image)? {
+                ctx.ensure_setup(&[arch])?;
+                stage::image::build(ctx, &image, arch, f.kernel_src.clone())?;
+            }
+            Ok(())
+        }
+        Task::Test(f) => stage::test::run(ctx, &f),
+    }
+}

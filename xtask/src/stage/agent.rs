@@ -1,0 +1,86 @@
+//! Stage `agent`: the static guest agent for one arch.
+//!
+//! Keyed by the agent's and protocol crate's sources, the lock file, cargo
+//! configuration and the exact rustc, so an unchanged tree never even starts cargo.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::arch::Arch;
+use crate::cache::{copy_atomic, Stamp};
+use crate::cmd;
+use crate::ctx::Ctx;
+use crate::elf;
+use crate::hash::KeyHasher;
+
+pub const BINARY: &str = "kiln-agent";
+
+#[derive(Debug, Clone)]
+pub struct AgentArtifact {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub key: String,
+}
+
+pub fn build(ctx: &Ctx, arch: Arch) -> anyhow::Result<AgentArtifact> {
+    let dir = ctx.out.join("agent").join(arch.name());
+    let key = input_key(ctx, arch)?;
+    let step = ctx.ui.stage(&format!("agent {arch}"));
+    if let Some(stamp) = Stamp::fresh(&dir, "agent", &key) {
+        let art = artifact(&dir, &key, &stamp.outputs[BINARY])?;
+        step.cached(&format!("{} KiB", art.size / 1024));
+        return Ok(art);
+    }
+    Stamp::invalidate(&dir, "agent");
+    step.message(&format!("cargo build --release --target {}", arch.rust_target()));
+    cmd::run_logged(ctx, &format!("agent-{arch}"), "cargo build of kiln-agent", cargo_build(ctx, arch))?;
+
+    let built = ctx.root.join("target").join(arch.rust_target()).join("release").join(BINARY);
+    let bytes = std::fs::read(&built).with_context(|| format!("cargo did not produce {}", built.display()))?;
+    elf::require_static(&format!("kiln-agent for {arch}"), &bytes)?;
+    copy_atomic(&built, &dir.join(BINARY))?;
+    let stamp = Stamp::record(&dir, "agent", &key, &[BINARY])?;
+    let art = artifact(&dir, &key, &stamp.outputs[BINARY])?;
+    step.done(&format!("{} KiB, static", art.size / 1024));
+    Ok(art)
+}
+
+fn artifact(dir: &std::path::Path, key: &str, sha: &str) -> anyhow::Result<AgentArtifact> {
+    let path = dir.join(BINARY);
+    let size = std::fs::metadata(&path)?.len();
+    Ok(AgentArtifact { path, sha256: sha.to_string(), size, key: key.to_string() })
+}
+
+fn cargo_build(ctx: &Ctx, arch: Arch) -> duct::Expression {
+    // Registry sources live under CARGO_HOME, whose path would otherwise end up in
+    // panic messages; map it to a fixed name so builds do not depend on $HOME.
+    let cargo_home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    let rustflags = ["-Ctarget-feature=+crt-static".to_string(), format!("--remap-path-prefix={cargo_home}=/cargo")];
+    duct::cmd!(
+        "cargo",
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "kiln-agent",
+        "--target",
+        arch.rust_target()
+    )
+    .dir(&ctx.root)
+    .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
+    .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string())
+}
+
+fn input_key(ctx: &Ctx, arch: Arch) -> anyhow::Result<String> {
+    let rustc = cmd::read("rustc -vV", duct::cmd!("rustc", "-vV"))?;
+    let mut h = KeyHasher::new("agent");
+    h.str("arch", arch.name()).str("target", arch.rust_target()).str("rustc", &rustc);
+    h.tree("agent", &ctx.root.join("agent"), &["target"])?;
+    h.file("Cargo.lock", &ctx.root.join("Cargo.lock"))?;
+    h.file("Cargo.toml", &ctx.root.join("Cargo.toml"))?;
+    h.file("cargo-config", &ctx.root.join(".cargo/config.toml"))?;
+    Ok(h.finish())
+}

@@ -1,0 +1,88 @@
+//! Stage `image`: runs agent, kernel and initrd for one image and arch, places
+//! the kernel next to the initrd and writes `manifest.json`, the record of every
+//! artifact (size, sha256) and of every input's hash.
+//!
+//! Invariant: manifest.json holds no host path and no build time, so two
+//! checkouts of one commit produce the same bytes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::arch::Arch;
+use crate::cache::{copy_atomic, write_atomic, Stamp};
+use crate::ctx::Ctx;
+use crate::hash::KeyHasher;
+use crate::manifest::{ArtifactRecord, BuiltManifest, ImageManifest};
+use crate::stage::{agent, initrd, kernel};
+
+pub const MANIFEST: &str = "manifest.json";
+
+pub fn build(ctx: &Ctx, image: &ImageManifest, arch: Arch, kernel_src: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let agent = agent::build(ctx, arch)?;
+    let kernel = kernel::build(ctx, &image.kernel_request(ctx, arch, kernel_src)?)?;
+    let initrd = initrd::build(ctx, image, arch, &agent)?;
+    let dir = ctx.image_dir(&image.name, arch);
+    let kernel_file = kernel_file_name(arch);
+
+    // Place the kernel, its config and the agent beside the initrd (keyed, so an
+    // unchanged kernel is not even copied again).
+    let place_key = KeyHasher::new("place")
+        .str("kernel", &kernel.key)
+        .str("agent", &agent.sha256)
+        .str("kernel_file", kernel_file)
+        .finish();
+    if Stamp::fresh(&dir, "place", &place_key).is_none() {
+        Stamp::invalidate(&dir, "place");
+        copy_atomic(&kernel.image, &dir.join(kernel_file))?;
+        copy_atomic(&kernel.config, &dir.join("kernel.config"))?;
+        copy_atomic(&agent.path, &dir.join(agent::BINARY))?;
+        Stamp::record(&dir, "place", &place_key, &[kernel_file, "kernel.config", agent::BINARY])?;
+    }
+
+    let image_manifest_sha = crate::hash::sha256_file(&ImageManifest::path(ctx, &image.name))?;
+    let mut inputs = BTreeMap::new();
+    inputs.insert("agent".to_string(), agent.key.clone());
+    inputs.insert("kernel".to_string(), kernel.key.clone());
+    inputs.insert("initrd".to_string(), initrd.key.clone());
+    inputs.insert(format!("image-manifests/{}.toml", image.name), image_manifest_sha);
+    inputs.insert(format!("rootfs-recipes/{}.toml", image.recipe), initrd.recipe_sha256.clone());
+
+    let mut artifacts = BTreeMap::new();
+    artifacts.insert("kernel".to_string(), ArtifactRecord::of(&dir, kernel_file)?);
+    artifacts.insert("kernel_config".to_string(), ArtifactRecord::of(&dir, "kernel.config")?);
+    artifacts.insert("initrd".to_string(), ArtifactRecord::of(&dir, initrd::FILE)?);
+    artifacts.insert("agent".to_string(), ArtifactRecord::of(&dir, agent::BINARY)?);
+
+    let manifest = BuiltManifest {
+        kiln_manifest: 1,
+        image: image.name.clone(),
+        arch,
+        kernel_version: kernel.version.clone(),
+        cmdline: image.cmdline(arch),
+        source_date_epoch: ctx.source_date_epoch,
+        artifacts,
+        inputs,
+    };
+    let mut text = serde_json::to_string_pretty(&manifest)?;
+    text.push('\n');
+    let key = KeyHasher::new("manifest").str("content", &text).finish();
+    let step = ctx.ui.stage(&format!("manifest {arch}"));
+    let path = dir.join(MANIFEST);
+    if Stamp::fresh(&dir, "manifest", &key).is_some() {
+        step.cached(&ctx.rel(&path).display().to_string());
+    } else {
+        Stamp::invalidate(&dir, "manifest");
+        write_atomic(&path, text.as_bytes())?;
+        Stamp::record(&dir, "manifest", &key, &[MANIFEST])?;
+        step.done(&ctx.rel(&path).display().to_string());
+    }
+    Ok(path)
+}
+
+/// The kernel's file name inside an image directory.
+pub fn kernel_file_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Ppc64le => "vmlinux",
+        _ => "vmlinuz",
+    }
+}

@@ -1,0 +1,9 @@
+//! One module per pipeline stage. Each exposes a function from typed inputs to
+//! an artifact record; stages never call back into `main`.
+
+pub mod agent;
+pub mod image;
+pub mod initrd;
+pub mod kernel;
+pub mod setup;
+pub mod test;

@@ -1,0 +1,161 @@
+//! Host set-up: the Debian packages, Rust targets and cargo-installed tools the
+//! pipeline and the tests need. Idempotent, and quick when all is there (one
+//! dpkg-query, one rustup call, one PATH lookup).
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+
+use crate::arch::Arch;
+use crate::cmd;
+use crate::ctx::Ctx;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Install,
+    CheckOnly,
+}
+
+/// Packages every build needs, whatever the arch.
+const COMMON_PACKAGES: &[&str] = &[
+    // kernel build
+    "linux-source-6.12",
+    "make",
+    "gcc",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "libssl-dev",
+    "xz-utils",
+    // tests and images
+    "busybox-static",
+    "cpio",
+    "zstd",
+];
+
+/// Tools installed with `cargo install` (name of the crate = name of the binary).
+const CARGO_TOOLS: &[&str] = &["vhost-device-vsock"];
+
+pub fn packages_for(arches: &[Arch]) -> BTreeSet<&'static str> {
+    let mut set: BTreeSet<&str> = COMMON_PACKAGES.iter().copied().collect();
+    for a in arches {
+        set.insert(a.qemu_package());
+        if let Some(p) = a.cross_gcc_package() {
+            set.insert(p);
+        }
+    }
+    set
+}
+
+pub fn run(ctx: &Ctx, arches: &[Arch], mode: Mode) -> anyhow::Result<()> {
+    let wanted = packages_for(arches);
+    let missing_pkgs = missing_packages(&wanted)?;
+    let missing_targets = missing_rust_targets(arches)?;
+    let missing_tools: Vec<&str> = CARGO_TOOLS.iter().copied().filter(|t| cmd::which(t).is_none()).collect();
+    if missing_pkgs.is_empty() && missing_targets.is_empty() && missing_tools.is_empty() {
+        return Ok(());
+    }
+    if mode == Mode::CheckOnly {
+        let mut lines = Vec::new();
+        if !missing_pkgs.is_empty() {
+            lines.push(format!("  Debian packages: apt-get install {}", missing_pkgs.join(" ")));
+        }
+        if !missing_targets.is_empty() {
+            lines.push(format!("  Rust targets: rustup target add {}", missing_targets.join(" ")));
+        }
+        if !missing_tools.is_empty() {
+            lines.push(format!("  cargo tools: cargo install --locked {}", missing_tools.join(" ")));
+        }
+        anyhow::bail!(
+            "missing host tools (setup is off with --no-setup/--offline):\n{}\nor run `cargo xtask setup`",
+            lines.join("\n")
+        );
+    }
+    let step = ctx.ui.stage("setup");
+    if !missing_pkgs.is_empty() {
+        step.message(&format!("apt-get install {}", missing_pkgs.join(" ")));
+        apt_install(ctx, &missing_pkgs)?;
+    }
+    for t in &missing_targets {
+        step.message(&format!("rustup target add {t}"));
+        cmd::run_logged(ctx, "setup", "rustup target add", duct::cmd!("rustup", "target", "add", t))?;
+    }
+    for t in &missing_tools {
+        step.message(&format!("cargo install {t}"));
+        cmd::run_logged(ctx, "setup", "cargo install", duct::cmd!("cargo", "install", "--locked", t))?;
+    }
+    step.done(&format!(
+        "installed {} package(s), {} target(s), {} tool(s)",
+        missing_pkgs.len(),
+        missing_targets.len(),
+        missing_tools.len()
+    ));
+    Ok(())
+}
+
+fn missing_packages(wanted: &BTreeSet<&str>) -> anyhow::Result<Vec<String>> {
+    let mut args = vec!["-W".to_string(), "-f=${Package} ${db:Status-Abbrev}\n".to_string()];
+    args.extend(wanted.iter().map(|s| s.to_string()));
+    // dpkg-query exits 1 when some package is unknown; its stdout still lists the known ones.
+    let out = duct::cmd("dpkg-query", &args)
+        .stderr_null()
+        .stdout_capture()
+        .unchecked()
+        .run()
+        .context("dpkg-query is missing: kiln's set-up needs a Debian-based host (or use --no-setup and install the tools yourself)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let installed: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next()?;
+            let status = it.next()?;
+            (status == "ii").then_some(name)
+        })
+        .collect();
+    Ok(wanted.iter().filter(|p| !installed.contains(**p)).map(|p| p.to_string()).collect())
+}
+
+fn missing_rust_targets(arches: &[Arch]) -> anyhow::Result<Vec<String>> {
+    let installed = cmd::read("rustup target list --installed", duct::cmd!("rustup", "target", "list", "--installed"))
+        .context("rustup is needed to add the agent's static targets")?;
+    let have: BTreeSet<&str> = installed.lines().map(str::trim).collect();
+    Ok(arches
+        .iter()
+        .map(|a| a.rust_target())
+        .filter(|t| !have.contains(t))
+        .map(str::to_string)
+        .collect())
+}
+
+fn apt_install(ctx: &Ctx, pkgs: &[String]) -> anyhow::Result<()> {
+    let is_root = cmd::read("id -u", duct::cmd!("id", "-u")).map(|s| s == "0").unwrap_or(false);
+    if !is_root {
+        anyhow::bail!("these Debian packages are missing and installing them needs root: sudo apt-get install {}", pkgs.join(" "));
+    }
+    let install = |ctx: &Ctx| {
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(pkgs.iter().map(String::as_str));
+        cmd::run_logged(ctx, "setup", "apt-get install", duct::cmd("apt-get", &args).env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    // A fresh machine has no package lists yet: update once and retry.
+    if install(ctx).is_err() {
+        cmd::run_logged(ctx, "setup", "apt-get update", duct::cmd!("apt-get", "update", "-q"))?;
+        install(ctx)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cross_arches_add_their_compiler_and_emulator() {
+        let p = packages_for(&[Arch::S390x]);
+        assert!(p.contains("gcc-s390x-linux-gnu") && p.contains("qemu-system-misc"));
+        let p = packages_for(&[Arch::X86_64]);
+        assert!(p.contains("qemu-system-x86") && !p.iter().any(|x| x.starts_with("gcc-x86-64")));
+    }
+}

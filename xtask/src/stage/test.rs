@@ -1,0 +1,55 @@
+//! `cargo xtask test`: the workspace's unit tests, then the end-to-end tests
+//! against a freshly built image booted in QEMU.
+
+use crate::arch::Arch;
+use crate::ctx::Ctx;
+use crate::manifest::ImageManifest;
+use crate::stage::image;
+use crate::TestFlags;
+
+/// The image the end-to-end boot tests use.
+const E2E_IMAGE: &str = "minimal";
+
+pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
+    // Output goes straight to the terminal/CI log: the test runner's own summary
+    // lines are what CI reads.
+    ctx.ui.println("== unit tests (cargo test --workspace)");
+    let status = duct::cmd!("cargo", "test", "--workspace", "--locked").dir(&ctx.root).unchecked().run()?;
+    if !status.status.success() {
+        anyhow::bail!("unit tests failed");
+    }
+    if flags.unit_only {
+        return Ok(());
+    }
+    let image = ImageManifest::load(ctx, E2E_IMAGE)?;
+    for arch in flags.arch.arches_for(&image)? {
+        e2e(ctx, &image, arch)?;
+    }
+    Ok(())
+}
+
+fn e2e(ctx: &Ctx, image: &ImageManifest, arch: Arch) -> anyhow::Result<()> {
+    ctx.ensure_setup(&[arch])?;
+    let manifest = image::build(ctx, image, arch, None)?;
+    ctx.ui.println(&format!("== end-to-end tests ({} on {arch}, booted in QEMU)", image.name));
+    let status = duct::cmd!(
+        "cargo",
+        "test",
+        "--locked",
+        "--package",
+        "kiln-shim",
+        "--test",
+        "boot",
+        "--",
+        "--ignored",
+        "--test-threads=1"
+    )
+    .dir(&ctx.root)
+    .env("KILN_E2E_MANIFEST", &manifest)
+    .unchecked()
+    .run()?;
+    if !status.status.success() {
+        anyhow::bail!("end-to-end tests failed for {arch}");
+    }
+    Ok(())
+}

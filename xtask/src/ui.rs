@@ -1,0 +1,92 @@
+//! User-facing progress: one line per stage, a spinner with elapsed time for
+//! long steps. When stderr is not a terminal (CI), plain lines are printed instead.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub struct Ui {
+    multi: MultiProgress,
+    interactive: bool,
+}
+
+impl Ui {
+    pub fn new() -> Ui {
+        let interactive = std::io::stderr().is_terminal();
+        let target = if interactive { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+        Ui { multi: MultiProgress::with_draw_target(target), interactive }
+    }
+
+    /// Starts a stage line such as `kernel x86_64`.
+    pub fn stage(&self, name: &str) -> Step {
+        let bar = self.multi.add(ProgressBar::new_spinner());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner:.cyan} {prefix:<18} {elapsed:>4} {wide_msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_prefix(name.to_string());
+        bar.enable_steady_tick(Duration::from_millis(120));
+        if !self.interactive {
+            eprintln!("[kiln] {name}: started");
+        }
+        Step { bar, name: name.to_string(), start: Instant::now(), interactive: self.interactive, done: false }
+    }
+
+    pub fn println(&self, line: &str) {
+        if self.interactive {
+            let _ = self.multi.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+pub struct Step {
+    bar: ProgressBar,
+    name: String,
+    start: Instant,
+    interactive: bool,
+    done: bool,
+}
+
+impl Step {
+    pub fn message(&self, msg: &str) {
+        self.bar.set_message(msg.to_string());
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// The stage did its work.
+    pub fn done(mut self, detail: &str) {
+        self.finish("✓", detail);
+    }
+
+    /// The stage's inputs were unchanged; nothing ran.
+    pub fn cached(mut self, detail: &str) {
+        self.finish("=", &format!("up to date {detail}"));
+    }
+
+    fn finish(&mut self, mark: &str, detail: &str) {
+        self.done = true;
+        let secs = self.start.elapsed().as_secs_f64();
+        let line = format!("{mark} {:<18} {secs:>6.1}s {detail}", self.name);
+        if self.interactive {
+            self.bar.set_style(ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+            self.bar.finish_with_message(line);
+        } else {
+            self.bar.finish_and_clear();
+            eprintln!("[kiln] {line}");
+        }
+    }
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish("✗", "failed");
+        }
+    }
+}
