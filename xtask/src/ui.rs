@@ -2,6 +2,7 @@
 //! long steps. When stderr is not a terminal (CI), plain lines are printed instead.
 
 use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -9,13 +10,18 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub struct Ui {
     multi: MultiProgress,
     interactive: bool,
+    outcomes: Outcomes,
 }
+
+/// What each finished stage did, in order: (stage name, whether it ran).
+/// Lets `cargo xtask test` prove that an unchanged tree re-runs nothing.
+type Outcomes = Arc<Mutex<Vec<(String, bool)>>>;
 
 impl Ui {
     pub fn new() -> Ui {
         let interactive = std::io::stderr().is_terminal();
         let target = if interactive { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
-        Ui { multi: MultiProgress::with_draw_target(target), interactive }
+        Ui { multi: MultiProgress::with_draw_target(target), interactive, outcomes: Outcomes::default() }
     }
 
     /// Starts a stage line such as `kernel x86_64`.
@@ -30,7 +36,19 @@ impl Ui {
         if !self.interactive {
             eprintln!("[kiln] {name}: started");
         }
-        Step { bar, name: name.to_string(), start: Instant::now(), interactive: self.interactive, done: false }
+        Step {
+            bar,
+            name: name.to_string(),
+            start: Instant::now(),
+            interactive: self.interactive,
+            done: false,
+            outcomes: self.outcomes.clone(),
+        }
+    }
+
+    /// Stages finished so far and whether each ran (false: up to date).
+    pub fn take_outcomes(&self) -> Vec<(String, bool)> {
+        std::mem::take(&mut *self.outcomes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn println(&self, line: &str) {
@@ -48,6 +66,7 @@ pub struct Step {
     start: Instant,
     interactive: bool,
     done: bool,
+    outcomes: Outcomes,
 }
 
 impl Step {
@@ -61,12 +80,18 @@ impl Step {
 
     /// The stage did its work.
     pub fn done(mut self, detail: &str) {
+        self.record(true);
         self.finish("✓", detail);
     }
 
     /// The stage's inputs were unchanged; nothing ran.
     pub fn cached(mut self, detail: &str) {
+        self.record(false);
         self.finish("=", &format!("up to date {detail}"));
+    }
+
+    fn record(&self, ran: bool) {
+        self.outcomes.lock().unwrap_or_else(|p| p.into_inner()).push((self.name.clone(), ran));
     }
 
     fn finish(&mut self, mark: &str, detail: &str) {

@@ -54,11 +54,16 @@ fn artifact(dir: &std::path::Path, key: &str, sha: &str) -> anyhow::Result<Agent
 }
 
 fn cargo_build(ctx: &Ctx, arch: Arch) -> duct::Expression {
-    // Registry sources live under CARGO_HOME, whose path would otherwise end up in
-    // panic messages; map it to a fixed name so builds do not depend on $HOME.
+    // Panic locations embed source paths: registry sources under CARGO_HOME and
+    // generated protocol code under the checkout's target/. Map both to fixed
+    // names so the binary depends neither on $HOME nor on where the checkout is.
     let cargo_home = std::env::var("CARGO_HOME")
         .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
-    let rustflags = ["-Ctarget-feature=+crt-static".to_string(), format!("--remap-path-prefix={cargo_home}=/cargo")];
+    let rustflags = [
+        "-Ctarget-feature=+crt-static".to_string(),
+        format!("--remap-path-prefix={cargo_home}=/cargo"),
+        format!("--remap-path-prefix={}=/kiln", ctx.root.display()),
+    ];
     duct::cmd!(
         "cargo",
         "build",

@@ -399,14 +399,16 @@ impl Plan {
         } else {
             BTreeMap::new()
         };
+        let explainer = verify::Explainer {
+            index: &index,
+            everywhere: &everywhere,
+            actual,
+            requested: &self.requested,
+            srcarch,
+        };
         failures
             .iter()
-            .map(|r| {
-                (
-                    r.name.clone(),
-                    verify::explain(r, &index, &everywhere, actual, srcarch),
-                )
-            })
+            .map(|r| (r.name.clone(), explainer.explain(r)))
             .collect()
     }
 

@@ -31,6 +31,14 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
 fn e2e(ctx: &Ctx, image: &ImageManifest, arch: Arch) -> anyhow::Result<()> {
     ctx.ensure_setup(&[arch])?;
     let manifest = image::build(ctx, image, arch, None)?;
+    // The pipeline is incremental: a second build with nothing changed runs no stage.
+    ctx.ui.take_outcomes();
+    let again = image::build(ctx, image, arch, None)?;
+    let ran: Vec<String> = ctx.ui.take_outcomes().into_iter().filter(|(_, ran)| *ran).map(|(s, _)| s).collect();
+    if again != manifest || !ran.is_empty() {
+        anyhow::bail!("a second build of {} with nothing changed re-ran stages: {ran:?}", image.name);
+    }
+    ctx.ui.println("incremental check: a second build with nothing changed ran no stage");
     ctx.ui.println(&format!("== end-to-end tests ({} on {arch}, booted in QEMU)", image.name));
     let status = duct::cmd!(
         "cargo",

@@ -248,11 +248,8 @@ impl Walker<'_> {
         if path.contains("$(") || path.is_empty() {
             return None; // a macro we do not model (e.g. um's HEADER_ARCH)
         }
-        let base = if keyword.starts_with('o') {
-            &keyword[1..]
-        } else {
-            keyword
-        };
+        // `osource`/`orsource` are the optional forms; a missing file is skipped either way.
+        let base = keyword.strip_prefix('o').unwrap_or(keyword);
         Some(if base == "rsource" {
             dir.join(path)
         } else {

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use serde::Deserialize;
 
 use super::dotconfig::{ConfigFile, Origin, Value};
-use super::kconfig::{conjuncts, eval, symbols_in, KconfigIndex, Tri};
+use super::kconfig::{conjuncts, eval, symbols_in, KconfigIndex, SymbolDef, Tri};
 use crate::arch::Arch;
 
 /// Most definitions / selectors named in one hint.
@@ -168,21 +168,71 @@ pub fn compare(
     out
 }
 
-/// Why `row` failed, in Kconfig's words where they can be found.
-/// `everywhere` maps every symbol of every arch to its defining files.
-pub fn explain(
-    row: &Row,
-    index: &KconfigIndex,
-    everywhere: &BTreeMap<String, BTreeSet<String>>,
-    actual: &ConfigFile,
-    srcarch: &str,
-) -> Vec<String> {
-    let name = &row.name;
-    let Some(defs) = index.defs.get(name) else {
+/// What is known when explaining failures: the Kconfig tree, the final
+/// `.config` and the request.
+pub struct Explainer<'a> {
+    pub index: &'a KconfigIndex,
+    /// Every symbol of every arch → its defining files.
+    pub everywhere: &'a BTreeMap<String, BTreeSet<String>>,
+    pub actual: &'a ConfigFile,
+    pub requested: &'a ConfigFile,
+    /// Kconfig's SRCARCH (x86, arm64, powerpc, s390).
+    pub srcarch: &'a str,
+}
+
+/// How far `why_off` follows a chain of unmet dependencies.
+const CHAIN_DEPTH: usize = 4;
+
+impl Explainer<'_> {
+    /// Why `row` failed, in Kconfig's words where they can be found.
+    pub fn explain(&self, row: &Row) -> Vec<String> {
+        let name = &row.name;
+        let Some(defs) = self.index.defs.get(name) else {
+            return self.not_a_symbol(name);
+        };
+        if row.requested.is_off() {
+            return explain_forced_on(name, defs, self.index, self.actual);
+        }
         let mut hints = Vec::new();
-        match everywhere.get(name) {
+        for def in defs.iter().take(HINT_LIMIT) {
+            let at = format!("{}:{}", def.file, def.line);
+            let unmet = self.conjuncts_at(def, Tri::N);
+            let limiting = self.conjuncts_at(def, Tri::M);
+            if !unmet.is_empty() {
+                let parts: Vec<String> = unmet.iter().map(|p| self.describe_chain(p)).collect();
+                hints.push(format!("unmet dependency ({at}): {}", parts.join("; ")));
+            } else if !limiting.is_empty() && row.requested == Value::Yes {
+                let parts: Vec<String> =
+                    limiting.iter().map(|p| describe(p, self.actual)).collect();
+                hints.push(format!("limited to m by ({at}): {}", parts.join("; ")));
+            } else if !def.has_prompt && matches!(row.requested, Value::Num(_) | Value::Str(_)) {
+                hints.push(format!(
+                    "CONFIG_{name} has no prompt ({at}): its value comes from the `default` lines there; request the options they test instead"
+                ));
+            } else if !def.has_prompt {
+                hints.push(format!(
+                    "CONFIG_{name} has no prompt ({at}): only a `select` or a default turns it on; {}",
+                    selectors(name, self.index, self.actual)
+                ));
+            } else if matches!(row.requested, Value::Num(_) | Value::Str(_)) {
+                hints.push(format!(
+                    "Kconfig replaced the value: check the option's `range` and type at {at}"
+                ));
+            } else {
+                hints.push(format!(
+                    "its dependencies are met ({at}); it may be one side of a `choice` where another side is chosen"
+                ));
+            }
+        }
+        hints
+    }
+
+    fn not_a_symbol(&self, name: &str) -> Vec<String> {
+        let mut hints = Vec::new();
+        match self.everywhere.get(name) {
             Some(files) => hints.push(format!(
-                "CONFIG_{name} does not exist for ARCH={srcarch}: it is only defined in {}",
+                "CONFIG_{name} does not exist for ARCH={}: it is only defined in {}",
+                self.srcarch,
                 files
                     .iter()
                     .take(HINT_LIMIT)
@@ -194,61 +244,86 @@ pub fn explain(
                 "CONFIG_{name} is not a Kconfig symbol of this kernel source"
             )),
         }
-        let close = index.closest(name, 3);
+        let close = self.index.closest(name, 3);
         if !close.is_empty() {
             let list: Vec<String> = close.iter().map(|c| format!("CONFIG_{c}")).collect();
             hints.push(format!("did you mean {}?", list.join(", ")));
         }
-        return hints;
-    };
-    if row.requested.is_off() {
-        return explain_forced_on(name, defs, index, actual);
+        hints
     }
-    let mut hints = Vec::new();
-    for def in defs.iter().take(HINT_LIMIT) {
-        let at = format!("{}:{}", def.file, def.line);
-        let mut unmet = Vec::new();
-        let mut limiting = Vec::new();
-        for cond in &def.conditions {
-            for part in conjuncts(cond) {
-                match eval(&part, actual) {
-                    Some(Tri::N) => unmet.push(part),
-                    Some(Tri::M) if row.requested == Value::Yes => limiting.push(part),
-                    _ => {}
-                }
+
+    /// The `&&` parts of `def`'s conditions that evaluate to exactly `level`.
+    fn conjuncts_at(&self, def: &SymbolDef, level: Tri) -> Vec<String> {
+        def.conditions
+            .iter()
+            .flat_map(|c| conjuncts(c))
+            .filter(|part| eval(part, self.actual) == Some(level))
+            .collect()
+    }
+
+    /// An unmet part, and for a lone symbol the chain of reasons it is off:
+    /// "`BLK_DEV` (BLK_DEV=n) <- CONFIG_BLK_DEV needs `BLOCK` (BLOCK=n) <- CONFIG_BLOCK is requested n at …".
+    fn describe_chain(&self, part: &str) -> String {
+        let mut out = describe(part, self.actual);
+        let mut current = part.trim().to_string();
+        for _ in 0..CHAIN_DEPTH {
+            if !is_symbol(&current) {
+                break;
+            }
+            let (step, next) = self.why_off(&current);
+            out.push_str(" <- ");
+            out.push_str(&step);
+            match next {
+                Some(n) => current = n,
+                None => break,
             }
         }
-        if !unmet.is_empty() {
-            let parts: Vec<String> = unmet.iter().map(|p| describe(p, actual)).collect();
-            hints.push(format!("unmet dependency ({at}): {}", parts.join("; ")));
-        } else if !limiting.is_empty() {
-            let parts: Vec<String> = limiting.iter().map(|p| describe(p, actual)).collect();
-            hints.push(format!("limited to m by ({at}): {}", parts.join("; ")));
-        } else if !def.has_prompt && matches!(row.requested, Value::Num(_) | Value::Str(_)) {
-            hints.push(format!(
-                "CONFIG_{name} has no prompt ({at}): its value comes from the `default` lines there; request the options they test instead"
-            ));
-        } else if !def.has_prompt {
-            hints.push(format!(
-                "CONFIG_{name} has no prompt ({at}): only a `select` or a default turns it on; {}",
-                selectors(name, index, actual)
-            ));
-        } else if matches!(row.requested, Value::Num(_) | Value::Str(_)) {
-            hints.push(format!(
-                "Kconfig replaced the value: check the option's `range` and type at {at}"
-            ));
+        out
+    }
+
+    /// One step of `describe_chain`: why `sym` is off, and the next lone
+    /// symbol to follow, if any.
+    fn why_off(&self, sym: &str) -> (String, Option<String>) {
+        if let Some(s) = self.requested.settings.get(sym) {
+            if s.value.is_off() {
+                return (format!("CONFIG_{sym} is requested n at {}", s.origin), None);
+            }
+        }
+        let Some(def) = self.index.defs.get(sym).and_then(|d| d.first()) else {
+            return (
+                format!("CONFIG_{sym} does not exist for ARCH={}", self.srcarch),
+                None,
+            );
+        };
+        let unmet = self.conjuncts_at(def, Tri::N);
+        if let Some(first) = unmet.first() {
+            let parts: Vec<String> = unmet.iter().map(|p| describe(p, self.actual)).collect();
+            let next = is_symbol(first.trim()).then(|| first.trim().to_string());
+            return (format!("CONFIG_{sym} needs {}", parts.join(" and ")), next);
+        }
+        if def.has_prompt {
+            (format!("request CONFIG_{sym}=y"), None)
         } else {
-            hints.push(format!(
-                "its dependencies are met ({at}); it may be one side of a `choice` where another side is chosen"
-            ));
+            (
+                format!(
+                    "CONFIG_{sym} has no prompt; {}",
+                    selectors(sym, self.index, self.actual)
+                ),
+                None,
+            )
         }
     }
-    hints
+}
+
+fn is_symbol(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !matches!(s, "y" | "m" | "n")
 }
 
 fn explain_forced_on(
     name: &str,
-    defs: &[super::kconfig::SymbolDef],
+    defs: &[SymbolDef],
     index: &KconfigIndex,
     actual: &ConfigFile,
 ) -> Vec<String> {
@@ -542,7 +617,10 @@ reason = "was needed once"
                 "config GONE\n\ttristate \"mod only\"\n\tdepends on VIRTIO_MENU\n\n",
                 "config OFF_ON\n\tbool\n\n",
                 "config HZ\n\tint\n\tdefault 250\n\n",
-                "config PICKER\n\tbool \"picks\"\n\tselect OFF_ON\n",
+                "config PICKER\n\tbool \"picks\"\n\tselect OFF_ON\n\n",
+                "config BLOCK\n\tbool \"block layer\"\n\n",
+                "menuconfig BLK_DEV\n\tbool \"block devices\"\n\tdepends on BLOCK\n\n",
+                "config VIRTIO_BLK\n\ttristate \"virtio block\"\n\tdepends on BLK_DEV\n",
             ),
         )
         .unwrap();
@@ -571,95 +649,76 @@ reason = "was needed once"
             BTreeSet::from(["arch/arm64/Kconfig".to_string()]),
         )]
         .into();
-        let act = cfg("# CONFIG_PCI is not set\nCONFIG_X86=y\nCONFIG_VIRTIO_MENU=m\nCONFIG_PICKER=y\nCONFIG_OFF_ON=y\n", ".config");
-
-        let h = explain(
-            &row("VIRTIO_PCI", Value::Yes, None, Status::Dropped),
-            &idx,
-            &everywhere,
-            &act,
-            "x86",
+        let act = cfg(
+            "# CONFIG_PCI is not set\nCONFIG_X86=y\nCONFIG_VIRTIO_MENU=m\nCONFIG_PICKER=y\nCONFIG_OFF_ON=y\n",
+            ".config",
         );
+        let req = cfg("# CONFIG_BLOCK is not set\n", "base.conf");
+        let ex = Explainer {
+            index: &idx,
+            everywhere: &everywhere,
+            actual: &act,
+            requested: &req,
+            srcarch: "x86",
+        };
+        let explain = |name: &str, want: Value, got: Option<Value>, status: Status| {
+            ex.explain(&row(name, want, got, status))
+        };
+
+        let h = explain("VIRTIO_PCI", Value::Yes, None, Status::Dropped);
         assert_eq!(
             h,
-            vec!["unmet dependency (drivers/Kconfig:7): `PCI` (PCI=n)"]
+            vec!["unmet dependency (drivers/Kconfig:7): `PCI` (PCI=n) <- request CONFIG_PCI=y"]
         );
 
-        let h = explain(
-            &row("GONE", Value::Yes, Some(Value::Module), Status::Changed),
-            &idx,
-            &everywhere,
-            &act,
-            "x86",
+        let h = explain("VIRTIO_BLK", Value::Yes, None, Status::Dropped);
+        assert_eq!(
+            h,
+            vec![
+                "unmet dependency (drivers/Kconfig:37): `BLK_DEV` (BLK_DEV=n) <- CONFIG_BLK_DEV needs `BLOCK` (BLOCK=n) \
+                 <- CONFIG_BLOCK is requested n at base.conf:1"
+            ]
         );
+
+        let h = explain("GONE", Value::Yes, Some(Value::Module), Status::Changed);
         assert!(
             h[0].starts_with("limited to m") && h[0].contains("VIRTIO_MENU=m"),
             "{h:?}"
         );
 
-        let h = explain(
-            &row("VIRTIO", Value::Yes, None, Status::Dropped),
-            &idx,
-            &everywhere,
-            &act,
-            "x86",
-        );
+        let h = explain("VIRTIO", Value::Yes, None, Status::Dropped);
         assert!(
             h[0].contains("no prompt") && h[0].contains("CONFIG_VIRTIO_PCI (=n)"),
             "{h:?}"
         );
 
         let h = explain(
-            &row(
-                "HZ",
-                Value::Num("1000".into()),
-                Some(Value::Num("250".into())),
-                Status::Changed,
-            ),
-            &idx,
-            &everywhere,
-            &act,
-            "x86",
+            "HZ",
+            Value::Num("1000".into()),
+            Some(Value::Num("250".into())),
+            Status::Changed,
         );
         assert!(
             h[0].contains("value comes from the `default` lines"),
             "{h:?}"
         );
 
-        let h = explain(
-            &row("OFF_ON", Value::No, Some(Value::Yes), Status::Changed),
-            &idx,
-            &everywhere,
-            &act,
-            "x86",
-        );
+        let h = explain("OFF_ON", Value::No, Some(Value::Yes), Status::Changed);
         assert!(
             h[0].contains("forced on by `select` from CONFIG_PICKER"),
             "{h:?}"
         );
 
-        let h = explain(
-            &row("VIRTIO_PIC", Value::Yes, None, Status::Dropped),
-            &idx,
-            &everywhere,
-            &act,
-            "x86",
-        );
+        let h = explain("VIRTIO_PIC", Value::Yes, None, Status::Dropped);
         assert_eq!(
             h,
             vec![
                 "CONFIG_VIRTIO_PIC is not a Kconfig symbol of this kernel source",
-                "did you mean CONFIG_VIRTIO_PCI?"
+                "did you mean CONFIG_VIRTIO_PCI, CONFIG_VIRTIO_BLK?"
             ]
         );
 
-        let h = explain(
-            &row("ARM_AMBA", Value::Yes, None, Status::Dropped),
-            &idx,
-            &everywhere,
-            &act,
-            "x86",
-        );
+        let h = explain("ARM_AMBA", Value::Yes, None, Status::Dropped);
         assert!(
             h[0].contains("does not exist for ARCH=x86") && h[0].contains("arch/arm64/Kconfig"),
             "{h:?}"
