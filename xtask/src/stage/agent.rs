@@ -53,17 +53,22 @@ fn artifact(dir: &std::path::Path, key: &str, sha: &str) -> anyhow::Result<Agent
     Ok(AgentArtifact { path, sha256: sha.to_string(), size, key: key.to_string() })
 }
 
-fn cargo_build(ctx: &Ctx, arch: Arch) -> duct::Expression {
+/// rustc flags for the agent; part of the stage key, since they shape the binary.
+fn rustflags(ctx: &Ctx) -> String {
     // Panic locations embed source paths: registry sources under CARGO_HOME and
     // generated protocol code under the checkout's target/. Map both to fixed
     // names so the binary depends neither on $HOME nor on where the checkout is.
     let cargo_home = std::env::var("CARGO_HOME")
         .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
-    let rustflags = [
+    [
         "-Ctarget-feature=+crt-static".to_string(),
         format!("--remap-path-prefix={cargo_home}=/cargo"),
         format!("--remap-path-prefix={}=/kiln", ctx.root.display()),
-    ];
+    ]
+    .join("\x1f")
+}
+
+fn cargo_build(ctx: &Ctx, arch: Arch) -> duct::Expression {
     duct::cmd!(
         "cargo",
         "build",
@@ -75,7 +80,7 @@ fn cargo_build(ctx: &Ctx, arch: Arch) -> duct::Expression {
         arch.rust_target()
     )
     .dir(&ctx.root)
-    .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
+    .env("CARGO_ENCODED_RUSTFLAGS", rustflags(ctx))
     .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string())
 }
 
@@ -83,6 +88,9 @@ fn input_key(ctx: &Ctx, arch: Arch) -> anyhow::Result<String> {
     let rustc = cmd::read("rustc -vV", duct::cmd!("rustc", "-vV"))?;
     let mut h = KeyHasher::new("agent");
     h.str("arch", arch.name()).str("target", arch.rust_target()).str("rustc", &rustc);
+    // The flags minus the checkout path, which is remapped away and must not
+    // make two checkouts' keys differ.
+    h.str("rustflags", &rustflags(ctx).replace(&ctx.root.display().to_string(), "<root>"));
     h.tree("agent", &ctx.root.join("agent"), &["target"])?;
     h.file("Cargo.lock", &ctx.root.join("Cargo.lock"))?;
     h.file("Cargo.toml", &ctx.root.join("Cargo.toml"))?;
