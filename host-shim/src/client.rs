@@ -27,12 +27,18 @@ impl AgentClient {
     }
 
     pub async fn check(&self) -> anyhow::Result<health::health_check_response::ServingStatus> {
-        let resp = self.health.check(self.ctx(), &health::CheckRequest::new()).await?;
+        let resp = self
+            .health
+            .check(self.ctx(), &health::CheckRequest::new())
+            .await?;
         Ok(resp.status.enum_value_or_default())
     }
 
     pub async fn version(&self) -> anyhow::Result<health::VersionCheckResponse> {
-        Ok(self.health.version(self.ctx(), &health::CheckRequest::new()).await?)
+        Ok(self
+            .health
+            .version(self.ctx(), &health::CheckRequest::new())
+            .await?)
     }
 
     pub async fn guest_details(&self) -> anyhow::Result<agent::GuestDetailsResponse> {

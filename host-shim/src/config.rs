@@ -46,6 +46,26 @@ pub struct QemuSection {
     /// Extra kernel parameters appended to the image's command line.
     #[serde(default)]
     pub kernel_params: String,
+    /// Give block devices their own IOThreads (see `indep_iothreads`).
+    #[serde(default)]
+    pub enable_iothreads: bool,
+    /// Number of independent IOThreads `indep_iothread_0..N-1` that live as long
+    /// as the VM; hot-plugged virtio-blk disks attach to `indep_iothread_0`.
+    /// 0 keeps QEMU's default (no dedicated IOThreads).
+    #[serde(default)]
+    pub indep_iothreads: u32,
+    /// Shared filesystem for container rootfs: "virtio-fs" or "none".
+    #[serde(default = "default_shared_fs")]
+    pub shared_fs: String,
+    /// The virtio-fs daemon binary.
+    #[serde(default = "default_virtiofsd")]
+    pub virtio_fs_daemon: String,
+    /// Extra arguments for the virtio-fs daemon.
+    #[serde(default)]
+    pub virtio_fs_extra_args: Vec<String>,
+    /// PCIe root ports reserved for hot-plugging (disks, VFIO devices).
+    #[serde(default = "default_hotplug_ports")]
+    pub hotplug_root_ports: u32,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone)]
@@ -72,6 +92,15 @@ pub struct VsockSection {
 
 fn default_accel() -> String {
     "auto".into()
+}
+fn default_shared_fs() -> String {
+    "virtio-fs".into()
+}
+fn default_virtiofsd() -> String {
+    "virtiofsd".into()
+}
+fn default_hotplug_ports() -> u32 {
+    2
 }
 fn default_vcpus() -> u32 {
     1
@@ -113,7 +142,8 @@ impl ShimConfig {
     pub fn load(path: Option<&Path>) -> anyhow::Result<ShimConfig> {
         let cfg = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?;
                 Self::parse(&text).with_context(|| format!("in config {}", p.display()))?
             }
             None => ShimConfig::default(),
@@ -130,13 +160,46 @@ impl ShimConfig {
     fn validate(&self) -> anyhow::Result<()> {
         let q = &self.hypervisor.qemu;
         if !["auto", "kvm", "tcg"].contains(&q.accel.as_str()) {
-            anyhow::bail!("hypervisor.qemu.accel = `{}`: use \"auto\", \"kvm\" or \"tcg\"", q.accel);
+            anyhow::bail!(
+                "hypervisor.qemu.accel = `{}`: use \"auto\", \"kvm\" or \"tcg\"",
+                q.accel
+            );
         }
         if q.default_vcpus == 0 || q.default_vcpus > 256 {
-            anyhow::bail!("hypervisor.qemu.default_vcpus = {}: use 1 to 256", q.default_vcpus);
+            anyhow::bail!(
+                "hypervisor.qemu.default_vcpus = {}: use 1 to 256",
+                q.default_vcpus
+            );
         }
         if q.default_memory < 64 {
-            anyhow::bail!("hypervisor.qemu.default_memory = {} MiB: use at least 64", q.default_memory);
+            anyhow::bail!(
+                "hypervisor.qemu.default_memory = {} MiB: use at least 64",
+                q.default_memory
+            );
+        }
+        if !["virtio-fs", "none"].contains(&q.shared_fs.as_str()) {
+            anyhow::bail!(
+                "hypervisor.qemu.shared_fs = `{}`: use \"virtio-fs\" or \"none\"",
+                q.shared_fs
+            );
+        }
+        if q.indep_iothreads > 0 && !q.enable_iothreads {
+            anyhow::bail!(
+                "hypervisor.qemu.indep_iothreads = {} needs hypervisor.qemu.enable_iothreads = true",
+                q.indep_iothreads
+            );
+        }
+        if q.indep_iothreads > 64 {
+            anyhow::bail!(
+                "hypervisor.qemu.indep_iothreads = {}: use 0 to 64",
+                q.indep_iothreads
+            );
+        }
+        if q.hotplug_root_ports > 16 {
+            anyhow::bail!(
+                "hypervisor.qemu.hotplug_root_ports = {}: use 0 to 16",
+                q.hotplug_root_ports
+            );
         }
         if self.agent.boot_timeout == 0 {
             anyhow::bail!("agent.boot_timeout = 0: give seconds (TCG boots take a few)");
@@ -171,11 +234,33 @@ mod tests {
 
     #[test]
     fn overrides_and_unknown_keys() {
-        let c = ShimConfig::parse("[hypervisor.qemu]\ndefault_memory = 1024\naccel = \"tcg\"\n").unwrap();
+        let c = ShimConfig::parse("[hypervisor.qemu]\ndefault_memory = 1024\naccel = \"tcg\"\n")
+            .unwrap();
         assert_eq!(c.hypervisor.qemu.default_memory, 1024);
-        let e = format!("{:#}", ShimConfig::parse("[hypervisor.qemu]\ndefault_memroy = 1\n").unwrap_err());
+        let e = format!(
+            "{:#}",
+            ShimConfig::parse("[hypervisor.qemu]\ndefault_memroy = 1\n").unwrap_err()
+        );
         assert!(e.contains("default_memroy"), "{e}");
-        let e = format!("{:#}", ShimConfig::parse("[hypervisor.qemu]\naccel = \"hvf\"\n").unwrap_err());
+        let e = format!(
+            "{:#}",
+            ShimConfig::parse("[hypervisor.qemu]\naccel = \"hvf\"\n").unwrap_err()
+        );
         assert!(e.contains("hypervisor.qemu.accel"), "{e}");
+        let e = format!(
+            "{:#}",
+            ShimConfig::parse("[hypervisor.qemu]\nindep_iothreads = 2\n").unwrap_err()
+        );
+        assert!(e.contains("enable_iothreads"), "{e}");
+        let e = format!(
+            "{:#}",
+            ShimConfig::parse("[hypervisor.qemu]\nshared_fs = \"9p\"\n").unwrap_err()
+        );
+        assert!(e.contains("shared_fs"), "{e}");
+        let e = format!(
+            "{:#}",
+            ShimConfig::parse("[hypervisor.qemu]\ndefault_vcpus = \"two\"\n").unwrap_err()
+        );
+        assert!(e.contains("default_vcpus"), "{e}");
     }
 }

@@ -35,12 +35,20 @@ pub struct BootImage {
 
 impl BootImage {
     pub fn load(path: &Path) -> anyhow::Result<BootImage> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read image manifest {}: build it with `cargo xtask build-image`", path.display()))?;
-        let manifest: ImageManifest =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a kiln manifest.json", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read image manifest {}: build it with `cargo xtask build-image`",
+                path.display()
+            )
+        })?;
+        let manifest: ImageManifest = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a kiln manifest.json", path.display()))?;
         if manifest.kiln_manifest != 1 {
-            anyhow::bail!("{}: manifest format {} is not supported (expected 1)", path.display(), manifest.kiln_manifest);
+            anyhow::bail!(
+                "{}: manifest format {} is not supported (expected 1)",
+                path.display(),
+                manifest.kiln_manifest
+            );
         }
         let dir = path.parent().unwrap_or(Path::new("."));
         let file_of = |role: &str| -> anyhow::Result<PathBuf> {
@@ -54,20 +62,33 @@ impl BootImage {
         };
         let kernel = file_of("kernel")?;
         let initrd = file_of("initrd")?;
-        Ok(BootImage { manifest, kernel, initrd })
+        Ok(BootImage {
+            manifest,
+            kernel,
+            initrd,
+        })
     }
 }
 
 /// Size and sha256 must match the manifest: a stale or half-copied artifact
 /// would otherwise boot into a confusing failure.
 fn verify(path: &Path, a: &Artifact) -> anyhow::Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("artifact {} is missing", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("artifact {} is missing", path.display()))?;
     if bytes.len() as u64 != a.size {
-        anyhow::bail!("{} has {} bytes but the manifest says {}: rebuild the image", path.display(), bytes.len(), a.size);
+        anyhow::bail!(
+            "{} has {} bytes but the manifest says {}: rebuild the image",
+            path.display(),
+            bytes.len(),
+            a.size
+        );
     }
     let sha = hex_string(&sha2::Sha256::digest(&bytes));
     if sha != a.sha256 {
-        anyhow::bail!("{} does not match its sha256 in the manifest: rebuild the image", path.display());
+        anyhow::bail!(
+            "{} does not match its sha256 in the manifest: rebuild the image",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -83,7 +104,9 @@ mod tests {
     fn write_image(dir: &Path, kernel: &[u8], sha_override: Option<&str>) -> PathBuf {
         std::fs::write(dir.join("vmlinuz"), kernel).unwrap();
         std::fs::write(dir.join("initrd.img"), b"cpio").unwrap();
-        let ksha = sha_override.map(str::to_string).unwrap_or_else(|| hex_string(&sha2::Sha256::digest(kernel)));
+        let ksha = sha_override
+            .map(str::to_string)
+            .unwrap_or_else(|| hex_string(&sha2::Sha256::digest(kernel)));
         let isha = hex_string(&sha2::Sha256::digest(b"cpio"));
         let m = serde_json::json!({
             "kiln_manifest": 1, "image": "minimal", "arch": "x86_64", "kernel_version": "6.12",
@@ -116,7 +139,10 @@ mod tests {
 
     #[test]
     fn missing_manifest_says_how_to_build() {
-        let err = format!("{:#}", BootImage::load(Path::new("/nonexistent/manifest.json")).unwrap_err());
+        let err = format!(
+            "{:#}",
+            BootImage::load(Path::new("/nonexistent/manifest.json")).unwrap_err()
+        );
         assert!(err.contains("cargo xtask build-image"), "{err}");
     }
 }

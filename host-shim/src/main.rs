@@ -12,7 +12,11 @@ use kiln_shim::image::BootImage;
 use kiln_shim::vm::{BootOptions, Vm};
 
 #[derive(Parser)]
-#[command(name = "kiln-shim", version, about = "Boot kiln guest images and talk to kiln-agent")]
+#[command(
+    name = "kiln-shim",
+    version,
+    about = "Boot kiln guest images and talk to kiln-agent"
+)]
 struct Cli {
     /// Configuration file (TOML, Kata-style [hypervisor.qemu] keys).
     #[arg(long, global = true)]
@@ -55,6 +59,32 @@ enum Cmd {
         #[arg(default_value = "{}")]
         request: String,
     },
+    /// Run a command in a container in a fresh VM; exits with its status.
+    Run {
+        /// The image's manifest.json.
+        #[arg(long)]
+        image: PathBuf,
+        /// An OCI bundle: config.json plus its root filesystem.
+        #[arg(long, conflicts_with = "rootfs", required_unless_present = "rootfs")]
+        bundle: Option<PathBuf>,
+        /// A root filesystem directory; a default spec is generated.
+        #[arg(long)]
+        rootfs: Option<PathBuf>,
+        /// Give the container a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Extra environment variables (KEY=VALUE), repeatable.
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// Show the guest console (on stdout, mixed with the container's output).
+        #[arg(long)]
+        console: bool,
+        /// The command (required with --rootfs; overrides the bundle's args).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Remove what killed shims left behind: processes, mounts, sockets, run dirs.
+    Cleanup,
     /// Print the effective configuration.
     Config,
 }
@@ -69,7 +99,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -85,6 +119,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Cleans up after shims that were killed; never fails the current command.
+fn clean_stale() {
+    match kiln_shim::state::cleanup_stale(&kiln_shim::process::runtime_base()) {
+        Ok(r) if !r.removed_dirs.is_empty() => {
+            tracing::info!(
+                "cleaned up after killed shims: {} run dir(s), {} process(es)",
+                r.removed_dirs.len(),
+                r.killed.len()
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cleaning stale run directories: {e:#}"),
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cfg = ShimConfig::load(cli.config.as_deref())?;
     match cli.cmd {
@@ -92,22 +141,115 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", toml::to_string_pretty(&cfg)?);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Agent { vm, unix, rpc, request } => {
+        Cmd::Cleanup => {
+            let r = kiln_shim::state::cleanup_stale(&kiln_shim::process::runtime_base())?;
+            for (name, pid) in &r.killed {
+                println!("killed {name} (pid {pid})");
+            }
+            for m in &r.unmounted {
+                println!("unmounted {}", m.display());
+            }
+            for d in &r.removed_dirs {
+                println!("removed {}", d.display());
+            }
+            if r.removed_dirs.is_empty() {
+                println!("nothing to clean");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run {
+            image,
+            bundle,
+            rootfs,
+            tty,
+            env,
+            console,
+            command,
+        } => {
+            clean_stale();
+            let image = BootImage::load(&image)?;
+            let (mut spec, rootfs) = match (bundle, rootfs) {
+                (Some(b), None) => {
+                    let spec = kiln_shim::spec::load_bundle(&b)?;
+                    let root = spec
+                        .root()
+                        .as_ref()
+                        .map(|r| r.path().clone())
+                        .unwrap_or_else(|| "rootfs".into());
+                    let root = if root.is_absolute() {
+                        root
+                    } else {
+                        b.join(root)
+                    };
+                    (spec, root)
+                }
+                (None, Some(r)) => {
+                    if command.is_empty() {
+                        anyhow::bail!("--rootfs needs a command after `--`, e.g. kiln-shim run --image M --rootfs DIR -- sh -c 'echo hi'");
+                    }
+                    (kiln_shim::spec::default_spec(&command, &env, tty)?, r)
+                }
+                _ => anyhow::bail!("give either --bundle DIR or --rootfs DIR"),
+            };
+            kiln_shim::spec::override_process(&mut spec, &command, &env, tty)?;
+            if !rootfs.is_dir() {
+                anyhow::bail!(
+                    "the container's root filesystem {} is not a directory",
+                    rootfs.display()
+                );
+            }
+            let req = kiln_shim::run::RunRequest {
+                image,
+                spec,
+                rootfs: rootfs.canonicalize()?,
+                container_id: kiln_shim::run::new_container_id(),
+                console,
+            };
+            let status = kiln_shim::run::run(&cfg, req).await?;
+            Ok(ExitCode::from(status.clamp(0, 255) as u8))
+        }
+        Cmd::Agent {
+            vm,
+            unix,
+            rpc,
+            request,
+        } => {
             let method = kiln_shim::rpc_cli::resolve(&rpc)?;
             let stream = match (vm, unix) {
-                (Some(dir), None) => kiln_shim::vsock::connect(&dir.join("vm.vsock"), cfg.agent.port).await?,
+                (Some(dir), None) => {
+                    kiln_shim::vsock::connect(&dir.join("vm.vsock"), cfg.agent.port).await?
+                }
                 (None, Some(path)) => tokio::net::UnixStream::connect(&path)
                     .await
                     .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", path.display()))?,
-                _ => anyhow::bail!("say where the agent is: --vm RUN_DIR (from `boot --stay`) or --unix SOCKET"),
+                _ => anyhow::bail!(
+                    "say where the agent is: --vm RUN_DIR (from `boot --stay`) or --unix SOCKET"
+                ),
             };
-            let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
-            println!("{}", method.call(&client, &request, cfg.rpc_timeout()).await?);
+            let client =
+                ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
+            println!(
+                "{}",
+                method.call(&client, &request, cfg.rpc_timeout()).await?
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Boot { image, console, json, stay } => {
+        Cmd::Boot {
+            image,
+            console,
+            json,
+            stay,
+        } => {
+            clean_stale();
             let image = BootImage::load(&image)?;
-            let mut vm = Vm::launch(&image, &cfg, &BootOptions { console })?;
+            let mut vm = Vm::launch(
+                &image,
+                &cfg,
+                &BootOptions {
+                    console,
+                    ..Default::default()
+                },
+            )?;
             // Ctrl-C drops the VM (and with it QEMU, the backend and the run dir).
             let ready = tokio::select! {
                 r = vm.wait_ready(&cfg) => r?,
@@ -130,12 +272,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 });
                 println!("{out}");
             } else {
-                println!("image:            {} ({}, kernel {})", image.manifest.image, image.manifest.arch, image.manifest.kernel_version);
+                println!(
+                    "image:            {} ({}, kernel {})",
+                    image.manifest.image, image.manifest.arch, image.manifest.kernel_version
+                );
                 println!("accelerator:      {}", vm.accel_note);
-                println!("agent version:    {} (init: {})", version.agent_version, details.agent_details.init_daemon);
+                println!(
+                    "agent version:    {} (init: {})",
+                    version.agent_version, details.agent_details.init_daemon
+                );
                 println!("memory block:     {} bytes", details.mem_block_size_bytes);
                 println!("hotplug probe:    {}", details.support_mem_hotplug_probe);
-                println!("seccomp:          {}", details.agent_details.supports_seccomp);
+                println!(
+                    "seccomp:          {}",
+                    details.agent_details.supports_seccomp
+                );
                 println!("agent ready in:   {secs:.2} s from QEMU launch");
             }
             if stay {

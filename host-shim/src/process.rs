@@ -21,7 +21,10 @@ impl ChildGuard {
             .spawn()
             .with_context(|| format!("cannot start {name} ({:?}): is it installed? `kiln-shim check` tells what is missing", cmd.get_program()))?;
         tracing::debug!(name, pid = child.id(), "started");
-        Ok(ChildGuard { name: name.to_string(), child: Some(child) })
+        Ok(ChildGuard {
+            name: name.to_string(),
+            child: Some(child),
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -30,7 +33,9 @@ impl ChildGuard {
 
     /// `Some(status)` when the process has already exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits up to `grace` for the process to exit on its own.
@@ -47,7 +52,9 @@ impl ChildGuard {
 
     /// Asks the process to stop and waits up to `grace`, then kills it.
     pub fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
@@ -93,12 +100,77 @@ impl RunDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        remove_dir_if_unmounted(&self.path);
+    }
+}
+
+/// Removes `dir` recursively unless something is still mounted below it:
+/// deleting through a live bind mount would delete the user's files.
+pub fn remove_dir_if_unmounted(dir: &Path) -> bool {
+    let busy = mounts_under(dir);
+    if !busy.is_empty() {
+        tracing::warn!(
+            "not removing {}: still mounted below it: {busy:?}",
+            dir.display()
+        );
+        return false;
+    }
+    std::fs::remove_dir_all(dir).is_ok()
+}
+
+/// Mount points at or below `dir`, from /proc/self/mountinfo.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+/// A bind mount that is detached on drop.
+pub struct BindMount {
+    target: PathBuf,
+}
+
+impl BindMount {
+    pub fn new(source: &Path, target: &Path) -> anyhow::Result<BindMount> {
+        std::fs::create_dir_all(target)?;
+        nix::mount::mount(
+            Some(source),
+            target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .with_context(|| {
+            format!(
+                "bind-mounting {} on {} (kiln-shim run needs root for this)",
+                source.display(),
+                target.display()
+            )
+        })?;
+        Ok(BindMount {
+            target: target.to_path_buf(),
+        })
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.target, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!("unmounting {}: {e}", self.target.display());
+        }
     }
 }
 
@@ -123,10 +195,19 @@ pub fn wait_for_path(path: &Path, child: &mut ChildGuard, timeout: Duration) -> 
     let deadline = Instant::now() + timeout;
     while !path.exists() {
         if let Some(status) = child.exited() {
-            anyhow::bail!("{} exited ({status}) before creating {}", child.name, path.display());
+            anyhow::bail!(
+                "{} exited ({status}) before creating {}",
+                child.name,
+                path.display()
+            );
         }
         if Instant::now() > deadline {
-            anyhow::bail!("{} did not create {} within {:?}", child.name, path.display(), timeout);
+            anyhow::bail!(
+                "{} did not create {} within {:?}",
+                child.name,
+                path.display(),
+                timeout
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -148,6 +229,28 @@ mod tests {
             .map(|s| s.contains("(sleep)"))
             .unwrap_or(false);
         assert!(!(alive && ours), "sleep {pid} survived its guard");
+    }
+
+    #[test]
+    fn bind_mounted_dir_is_never_deleted_through() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("note: skipped, bind mounts need root");
+            return;
+        }
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("precious"), "keep").unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let target = run.path().join("shared/c1/rootfs");
+        let mount = BindMount::new(src.path(), &target).unwrap();
+        assert!(target.join("precious").exists());
+        assert!(
+            !remove_dir_if_unmounted(run.path()),
+            "refuses while mounted"
+        );
+        assert!(src.path().join("precious").exists());
+        drop(mount);
+        assert!(mounts_under(run.path()).is_empty());
+        assert!(src.path().join("precious").exists());
     }
 
     #[test]

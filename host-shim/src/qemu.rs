@@ -45,11 +45,20 @@ pub fn choose_accel(setting: &str, guest_arch: &str, host: &HostKvm) -> (Accel, 
         "kvm" => (Accel::Kvm, "KVM requested in the configuration".into()),
         _ => {
             if guest_arch != std::env::consts::ARCH {
-                return (Accel::Tcg, format!("KVM cannot run a {guest_arch} guest on this {} host; using TCG", std::env::consts::ARCH));
+                return (
+                    Accel::Tcg,
+                    format!(
+                        "KVM cannot run a {guest_arch} guest on this {} host; using TCG",
+                        std::env::consts::ARCH
+                    ),
+                );
             }
             match host.unusable_reason() {
                 None => (Accel::Kvm, "KVM is usable".into()),
-                Some(why) => (Accel::Tcg, format!("KVM is not usable ({why}); using TCG (software emulation, slower)")),
+                Some(why) => (
+                    Accel::Tcg,
+                    format!("KVM is not usable ({why}); using TCG (software emulation, slower)"),
+                ),
             }
         }
     }
@@ -64,11 +73,22 @@ pub struct HostKvm {
 impl HostKvm {
     pub fn probe(root: &Path) -> HostKvm {
         let dev = root.join("dev/kvm");
-        let dev_kvm_rw = std::fs::OpenOptions::new().read(true).write(true).open(&dev).is_ok();
+        let dev_kvm_rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .is_ok();
         let modules = std::fs::read_dir(root.join("sys/module"))
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
-        HostKvm { dev_kvm_rw, modules }
+        HostKvm {
+            dev_kvm_rw,
+            modules,
+        }
     }
 
     pub fn unusable_reason(&self) -> Option<String> {
@@ -79,7 +99,9 @@ impl HostKvm {
         // A paravirtual KVM flavour (PVM) accepts /dev/kvm ioctls but normal
         // guests hang in it; only kvm_intel/kvm_amd (or arm/ppc/s390 KVM) are trusted.
         if has("kvm_pvm") && !has("kvm_intel") && !has("kvm_amd") {
-            return Some("the host's KVM is the paravirtual PVM flavour, in which normal guests hang".into());
+            return Some(
+                "the host's KVM is the paravirtual PVM flavour, in which normal guests hang".into(),
+            );
         }
         None
     }
@@ -97,6 +119,23 @@ pub struct QemuLaunch<'a> {
     pub qmp_socket: &'a Path,
     /// None: console to stdout.
     pub console_log: Option<&'a Path>,
+    /// virtiofsd's socket when a directory is shared with the guest.
+    pub virtiofs_socket: Option<&'a Path>,
+}
+
+/// Id of the i-th independent IOThread.
+pub fn iothread_id(i: u32) -> String {
+    format!("indep_iothread_{i}")
+}
+
+/// Id of the i-th PCIe root port kept free for hot-plugging.
+pub fn root_port_id(i: u32) -> String {
+    format!("kiln_rp{i}")
+}
+
+/// Whether the machine has a PCIe root complex to hang root ports on.
+pub fn has_pcie_root_ports(arch: &str, machine: &str) -> bool {
+    matches!((arch, machine), ("x86_64", "q35") | ("aarch64", "virt"))
 }
 
 impl QemuLaunch<'_> {
@@ -110,12 +149,25 @@ impl QemuLaunch<'_> {
     pub fn args(&self) -> anyhow::Result<Vec<String>> {
         let p = profile(self.arch)?;
         let mem = self.config.default_memory;
-        let machine = if self.config.machine_type.is_empty() { p.machine } else { &self.config.machine_type };
+        let machine = if self.config.machine_type.is_empty() {
+            p.machine
+        } else {
+            &self.config.machine_type
+        };
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
         // vhost-user devices need guest RAM the backend can map: a shared memfd.
-        push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")]);
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        ]);
         push(&["-machine", &format!("{machine},memory-backend=mem")]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -126,9 +178,17 @@ impl QemuLaunch<'_> {
                 }
             }
         }
-        push(&["-m", &format!("{mem}M"), "-smp", &self.config.default_vcpus.to_string()]);
+        push(&[
+            "-m",
+            &format!("{mem}M"),
+            "-smp",
+            &self.config.default_vcpus.to_string(),
+        ]);
         match self.console_log {
-            Some(log) => push(&["-chardev", &format!("file,id=console,path={}", log.display())]),
+            Some(log) => push(&[
+                "-chardev",
+                &format!("file,id=console,path={}", log.display()),
+            ]),
             None => push(&["-chardev", "stdio,id=console,signal=off"]),
         }
         match p.console {
@@ -143,9 +203,46 @@ impl QemuLaunch<'_> {
         push(&["-kernel", &self.kernel.display().to_string()]);
         push(&["-initrd", &self.initrd.display().to_string()]);
         push(&["-append", &cmdline]);
-        push(&["-chardev", &format!("socket,id=vsock,path={}", self.vhost_vsock_socket.display())]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=vsock,path={}", self.vhost_vsock_socket.display()),
+        ]);
         push(&["-device", "vhost-user-vsock-pci,chardev=vsock"]);
-        push(&["-qmp", &format!("unix:{},server=on,wait=off", self.qmp_socket.display())]);
+        if let Some(sock) = self.virtiofs_socket {
+            push(&[
+                "-chardev",
+                &format!("socket,id=virtiofs,path={}", sock.display()),
+            ]);
+            push(&[
+                "-device",
+                &format!(
+                    "vhost-user-fs-pci,chardev=virtiofs,tag={}",
+                    crate::virtiofs::TAG
+                ),
+            ]);
+        }
+        if self.config.enable_iothreads {
+            for i in 0..self.config.indep_iothreads {
+                push(&["-object", &format!("iothread,id={}", iothread_id(i))]);
+            }
+        }
+        if has_pcie_root_ports(self.arch, machine) {
+            for i in 0..self.config.hotplug_root_ports {
+                let id = root_port_id(i);
+                push(&[
+                    "-device",
+                    &format!(
+                        "pcie-root-port,id={id},chassis={},slot={},bus=pcie.0",
+                        i + 1,
+                        i + 1
+                    ),
+                ]);
+            }
+        }
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", self.qmp_socket.display()),
+        ]);
         Ok(a)
     }
 }
@@ -157,22 +254,46 @@ mod tests {
 
     #[test]
     fn pvm_host_falls_back_to_tcg() {
-        let host = HostKvm { dev_kvm_rw: true, modules: vec!["kvm".into(), "kvm_pvm".into()] };
+        let host = HostKvm {
+            dev_kvm_rw: true,
+            modules: vec!["kvm".into(), "kvm_pvm".into()],
+        };
         let (accel, why) = choose_accel("auto", std::env::consts::ARCH, &host);
         assert_eq!(accel, Accel::Tcg);
         assert!(why.contains("PVM"), "{why}");
-        let good = HostKvm { dev_kvm_rw: true, modules: vec!["kvm".into(), "kvm_intel".into()] };
-        assert_eq!(choose_accel("auto", std::env::consts::ARCH, &good).0, Accel::Kvm);
-        let none = HostKvm { dev_kvm_rw: false, modules: vec![] };
-        assert_eq!(choose_accel("auto", std::env::consts::ARCH, &none).0, Accel::Tcg);
+        let good = HostKvm {
+            dev_kvm_rw: true,
+            modules: vec!["kvm".into(), "kvm_intel".into()],
+        };
+        assert_eq!(
+            choose_accel("auto", std::env::consts::ARCH, &good).0,
+            Accel::Kvm
+        );
+        let none = HostKvm {
+            dev_kvm_rw: false,
+            modules: vec![],
+        };
+        assert_eq!(
+            choose_accel("auto", std::env::consts::ARCH, &none).0,
+            Accel::Tcg
+        );
         assert_eq!(choose_accel("auto", "s390x-not-host", &good).0, Accel::Tcg);
-        assert_eq!(choose_accel("tcg", std::env::consts::ARCH, &good).0, Accel::Tcg);
+        assert_eq!(
+            choose_accel("tcg", std::env::consts::ARCH, &good).0,
+            Accel::Tcg
+        );
     }
 
     #[test]
     fn x86_command_line_has_shared_memory_and_vsock() {
         let cfg = QemuSection::default();
-        let (k, i, v, q, c) = (PathBuf::from("/k"), PathBuf::from("/i"), PathBuf::from("/v.sock"), PathBuf::from("/q.sock"), PathBuf::from("/c.log"));
+        let (k, i, v, q, c) = (
+            PathBuf::from("/k"),
+            PathBuf::from("/i"),
+            PathBuf::from("/v.sock"),
+            PathBuf::from("/q.sock"),
+            PathBuf::from("/c.log"),
+        );
         let launch = QemuLaunch {
             arch: "x86_64",
             accel: Accel::Tcg,
@@ -183,12 +304,68 @@ mod tests {
             vhost_vsock_socket: &v,
             qmp_socket: &q,
             console_log: Some(&c),
+            virtiofs_socket: None,
         };
         let args = launch.args().unwrap().join(" ");
-        assert!(args.contains("memory-backend-memfd,id=mem,size=512M,share=on"), "{args}");
+        assert!(
+            args.contains("memory-backend-memfd,id=mem,size=512M,share=on"),
+            "{args}"
+        );
         assert!(args.contains("-machine q35,memory-backend=mem"), "{args}");
-        assert!(args.contains("vhost-user-vsock-pci,chardev=vsock"), "{args}");
+        assert!(
+            args.contains("vhost-user-vsock-pci,chardev=vsock"),
+            "{args}"
+        );
         assert!(args.contains("-accel tcg -cpu max"), "{args}");
         assert_eq!(launch.binary().unwrap(), "qemu-system-x86_64");
+        assert!(
+            !args.contains("iothread"),
+            "no IOThreads unless enabled: {args}"
+        );
+        assert!(
+            args.contains("pcie-root-port,id=kiln_rp0,chassis=1,slot=1,bus=pcie.0"),
+            "{args}"
+        );
+    }
+
+    #[test]
+    fn iothreads_and_virtiofs_when_configured() {
+        let cfg = QemuSection {
+            enable_iothreads: true,
+            indep_iothreads: 2,
+            ..Default::default()
+        };
+        let (k, i, v, q, f) = (
+            PathBuf::from("/k"),
+            PathBuf::from("/i"),
+            PathBuf::from("/v"),
+            PathBuf::from("/q"),
+            PathBuf::from("/fs.sock"),
+        );
+        let launch = QemuLaunch {
+            arch: "x86_64",
+            accel: Accel::Tcg,
+            config: &cfg,
+            kernel: &k,
+            initrd: &i,
+            cmdline: "",
+            vhost_vsock_socket: &v,
+            qmp_socket: &q,
+            console_log: None,
+            virtiofs_socket: Some(&f),
+        };
+        let args = launch.args().unwrap().join(" ");
+        assert!(
+            args.contains(
+                "-object iothread,id=indep_iothread_0 -object iothread,id=indep_iothread_1"
+            ),
+            "{args}"
+        );
+        assert!(!args.contains("indep_iothread_2"));
+        assert!(
+            args.contains("vhost-user-fs-pci,chardev=virtiofs,tag=kataShared"),
+            "{args}"
+        );
+        assert!(args.contains("stdio,id=console"), "{args}");
     }
 }

@@ -41,41 +41,71 @@ impl QmpClient {
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => return Err(e).with_context(|| format!("connecting to QMP at {}", path.display())),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("connecting to QMP at {}", path.display()))
+                }
             }
         };
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let reader = BufReader::new(stream.try_clone().context("cloning the QMP socket")?);
         let mut qmp = Qmp::new(qapi::Stream::new(reader, stream));
-        qmp.handshake().map_err(|e| anyhow::anyhow!("QMP handshake failed: {e}"))?;
+        qmp.handshake()
+            .map_err(|e| anyhow::anyhow!("QMP handshake failed: {e}"))?;
         Ok(QmpClient { qmp })
     }
 
-    fn exec<C: qapi::qmp::QmpCommand + qapi_spec::Command>(&mut self, cmd: &C) -> anyhow::Result<C::Ok> {
-        self.qmp.execute(cmd).map_err(|e| anyhow::anyhow!("QMP {} failed: {e}", C::NAME))
+    fn exec<C: qapi::qmp::QmpCommand + qapi_spec::Command>(
+        &mut self,
+        cmd: &C,
+    ) -> anyhow::Result<C::Ok> {
+        self.qmp
+            .execute(cmd)
+            .map_err(|e| anyhow::anyhow!("QMP {} failed: {e}", C::NAME))
     }
 
     /// The VM's run state, e.g. "running".
     pub fn status(&mut self) -> anyhow::Result<String> {
         let info = self.exec(&qmp::query_status {})?;
-        Ok(serde_json::to_value(info.status)?.as_str().unwrap_or("unknown").to_string())
+        Ok(serde_json::to_value(info.status)?
+            .as_str()
+            .unwrap_or("unknown")
+            .to_string())
     }
 
     pub fn query_iothreads(&mut self) -> anyhow::Result<Vec<String>> {
-        Ok(self.exec(&qmp::query_iothreads {})?.into_iter().map(|t| t.id).collect())
+        Ok(self
+            .exec(&qmp::query_iothreads {})?
+            .into_iter()
+            .map(|t| t.id)
+            .collect())
     }
 
     pub fn qom_get(&mut self, path: &str, property: &str) -> anyhow::Result<serde_json::Value> {
-        let v = self.exec(&qmp::qom_get { path: path.into(), property: property.into() })?;
+        let v = self.exec(&qmp::qom_get {
+            path: path.into(),
+            property: property.into(),
+        })?;
         Ok(serde_json::to_value(v)?)
     }
 
-    pub fn device_add(&mut self, driver: &str, id: &str, bus: Option<&str>, props: &[(&str, serde_json::Value)]) -> anyhow::Result<()> {
+    pub fn device_add(
+        &mut self,
+        driver: &str,
+        id: &str,
+        bus: Option<&str>,
+        props: &[(&str, serde_json::Value)],
+    ) -> anyhow::Result<()> {
         let mut arguments = qapi_spec::Dictionary::new();
         for (k, v) in props {
             arguments.insert(k.to_string(), v.clone());
         }
-        self.exec(&qmp::device_add { driver: driver.into(), id: Some(id.into()), bus: bus.map(str::to_string), arguments })?;
+        self.exec(&qmp::device_add {
+            driver: driver.into(),
+            id: Some(id.into()),
+            bus: bus.map(str::to_string),
+            arguments,
+        })?;
         Ok(())
     }
 
@@ -85,14 +115,21 @@ impl QmpClient {
     }
 
     /// Adds a raw-format block node reading `file`.
-    pub fn blockdev_add_raw_file(&mut self, node: &str, file: &Path, read_only: bool) -> anyhow::Result<()> {
+    pub fn blockdev_add_raw_file(
+        &mut self,
+        node: &str,
+        file: &Path,
+        read_only: bool,
+    ) -> anyhow::Result<()> {
         let args = serde_json::json!({
             "driver": "raw",
             "node-name": node,
             "read-only": read_only,
             "file": { "driver": "file", "filename": file.display().to_string(), "read-only": read_only }
         });
-        let serde_json::Value::Object(map) = args else { unreachable!("json! object") };
+        let serde_json::Value::Object(map) = args else {
+            unreachable!("json! object")
+        };
         self.exec(&BlockdevAdd(map))?;
         Ok(())
     }

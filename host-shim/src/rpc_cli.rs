@@ -13,14 +13,20 @@ pub struct ResolvedMethod {
 
 /// Finds `name` (e.g. `GetGuestDetails`, `check`) in AgentService or Health.
 pub fn resolve(name: &str) -> anyhow::Result<ResolvedMethod> {
-    let files = [kiln_protocol::health::file_descriptor(), kiln_protocol::agent::file_descriptor()];
+    let files = [
+        kiln_protocol::health::file_descriptor(),
+        kiln_protocol::agent::file_descriptor(),
+    ];
     let mut all = Vec::new();
     for fd in files {
         for svc in fd.services() {
             for m in svc.methods() {
                 let full_service = format!("{}.{}", fd.package(), svc.proto().name());
                 if m.proto().name().eq_ignore_ascii_case(name) {
-                    return Ok(ResolvedMethod { service: full_service, method: m });
+                    return Ok(ResolvedMethod {
+                        service: full_service,
+                        method: m,
+                    });
                 }
                 all.push(m.proto().name().to_string());
             }
@@ -42,8 +48,12 @@ impl ResolvedMethod {
     /// Encodes the JSON request (empty string = default message).
     pub fn encode_request(&self, json: &str) -> anyhow::Result<Vec<u8>> {
         let json = if json.trim().is_empty() { "{}" } else { json };
-        let msg = protobuf_json_mapping::parse_dyn_from_str(&self.input(), json)
-            .map_err(|e| anyhow::anyhow!("request is not a valid {} in JSON: {e}", self.input().full_name()))?;
+        let msg = protobuf_json_mapping::parse_dyn_from_str(&self.input(), json).map_err(|e| {
+            anyhow::anyhow!(
+                "request is not a valid {} in JSON: {e}",
+                self.input().full_name()
+            )
+        })?;
         Ok(msg.write_to_bytes_dyn()?)
     }
 
@@ -53,7 +63,12 @@ impl ResolvedMethod {
     }
 
     /// Sends the request over `client` and returns the answer as JSON.
-    pub async fn call(&self, client: &ttrpc::r#async::Client, json: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
+    pub async fn call(
+        &self,
+        client: &ttrpc::r#async::Client,
+        json: &str,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<String> {
         let mut req = ttrpc::Request::new();
         req.service = self.service.clone();
         req.method = self.method.proto().name().to_string();
@@ -62,9 +77,19 @@ impl ResolvedMethod {
         match client.request(req).await {
             Ok(resp) => self.decode_response(&resp.payload),
             Err(ttrpc::Error::RpcStatus(s)) => {
-                anyhow::bail!("{}/{} answered {:?}: {}", self.service, self.method.proto().name(), s.code(), s.message())
+                anyhow::bail!(
+                    "{}/{} answered {:?}: {}",
+                    self.service,
+                    self.method.proto().name(),
+                    s.code(),
+                    s.message()
+                )
             }
-            Err(e) => Err(anyhow::anyhow!("{}/{}: {e}", self.service, self.method.proto().name())),
+            Err(e) => Err(anyhow::anyhow!(
+                "{}/{}: {e}",
+                self.service,
+                self.method.proto().name()
+            )),
         }
     }
 }
@@ -80,8 +105,14 @@ mod tests {
         assert_eq!(m.input().name(), "GuestDetailsRequest");
         let h = resolve("Check").unwrap();
         assert_eq!(h.service, "grpc.Health");
-        let err = resolve("Frobnicate").err().expect("no such rpc").to_string();
-        assert!(err.contains("CreateContainer") && err.contains("Frobnicate"), "{err}");
+        let err = resolve("Frobnicate")
+            .err()
+            .expect("no such rpc")
+            .to_string();
+        assert!(
+            err.contains("CreateContainer") && err.contains("Frobnicate"),
+            "{err}"
+        );
     }
 
     #[test]

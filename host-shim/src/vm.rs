@@ -2,7 +2,7 @@
 //! Dropping a `Vm` tears everything down in reverse order.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -11,20 +11,30 @@ use anyhow::Context;
 use crate::client::AgentClient;
 use crate::config::ShimConfig;
 use crate::image::BootImage;
-use crate::process::{ChildGuard, RunDir};
+use crate::process::{BindMount, ChildGuard, RunDir};
 use crate::qemu::{self, HostKvm, QemuLaunch};
 use crate::qmp::QmpClient;
+use crate::state::RunState;
+use crate::virtiofs::VirtioFs;
 use crate::vsock::VsockBackend;
 
+#[derive(Default)]
 pub struct BootOptions {
     /// Guest console to our stdout instead of a log file.
     pub console: bool,
+    /// Container rootfs to share with the guest over virtio-fs (tag
+    /// `kataShared`): (container id, host directory). It appears in the guest
+    /// as `<share mount point>/<id>/rootfs`, Kata's layout.
+    pub share_rootfs: Option<(String, PathBuf)>,
 }
 
 pub struct Vm {
-    // Field order is drop order: QEMU first, then its backend, then the directory.
+    // Field order is drop order: QEMU first, then its backends, then the directory.
     qemu: ChildGuard,
     vsock: VsockBackend,
+    virtiofs: Option<VirtioFs>,
+    /// Bind mounts into the shared directory; detached before the run dir goes.
+    _mounts: Vec<BindMount>,
     pub run_dir: RunDir,
     pub console_log: Option<PathBuf>,
     pub qmp_socket: PathBuf,
@@ -43,10 +53,33 @@ impl Vm {
         let run_dir = RunDir::create()?;
         let dir = run_dir.path().to_path_buf();
         let backend_log = File::create(dir.join("vsock.log"))?;
+        let mut state = RunState::new(&dir);
         let vsock = VsockBackend::start(&cfg.vsock_backend(), &dir, backend_log)?;
+        state.add("vhost-device-vsock", vsock.guard.pid())?;
+        let q = &cfg.hypervisor.qemu;
+        let mut mounts = Vec::new();
+        let virtiofs = match (&opts.share_rootfs, q.shared_fs.as_str()) {
+            (Some((id, rootfs)), "virtio-fs") => {
+                let shared = dir.join("shared");
+                let target = shared.join(id).join("rootfs");
+                state.add_mount(&target)?;
+                mounts.push(BindMount::new(rootfs, &target)?);
+                let fs = VirtioFs::start(Path::new(&q.virtio_fs_daemon), &q.virtio_fs_extra_args, &shared, &dir)?;
+                state.add("virtiofsd", fs.guard.pid())?;
+                Some(fs)
+            }
+            (Some(_), other) => anyhow::bail!(
+                "a shared directory was asked for but hypervisor.qemu.shared_fs = \"{other}\"; set it to \"virtio-fs\""
+            ),
+            (None, _) => None,
+        };
 
         let arch = image.manifest.arch.as_str();
-        let (accel, accel_note) = qemu::choose_accel(&cfg.hypervisor.qemu.accel, arch, &HostKvm::probe(std::path::Path::new("/")));
+        let (accel, accel_note) = qemu::choose_accel(
+            &cfg.hypervisor.qemu.accel,
+            arch,
+            &HostKvm::probe(std::path::Path::new("/")),
+        );
         tracing::info!("{accel_note}");
         let console_log = (!opts.console).then(|| dir.join("console.log"));
         let qmp = dir.join("qmp.sock");
@@ -60,6 +93,7 @@ impl Vm {
             vhost_vsock_socket: &vsock.vhost_socket,
             qmp_socket: &qmp,
             console_log: console_log.as_deref(),
+            virtiofs_socket: virtiofs.as_ref().map(|v| v.socket.as_path()),
         };
         let qemu_log = File::create(dir.join("qemu.log"))?;
         let mut cmd = Command::new(launch.binary()?);
@@ -69,7 +103,18 @@ impl Vm {
         }
         let launched = Instant::now();
         let qemu = ChildGuard::spawn("qemu", &mut cmd)?;
-        Ok(Vm { qemu, vsock, run_dir, console_log, qmp_socket: qmp, launched, accel_note })
+        state.add("qemu", qemu.pid())?;
+        Ok(Vm {
+            qemu,
+            vsock,
+            virtiofs,
+            _mounts: mounts,
+            run_dir,
+            console_log,
+            qmp_socket: qmp,
+            launched,
+            accel_note,
+        })
     }
 
     /// Waits until the agent answers `Check`, or fails naming why: QEMU died,
@@ -80,10 +125,22 @@ impl Vm {
         let mut last_err = String::from("no attempt yet");
         loop {
             if let Some(status) = self.qemu.exited() {
-                anyhow::bail!("QEMU exited ({status}) before the agent answered{}", self.diagnostics());
+                anyhow::bail!(
+                    "QEMU exited ({status}) before the agent answered{}",
+                    self.diagnostics()
+                );
             }
             if let Some(status) = self.vsock.guard.exited() {
-                anyhow::bail!("the vsock backend exited ({status}) before the agent answered{}", self.diagnostics());
+                anyhow::bail!(
+                    "the vsock backend exited ({status}) before the agent answered{}",
+                    self.diagnostics()
+                );
+            }
+            if let Some(status) = self.virtiofs.as_mut().and_then(|v| v.guard.exited()) {
+                anyhow::bail!(
+                    "virtiofsd exited ({status}) before the agent answered{}",
+                    self.diagnostics()
+                );
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
@@ -93,7 +150,12 @@ impl Vm {
                 );
             }
             match self.try_check(port, cfg.rpc_timeout()).await {
-                Ok(client) => return Ok(Ready { client, elapsed: self.launched.elapsed() }),
+                Ok(client) => {
+                    return Ok(Ready {
+                        client,
+                        elapsed: self.launched.elapsed(),
+                    })
+                }
                 Err(e) => last_err = format!("{e:#}"),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -101,9 +163,12 @@ impl Vm {
     }
 
     async fn try_check(&self, port: u32, rpc_timeout: Duration) -> anyhow::Result<AgentClient> {
-        let stream = tokio::time::timeout(Duration::from_secs(2), crate::vsock::connect(&self.vsock.uds_path, port))
-            .await
-            .context("vsock connect timed out")??;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::vsock::connect(&self.vsock.uds_path, port),
+        )
+        .await
+        .context("vsock connect timed out")??;
         let client = AgentClient::from_stream(stream, rpc_timeout);
         let status = client.check().await?;
         if status != kiln_protocol::health::health_check_response::ServingStatus::SERVING {
@@ -114,7 +179,28 @@ impl Vm {
 
     /// Pids of QEMU and the vsock backend (for tests that check nothing is left).
     pub fn pids(&self) -> Vec<u32> {
-        [self.qemu.pid(), self.vsock.guard.pid()].into_iter().flatten().collect()
+        let fs = self.virtiofs.as_ref().and_then(|v| v.guard.pid());
+        [self.qemu.pid(), self.vsock.guard.pid(), fs]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Whether a helper process (QEMU, vsock backend, virtiofsd) has died; the
+    /// message names it. Callers poll this while waiting on the guest.
+    pub fn dead_helper(&mut self) -> Option<String> {
+        if let Some(s) = self.qemu.exited() {
+            return Some(format!("QEMU exited ({s}){}", self.diagnostics()));
+        }
+        if let Some(s) = self.vsock.guard.exited() {
+            return Some(format!("the vsock backend exited ({s})"));
+        }
+        if let Some(s) = self.virtiofs.as_mut().and_then(|v| v.guard.exited()) {
+            return Some(format!(
+                "virtiofsd exited ({s}); the container's files are gone"
+            ));
+        }
+        None
     }
 
     /// The tail of the guest console and QEMU's stderr, for error messages.
@@ -122,7 +208,10 @@ impl Vm {
         let mut out = String::new();
         let dir = self.run_dir.path();
         if let Some(log) = &self.console_log {
-            out.push_str(&format!("\n--- guest console (last lines) ---\n{}", tail(log, 20)));
+            out.push_str(&format!(
+                "\n--- guest console (last lines) ---\n{}",
+                tail(log, 20)
+            ));
         }
         let q = tail(&dir.join("qemu.log"), 10);
         if !q.trim().is_empty() {
@@ -154,11 +243,16 @@ impl Vm {
         }
         self.qemu.stop(Duration::from_secs(5));
         self.vsock.guard.stop(Duration::from_secs(2));
+        if let Some(fs) = self.virtiofs.as_mut() {
+            fs.guard.stop(Duration::from_secs(2));
+        }
     }
 }
 
 fn tail(path: &std::path::Path, lines: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -25,17 +25,29 @@ pub struct VsockBackend {
 }
 
 impl VsockBackend {
-    pub fn start(binary: &Path, run_dir: &Path, log: std::fs::File) -> anyhow::Result<VsockBackend> {
+    pub fn start(
+        binary: &Path,
+        run_dir: &Path,
+        log: std::fs::File,
+    ) -> anyhow::Result<VsockBackend> {
         let vhost_socket = run_dir.join("vhost-vsock.sock");
         let uds_path = run_dir.join("vm.vsock");
         let mut cmd = Command::new(binary);
-        cmd.arg(format!("--vm=guest-cid={GUEST_CID},socket={},uds-path={}", vhost_socket.display(), uds_path.display()))
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.arg(format!(
+            "--vm=guest-cid={GUEST_CID},socket={},uds-path={}",
+            vhost_socket.display(),
+            uds_path.display()
+        ))
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone()?)
+        .stderr(log);
         let mut guard = ChildGuard::spawn("vhost-device-vsock", &mut cmd)?;
         wait_for_path(&vhost_socket, &mut guard, Duration::from_secs(10))?;
-        Ok(VsockBackend { guard, vhost_socket, uds_path })
+        Ok(VsockBackend {
+            guard,
+            vhost_socket,
+            uds_path,
+        })
     }
 }
 
@@ -45,7 +57,9 @@ pub async fn connect(uds_path: &Path, port: u32) -> anyhow::Result<UnixStream> {
     let mut stream = UnixStream::connect(uds_path)
         .await
         .with_context(|| format!("connecting to {}", uds_path.display()))?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
     let line = read_line(&mut stream).await?;
     parse_ok(&line).with_context(|| format!("vsock backend refused CONNECT {port}"))?;
     Ok(stream)
@@ -58,7 +72,9 @@ async fn read_line(stream: &mut UnixStream) -> anyhow::Result<String> {
     loop {
         let n = stream.read(&mut byte).await?;
         if n == 0 {
-            anyhow::bail!("connection closed during handshake (no listener on that guest port yet?)");
+            anyhow::bail!(
+                "connection closed during handshake (no listener on that guest port yet?)"
+            );
         }
         if byte[0] == b'\n' {
             break;
@@ -75,7 +91,9 @@ fn parse_ok(line: &str) -> anyhow::Result<u32> {
     let port = line
         .strip_prefix("OK ")
         .with_context(|| format!("unexpected reply `{line}`"))?;
-    port.trim().parse().with_context(|| format!("unexpected port in reply `{line}`"))
+    port.trim()
+        .parse()
+        .with_context(|| format!("unexpected port in reply `{line}`"))
 }
 
 #[cfg(test)]
@@ -104,7 +122,10 @@ mod tests {
         let mut stream = connect(&sock, 1024).await.unwrap();
         let mut rest = [0u8; 5];
         stream.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"hello", "payload after the handshake line is untouched");
+        assert_eq!(
+            &rest, b"hello",
+            "payload after the handshake line is untouched"
+        );
         server.await.unwrap();
     }
 }

@@ -29,7 +29,9 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut hits = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid == std::process::id() {
             continue;
         }
@@ -50,18 +52,29 @@ async fn agent_answers_health_details_and_unimplemented() {
     std::env::set_var("KILN_RUN_DIR", run_base.path());
     let image = BootImage::load(&manifest()).unwrap();
     let cfg = ShimConfig::default();
-    let mut vm = Vm::launch(&image, &cfg, &BootOptions { console: false }).unwrap();
+    let mut vm = Vm::launch(&image, &cfg, &BootOptions::default()).unwrap();
     let pids = vm.pids();
     assert_eq!(pids.len(), 2, "qemu and the vsock backend run");
     let ready = vm.wait_ready(&cfg).await.unwrap();
-    eprintln!("agent ready after {:.2} s ({})", ready.elapsed.as_secs_f64(), vm.accel_note);
+    eprintln!(
+        "agent ready after {:.2} s ({})",
+        ready.elapsed.as_secs_f64(),
+        vm.accel_note
+    );
 
     let c = &ready.client;
     let version = c.version().await.unwrap();
-    assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"), "agent and shim come from one workspace version");
+    assert_eq!(
+        version.agent_version,
+        env!("CARGO_PKG_VERSION"),
+        "agent and shim come from one workspace version"
+    );
 
     let details = c.guest_details().await.unwrap();
-    assert!(details.agent_details.init_daemon, "the minimal image runs the agent as PID 1");
+    assert!(
+        details.agent_details.init_daemon,
+        "the minimal image runs the agent as PID 1"
+    );
     assert_eq!(details.agent_details.version, version.agent_version);
     assert!(
         details.mem_block_size_bytes.is_power_of_two() && details.mem_block_size_bytes >= 1 << 20,
@@ -93,7 +106,11 @@ async fn agent_answers_health_details_and_unimplemented() {
         .args(["GetGuestDetails", r#"{"memBlockSize": true}"#])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["agentDetails"]["initDaemon"], true, "{answer}");
     let out = Command::new(env!("CARGO_BIN_EXE_kiln-shim"))
@@ -103,7 +120,11 @@ async fn agent_answers_health_details_and_unimplemented() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("UNIMPLEMENTED"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("UNIMPLEMENTED"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let run_dir = vm.run_dir.path().to_path_buf();
     drop(ready);
@@ -126,7 +147,10 @@ fn shim_boot_command_reports_and_cleans_up() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "kiln-shim boot failed: {stderr}");
-    assert!(stderr.contains("TCG") || stderr.contains("KVM"), "accelerator choice is logged: {stderr}");
+    assert!(
+        stderr.contains("TCG") || stderr.contains("KVM"),
+        "accelerator choice is logged: {stderr}"
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("{json}");
     assert_eq!(json["image"], "minimal");

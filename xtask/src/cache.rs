@@ -50,8 +50,14 @@ impl Stamp {
         for name in outputs {
             map.insert(name.to_string(), sha256_file(&dir.join(name))?);
         }
-        let stamp = Stamp { key: key.to_string(), outputs: map };
-        write_atomic(&Self::path(dir, stage), serde_json::to_string_pretty(&stamp)?.as_bytes())?;
+        let stamp = Stamp {
+            key: key.to_string(),
+            outputs: map,
+        };
+        write_atomic(
+            &Self::path(dir, stage),
+            serde_json::to_string_pretty(&stamp)?.as_bytes(),
+        )?;
         Ok(stamp)
     }
 
@@ -69,7 +75,8 @@ pub fn write_atomic(dest: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("creating a temp file in {}", dir.display()))?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
-    tmp.persist(dest).with_context(|| format!("renaming into {}", dest.display()))?;
+    tmp.persist(dest)
+        .with_context(|| format!("renaming into {}", dest.display()))?;
     Ok(())
 }
 
@@ -78,14 +85,19 @@ pub fn copy_atomic(src: &Path, dest: &Path) -> anyhow::Result<()> {
     let dir = parent_dir(dest)?;
     let tmp = tempfile::NamedTempFile::new_in(&dir)
         .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    fs::copy(src, tmp.path()).with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
+    fs::copy(src, tmp.path())
+        .with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
     tmp.as_file().sync_all()?;
-    tmp.persist(dest).with_context(|| format!("renaming into {}", dest.display()))?;
+    tmp.persist(dest)
+        .with_context(|| format!("renaming into {}", dest.display()))?;
     Ok(())
 }
 
 fn parent_dir(dest: &Path) -> anyhow::Result<PathBuf> {
-    let dir = dest.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = dest
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
@@ -102,9 +114,15 @@ mod tests {
         assert!(Stamp::fresh(dir.path(), "s", "k1").is_some());
         assert!(Stamp::fresh(dir.path(), "s", "k2").is_none(), "other key");
         fs::write(dir.path().join("a.bin"), b"tampered").unwrap();
-        assert!(Stamp::fresh(dir.path(), "s", "k1").is_none(), "changed output");
+        assert!(
+            Stamp::fresh(dir.path(), "s", "k1").is_none(),
+            "changed output"
+        );
         fs::remove_file(dir.path().join("a.bin")).unwrap();
-        assert!(Stamp::fresh(dir.path(), "s", "k1").is_none(), "missing output");
+        assert!(
+            Stamp::fresh(dir.path(), "s", "k1").is_none(),
+            "missing output"
+        );
     }
 
     #[test]
@@ -120,7 +138,10 @@ mod tests {
     fn atomic_write_leaves_no_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         write_atomic(&dir.path().join("out"), b"data").unwrap();
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out")]);
     }
 }

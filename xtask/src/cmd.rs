@@ -13,7 +13,12 @@ use crate::ctx::Ctx;
 const TAIL_LINES: usize = 25;
 
 /// Runs `expr` with stdout and stderr appended to `logs/<log_name>.log`.
-pub fn run_logged(ctx: &Ctx, log_name: &str, what: &str, expr: duct::Expression) -> anyhow::Result<()> {
+pub fn run_logged(
+    ctx: &Ctx,
+    log_name: &str,
+    what: &str,
+    expr: duct::Expression,
+) -> anyhow::Result<()> {
     let log = ctx.log_path(log_name);
     if let Some(dir) = log.parent() {
         fs::create_dir_all(dir)?;
@@ -49,7 +54,11 @@ pub fn read(what: &str, expr: duct::Expression) -> anyhow::Result<String> {
         .run()
         .with_context(|| format!("could not start {what}"))?;
     if !out.status.success() {
-        anyhow::bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        anyhow::bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -58,18 +67,26 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     let start = all.len().saturating_sub(lines);
-    all[start..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    all[start..]
+        .iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Finds an executable on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| is_executable(p))
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -80,7 +97,11 @@ mod tests {
     fn tail_keeps_last_lines() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("log");
-        fs::write(&p, (1..=40).map(|i| format!("line{i}\n")).collect::<String>()).unwrap();
+        fs::write(
+            &p,
+            (1..=40).map(|i| format!("line{i}\n")).collect::<String>(),
+        )
+        .unwrap();
         let t = tail(&p, 3);
         assert_eq!(t, "    line38\n    line39\n    line40");
     }

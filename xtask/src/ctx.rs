@@ -53,7 +53,11 @@ impl Ctx {
     /// Makes sure host tools for `arches` are there (installing them unless
     /// `--no-setup`/`--offline`), or fails naming what is missing.
     pub fn ensure_setup(&self, arches: &[Arch]) -> anyhow::Result<()> {
-        let mode = if self.no_setup { setup::Mode::CheckOnly } else { setup::Mode::Install };
+        let mode = if self.no_setup {
+            setup::Mode::CheckOnly
+        } else {
+            setup::Mode::Install
+        };
         setup::run(self, arches, mode)
     }
 
@@ -66,7 +70,10 @@ impl Ctx {
 fn workspace_root() -> anyhow::Result<PathBuf> {
     // xtask lives in <root>/xtask; cargo tells us where at build time.
     let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let root = manifest_dir.parent().context("xtask has no parent directory")?.to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_path_buf();
     Ok(root)
 }
 
@@ -78,7 +85,8 @@ pub fn cache_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return Ok(PathBuf::from(dir).join("kiln"));
     }
-    let home = std::env::var_os("HOME").context("neither KILN_CACHE_DIR, XDG_CACHE_HOME nor HOME is set")?;
+    let home = std::env::var_os("HOME")
+        .context("neither KILN_CACHE_DIR, XDG_CACHE_HOME nor HOME is set")?;
     Ok(PathBuf::from(home).join(".cache").join("kiln"))
 }
 
@@ -86,10 +94,9 @@ pub fn cache_dir() -> anyhow::Result<PathBuf> {
 /// one commit stamp identical times into their artifacts.
 fn source_date_epoch(root: &Path) -> anyhow::Result<u64> {
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
-        return v
-            .trim()
-            .parse()
-            .with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds since 1970"));
+        return v.trim().parse().with_context(|| {
+            format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds since 1970")
+        });
     }
     let out = duct::cmd!("git", "-C", root, "log", "-1", "--format=%ct")
         .stderr_null()

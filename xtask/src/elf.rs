@@ -25,10 +25,15 @@ pub fn require_static(what: &str, bytes: &[u8]) -> anyhow::Result<()> {
     let f = facts(bytes)?;
     let mut problems = Vec::new();
     if let Some(interp) = &f.interpreter {
-        problems.push(format!("it has a PT_INTERP program header (dynamic loader {interp})"));
+        problems.push(format!(
+            "it has a PT_INTERP program header (dynamic loader {interp})"
+        ));
     }
     if !f.needed.is_empty() {
-        problems.push(format!("it needs shared libraries (DT_NEEDED: {})", f.needed.join(", ")));
+        problems.push(format!(
+            "it needs shared libraries (DT_NEEDED: {})",
+            f.needed.join(", ")
+        ));
     }
     if problems.is_empty() {
         Ok(())
@@ -49,7 +54,10 @@ mod tests {
         // The test harness itself is a normal dynamically linked glibc binary.
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         let err = require_static("test binary", &me).unwrap_err().to_string();
-        assert!(err.contains("PT_INTERP") && err.contains("DT_NEEDED"), "{err}");
+        assert!(
+            err.contains("PT_INTERP") && err.contains("DT_NEEDED"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -44,11 +44,18 @@ impl KeyHasher {
 
     /// Adds every regular file below `root` (relative path + content), skipping
     /// directories named in `skip_dirs` (such as `target`).
-    pub fn tree(&mut self, label: &str, root: &Path, skip_dirs: &[&str]) -> anyhow::Result<&mut Self> {
+    pub fn tree(
+        &mut self,
+        label: &str,
+        root: &Path,
+        skip_dirs: &[&str],
+    ) -> anyhow::Result<&mut Self> {
         let walker = walkdir::WalkDir::new(root)
             .sort_by_file_name()
             .into_iter()
-            .filter_entry(|e| !(e.file_type().is_dir() && skip_dirs.iter().any(|s| e.file_name() == *s)));
+            .filter_entry(|e| {
+                !(e.file_type().is_dir() && skip_dirs.iter().any(|s| e.file_name() == *s))
+            });
         for entry in walker {
             let entry = entry.with_context(|| format!("walking {}", root.display()))?;
             if entry.file_type().is_file() {
@@ -106,11 +113,20 @@ mod tests {
         }
         std::fs::create_dir_all(two.path().join("target")).unwrap();
         std::fs::write(two.path().join("target/junk"), "x").unwrap();
-        let k1 = KeyHasher::new("t").tree("agent", one.path(), &["target"]).unwrap().finish();
-        let k2 = KeyHasher::new("t").tree("agent", two.path(), &["target"]).unwrap().finish();
+        let k1 = KeyHasher::new("t")
+            .tree("agent", one.path(), &["target"])
+            .unwrap()
+            .finish();
+        let k2 = KeyHasher::new("t")
+            .tree("agent", two.path(), &["target"])
+            .unwrap()
+            .finish();
         assert_eq!(k1, k2);
         std::fs::write(two.path().join("src/main.rs"), "fn main() { }").unwrap();
-        let k3 = KeyHasher::new("t").tree("agent", two.path(), &["target"]).unwrap().finish();
+        let k3 = KeyHasher::new("t")
+            .tree("agent", two.path(), &["target"])
+            .unwrap()
+            .finish();
         assert_ne!(k1, k3);
     }
 }

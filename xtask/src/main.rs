@@ -24,7 +24,11 @@ use crate::arch::ArchSel;
 use crate::ctx::Ctx;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build and test kiln guest images", version)]
+#[command(
+    name = "cargo xtask",
+    about = "Build and test kiln guest images",
+    version
+)]
 struct Cli {
     #[command(flatten)]
     global: GlobalFlags,

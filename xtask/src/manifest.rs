@@ -58,7 +58,9 @@ pub struct BootSection {
 
 impl ImageManifest {
     pub fn path(ctx: &Ctx, name: &str) -> PathBuf {
-        ctx.root.join("image-manifests").join(format!("{name}.toml"))
+        ctx.root
+            .join("image-manifests")
+            .join(format!("{name}.toml"))
     }
 
     pub fn load(ctx: &Ctx, name: &str) -> anyhow::Result<ImageManifest> {
@@ -75,15 +77,24 @@ impl ImageManifest {
     pub fn parse(text: &str, expected_name: &str) -> anyhow::Result<ImageManifest> {
         let m: ImageManifest = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         if m.name != expected_name {
-            anyhow::bail!("key `name` is `{}` but the file is named `{expected_name}.toml`; make them equal", m.name);
+            anyhow::bail!(
+                "key `name` is `{}` but the file is named `{expected_name}.toml`; make them equal",
+                m.name
+            );
         }
         if m.arches.is_empty() {
-            anyhow::bail!("key `arches` is empty; list at least one of x86_64, aarch64, ppc64le, s390x");
+            anyhow::bail!(
+                "key `arches` is empty; list at least one of x86_64, aarch64, ppc64le, s390x"
+            );
         }
-        m.compression.parse::<kiln_initrd::Compression>().map_err(|e| anyhow::anyhow!("key `compression`: {e}"))?;
+        m.compression
+            .parse::<kiln_initrd::Compression>()
+            .map_err(|e| anyhow::anyhow!("key `compression`: {e}"))?;
         for f in &m.kernel.features {
             if f.is_empty() || f.contains('/') || f.contains("..") {
-                anyhow::bail!("key `kernel.features`: `{f}` is not a fragment name (use names like `vsock`)");
+                anyhow::bail!(
+                    "key `kernel.features`: `{f}` is not a fragment name (use names like `vsock`)"
+                );
             }
         }
         Ok(m)
@@ -96,7 +107,12 @@ impl ImageManifest {
 
     /// Ordered fragment list for `arch`: common base, arch base, then each
     /// feature's common and arch-specific parts. Later fragments win.
-    pub fn kernel_request(&self, ctx: &Ctx, arch: Arch, kernel_src: Option<PathBuf>) -> anyhow::Result<KernelRequest> {
+    pub fn kernel_request(
+        &self,
+        ctx: &Ctx,
+        arch: Arch,
+        kernel_src: Option<PathBuf>,
+    ) -> anyhow::Result<KernelRequest> {
         let dir = ctx.root.join("kernel-configs");
         let mut fragments = vec![dir.join("common").join("base.conf")];
         let arch_base = dir.join(arch.fragment_dir()).join("base.conf");
@@ -121,7 +137,12 @@ impl ImageManifest {
                 anyhow::bail!("kernel fragment {} is missing", ctx.rel(f).display());
             }
         }
-        Ok(KernelRequest { arch, series: self.kernel.series.clone(), fragments, kernel_src })
+        Ok(KernelRequest {
+            arch,
+            series: self.kernel.series.clone(),
+            fragments,
+            kernel_src,
+        })
     }
 }
 
@@ -151,8 +172,14 @@ pub struct ArtifactRecord {
 impl ArtifactRecord {
     pub fn of(dir: &Path, file: &str) -> anyhow::Result<ArtifactRecord> {
         let path = dir.join(file);
-        let size = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
-        Ok(ArtifactRecord { file: file.to_string(), size, sha256: crate::hash::sha256_file(&path)? })
+        let size = std::fs::metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        Ok(ArtifactRecord {
+            file: file.to_string(),
+            size,
+            sha256: crate::hash::sha256_file(&path)?,
+        })
     }
 }
 
@@ -188,13 +215,25 @@ cmdline = "quiet"
 
     #[test]
     fn bad_values_are_named() {
-        let err = format!("{:#}", ImageManifest::parse(&GOOD.replace("\"gzip\"", "\"lzma9\""), "minimal").unwrap_err());
-        assert!(err.contains("compression") && err.contains("lzma9"), "{err}");
-        let err = format!("{:#}", ImageManifest::parse(&GOOD.replace("\"x86_64\"]", "\"mips\"]"), "minimal").unwrap_err());
+        let err = format!(
+            "{:#}",
+            ImageManifest::parse(&GOOD.replace("\"gzip\"", "\"lzma9\""), "minimal").unwrap_err()
+        );
+        assert!(
+            err.contains("compression") && err.contains("lzma9"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            ImageManifest::parse(&GOOD.replace("\"x86_64\"]", "\"mips\"]"), "minimal").unwrap_err()
+        );
         assert!(err.contains("mips"), "{err}");
         let err = format!("{:#}", ImageManifest::parse(GOOD, "other").unwrap_err());
         assert!(err.contains("`name`"), "{err}");
-        let err = format!("{:#}", ImageManifest::parse(&GOOD.replace("\"vsock\"", "\"../x\""), "minimal").unwrap_err());
+        let err = format!(
+            "{:#}",
+            ImageManifest::parse(&GOOD.replace("\"vsock\"", "\"../x\""), "minimal").unwrap_err()
+        );
         assert!(err.contains("kernel.features"), "{err}");
     }
 }

@@ -65,16 +65,23 @@ impl Recipe {
     pub fn load(ctx: &Ctx, name: &str) -> anyhow::Result<(Recipe, std::path::PathBuf)> {
         let path = ctx.root.join("rootfs-recipes").join(format!("{name}.toml"));
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("no rootfs recipe `{name}`: {} is missing", ctx.rel(&path).display())
+            format!(
+                "no rootfs recipe `{name}`: {} is missing",
+                ctx.rel(&path).display()
+            )
         })?;
-        let recipe = Self::parse(&text, name).with_context(|| format!("in {}", ctx.rel(&path).display()))?;
+        let recipe =
+            Self::parse(&text, name).with_context(|| format!("in {}", ctx.rel(&path).display()))?;
         Ok((recipe, path))
     }
 
     pub fn parse(text: &str, expected_name: &str) -> anyhow::Result<Recipe> {
         let r: Recipe = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         if r.name != expected_name {
-            anyhow::bail!("key `name` is `{}` but the file is named `{expected_name}.toml`", r.name);
+            anyhow::bail!(
+                "key `name` is `{}` but the file is named `{expected_name}.toml`",
+                r.name
+            );
         }
         check_path("agent_path", &r.agent_path)?;
         for d in &r.directories {
@@ -83,10 +90,18 @@ impl Recipe {
         for n in &r.nodes {
             check_path("nodes.path", &n.path)?;
             if n.kind != "char" && n.kind != "block" {
-                anyhow::bail!("key `nodes.kind` of `{}` is `{}`; use \"char\" or \"block\"", n.path, n.kind);
+                anyhow::bail!(
+                    "key `nodes.kind` of `{}` is `{}`; use \"char\" or \"block\"",
+                    n.path,
+                    n.kind
+                );
             }
             if n.mode > 0o7777 {
-                anyhow::bail!("key `nodes.mode` of `{}` is {:o}; give permission bits only (e.g. 0o600)", n.path, n.mode);
+                anyhow::bail!(
+                    "key `nodes.mode` of `{}` is {:o}; give permission bits only (e.g. 0o600)",
+                    n.path,
+                    n.mode
+                );
             }
         }
         for f in &r.files {
@@ -101,7 +116,10 @@ impl Recipe {
 
 /// Paths in recipes are relative to the image root and may not climb out of it.
 fn check_path(key: &str, p: &str) -> anyhow::Result<()> {
-    if p.is_empty() || p.starts_with('/') || p.split('/').any(|c| c == ".." || c == "." || c.is_empty()) {
+    if p.is_empty()
+        || p.starts_with('/')
+        || p.split('/').any(|c| c == ".." || c == "." || c.is_empty())
+    {
         anyhow::bail!("key `{key}`: `{p}` must be a relative path inside the image (no leading /, no . or .. parts)");
     }
     Ok(())
@@ -131,11 +149,20 @@ mode = 0o600
 
     #[test]
     fn errors_name_the_key() {
-        let e = format!("{:#}", Recipe::parse(&GOOD.replace("\"char\"", "\"pipe\""), "minimal").unwrap_err());
+        let e = format!(
+            "{:#}",
+            Recipe::parse(&GOOD.replace("\"char\"", "\"pipe\""), "minimal").unwrap_err()
+        );
         assert!(e.contains("nodes.kind"), "{e}");
-        let e = format!("{:#}", Recipe::parse(&GOOD.replace("\"proc\"", "\"../etc\""), "minimal").unwrap_err());
+        let e = format!(
+            "{:#}",
+            Recipe::parse(&GOOD.replace("\"proc\"", "\"../etc\""), "minimal").unwrap_err()
+        );
         assert!(e.contains("directories"), "{e}");
-        let e = format!("{:#}", Recipe::parse(&GOOD.replace("agent_path", "agent_pth"), "minimal").unwrap_err());
+        let e = format!(
+            "{:#}",
+            Recipe::parse(&GOOD.replace("agent_path", "agent_pth"), "minimal").unwrap_err()
+        );
         assert!(e.contains("agent_pth"), "{e}");
     }
 }

@@ -20,8 +20,16 @@ type Outcomes = Arc<Mutex<Vec<(String, bool)>>>;
 impl Ui {
     pub fn new() -> Ui {
         let interactive = std::io::stderr().is_terminal();
-        let target = if interactive { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
-        Ui { multi: MultiProgress::with_draw_target(target), interactive, outcomes: Outcomes::default() }
+        let target = if interactive {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Ui {
+            multi: MultiProgress::with_draw_target(target),
+            interactive,
+            outcomes: Outcomes::default(),
+        }
     }
 
     /// Starts a stage line such as `kernel x86_64`.
@@ -91,7 +99,10 @@ impl Step {
     }
 
     fn record(&self, ran: bool) {
-        self.outcomes.lock().unwrap_or_else(|p| p.into_inner()).push((self.name.clone(), ran));
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((self.name.clone(), ran));
     }
 
     fn finish(&mut self, mark: &str, detail: &str) {
@@ -99,7 +110,10 @@ impl Step {
         let secs = self.start.elapsed().as_secs_f64();
         let line = format!("{mark} {:<18} {secs:>6.1}s {detail}", self.name);
         if self.interactive {
-            self.bar.set_style(ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+            self.bar.set_style(
+                ProgressStyle::with_template("{msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
             self.bar.finish_with_message(line);
         } else {
             self.bar.finish_and_clear();

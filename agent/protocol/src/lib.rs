@@ -28,12 +28,30 @@ mod tests {
     fn descriptors_match_kata_names() {
         let fd = agent::file_descriptor();
         assert_eq!(fd.package(), "grpc");
-        let svc = fd.proto().service.iter().find(|s| s.name() == "AgentService").expect("AgentService");
+        let svc = fd
+            .proto()
+            .service
+            .iter()
+            .find(|s| s.name() == "AgentService")
+            .expect("AgentService");
         let names: Vec<_> = svc.method.iter().map(|m| m.name().to_string()).collect();
-        for m in ["CreateContainer", "ExecProcess", "GetGuestDetails", "ReadStdout", "CopyFile", "OnlineCPUMem"] {
+        for m in [
+            "CreateContainer",
+            "ExecProcess",
+            "GetGuestDetails",
+            "ReadStdout",
+            "CopyFile",
+            "OnlineCPUMem",
+        ] {
             assert!(names.iter().any(|n| n == m), "{m} missing");
         }
-        let hsvc = health::file_descriptor().proto().service.iter().find(|s| s.name() == "Health").cloned().unwrap();
+        let hsvc = health::file_descriptor()
+            .proto()
+            .service
+            .iter()
+            .find(|s| s.name() == "Health")
+            .cloned()
+            .unwrap();
         let hn: Vec<_> = hsvc.method.iter().map(|m| m.name().to_string()).collect();
         assert_eq!(hn, vec!["Check", "Version"]);
     }
@@ -44,7 +62,12 @@ mod tests {
         let d = agent::GuestDetailsResponse::descriptor();
         assert_eq!(d.field_by_name("mem_block_size_bytes").unwrap().number(), 1);
         assert_eq!(d.field_by_name("agent_details").unwrap().number(), 2);
-        assert_eq!(d.field_by_name("support_mem_hotplug_probe").unwrap().number(), 3);
+        assert_eq!(
+            d.field_by_name("support_mem_hotplug_probe")
+                .unwrap()
+                .number(),
+            3
+        );
         let c = agent::CreateContainerRequest::descriptor();
         assert_eq!(c.field_by_name("OCI").unwrap().number(), 6);
         assert_eq!(c.field_by_name("storages").unwrap().number(), 5);

@@ -34,11 +34,25 @@ pub fn build(ctx: &Ctx, arch: Arch) -> anyhow::Result<AgentArtifact> {
         return Ok(art);
     }
     Stamp::invalidate(&dir, "agent");
-    step.message(&format!("cargo build --release --target {}", arch.rust_target()));
-    cmd::run_logged(ctx, &format!("agent-{arch}"), "cargo build of kiln-agent", cargo_build(ctx, arch))?;
+    step.message(&format!(
+        "cargo build --release --target {}",
+        arch.rust_target()
+    ));
+    cmd::run_logged(
+        ctx,
+        &format!("agent-{arch}"),
+        "cargo build of kiln-agent",
+        cargo_build(ctx, arch),
+    )?;
 
-    let built = ctx.root.join("target").join(arch.rust_target()).join("release").join(BINARY);
-    let bytes = std::fs::read(&built).with_context(|| format!("cargo did not produce {}", built.display()))?;
+    let built = ctx
+        .root
+        .join("target")
+        .join(arch.rust_target())
+        .join("release")
+        .join(BINARY);
+    let bytes = std::fs::read(&built)
+        .with_context(|| format!("cargo did not produce {}", built.display()))?;
     elf::require_static(&format!("kiln-agent for {arch}"), &bytes)?;
     copy_atomic(&built, &dir.join(BINARY))?;
     let stamp = Stamp::record(&dir, "agent", &key, &[BINARY])?;
@@ -50,7 +64,12 @@ pub fn build(ctx: &Ctx, arch: Arch) -> anyhow::Result<AgentArtifact> {
 fn artifact(dir: &std::path::Path, key: &str, sha: &str) -> anyhow::Result<AgentArtifact> {
     let path = dir.join(BINARY);
     let size = std::fs::metadata(&path)?.len();
-    Ok(AgentArtifact { path, sha256: sha.to_string(), size, key: key.to_string() })
+    Ok(AgentArtifact {
+        path,
+        sha256: sha.to_string(),
+        size,
+        key: key.to_string(),
+    })
 }
 
 /// rustc flags for the agent; part of the stage key, since they shape the binary.
@@ -87,10 +106,15 @@ fn cargo_build(ctx: &Ctx, arch: Arch) -> duct::Expression {
 fn input_key(ctx: &Ctx, arch: Arch) -> anyhow::Result<String> {
     let rustc = cmd::read("rustc -vV", duct::cmd!("rustc", "-vV"))?;
     let mut h = KeyHasher::new("agent");
-    h.str("arch", arch.name()).str("target", arch.rust_target()).str("rustc", &rustc);
+    h.str("arch", arch.name())
+        .str("target", arch.rust_target())
+        .str("rustc", &rustc);
     // The flags minus the checkout path, which is remapped away and must not
     // make two checkouts' keys differ.
-    h.str("rustflags", &rustflags(ctx).replace(&ctx.root.display().to_string(), "<root>"));
+    h.str(
+        "rustflags",
+        &rustflags(ctx).replace(&ctx.root.display().to_string(), "<root>"),
+    );
     h.tree("agent", &ctx.root.join("agent"), &["target"])?;
     h.file("Cargo.lock", &ctx.root.join("Cargo.lock"))?;
     h.file("Cargo.toml", &ctx.root.join("Cargo.toml"))?;

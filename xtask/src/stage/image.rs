@@ -17,7 +17,12 @@ use crate::stage::{agent, initrd, kernel};
 
 pub const MANIFEST: &str = "manifest.json";
 
-pub fn build(ctx: &Ctx, image: &ImageManifest, arch: Arch, kernel_src: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub fn build(
+    ctx: &Ctx,
+    image: &ImageManifest,
+    arch: Arch,
+    kernel_src: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
     let agent = agent::build(ctx, arch)?;
     let kernel = kernel::build(ctx, &image.kernel_request(ctx, arch, kernel_src)?)?;
     let initrd = initrd::build(ctx, image, arch, &agent)?;
@@ -36,7 +41,12 @@ pub fn build(ctx: &Ctx, image: &ImageManifest, arch: Arch, kernel_src: Option<Pa
         copy_atomic(&kernel.image, &dir.join(kernel_file))?;
         copy_atomic(&kernel.config, &dir.join("kernel.config"))?;
         copy_atomic(&agent.path, &dir.join(agent::BINARY))?;
-        Stamp::record(&dir, "place", &place_key, &[kernel_file, "kernel.config", agent::BINARY])?;
+        Stamp::record(
+            &dir,
+            "place",
+            &place_key,
+            &[kernel_file, "kernel.config", agent::BINARY],
+        )?;
     }
 
     let image_manifest_sha = crate::hash::sha256_file(&ImageManifest::path(ctx, &image.name))?;
@@ -44,14 +54,29 @@ pub fn build(ctx: &Ctx, image: &ImageManifest, arch: Arch, kernel_src: Option<Pa
     inputs.insert("agent".to_string(), agent.key.clone());
     inputs.insert("kernel".to_string(), kernel.key.clone());
     inputs.insert("initrd".to_string(), initrd.key.clone());
-    inputs.insert(format!("image-manifests/{}.toml", image.name), image_manifest_sha);
-    inputs.insert(format!("rootfs-recipes/{}.toml", image.recipe), initrd.recipe_sha256.clone());
+    inputs.insert(
+        format!("image-manifests/{}.toml", image.name),
+        image_manifest_sha,
+    );
+    inputs.insert(
+        format!("rootfs-recipes/{}.toml", image.recipe),
+        initrd.recipe_sha256.clone(),
+    );
 
     let mut artifacts = BTreeMap::new();
     artifacts.insert("kernel".to_string(), ArtifactRecord::of(&dir, kernel_file)?);
-    artifacts.insert("kernel_config".to_string(), ArtifactRecord::of(&dir, "kernel.config")?);
-    artifacts.insert("initrd".to_string(), ArtifactRecord::of(&dir, initrd::FILE)?);
-    artifacts.insert("agent".to_string(), ArtifactRecord::of(&dir, agent::BINARY)?);
+    artifacts.insert(
+        "kernel_config".to_string(),
+        ArtifactRecord::of(&dir, "kernel.config")?,
+    );
+    artifacts.insert(
+        "initrd".to_string(),
+        ArtifactRecord::of(&dir, initrd::FILE)?,
+    );
+    artifacts.insert(
+        "agent".to_string(),
+        ArtifactRecord::of(&dir, agent::BINARY)?,
+    );
 
     let manifest = BuiltManifest {
         kiln_manifest: 1,

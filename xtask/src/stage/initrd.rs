@@ -20,10 +20,18 @@ pub struct InitrdArtifact {
     pub recipe_sha256: String,
 }
 
-pub fn build(ctx: &Ctx, image: &ImageManifest, arch: Arch, agent: &AgentArtifact) -> anyhow::Result<InitrdArtifact> {
+pub fn build(
+    ctx: &Ctx,
+    image: &ImageManifest,
+    arch: Arch,
+    agent: &AgentArtifact,
+) -> anyhow::Result<InitrdArtifact> {
     let (recipe, recipe_path) = Recipe::load(ctx, &image.recipe)?;
     let recipe_sha256 = crate::hash::sha256_file(&recipe_path)?;
-    let compression: Compression = image.compression.parse().map_err(|e| anyhow::anyhow!("image {}: {e}", image.name))?;
+    let compression: Compression = image
+        .compression
+        .parse()
+        .map_err(|e| anyhow::anyhow!("image {}: {e}", image.name))?;
     let key = KeyHasher::new("initrd")
         .str("arch", arch.name())
         .str("agent", &agent.sha256)
@@ -86,18 +94,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let agent_path = dir.path().join("kiln-agent");
         std::fs::write(&agent_path, b"\x7fELF fake").unwrap();
-        let agent = AgentArtifact { path: agent_path, sha256: String::new(), size: 9, key: String::new() };
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../rootfs-recipes/minimal.toml")).unwrap();
+        let agent = AgentArtifact {
+            path: agent_path,
+            sha256: String::new(),
+            size: 9,
+            key: String::new(),
+        };
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../rootfs-recipes/minimal.toml"
+        ))
+        .unwrap();
         let recipe = Recipe::parse(&text, "minimal").unwrap();
         let archive = archive_for(&recipe, &agent).unwrap();
         let mut bytes = Vec::new();
-        archive.write(&mut bytes, &WriteOptions::new(1_700_000_000)).unwrap();
+        archive
+            .write(&mut bytes, &WriteOptions::new(1_700_000_000))
+            .unwrap();
         let entries = kiln_initrd::reader::read(&bytes).unwrap();
         let init = entries.iter().find(|e| e.name == "init").expect("init");
         assert_eq!(init.data, b"\x7fELF fake");
         assert_eq!(init.permissions(), 0o755);
-        let console = entries.iter().find(|e| e.name == "dev/console").expect("console");
+        let console = entries
+            .iter()
+            .find(|e| e.name == "dev/console")
+            .expect("console");
         assert_eq!((console.rdev_major, console.rdev_minor), (5, 1));
-        assert!(entries.iter().all(|e| e.mtime == 1_700_000_000 && e.uid == 0 && e.gid == 0));
+        assert!(entries
+            .iter()
+            .all(|e| e.mtime == 1_700_000_000 && e.uid == 0 && e.gid == 0));
     }
 }

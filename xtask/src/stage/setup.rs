@@ -52,20 +52,33 @@ pub fn run(ctx: &Ctx, arches: &[Arch], mode: Mode) -> anyhow::Result<()> {
     let wanted = packages_for(arches);
     let missing_pkgs = missing_packages(&wanted)?;
     let missing_targets = missing_rust_targets(arches)?;
-    let missing_tools: Vec<&str> = CARGO_TOOLS.iter().copied().filter(|t| cmd::which(t).is_none()).collect();
+    let missing_tools: Vec<&str> = CARGO_TOOLS
+        .iter()
+        .copied()
+        .filter(|t| cmd::which(t).is_none())
+        .collect();
     if missing_pkgs.is_empty() && missing_targets.is_empty() && missing_tools.is_empty() {
         return Ok(());
     }
     if mode == Mode::CheckOnly {
         let mut lines = Vec::new();
         if !missing_pkgs.is_empty() {
-            lines.push(format!("  Debian packages: apt-get install {}", missing_pkgs.join(" ")));
+            lines.push(format!(
+                "  Debian packages: apt-get install {}",
+                missing_pkgs.join(" ")
+            ));
         }
         if !missing_targets.is_empty() {
-            lines.push(format!("  Rust targets: rustup target add {}", missing_targets.join(" ")));
+            lines.push(format!(
+                "  Rust targets: rustup target add {}",
+                missing_targets.join(" ")
+            ));
         }
         if !missing_tools.is_empty() {
-            lines.push(format!("  cargo tools: cargo install --locked {}", missing_tools.join(" ")));
+            lines.push(format!(
+                "  cargo tools: cargo install --locked {}",
+                missing_tools.join(" ")
+            ));
         }
         anyhow::bail!(
             "missing host tools (setup is off with --no-setup/--offline):\n{}\nor run `cargo xtask setup`",
@@ -79,11 +92,21 @@ pub fn run(ctx: &Ctx, arches: &[Arch], mode: Mode) -> anyhow::Result<()> {
     }
     for t in &missing_targets {
         step.message(&format!("rustup target add {t}"));
-        cmd::run_logged(ctx, "setup", "rustup target add", duct::cmd!("rustup", "target", "add", t))?;
+        cmd::run_logged(
+            ctx,
+            "setup",
+            "rustup target add",
+            duct::cmd!("rustup", "target", "add", t),
+        )?;
     }
     for t in &missing_tools {
         step.message(&format!("cargo install {t}"));
-        cmd::run_logged(ctx, "setup", "cargo install", duct::cmd!("cargo", "install", "--locked", t))?;
+        cmd::run_logged(
+            ctx,
+            "setup",
+            "cargo install",
+            duct::cmd!("cargo", "install", "--locked", t),
+        )?;
     }
     step.done(&format!(
         "installed {} package(s), {} target(s), {} tool(s)",
@@ -95,7 +118,10 @@ pub fn run(ctx: &Ctx, arches: &[Arch], mode: Mode) -> anyhow::Result<()> {
 }
 
 fn missing_packages(wanted: &BTreeSet<&str>) -> anyhow::Result<Vec<String>> {
-    let mut args = vec!["-W".to_string(), "-f=${Package} ${db:Status-Abbrev}\n".to_string()];
+    let mut args = vec![
+        "-W".to_string(),
+        "-f=${Package} ${db:Status-Abbrev}\n".to_string(),
+    ];
     args.extend(wanted.iter().map(|s| s.to_string()));
     // dpkg-query exits 1 when some package is unknown; its stdout still lists the known ones.
     let out = duct::cmd("dpkg-query", &args)
@@ -114,12 +140,19 @@ fn missing_packages(wanted: &BTreeSet<&str>) -> anyhow::Result<Vec<String>> {
             (status == "ii").then_some(name)
         })
         .collect();
-    Ok(wanted.iter().filter(|p| !installed.contains(**p)).map(|p| p.to_string()).collect())
+    Ok(wanted
+        .iter()
+        .filter(|p| !installed.contains(**p))
+        .map(|p| p.to_string())
+        .collect())
 }
 
 fn missing_rust_targets(arches: &[Arch]) -> anyhow::Result<Vec<String>> {
-    let installed = cmd::read("rustup target list --installed", duct::cmd!("rustup", "target", "list", "--installed"))
-        .context("rustup is needed to add the agent's static targets")?;
+    let installed = cmd::read(
+        "rustup target list --installed",
+        duct::cmd!("rustup", "target", "list", "--installed"),
+    )
+    .context("rustup is needed to add the agent's static targets")?;
     let have: BTreeSet<&str> = installed.lines().map(str::trim).collect();
     Ok(arches
         .iter()
@@ -130,18 +163,30 @@ fn missing_rust_targets(arches: &[Arch]) -> anyhow::Result<Vec<String>> {
 }
 
 fn apt_install(ctx: &Ctx, pkgs: &[String]) -> anyhow::Result<()> {
-    let is_root = cmd::read("id -u", duct::cmd!("id", "-u")).map(|s| s == "0").unwrap_or(false);
+    let is_root = cmd::read("id -u", duct::cmd!("id", "-u"))
+        .map(|s| s == "0")
+        .unwrap_or(false);
     if !is_root {
         anyhow::bail!("these Debian packages are missing and installing them needs root: sudo apt-get install {}", pkgs.join(" "));
     }
     let install = |ctx: &Ctx| {
         let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
         args.extend(pkgs.iter().map(String::as_str));
-        cmd::run_logged(ctx, "setup", "apt-get install", duct::cmd("apt-get", &args).env("DEBIAN_FRONTEND", "noninteractive"))
+        cmd::run_logged(
+            ctx,
+            "setup",
+            "apt-get install",
+            duct::cmd("apt-get", &args).env("DEBIAN_FRONTEND", "noninteractive"),
+        )
     };
     // A fresh machine has no package lists yet: update once and retry.
     if install(ctx).is_err() {
-        cmd::run_logged(ctx, "setup", "apt-get update", duct::cmd!("apt-get", "update", "-q"))?;
+        cmd::run_logged(
+            ctx,
+            "setup",
+            "apt-get update",
+            duct::cmd!("apt-get", "update", "-q"),
+        )?;
         install(ctx)?;
     }
     Ok(())

@@ -14,7 +14,10 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
     // Output goes straight to the terminal/CI log: the test runner's own summary
     // lines are what CI reads.
     ctx.ui.println("== unit tests (cargo test --workspace)");
-    let status = duct::cmd!("cargo", "test", "--workspace", "--locked").dir(&ctx.root).unchecked().run()?;
+    let status = duct::cmd!("cargo", "test", "--workspace", "--locked")
+        .dir(&ctx.root)
+        .unchecked()
+        .run()?;
     if !status.status.success() {
         anyhow::bail!("unit tests failed");
     }
@@ -34,12 +37,25 @@ fn e2e(ctx: &Ctx, image: &ImageManifest, arch: Arch) -> anyhow::Result<()> {
     // The pipeline is incremental: a second build with nothing changed runs no stage.
     ctx.ui.take_outcomes();
     let again = image::build(ctx, image, arch, None)?;
-    let ran: Vec<String> = ctx.ui.take_outcomes().into_iter().filter(|(_, ran)| *ran).map(|(s, _)| s).collect();
+    let ran: Vec<String> = ctx
+        .ui
+        .take_outcomes()
+        .into_iter()
+        .filter(|(_, ran)| *ran)
+        .map(|(s, _)| s)
+        .collect();
     if again != manifest || !ran.is_empty() {
-        anyhow::bail!("a second build of {} with nothing changed re-ran stages: {ran:?}", image.name);
+        anyhow::bail!(
+            "a second build of {} with nothing changed re-ran stages: {ran:?}",
+            image.name
+        );
     }
-    ctx.ui.println("incremental check: a second build with nothing changed ran no stage");
-    ctx.ui.println(&format!("== end-to-end tests ({} on {arch}, booted in QEMU)", image.name));
+    ctx.ui
+        .println("incremental check: a second build with nothing changed ran no stage");
+    ctx.ui.println(&format!(
+        "== end-to-end tests ({} on {arch}, booted in QEMU)",
+        image.name
+    ));
     let status = duct::cmd!(
         "cargo",
         "test",

@@ -1,0 +1,305 @@
+//! `kiln-shim run`: one container in one VM, from launch to exit code.
+//!
+//! Shares the rootfs over virtio-fs in Kata's layout, creates the sandbox and
+//! the container through the agent, streams stdio (or a pty with `-t`),
+//! forwards SIGINT/SIGTERM, and exits with the container's status (128+N
+//! for a signal). Every helper is owned by the `Vm`, so any exit path tears
+//! everything down.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_protocol::agent;
+use protobuf::MessageField;
+use tokio::io::AsyncReadExt;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::client::AgentClient;
+use crate::config::ShimConfig;
+use crate::image::BootImage;
+use crate::vm::{BootOptions, Vm};
+
+/// Where the agent mounts the `kataShared` share (Kata's path).
+pub const SHARE_MOUNT_POINT: &str = "/run/kata-containers/shared/containers";
+
+pub struct RunRequest {
+    pub image: BootImage,
+    pub spec: oci_spec::runtime::Spec,
+    /// Host directory holding the container's root filesystem.
+    pub rootfs: PathBuf,
+    pub container_id: String,
+    pub console: bool,
+}
+
+/// Runs the container; returns its exit status.
+pub async fn run(cfg: &ShimConfig, req: RunRequest) -> anyhow::Result<i32> {
+    let terminal = req
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
+    let cid = req.container_id.clone();
+    let opts = BootOptions {
+        console: req.console,
+        share_rootfs: Some((cid.clone(), req.rootfs.clone())),
+    };
+    let mut vm = Vm::launch(&req.image, cfg, &opts)?;
+    let ready = tokio::select! {
+        r = vm.wait_ready(cfg) => r?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted while booting"),
+    };
+    tracing::info!("agent ready after {:.2} s", ready.elapsed.as_secs_f64());
+    let client = ready.client;
+    let result = drive(&mut vm, &client, &req, &cid, terminal).await;
+    // Best effort: the VM goes away right after anyway.
+    let mut rm = agent::RemoveContainerRequest::new();
+    rm.container_id = cid;
+    rm.timeout = 5;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.agent.remove_container(client.ctx(), &rm),
+    )
+    .await;
+    drop(client);
+    vm.shutdown();
+    result
+}
+
+async fn drive(
+    vm: &mut Vm,
+    c: &AgentClient,
+    req: &RunRequest,
+    cid: &str,
+    terminal: bool,
+) -> anyhow::Result<i32> {
+    let mut sandbox = agent::CreateSandboxRequest::new();
+    sandbox.hostname = req.spec.hostname().clone().unwrap_or_else(|| "kiln".into());
+    sandbox.sandbox_id = cid.to_string();
+    sandbox.storages.push(share_storage());
+    c.agent
+        .create_sandbox(c.ctx(), &sandbox)
+        .await
+        .context("CreateSandbox")?;
+
+    let (mut spec, dropped) = crate::spec::to_protocol(&req.spec)?;
+    if !dropped.is_empty() {
+        tracing::debug!("OCI keys without a protocol field: {dropped:?}");
+    }
+    spec.Root.mut_or_insert_default().Path = format!("{SHARE_MOUNT_POINT}/{cid}/rootfs");
+    // The container shares the sandbox's network namespace, as in Kata.
+    if let Some(linux) = spec.Linux.as_mut() {
+        linux.Namespaces.retain(|n| n.Type != "network");
+    }
+    let mut create = agent::CreateContainerRequest::new();
+    create.container_id = cid.to_string();
+    create.exec_id = cid.to_string();
+    create.OCI = MessageField::some(spec);
+    c.agent
+        .create_container(c.ctx(), &create)
+        .await
+        .context("CreateContainer")?;
+    let mut start = agent::StartContainerRequest::new();
+    start.container_id = cid.to_string();
+    c.agent
+        .start_container(c.ctx(), &start)
+        .await
+        .context("StartContainer")?;
+
+    let _raw = if terminal { RawTerminal::enter() } else { None };
+    let stdout = tokio::spawn(copy_out(c.agent.clone(), cid.to_string(), false));
+    let stderr =
+        (!terminal).then(|| tokio::spawn(copy_out(c.agent.clone(), cid.to_string(), true)));
+    let stdin = tokio::spawn(copy_in(c.agent.clone(), cid.to_string()));
+    if terminal {
+        resize(c, cid).await;
+    }
+
+    let mut wait_req = agent::WaitProcessRequest::new();
+    wait_req.container_id = cid.to_string();
+    wait_req.exec_id = cid.to_string();
+    let wait = c.agent.wait_process(no_deadline(), &wait_req);
+    tokio::pin!(wait);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigwinch = signal(SignalKind::window_change())?;
+    let mut health = tokio::time::interval(Duration::from_millis(500));
+    let status = loop {
+        tokio::select! {
+            r = &mut wait => break r.context("WaitProcess")?.status,
+            _ = sigint.recv() => forward(c, cid, libc::SIGINT).await,
+            _ = sigterm.recv() => forward(c, cid, libc::SIGTERM).await,
+            _ = sigwinch.recv(), if terminal => resize(c, cid).await,
+            _ = health.tick() => {
+                if let Some(why) = vm.dead_helper() {
+                    anyhow::bail!("the VM failed while the container ran: {why}");
+                }
+            }
+        }
+    };
+    stdin.abort();
+    // Output written before the exit is still in the agent's pipes: drain it.
+    let _ = tokio::time::timeout(Duration::from_secs(30), stdout).await;
+    if let Some(e) = stderr {
+        let _ = tokio::time::timeout(Duration::from_secs(30), e).await;
+    }
+    Ok(status)
+}
+
+fn share_storage() -> agent::Storage {
+    let mut s = agent::Storage::new();
+    s.driver = "virtio-fs".into();
+    s.source = crate::virtiofs::TAG.into();
+    s.fstype = "virtiofs".into();
+    s.mount_point = SHARE_MOUNT_POINT.into();
+    s
+}
+
+/// A context without deadline, for calls that block until the container acts.
+fn no_deadline() -> ttrpc::context::Context {
+    ttrpc::context::Context::default()
+}
+
+async fn forward(c: &AgentClient, cid: &str, sig: i32) {
+    let mut r = agent::SignalProcessRequest::new();
+    r.container_id = cid.to_string();
+    r.exec_id = cid.to_string();
+    r.signal = sig as u32;
+    if let Err(e) = c.agent.signal_process(c.ctx(), &r).await {
+        tracing::warn!("forwarding signal {sig}: {e}");
+    }
+}
+
+async fn resize(c: &AgentClient, cid: &str) {
+    let Some((rows, cols)) = terminal_size() else {
+        return;
+    };
+    let mut r = agent::TtyWinResizeRequest::new();
+    r.container_id = cid.to_string();
+    r.exec_id = cid.to_string();
+    r.row = rows.into();
+    r.column = cols.into();
+    let _ = c.agent.tty_win_resize(c.ctx(), &r).await;
+}
+
+fn terminal_size() -> Option<(u16, u16)> {
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ fills `ws`; fd 0 may not be a tty, then it fails.
+    let rc = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Copies the container's stdout (or stderr) to ours until the agent says EOF
+/// (an empty answer) or the process is gone.
+async fn copy_out(agent: kiln_protocol::agent_ttrpc::AgentServiceClient, cid: String, err: bool) {
+    let mut req = agent::ReadStreamRequest::new();
+    req.container_id = cid.clone();
+    req.exec_id = cid;
+    req.len = 64 * 1024;
+    loop {
+        let r = if err {
+            agent.read_stderr(no_deadline(), &req).await
+        } else {
+            agent.read_stdout(no_deadline(), &req).await
+        };
+        let data = match r {
+            Ok(resp) if !resp.data.is_empty() => resp.data,
+            _ => break,
+        };
+        let written = if err {
+            let mut e = std::io::stderr().lock();
+            e.write_all(&data).and_then(|_| e.flush())
+        } else {
+            let mut o = std::io::stdout().lock();
+            o.write_all(&data).and_then(|_| o.flush())
+        };
+        if written.is_err() {
+            break;
+        }
+    }
+}
+
+/// Copies our stdin to the container's until EOF, then closes it there.
+async fn copy_in(agent: kiln_protocol::agent_ttrpc::AgentServiceClient, cid: String) {
+    let mut input = tokio::io::stdin();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match input.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut w = agent::WriteStreamRequest::new();
+        w.container_id = cid.clone();
+        w.exec_id = cid.clone();
+        w.data = buf[..n].to_vec();
+        if agent.write_stdin(no_deadline(), &w).await.is_err() {
+            return;
+        }
+    }
+    let mut close = agent::CloseStdinRequest::new();
+    close.container_id = cid.clone();
+    close.exec_id = cid;
+    let _ = agent.close_stdin(no_deadline(), &close).await;
+}
+
+/// The host terminal in raw mode while a `-t` container runs; restored on drop.
+struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
+/// A container id from the clock and pid: unique per host, valid for the agent.
+pub fn new_container_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("kiln-{:x}-{:x}", std::process::id(), nanos & 0xffff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_storage_is_katas() {
+        let s = share_storage();
+        assert_eq!(
+            (s.driver.as_str(), s.source.as_str(), s.fstype.as_str()),
+            ("virtio-fs", "kataShared", "virtiofs")
+        );
+        assert_eq!(s.mount_point, SHARE_MOUNT_POINT);
+    }
+
+    #[test]
+    fn container_ids_are_plain() {
+        let id = new_container_id();
+        assert!(
+            id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "{id}"
+        );
+    }
+}
