@@ -19,7 +19,7 @@ fn manifest() -> PathBuf {
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry; count it as gone only when reaped or dead.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.split_whitespace().nth(2).is_some_and(|s| s == "Z"),
+        Ok(stat) => stat.split_whitespace().nth(2).is_none_or(|s| s != "Z"),
         Err(_) => false,
     }
 }
