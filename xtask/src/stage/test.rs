@@ -64,6 +64,8 @@ fn e2e(ctx: &Ctx, image: &ImageManifest, arch: Arch) -> anyhow::Result<()> {
         "kiln-shim",
         "--test",
         "boot",
+        "--test",
+        "run",
         "--",
         "--ignored",
         "--test-threads=1"

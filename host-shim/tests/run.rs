@@ -1,0 +1,173 @@
+//! End-to-end `kiln-shim run`: a busybox container in a real VM under TCG, its
+//! rootfs shared from the host over virtio-fs. Run through `cargo xtask test`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+
+fn manifest() -> PathBuf {
+    PathBuf::from(std::env::var("KILN_E2E_MANIFEST").expect("run through `cargo xtask test` (KILN_E2E_MANIFEST)"))
+}
+
+/// A root filesystem with static busybox and its applets as symlinks.
+fn busybox_rootfs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed by `cargo xtask setup`");
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    dir
+}
+
+fn shim(run_base: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln-shim"));
+    c.env("KILN_RUN_DIR", run_base);
+    c
+}
+
+fn run_args(rootfs: &Path) -> Vec<String> {
+    vec!["run".into(), "--image".into(), manifest().display().to_string(), "--rootfs".into(), rootfs.display().to_string()]
+}
+
+fn leftovers(run_base: &Path) -> Vec<String> {
+    let needle = run_base.display().to_string();
+    let mut hits = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let zombie = std::fs::read_to_string(e.path().join("stat")).map(|s| s.contains(") Z ")).unwrap_or(false);
+        if cmd.contains(&needle) && !zombie && pid != std::process::id() {
+            hits.push(format!("{pid}: {cmd}"));
+        }
+    }
+    hits.extend(std::fs::read_dir(run_base).unwrap().flatten().map(|e| format!("dir {}", e.path().display())));
+    hits
+}
+
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn stdout_stderr_and_exit_status() {
+    let rootfs = busybox_rootfs();
+    let base = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = shim(base.path())
+        .args(run_args(rootfs.path()))
+        .args(["--", "sh", "-c", "echo out; echo err >&2; exit 7"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    eprintln!("run -- sh ... took {:.2} s", started.elapsed().as_secs_f64());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n", "stderr: {stderr}");
+    assert!(stderr.contains("err\n"), "{stderr}");
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert!(leftovers(base.path()).is_empty(), "{:?}", leftovers(base.path()));
+    assert!(rootfs.path().join("bin/busybox").exists(), "the shared rootfs survives teardown");
+
+    let started = Instant::now();
+    let out = shim(base.path()).args(run_args(rootfs.path())).args(["--", "true"]).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("figure: run -- true, launch to exit: {:.2} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn one_mib_of_stdin_round_trips_through_cat() {
+    let rootfs = busybox_rootfs();
+    let base = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let mut child = shim(base.path())
+        .args(run_args(rootfs.path()))
+        .args(["--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = data.clone();
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&input).unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout.len(), data.len());
+    assert_eq!(sha2::Sha256::digest(&out.stdout), sha2::Sha256::digest(&data));
+}
+
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn sigint_reaches_the_container() {
+    let rootfs = busybox_rootfs();
+    let base = tempfile::tempdir().unwrap();
+    let mut child = shim(base.path())
+        .args(run_args(rootfs.path()))
+        .args(["--", "sh", "-c", "trap 'echo got-INT; exit 42' INT; echo ready; while true; do sleep 0.1; done"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        assert!(Instant::now() < deadline, "container never said ready");
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "stdout closed early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stdout, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    seen.extend(rest);
+    assert!(String::from_utf8_lossy(&seen).contains("got-INT"), "{}", String::from_utf8_lossy(&seen));
+    assert_eq!(status.code(), Some(42));
+}
+
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn sigkilled_shim_is_cleaned_up_by_the_next_run() {
+    let rootfs = busybox_rootfs();
+    let base = tempfile::tempdir().unwrap();
+    let mut child = shim(base.path())
+        .args(run_args(rootfs.path()))
+        .args(["--", "sh", "-c", "echo ready; sleep 600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("ready"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!leftovers(base.path()).is_empty(), "a SIGKILLed shim leaves its VM behind");
+    let out = shim(base.path()).arg("cleanup").output().unwrap();
+    assert!(out.status.success());
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    // Killed processes are reparented to init and reaped there; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !leftovers(base.path()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(leftovers(base.path()).is_empty(), "{:?}", leftovers(base.path()));
+    assert!(rootfs.path().join("bin/busybox").exists(), "cleanup unmounted, never deleted, the rootfs");
+}
