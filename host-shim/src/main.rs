@@ -79,6 +79,9 @@ enum Cmd {
         /// Show the guest console (on stdout, mixed with the container's output).
         #[arg(long)]
         console: bool,
+        /// Hot-plug a disk image and mount it: FILE[:DEST[:FSTYPE]] (default /diskN, ext4).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
         /// The command (required with --rootfs; overrides the bundle's args).
         #[arg(last = true)]
         command: Vec<String>,
@@ -164,8 +167,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tty,
             env,
             console,
+            disks,
             command,
         } => {
+            let disks = disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| kiln_shim::run::DiskSpec::parse(d, i))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             clean_stale();
             let image = BootImage::load(&image)?;
             let (mut spec, rootfs) = match (bundle, rootfs) {
@@ -204,6 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rootfs: rootfs.canonicalize()?,
                 container_id: kiln_shim::run::new_container_id(),
                 console,
+                disks,
             };
             let status = kiln_shim::run::run(&cfg, req).await?;
             Ok(ExitCode::from(status.clamp(0, 255) as u8))

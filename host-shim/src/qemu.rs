@@ -133,6 +133,16 @@ pub fn root_port_id(i: u32) -> String {
     format!("kiln_rp{i}")
 }
 
+/// PCI slot of the first hot-plug root port on the root bus; port i sits at
+/// slot BASE + i, so a device plugged into it has guest PCI path `<slot>/00`.
+pub const ROOT_PORT_SLOT_BASE: u32 = 0x10;
+
+/// Guest PCI path (Kata's notation: slots from the root bus, joined by `/`)
+/// of the device in root port `i`.
+pub fn root_port_device_path(i: u32) -> String {
+    format!("{:02x}/00", ROOT_PORT_SLOT_BASE + i)
+}
+
 /// Whether the machine has a PCIe root complex to hang root ports on.
 pub fn has_pcie_root_ports(arch: &str, machine: &str) -> bool {
     matches!((arch, machine), ("x86_64", "q35") | ("aarch64", "virt"))
@@ -146,14 +156,21 @@ impl QemuLaunch<'_> {
         Ok(profile(self.arch)?.binary.to_string())
     }
 
+    /// The machine type this launch uses.
+    pub fn machine(&self) -> anyhow::Result<String> {
+        let p = profile(self.arch)?;
+        Ok(if self.config.machine_type.is_empty() {
+            p.machine.to_string()
+        } else {
+            self.config.machine_type.clone()
+        })
+    }
+
     pub fn args(&self) -> anyhow::Result<Vec<String>> {
         let p = profile(self.arch)?;
         let mem = self.config.default_memory;
-        let machine = if self.config.machine_type.is_empty() {
-            p.machine
-        } else {
-            &self.config.machine_type
-        };
+        let machine = self.machine()?;
+        let machine = machine.as_str();
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&[
@@ -232,9 +249,10 @@ impl QemuLaunch<'_> {
                 push(&[
                     "-device",
                     &format!(
-                        "pcie-root-port,id={id},chassis={},slot={},bus=pcie.0",
+                        "pcie-root-port,id={id},chassis={},slot={},bus=pcie.0,addr={:#x}",
                         i + 1,
-                        i + 1
+                        i + 1,
+                        ROOT_PORT_SLOT_BASE + i
                     ),
                 ]);
             }
@@ -323,9 +341,10 @@ mod tests {
             "no IOThreads unless enabled: {args}"
         );
         assert!(
-            args.contains("pcie-root-port,id=kiln_rp0,chassis=1,slot=1,bus=pcie.0"),
+            args.contains("pcie-root-port,id=kiln_rp0,chassis=1,slot=1,bus=pcie.0,addr=0x10"),
             "{args}"
         );
+        assert_eq!(root_port_device_path(1), "11/00");
     }
 
     #[test]

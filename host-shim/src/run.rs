@@ -23,6 +23,8 @@ use crate::vm::{BootOptions, Vm};
 
 /// Where the agent mounts the `kataShared` share (Kata's path).
 pub const SHARE_MOUNT_POINT: &str = "/run/kata-containers/shared/containers";
+/// Where the agent mounts block storages for the sandbox.
+pub const SANDBOX_STORAGE: &str = "/run/kata-containers/sandbox/storage";
 
 pub struct RunRequest {
     pub image: BootImage,
@@ -31,6 +33,44 @@ pub struct RunRequest {
     pub rootfs: PathBuf,
     pub container_id: String,
     pub console: bool,
+    /// Disks to hot-plug and mount in the container.
+    pub disks: Vec<DiskSpec>,
+}
+
+/// `--disk FILE[:DEST[:FSTYPE]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub file: PathBuf,
+    pub dest: String,
+    pub fstype: String,
+}
+
+impl DiskSpec {
+    pub fn parse(arg: &str, index: usize) -> anyhow::Result<DiskSpec> {
+        let mut parts = arg.splitn(3, ':');
+        let file = parts
+            .next()
+            .filter(|f| !f.is_empty())
+            .context("--disk needs a file")?;
+        let dest = parts
+            .next()
+            .filter(|d| !d.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("/disk{index}"));
+        let fstype = parts
+            .next()
+            .filter(|f| !f.is_empty())
+            .unwrap_or("ext4")
+            .to_string();
+        if !dest.starts_with('/') || dest.split('/').any(|c| c == "..") {
+            anyhow::bail!("--disk {arg}: the mount point `{dest}` must be absolute, without `..`");
+        }
+        Ok(DiskSpec {
+            file: PathBuf::from(file),
+            dest,
+            fstype,
+        })
+    }
 }
 
 /// Runs the container; returns its exit status.
@@ -94,6 +134,28 @@ async fn drive(
         linux.Namespaces.retain(|n| n.Type != "network");
     }
     let mut create = agent::CreateContainerRequest::new();
+    for (i, disk) in req.disks.iter().enumerate() {
+        let plugged = vm.hotplug_disk(i as u32, &disk.file)?;
+        tracing::info!(
+            "disk {} plugged as {} at guest PCI path {}",
+            disk.file.display(),
+            plugged.id,
+            plugged.pci_path
+        );
+        let mount_point = format!("{SANDBOX_STORAGE}/{}", plugged.id);
+        let mut s = agent::Storage::new();
+        s.driver = "blk".into();
+        s.source = plugged.pci_path;
+        s.fstype = disk.fstype.clone();
+        s.mount_point = mount_point.clone();
+        create.storages.push(s);
+        let mut m = kiln_protocol::oci::Mount::new();
+        m.destination = disk.dest.clone();
+        m.source = mount_point;
+        m.type_ = "bind".into();
+        m.options = vec!["rbind".into(), "rw".into()];
+        spec.Mounts.push(m);
+    }
     create.container_id = cid.to_string();
     create.exec_id = cid.to_string();
     create.OCI = MessageField::some(spec);
@@ -292,6 +354,20 @@ mod tests {
             ("virtio-fs", "kataShared", "virtiofs")
         );
         assert_eq!(s.mount_point, SHARE_MOUNT_POINT);
+    }
+
+    #[test]
+    fn disk_specs() {
+        let d = DiskSpec::parse("/tmp/a.img", 0).unwrap();
+        assert_eq!((d.dest.as_str(), d.fstype.as_str()), ("/disk0", "ext4"));
+        let d = DiskSpec::parse("a.img:/data:xfs", 3).unwrap();
+        assert_eq!(
+            (d.file, d.dest.as_str(), d.fstype.as_str()),
+            (PathBuf::from("a.img"), "/data", "xfs")
+        );
+        assert!(DiskSpec::parse("a.img:rel", 0).is_err());
+        assert!(DiskSpec::parse("a.img:/x/../y", 0).is_err());
+        assert!(DiskSpec::parse("", 0).is_err());
     }
 
     #[test]

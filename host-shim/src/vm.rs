@@ -40,6 +40,17 @@ pub struct Vm {
     pub qmp_socket: PathBuf,
     pub launched: Instant,
     pub accel_note: String,
+    /// Hot-plug capacity: root ports exist only on PCIe machines.
+    hotplug_ports: u32,
+    iothread: Option<String>,
+}
+
+/// A disk hot-plugged through QMP, and where the guest finds it.
+#[derive(Debug, Clone)]
+pub struct HotpluggedDisk {
+    pub id: String,
+    /// Kata-style guest PCI path, e.g. `10/00`.
+    pub pci_path: String,
 }
 
 /// Time from QEMU launch to the agent's first `SERVING` answer.
@@ -95,6 +106,12 @@ impl Vm {
             console_log: console_log.as_deref(),
             virtiofs_socket: virtiofs.as_ref().map(|v| v.socket.as_path()),
         };
+        let hotplug_ports = if qemu::has_pcie_root_ports(arch, &launch.machine()?) {
+            cfg.hypervisor.qemu.hotplug_root_ports
+        } else {
+            0
+        };
+        let iothread = (q.enable_iothreads && q.indep_iothreads > 0).then(|| qemu::iothread_id(0));
         let qemu_log = File::create(dir.join("qemu.log"))?;
         let mut cmd = Command::new(launch.binary()?);
         cmd.args(launch.args()?).stderr(qemu_log);
@@ -114,6 +131,8 @@ impl Vm {
             qmp_socket: qmp,
             launched,
             accel_note,
+            hotplug_ports,
+            iothread,
         })
     }
 
@@ -218,6 +237,38 @@ impl Vm {
             out.push_str(&format!("\n--- qemu stderr ---\n{q}"));
         }
         out
+    }
+
+    /// Hot-plugs `file` as a virtio-blk disk into free root port `index`,
+    /// on the first independent IOThread when there is one.
+    pub fn hotplug_disk(&self, index: u32, file: &Path) -> anyhow::Result<HotpluggedDisk> {
+        if index >= self.hotplug_ports {
+            anyhow::bail!(
+                "no free PCIe root port for disk {index}: this VM has {} (hypervisor.qemu.hotplug_root_ports; PCIe machines only)",
+                self.hotplug_ports
+            );
+        }
+        let file = file
+            .canonicalize()
+            .with_context(|| format!("disk image {}", file.display()))?;
+        let mut qmp = self.qmp()?;
+        let id = format!("kiln_disk{index}");
+        let node = format!("{id}_node");
+        qmp.blockdev_add_raw_file(&node, &file, false)?;
+        let mut props = vec![("drive", serde_json::json!(node))];
+        if let Some(t) = &self.iothread {
+            props.push(("iothread", serde_json::json!(t)));
+        }
+        qmp.device_add(
+            "virtio-blk-pci",
+            &id,
+            Some(&qemu::root_port_id(index)),
+            &props,
+        )?;
+        Ok(HotpluggedDisk {
+            id,
+            pci_path: qemu::root_port_device_path(index),
+        })
     }
 
     /// Resolves when QEMU exits on its own.

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use sha2::Digest;
 
 fn manifest() -> PathBuf {
-    PathBuf::from(std::env::var("KILN_E2E_MANIFEST").expect("run through `cargo xtask test` (KILN_E2E_MANIFEST)"))
+    PathBuf::from(
+        std::env::var("KILN_E2E_MANIFEST")
+            .expect("run through `cargo xtask test` (KILN_E2E_MANIFEST)"),
+    )
 }
 
 /// A root filesystem with static busybox and its applets as symlinks.
@@ -19,7 +22,8 @@ fn busybox_rootfs() -> tempfile::TempDir {
     for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed by `cargo xtask setup`");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox-static is installed by `cargo xtask setup`");
     let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         if applet != "busybox" {
@@ -37,22 +41,39 @@ fn shim(run_base: &Path) -> Command {
 }
 
 fn run_args(rootfs: &Path) -> Vec<String> {
-    vec!["run".into(), "--image".into(), manifest().display().to_string(), "--rootfs".into(), rootfs.display().to_string()]
+    vec![
+        "run".into(),
+        "--image".into(),
+        manifest().display().to_string(),
+        "--rootfs".into(),
+        rootfs.display().to_string(),
+    ]
 }
 
 fn leftovers(run_base: &Path) -> Vec<String> {
     let needle = run_base.display().to_string();
     let mut hits = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        let zombie = std::fs::read_to_string(e.path().join("stat")).map(|s| s.contains(") Z ")).unwrap_or(false);
+        let zombie = std::fs::read_to_string(e.path().join("stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(false);
         if cmd.contains(&needle) && !zombie && pid != std::process::id() {
             hits.push(format!("{pid}: {cmd}"));
         }
     }
-    hits.extend(std::fs::read_dir(run_base).unwrap().flatten().map(|e| format!("dir {}", e.path().display())));
+    hits.extend(
+        std::fs::read_dir(run_base)
+            .unwrap()
+            .flatten()
+            .map(|e| format!("dir {}", e.path().display())),
+    );
     hits
 }
 
@@ -68,18 +89,44 @@ fn stdout_stderr_and_exit_status() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    eprintln!("run -- sh ... took {:.2} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "run -- sh ... took {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n", "stderr: {stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "out\n",
+        "stderr: {stderr}"
+    );
     assert!(stderr.contains("err\n"), "{stderr}");
     assert_eq!(out.status.code(), Some(7), "{stderr}");
-    assert!(leftovers(base.path()).is_empty(), "{:?}", leftovers(base.path()));
-    assert!(rootfs.path().join("bin/busybox").exists(), "the shared rootfs survives teardown");
+    assert!(
+        leftovers(base.path()).is_empty(),
+        "{:?}",
+        leftovers(base.path())
+    );
+    assert!(
+        rootfs.path().join("bin/busybox").exists(),
+        "the shared rootfs survives teardown"
+    );
 
     let started = Instant::now();
-    let out = shim(base.path()).args(run_args(rootfs.path())).args(["--", "true"]).stdin(Stdio::null()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    eprintln!("figure: run -- true, launch to exit: {:.2} s", started.elapsed().as_secs_f64());
+    let out = shim(base.path())
+        .args(run_args(rootfs.path()))
+        .args(["--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "figure: run -- true, launch to exit: {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -87,7 +134,9 @@ fn stdout_stderr_and_exit_status() {
 fn one_mib_of_stdin_round_trips_through_cat() {
     let rootfs = busybox_rootfs();
     let base = tempfile::tempdir().unwrap();
-    let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let mut child = shim(base.path())
         .args(run_args(rootfs.path()))
         .args(["--", "cat"])
@@ -103,9 +152,16 @@ fn one_mib_of_stdin_round_trips_through_cat() {
     });
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout.len(), data.len());
-    assert_eq!(sha2::Sha256::digest(&out.stdout), sha2::Sha256::digest(&data));
+    assert_eq!(
+        sha2::Sha256::digest(&out.stdout),
+        sha2::Sha256::digest(&data)
+    );
 }
 
 #[test]
@@ -115,7 +171,12 @@ fn sigint_reaches_the_container() {
     let base = tempfile::tempdir().unwrap();
     let mut child = shim(base.path())
         .args(run_args(rootfs.path()))
-        .args(["--", "sh", "-c", "trap 'echo got-INT; exit 42' INT; echo ready; while true; do sleep 0.1; done"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-INT; exit 42' INT; echo ready; while true; do sleep 0.1; done",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -131,12 +192,20 @@ fn sigint_reaches_the_container() {
         assert!(n > 0, "stdout closed early");
         seen.extend_from_slice(&buf[..n]);
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
     let mut rest = Vec::new();
     std::io::Read::read_to_end(&mut stdout, &mut rest).unwrap();
     let status = child.wait().unwrap();
     seen.extend(rest);
-    assert!(String::from_utf8_lossy(&seen).contains("got-INT"), "{}", String::from_utf8_lossy(&seen));
+    assert!(
+        String::from_utf8_lossy(&seen).contains("got-INT"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
     assert_eq!(status.code(), Some(42));
 }
 
@@ -159,7 +228,10 @@ fn sigkilled_shim_is_cleaned_up_by_the_next_run() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("ready"));
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!leftovers(base.path()).is_empty(), "a SIGKILLed shim leaves its VM behind");
+    assert!(
+        !leftovers(base.path()).is_empty(),
+        "a SIGKILLed shim leaves its VM behind"
+    );
     let out = shim(base.path()).arg("cleanup").output().unwrap();
     assert!(out.status.success());
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
@@ -168,6 +240,78 @@ fn sigkilled_shim_is_cleaned_up_by_the_next_run() {
     while !leftovers(base.path()).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(
+        leftovers(base.path()).is_empty(),
+        "{:?}",
+        leftovers(base.path())
+    );
+    assert!(
+        rootfs.path().join("bin/busybox").exists(),
+        "cleanup unmounted, never deleted, the rootfs"
+    );
+}
+
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn hotplugged_disk_on_an_independent_iothread() {
+    let rootfs = busybox_rootfs();
+    let base = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    // An ext4 image holding one file, made without root or loop devices.
+    let content = work.path().join("content");
+    std::fs::create_dir(&content).unwrap();
+    std::fs::write(content.join("hello.txt"), "hello from the disk\n").unwrap();
+    let img = work.path().join("disk.img");
+    let mk = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&content)
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .expect("mke2fs (e2fsprogs) is installed by `cargo xtask setup`");
+    assert!(mk.status.success(), "{}", String::from_utf8_lossy(&mk.stderr));
+    let cfg = work.path().join("shim.toml");
+    std::fs::write(&cfg, "[hypervisor.qemu]\nenable_iothreads = true\nindep_iothreads = 2\n").unwrap();
+
+    let mut child = shim(base.path())
+        .arg("--config")
+        .arg(&cfg)
+        .args(run_args(rootfs.path()))
+        .arg("--disk")
+        .arg(format!("{}:/data", img.display()))
+        .args(["--", "sh", "-c", "trap 'exit 0' TERM; cat /data/hello.txt; echo ready; while true; do sleep 0.1; done"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        assert!(Instant::now() < deadline, "container never said ready");
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        if n == 0 {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("stdout closed early: {} / {err}", String::from_utf8_lossy(&seen));
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).contains("hello from the disk"), "{}", String::from_utf8_lossy(&seen));
+
+    // While it runs: QEMU has both IOThreads, and the disk sits on the first.
+    let run_dir = std::fs::read_dir(base.path()).unwrap().flatten().next().unwrap().path();
+    let mut qmp = kiln_shim::qmp::QmpClient::connect(&run_dir.join("qmp.sock"), Duration::from_secs(10)).unwrap();
+    let threads = qmp.query_iothreads().unwrap();
+    assert!(threads.contains(&"indep_iothread_0".to_string()) && threads.contains(&"indep_iothread_1".to_string()), "{threads:?}");
+    let prop = qmp.qom_get("/machine/peripheral/kiln_disk0", "iothread").unwrap();
+    assert!(prop.as_str().unwrap_or_default().ends_with("indep_iothread_0"), "{prop}");
+    drop(qmp);
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
     assert!(leftovers(base.path()).is_empty(), "{:?}", leftovers(base.path()));
-    assert!(rootfs.path().join("bin/busybox").exists(), "cleanup unmounted, never deleted, the rootfs");
 }
