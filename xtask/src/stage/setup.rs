@@ -32,10 +32,17 @@ const COMMON_PACKAGES: &[&str] = &[
     "busybox-static",
     "cpio",
     "zstd",
+    "e2fsprogs",
+    // to build virtiofsd (cargo install)
+    "pkg-config",
+    "libseccomp-dev",
+    "libcap-ng-dev",
 ];
 
 /// Tools installed with `cargo install` (name of the crate = name of the binary).
-const CARGO_TOOLS: &[&str] = &["vhost-device-vsock"];
+/// vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock here);
+/// virtiofsd: the virtio-fs backend for container rootfs sharing.
+const CARGO_TOOLS: &[&str] = &["vhost-device-vsock", "virtiofsd"];
 
 pub fn packages_for(arches: &[Arch]) -> BTreeSet<&'static str> {
     let mut set: BTreeSet<&str> = COMMON_PACKAGES.iter().copied().collect();
