@@ -86,6 +86,17 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Can this host run kiln VMs? Pass/fail per line with how to fix; exit 0 only when a VM can run.
+    Check {
+        /// Guest architecture to check for.
+        #[arg(long, default_value = std::env::consts::ARCH)]
+        arch: String,
+        /// Probe KVM by booting this image's kernel (the reliable probe).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove what killed shims left behind: processes, mounts, sockets, run dirs.
     Cleanup,
     /// Print the effective configuration.
@@ -143,6 +154,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Config => {
             print!("{}", toml::to_string_pretty(&cfg)?);
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { arch, image, json } => {
+            let image = image.map(|m| BootImage::load(&m)).transpose()?;
+            let arch = image
+                .as_ref()
+                .map(|i| i.manifest.arch.clone())
+                .unwrap_or(arch);
+            let kernel = image.as_ref().map(|i| i.kernel.as_path());
+            let lines = kiln_shim::check::run(&cfg, &arch, std::path::Path::new("/"), kernel);
+            let ok = kiln_shim::check::can_run(&lines);
+            if json {
+                println!("{}", serde_json::json!({ "can_run": ok, "checks": lines }));
+            } else {
+                kiln_shim::check::print(&lines);
+                println!(
+                    "{}",
+                    if ok {
+                        "a VM can run on this host"
+                    } else {
+                        "no VM can run on this host: fix the FAIL lines"
+                    }
+                );
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Cleanup => {
             let r = kiln_shim::state::cleanup_stale(&kiln_shim::process::runtime_base())?;

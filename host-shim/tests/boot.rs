@@ -163,3 +163,35 @@ fn shim_boot_command_reports_and_cleans_up() {
     let entries: Vec<_> = std::fs::read_dir(run_base.path()).unwrap().collect();
     assert!(entries.is_empty(), "run dirs left: {entries:?}");
 }
+
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn check_reports_a_runnable_host_with_a_bounded_kvm_probe() {
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-shim"))
+        .args(["check", "--json", "--image"])
+        .arg(manifest())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "check says no VM can run: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["can_run"], true);
+    let checks = v["checks"].as_array().unwrap();
+    let kvm = checks
+        .iter()
+        .find(|c| c["name"] == "kvm")
+        .expect("a kvm line");
+    if kvm["ok"] == false {
+        assert!(kvm["detail"].as_str().unwrap().contains("TCG"), "{kvm}");
+    }
+    for name in ["qemu", "vsock backend", "memory", "accelerator"] {
+        let c = checks.iter().find(|c| c["name"] == name).unwrap();
+        assert_eq!(c["ok"], true, "{c}");
+    }
+    // The probe is bounded (10 s): a KVM that hangs guests costs seconds, not forever.
+    eprintln!("figure: kiln-shim check took {:.1} s", started.elapsed().as_secs_f64());
+}

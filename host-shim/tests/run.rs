@@ -269,9 +269,17 @@ fn hotplugged_disk_on_an_independent_iothread() {
         .arg("16M")
         .output()
         .expect("mke2fs (e2fsprogs) is installed by `cargo xtask setup`");
-    assert!(mk.status.success(), "{}", String::from_utf8_lossy(&mk.stderr));
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
     let cfg = work.path().join("shim.toml");
-    std::fs::write(&cfg, "[hypervisor.qemu]\nenable_iothreads = true\nindep_iothreads = 2\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[hypervisor.qemu]\nenable_iothreads = true\nindep_iothreads = 2\n",
+    )
+    .unwrap();
 
     let mut child = shim(base.path())
         .arg("--config")
@@ -279,7 +287,12 @@ fn hotplugged_disk_on_an_independent_iothread() {
         .args(run_args(rootfs.path()))
         .arg("--disk")
         .arg(format!("{}:/data", img.display()))
-        .args(["--", "sh", "-c", "trap 'exit 0' TERM; cat /data/hello.txt; echo ready; while true; do sleep 0.1; done"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; cat /data/hello.txt; echo ready; while true; do sleep 0.1; done",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -295,23 +308,56 @@ fn hotplugged_disk_on_an_independent_iothread() {
         if n == 0 {
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            panic!("stdout closed early: {} / {err}", String::from_utf8_lossy(&seen));
+            panic!(
+                "stdout closed early: {} / {err}",
+                String::from_utf8_lossy(&seen)
+            );
         }
         seen.extend_from_slice(&buf[..n]);
     }
-    assert!(String::from_utf8_lossy(&seen).contains("hello from the disk"), "{}", String::from_utf8_lossy(&seen));
+    assert!(
+        String::from_utf8_lossy(&seen).contains("hello from the disk"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
 
     // While it runs: QEMU has both IOThreads, and the disk sits on the first.
-    let run_dir = std::fs::read_dir(base.path()).unwrap().flatten().next().unwrap().path();
-    let mut qmp = kiln_shim::qmp::QmpClient::connect(&run_dir.join("qmp.sock"), Duration::from_secs(10)).unwrap();
+    let run_dir = std::fs::read_dir(base.path())
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let mut qmp =
+        kiln_shim::qmp::QmpClient::connect(&run_dir.join("qmp.sock"), Duration::from_secs(10))
+            .unwrap();
     let threads = qmp.query_iothreads().unwrap();
-    assert!(threads.contains(&"indep_iothread_0".to_string()) && threads.contains(&"indep_iothread_1".to_string()), "{threads:?}");
-    let prop = qmp.qom_get("/machine/peripheral/kiln_disk0", "iothread").unwrap();
-    assert!(prop.as_str().unwrap_or_default().ends_with("indep_iothread_0"), "{prop}");
+    assert!(
+        threads.contains(&"indep_iothread_0".to_string())
+            && threads.contains(&"indep_iothread_1".to_string()),
+        "{threads:?}"
+    );
+    let prop = qmp
+        .qom_get("/machine/peripheral/kiln_disk0", "iothread")
+        .unwrap();
+    assert!(
+        prop.as_str()
+            .unwrap_or_default()
+            .ends_with("indep_iothread_0"),
+        "{prop}"
+    );
     drop(qmp);
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
-    assert!(leftovers(base.path()).is_empty(), "{:?}", leftovers(base.path()));
+    assert!(
+        leftovers(base.path()).is_empty(),
+        "{:?}",
+        leftovers(base.path())
+    );
 }
