@@ -21,6 +21,8 @@ pub struct Ctx {
     pub source_date_epoch: u64,
     pub no_setup: bool,
     pub offline: bool,
+    /// Build kernels without the kernel-configs/patches series.
+    pub no_patches: bool,
     pub ui: Ui,
 }
 
@@ -37,6 +39,7 @@ impl Ctx {
             source_date_epoch,
             no_setup: flags.no_setup || flags.offline,
             offline: flags.offline,
+            no_patches: flags.no_patches,
             ui: Ui::new(),
         })
     }

@@ -45,6 +45,9 @@ pub struct GlobalFlags {
     /// Never reach the network (apt, cargo): fail naming the missing input instead.
     #[arg(long, global = true)]
     pub offline: bool,
+    /// Build kernels without the patch series in kernel-configs/patches/<series>/.
+    #[arg(long, global = true)]
+    pub no_patches: bool,
 }
 
 #[derive(Subcommand)]

@@ -137,11 +137,13 @@ impl ImageManifest {
                 anyhow::bail!("kernel fragment {} is missing", ctx.rel(f).display());
             }
         }
+        let patches = ctx.root.join("kernel-configs").join("patches").join(&self.kernel.series);
         Ok(KernelRequest {
             arch,
             series: self.kernel.series.clone(),
             fragments,
             kernel_src,
+            patches: (!ctx.no_patches).then_some(patches),
         })
     }
 }
@@ -153,6 +155,8 @@ pub struct BuiltManifest {
     pub image: String,
     pub arch: Arch,
     pub kernel_version: String,
+    /// Patches applied to the kernel source, in order (name and sha256).
+    pub kernel_patches: Vec<crate::stage::kernel::PatchRecord>,
     pub cmdline: String,
     pub source_date_epoch: u64,
     /// Role (kernel, initrd, kernel_config, agent) → file record.

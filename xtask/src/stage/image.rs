@@ -83,6 +83,7 @@ pub fn build(
         image: image.name.clone(),
         arch,
         kernel_version: kernel.version.clone(),
+        kernel_patches: kernel.patches.clone(),
         cmdline: image.cmdline(arch),
         source_date_epoch: ctx.source_date_epoch,
         artifacts,

@@ -37,7 +37,11 @@
 
 mod dotconfig;
 mod kconfig;
+mod patches;
 mod verify;
+
+pub use patches::PatchRecord;
+use patches::PatchSeries;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -73,6 +77,8 @@ pub struct KernelRequest {
     pub fragments: Vec<PathBuf>,
     /// A tarball (.tar.xz/.tar.gz/.tar) or an unpacked tree; default Debian's linux-source.
     pub kernel_src: Option<PathBuf>,
+    /// Patch series directory to apply (None: `--no-patches`).
+    pub patches: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +91,8 @@ pub struct KernelArtifact {
     pub version: String,
     /// Stage key (hex sha256).
     pub key: String,
+    /// Patches applied to the source, in order.
+    pub patches: Vec<PatchRecord>,
 }
 
 /// Builds (or finds in the cache) the kernel for `req`.
@@ -99,6 +107,8 @@ pub fn build(ctx: &Ctx, req: &KernelRequest) -> anyhow::Result<KernelArtifact> {
     let _ = fs::remove_file(ctx.log_path(&plan.log_name()));
     plan.print_overrides(ctx);
     let tree = plan.source.tree(ctx, &plan.log_name(), &step)?;
+    step.message("applying kernel patches");
+    let tree = plan.patches.apply(ctx, &tree, &plan.log_name())?;
     let actual = plan.configure(ctx, &tree, &step)?;
     let comparison = plan.compare(&actual);
     plan.report_allowed(ctx, &comparison);
@@ -164,6 +174,7 @@ pub fn check(ctx: &Ctx, req: &KernelRequest) -> anyhow::Result<()> {
     } else {
         plan.print_overrides(ctx);
         let tree = plan.source.tree(ctx, &plan.log_name(), &step)?;
+        let tree = plan.patches.apply(ctx, &tree, &plan.log_name())?;
         let actual = plan.configure(ctx, &tree, &step)?;
         (actual, Some(tree))
     };
@@ -174,7 +185,10 @@ pub fn check(ctx: &Ctx, req: &KernelRequest) -> anyhow::Result<()> {
     } else {
         let tree = match tree {
             Some(t) => t,
-            None => plan.source.tree(ctx, &plan.log_name(), &step)?,
+            None => {
+                let pristine = plan.source.tree(ctx, &plan.log_name(), &step)?;
+                plan.patches.apply(ctx, &pristine, &plan.log_name())?
+            }
         };
         plan.hints(&tree, &actual, &comparison)
     };
@@ -224,6 +238,7 @@ struct Plan {
     overrides: Vec<dotconfig::Override>,
     allow: AllowList,
     source: Source,
+    patches: PatchSeries,
     key: String,
     build_dir: PathBuf,
     out_dir: PathBuf,
@@ -247,13 +262,18 @@ impl Plan {
             Err(e) => return Err(e).with_context(|| format!("reading {}", allow_path.display())),
         };
         let source = Source::identify(ctx, req)?;
+        let patches = match &req.patches {
+            Some(dir) => PatchSeries::load(dir)?,
+            None => PatchSeries::default(),
+        };
         let gcc = compiler_version(req.arch)?;
 
         let mut h = KeyHasher::new("kernel");
         h.str("stage-version", STAGE_VERSION)
             .str("source", &source.hash)
             .str("arch", req.arch.name())
-            .str("gcc", &gcc);
+            .str("gcc", &gcc)
+            .str("patches", &patches.hash());
         for (name, frag) in &fragments {
             h.str("fragment-name", name).str("fragment", &frag.render());
         }
@@ -268,6 +288,7 @@ impl Plan {
             overrides,
             allow,
             source,
+            patches,
             build_dir: kernel_cache.join("build").join(short),
             out_dir: kernel_cache.join("out").join(short),
             key,
@@ -296,6 +317,7 @@ impl Plan {
             config: self.out_dir.join("config"),
             version,
             key: self.key.clone(),
+            patches: self.patches.patches.clone(),
         }
     }
 
@@ -324,8 +346,9 @@ impl Plan {
         let mut argv = vec![
             format!("O={}", self.build_dir.display()),
             format!("ARCH={}", self.arch.kernel_arch()),
-            // Set but empty: no `+` suffix from scripts/setlocalversion either.
-            "LOCALVERSION=".to_string(),
+            // Set (empty without patches): no `+` suffix from scripts/setlocalversion;
+            // with patches, `+kiln.<series hash>` shows in uname -r and /proc/version.
+            format!("LOCALVERSION={}", self.patches.localversion()),
         ];
         if let Some(prefix) = self.arch.cross_prefix() {
             argv.push(format!("CROSS_COMPILE={prefix}"));

@@ -25,8 +25,19 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
         return Ok(());
     }
     let image = ImageManifest::load(ctx, E2E_IMAGE)?;
-    for arch in flags.arch.arches_for(&image)? {
-        e2e(ctx, &image, arch)?;
+    let arches = flags.arch.arches_for(&image)?;
+    for arch in &arches {
+        e2e(ctx, &image, *arch)?;
+    }
+    // Pipeline tests against real inputs (the kernel source the builds above
+    // extracted): kernel patch series applied and rejected.
+    ctx.ui.println("== pipeline tests against the real kernel source");
+    let status = duct::cmd!("cargo", "test", "--locked", "--package", "xtask", "--", "--ignored", "--test-threads=1")
+        .dir(&ctx.root)
+        .unchecked()
+        .run()?;
+    if !status.status.success() {
+        anyhow::bail!("pipeline tests failed");
     }
     Ok(())
 }
