@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["health.proto", "agent.proto", "types.proto", "oci.proto", "csi.proto"];
+const PROTOS: &[&str] = &["health.proto", "agent.proto", "types.proto", "oci.proto", "csi.proto", "kiln.proto"];
 /// Generated modules; they refer to each other as `super::<name>`, so they
 /// must be siblings under exactly these names.
-const MODULES: &[&str] = &["agent", "agent_ttrpc", "csi", "health", "health_ttrpc", "oci", "types"];
+const MODULES: &[&str] = &["agent", "agent_ttrpc", "csi", "health", "health_ttrpc", "kiln", "kiln_ttrpc", "oci", "types"];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -46,13 +46,18 @@ impl AgentConfig {
         let mut cfg = AgentConfig::default();
         let mut warnings = Vec::new();
         for word in cmdline.split_whitespace() {
-            let Some(rest) = word.strip_prefix("agent.") else { continue };
+            let Some(rest) = word.strip_prefix("agent.") else {
+                continue;
+            };
             let (key, value) = match rest.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
                 None => (rest, None),
             };
             let mut bad = |what: &str| {
-                warnings.push(format!("ignoring agent.{key}={}: {what}", value.unwrap_or("")));
+                warnings.push(format!(
+                    "ignoring agent.{key}={}: {what}",
+                    value.unwrap_or("")
+                ));
             };
             match (key, value) {
                 ("log", Some(v)) => {
@@ -110,11 +115,14 @@ fn parse_bool(v: &str) -> Option<bool> {
 fn valid_server_addr(v: &str) -> bool {
     if let Some(rest) = v.strip_prefix("vsock://") {
         return match rest.split_once(':') {
-            Some((cid, port)) => (cid == "-1" || cid.parse::<u32>().is_ok()) && port.parse::<u32>().is_ok(),
+            Some((cid, port)) => {
+                (cid == "-1" || cid.parse::<u32>().is_ok()) && port.parse::<u32>().is_ok()
+            }
             None => false,
         };
     }
-    v.strip_prefix("unix://").is_some_and(|p| p.starts_with('/') || p.starts_with('@'))
+    v.strip_prefix("unix://")
+        .is_some_and(|p| p.starts_with('/') || p.starts_with('@'))
 }
 
 #[cfg(test)]

@@ -22,12 +22,14 @@ pub fn copy_file(run_dir: &Path, req: &CopyFileRequest) -> Result<()> {
     if path == run_dir {
         return Err(invalid("CopyFile path is the run directory itself"));
     }
-    let parent = path.parent().ok_or_else(|| invalid("CopyFile path has no parent"))?;
+    let parent = path
+        .parent()
+        .ok_or_else(|| invalid("CopyFile path has no parent"))?;
     create_dirs(run_dir, parent, req.dir_mode)?;
     let owner = |p: &Path| -> Result<()> {
         let uid = (req.uid >= 0).then(|| nix::unistd::Uid::from_raw(req.uid as u32));
         let gid = (req.gid >= 0).then(|| nix::unistd::Gid::from_raw(req.gid as u32));
-        nix::unistd::fchownat(None, p, uid, gid, nix::unistd::FchownatFlags::NoFollowSymlink)
+        nix::unistd::fchownat(None, p, uid, gid, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| os(format!("chown {}", p.display()), e))
     };
     match req.file_mode & libc::S_IFMT {
@@ -40,22 +42,31 @@ pub fn copy_file(run_dir: &Path, req: &CopyFileRequest) -> Result<()> {
             return owner(&path);
         }
         libc::S_IFLNK => {
-            let target = std::str::from_utf8(&req.data).map_err(|_| invalid("CopyFile symlink target is not UTF-8"))?;
+            let target = std::str::from_utf8(&req.data)
+                .map_err(|_| invalid("CopyFile symlink target is not UTF-8"))?;
             if target.is_empty() || target.contains('\0') {
                 return Err(invalid("CopyFile symlink target is empty or contains NUL"));
             }
             let _ = fs::remove_file(&path);
-            std::os::unix::fs::symlink(target, &path).map_err(|e| os(format!("symlink {}", path.display()), e))?;
+            std::os::unix::fs::symlink(target, &path)
+                .map_err(|e| os(format!("symlink {}", path.display()), e))?;
             return owner(&path);
         }
         0 | libc::S_IFREG => {}
-        other => return Err(invalid(format!("CopyFile file type {other:o} is not a file, directory or symlink"))),
+        other => {
+            return Err(invalid(format!(
+                "CopyFile file type {other:o} is not a file, directory or symlink"
+            )))
+        }
     }
     if req.file_size < 0 || req.file_size > MAX_FILE_SIZE {
-        return Err(invalid(format!("CopyFile file_size {} is outside 0..={MAX_FILE_SIZE}", req.file_size)));
+        return Err(invalid(format!(
+            "CopyFile file_size {} is outside 0..={MAX_FILE_SIZE}",
+            req.file_size
+        )));
     }
     let end = req.offset.checked_add(req.data.len() as i64);
-    if req.offset < 0 || end.map_or(true, |e| e > req.file_size) {
+    if req.offset < 0 || end.is_none_or(|e| e > req.file_size) {
         return Err(invalid(format!(
             "CopyFile chunk at offset {} of {} bytes does not fit in file_size {}",
             req.offset,
@@ -74,30 +85,48 @@ pub fn copy_file(run_dir: &Path, req: &CopyFileRequest) -> Result<()> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&part)
         .map_err(|e| os(format!("opening {}", part.display()), e))?;
-    f.write_all_at(&req.data, req.offset as u64).map_err(|e| os(format!("writing {}", part.display()), e))?;
-    let size = f.metadata().map_err(|e| os(format!("stat {}", part.display()), e))?.len();
+    f.write_all_at(&req.data, req.offset as u64)
+        .map_err(|e| os(format!("writing {}", part.display()), e))?;
+    let size = f
+        .metadata()
+        .map_err(|e| os(format!("stat {}", part.display()), e))?
+        .len();
     if size as i64 != req.file_size {
         return Ok(()); // more chunks to come
     }
-    f.set_permissions(fs::Permissions::from_mode(req.file_mode & 0o7777)).map_err(|e| os(format!("chmod {}", part.display()), e))?;
+    f.set_permissions(fs::Permissions::from_mode(req.file_mode & 0o7777))
+        .map_err(|e| os(format!("chmod {}", part.display()), e))?;
     owner(&part)?;
-    fs::rename(&part, &path).map_err(|e| os(format!("renaming {} to {}", part.display(), path.display()), e))
+    fs::rename(&part, &path).map_err(|e| {
+        os(
+            format!("renaming {} to {}", part.display(), path.display()),
+            e,
+        )
+    })
 }
 
 /// Creates missing directories between `base` and `dir` with `mode`.
 fn create_dirs(base: &Path, dir: &Path, mode: u32) -> Result<()> {
-    let rel = dir.strip_prefix(base).map_err(|_| invalid(format!("{} is outside {}", dir.display(), base.display())))?;
+    let rel = dir
+        .strip_prefix(base)
+        .map_err(|_| invalid(format!("{} is outside {}", dir.display(), base.display())))?;
     let mut cur = base.to_path_buf();
     fs::create_dir_all(&cur).map_err(|e| os(format!("mkdir {}", cur.display()), e))?;
     for c in rel.components() {
         cur.push(c);
         match fs::symlink_metadata(&cur) {
             Ok(md) if md.is_dir() => {}
-            Ok(_) => return Err(invalid(format!("{} exists and is not a directory", cur.display()))),
+            Ok(_) => {
+                return Err(invalid(format!(
+                    "{} exists and is not a directory",
+                    cur.display()
+                )))
+            }
             Err(_) => {
                 fs::create_dir(&cur).map_err(|e| os(format!("mkdir {}", cur.display()), e))?;
                 let m = if mode == 0 { 0o755 } else { mode & 0o7777 };
-                fs::set_permissions(&cur, fs::Permissions::from_mode(m)).map_err(|e| os(format!("chmod {}", cur.display()), e))?;
+                fs::set_permissions(&cur, fs::Permissions::from_mode(m))
+                    .map_err(|e| os(format!("chmod {}", cur.display()), e))?;
             }
         }
     }
@@ -130,9 +159,15 @@ mod tests {
         assert!(!Path::new(&target).exists(), "not complete yet");
         copy_file(&run, &req(&target, b"localhost", 10, 19)).unwrap();
         assert_eq!(fs::read_to_string(&target).unwrap(), "127.0.0.1 localhost");
-        assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o7777, 0o640);
+        assert_eq!(
+            fs::metadata(&target).unwrap().permissions().mode() & 0o7777,
+            0o640
+        );
         let parent = Path::new(&target).parent().unwrap();
-        assert_eq!(fs::metadata(parent).unwrap().permissions().mode() & 0o7777, 0o750);
+        assert_eq!(
+            fs::metadata(parent).unwrap().permissions().mode() & 0o7777,
+            0o750
+        );
         // A directory and a symlink.
         let mut d = req(&format!("{}/shared/dir", run.display()), b"", 0, 0);
         d.file_mode = libc::S_IFDIR | 0o700;
@@ -141,7 +176,10 @@ mod tests {
         let mut l = req(&format!("{}/shared/link", run.display()), b"/etc", 0, 0);
         l.file_mode = libc::S_IFLNK | 0o777;
         copy_file(&run, &l).unwrap();
-        assert_eq!(fs::read_link(run.join("shared/link")).unwrap(), Path::new("/etc"));
+        assert_eq!(
+            fs::read_link(run.join("shared/link")).unwrap(),
+            Path::new("/etc")
+        );
     }
 
     #[test]
@@ -159,12 +197,26 @@ mod tests {
             r.to_string(),
         ] {
             let e = copy_file(&run, &req(&bad, b"x", 0, 1)).unwrap_err();
-            assert_eq!(e.kind, crate::error::ErrorKind::InvalidArgument, "{bad}: {}", e.message);
+            assert_eq!(
+                e.kind,
+                crate::error::ErrorKind::InvalidArgument,
+                "{bad}: {}",
+                e.message
+            );
         }
         assert!(!dir.path().join("escape").exists());
         let ok = format!("{r}/f");
-        for (off, size) in [(-1, 1), (0, -1), (1, 1), (0, MAX_FILE_SIZE + 1), (i64::MAX, i64::MAX)] {
-            assert!(copy_file(&run, &req(&ok, b"x", off, size)).is_err(), "{off} {size}");
+        for (off, size) in [
+            (-1, 1),
+            (0, -1),
+            (1, 1),
+            (0, MAX_FILE_SIZE + 1),
+            (i64::MAX, i64::MAX),
+        ] {
+            assert!(
+                copy_file(&run, &req(&ok, b"x", off, size)).is_err(),
+                "{off} {size}"
+            );
         }
         let mut odd = req(&ok, b"", 0, 0);
         odd.file_mode = libc::S_IFCHR | 0o600;

@@ -36,7 +36,10 @@ pub type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 impl AgentError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        AgentError { kind, message: message.into() }
+        AgentError {
+            kind,
+            message: message.into(),
+        }
     }
 
     /// Prefixes the message with what was being done.
@@ -103,7 +106,9 @@ pub fn check_id(what: &str, id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= MAX_ID_LEN
         && id.as_bytes()[0].is_ascii_alphanumeric()
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if ok {
         Ok(())
     } else {
@@ -120,7 +125,18 @@ mod tests {
 
     #[test]
     fn ids_that_could_escape_a_directory_are_rejected() {
-        for bad in ["", "../x", "a/b", ".", "..", ".hidden", "-x", "a\0b", "é", &"a".repeat(129)] {
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            ".",
+            "..",
+            ".hidden",
+            "-x",
+            "a\0b",
+            "é",
+            &"a".repeat(129),
+        ] {
             let e = check_id("container id", bad).unwrap_err();
             assert_eq!(e.kind, ErrorKind::InvalidArgument, "{bad:?}");
         }

@@ -31,13 +31,6 @@ impl GuestFs {
         self.path("/sys/devices/system/memory/probe").exists()
     }
 
-    /// Whether the kernel offers seccomp filters.
-    pub fn seccomp(&self) -> bool {
-        std::fs::read_to_string(self.path("/proc/self/status"))
-            .map(|s| s.lines().any(|l| l.starts_with("Seccomp:")))
-            .unwrap_or(false)
-    }
-
     /// Brings offline CPUs online; returns how many it onlined.
     pub fn online_cpus(&self) -> std::io::Result<u32> {
         self.online_all("/sys/devices/system/cpu", "cpu", "online", "0", "1")
@@ -45,12 +38,19 @@ impl GuestFs {
 
     /// Brings offline memory blocks online; returns how many it onlined.
     pub fn online_memory(&self) -> std::io::Result<u32> {
-        self.online_all("/sys/devices/system/memory", "memory", "state", "offline", "online")
+        self.online_all(
+            "/sys/devices/system/memory",
+            "memory",
+            "state",
+            "offline",
+            "online",
+        )
     }
 
     /// CPUs that are online now, from `/sys/devices/system/cpu/online` ("0-3,5").
     pub fn online_cpu_count(&self) -> u32 {
-        let s = std::fs::read_to_string(self.path("/sys/devices/system/cpu/online")).unwrap_or_default();
+        let s = std::fs::read_to_string(self.path("/sys/devices/system/cpu/online"))
+            .unwrap_or_default();
         s.trim()
             .split(',')
             .filter(|r| !r.is_empty())
@@ -64,16 +64,28 @@ impl GuestFs {
             .sum()
     }
 
-    fn online_all(&self, dir: &str, prefix: &str, file: &str, off: &str, on: &str) -> std::io::Result<u32> {
+    fn online_all(
+        &self,
+        dir: &str,
+        prefix: &str,
+        file: &str,
+        off: &str,
+        on: &str,
+    ) -> std::io::Result<u32> {
         let mut n = 0;
         for e in std::fs::read_dir(self.path(dir))?.flatten() {
             let name = e.file_name();
-            let Some(idx) = name.to_str().and_then(|s| s.strip_prefix(prefix)) else { continue };
+            let Some(idx) = name.to_str().and_then(|s| s.strip_prefix(prefix)) else {
+                continue;
+            };
             if idx.is_empty() || !idx.bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
             let f = e.path().join(file);
-            if std::fs::read_to_string(&f).map(|s| s.trim() == off).unwrap_or(false) {
+            if std::fs::read_to_string(&f)
+                .map(|s| s.trim() == off)
+                .unwrap_or(false)
+            {
                 std::fs::write(&f, on)?;
                 n += 1;
             }
@@ -89,8 +101,16 @@ impl GuestFs {
             .skip(2)
             .filter_map(|l| {
                 let (name, rest) = l.split_once(':')?;
-                let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-                (v.len() >= 12).then(|| (name.trim().to_string(), [v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]]))
+                let v: Vec<u64> = rest
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                (v.len() >= 12).then(|| {
+                    (
+                        name.trim().to_string(),
+                        [v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]],
+                    )
+                })
             })
             .collect()
     }
@@ -118,10 +138,16 @@ mod tests {
         let g = GuestFs::new(dir.path());
         assert_eq!(g.online_cpu_count(), 3);
         assert_eq!(g.online_cpus().unwrap(), 2);
-        assert_eq!(std::fs::read_to_string(cpu.join("cpu3/online")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu3/online")).unwrap(),
+            "1"
+        );
         assert_eq!(g.online_cpus().unwrap(), 0, "idempotent");
         assert_eq!(g.online_memory().unwrap(), 1);
-        assert_eq!(std::fs::read_to_string(mem.join("memory1/state")).unwrap(), "online");
+        assert_eq!(
+            std::fs::read_to_string(mem.join("memory1/state")).unwrap(),
+            "online"
+        );
     }
 
     #[test]

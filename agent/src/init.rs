@@ -21,14 +21,62 @@ struct PseudoFs {
 fn pseudo_filesystems() -> Vec<PseudoFs> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     vec![
-        PseudoFs { source: "proc", target: "/proc", fstype: "proc", flags: nosuid_nodev_noexec, data: None },
-        PseudoFs { source: "sysfs", target: "/sys", fstype: "sysfs", flags: nosuid_nodev_noexec, data: None },
-        PseudoFs { source: "dev", target: "/dev", fstype: "devtmpfs", flags: MsFlags::MS_NOSUID, data: Some("mode=0755") },
-        PseudoFs { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data: Some("mode=0755") },
-        PseudoFs { source: "tmpfs", target: "/tmp", fstype: "tmpfs", flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data: None },
-        PseudoFs { source: "devpts", target: "/dev/pts", fstype: "devpts", flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, data: Some("gid=5,mode=620,ptmxmode=666") },
-        PseudoFs { source: "shm", target: "/dev/shm", fstype: "tmpfs", flags: nosuid_nodev_noexec, data: Some("mode=1777") },
-        PseudoFs { source: "cgroup2", target: "/sys/fs/cgroup", fstype: "cgroup2", flags: nosuid_nodev_noexec, data: None },
+        PseudoFs {
+            source: "proc",
+            target: "/proc",
+            fstype: "proc",
+            flags: nosuid_nodev_noexec,
+            data: None,
+        },
+        PseudoFs {
+            source: "sysfs",
+            target: "/sys",
+            fstype: "sysfs",
+            flags: nosuid_nodev_noexec,
+            data: None,
+        },
+        PseudoFs {
+            source: "dev",
+            target: "/dev",
+            fstype: "devtmpfs",
+            flags: MsFlags::MS_NOSUID,
+            data: Some("mode=0755"),
+        },
+        PseudoFs {
+            source: "tmpfs",
+            target: "/run",
+            fstype: "tmpfs",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some("mode=0755"),
+        },
+        PseudoFs {
+            source: "tmpfs",
+            target: "/tmp",
+            fstype: "tmpfs",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: None,
+        },
+        PseudoFs {
+            source: "devpts",
+            target: "/dev/pts",
+            fstype: "devpts",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            data: Some("gid=5,mode=620,ptmxmode=666"),
+        },
+        PseudoFs {
+            source: "shm",
+            target: "/dev/shm",
+            fstype: "tmpfs",
+            flags: nosuid_nodev_noexec,
+            data: Some("mode=1777"),
+        },
+        PseudoFs {
+            source: "cgroup2",
+            target: "/sys/fs/cgroup",
+            fstype: "cgroup2",
+            flags: nosuid_nodev_noexec,
+            data: None,
+        },
     ]
 }
 
@@ -43,7 +91,13 @@ pub fn setup_pid1() -> Vec<String> {
             problems.push(format!("mkdir {}: {e}", fs.target));
             continue;
         }
-        if let Err(e) = mount(Some(fs.source), fs.target, Some(fs.fstype), fs.flags, fs.data) {
+        if let Err(e) = mount(
+            Some(fs.source),
+            fs.target,
+            Some(fs.fstype),
+            fs.flags,
+            fs.data,
+        ) {
             problems.push(format!("mount {} on {}: {e}", fs.fstype, fs.target));
         }
     }
@@ -53,7 +107,10 @@ pub fn setup_pid1() -> Vec<String> {
     // The kernel starts init with an empty environment apart from a few
     // variables; give child processes a usable PATH.
     if std::env::var_os("PATH").is_none() {
-        std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        std::env::set_var(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
     }
     problems
 }
@@ -63,9 +120,11 @@ pub fn setup_pid1() -> Vec<String> {
 fn attach_console() -> nix::Result<()> {
     use std::os::fd::AsRawFd;
     let _ = nix::unistd::setsid();
-    let console = fs::OpenOptions::new().read(true).write(true).open("/dev/console").map_err(|e| {
-        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
-    })?;
+    let console = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
     let fd = console.as_raw_fd();
     for target in 0..=2 {
         // SAFETY: dup2 onto the standard descriptors; `fd` is open for the call.
@@ -79,12 +138,16 @@ fn attach_console() -> nix::Result<()> {
 }
 
 fn is_mounted(target: &str) -> bool {
-    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else { return false };
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
     mounts_contain(&mounts, target)
 }
 
 fn mounts_contain(mounts: &str, target: &str) -> bool {
-    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(target))
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(target))
 }
 
 /// True when this process is the guest's init.
@@ -112,7 +175,14 @@ mod tests {
     #[test]
     fn pid1_mounts_include_what_containers_need() {
         let targets: Vec<_> = pseudo_filesystems().iter().map(|f| f.target).collect();
-        for t in ["/proc", "/sys", "/dev", "/run", "/sys/fs/cgroup", "/dev/pts"] {
+        for t in [
+            "/proc",
+            "/sys",
+            "/dev",
+            "/run",
+            "/sys/fs/cgroup",
+            "/dev/pts",
+        ] {
             assert!(targets.contains(&t), "{t}");
         }
         // Parents before children.

@@ -4,12 +4,30 @@
 //! Invariant: as PID 1 this process never exits and never lets a panic
 //! escape; failures are logged and the server is restarted.
 
+mod command;
 mod config;
+mod container;
+mod copy_file;
+mod debug_console;
+mod error;
+mod facts;
 mod guest;
 mod init;
+mod metrics;
+#[cfg(feature = "netlink")]
+mod network;
+#[cfg(not(feature = "netlink"))]
+#[path = "network_stub.rs"]
+mod network;
+mod oom;
+mod paths;
+mod pci;
 mod reaper;
 mod rpc;
+mod sandbox;
 mod server;
+mod storage;
+mod uevent;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,19 +36,51 @@ use std::time::Duration;
 use crate::config::AgentConfig;
 use crate::guest::GuestFs;
 use crate::rpc::AgentState;
+use crate::sandbox::{AgentPaths, Sandbox};
 
 fn main() {
+    // The container helper is this binary re-executed; it must not touch
+    // logging, the console or anything else of the agent's.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == container::wire::HELPER_ARG)
+    {
+        container::child::helper_main();
+    }
     let pid1 = init::is_pid1();
     let early_problems = if pid1 { init::setup_pid1() } else { Vec::new() };
     let cmdline = init::kernel_cmdline(Path::new("/proc"));
     let (mut config, warnings) = AgentConfig::from_cmdline(&cmdline);
     // Outside a VM (tests, development) the address can be given directly.
     let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--server-addr") {
-        if let Some(addr) = args.get(i + 1) {
-            config.server_addr = addr.clone();
-        }
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if let Some(addr) = flag("--server-addr") {
+        config.server_addr = addr;
     }
+    // Development and host tests: where runtime state and cgroups live.
+    let mut paths = AgentPaths::default();
+    if let Some(d) = flag("--run-dir") {
+        paths.run_dir = d.into();
+    }
+    if let Some(d) = flag("--cgroup-root") {
+        paths.cgroup_root = d.into();
+    }
+    paths.no_pivot = args.iter().any(|a| a == "--no-pivot-root");
+    let console = match flag("--debug-console-addr")
+        .as_deref()
+        .and_then(|a| a.strip_prefix("unix://"))
+    {
+        Some(p) => Some(debug_console::ConsoleAddr::Unix(p.into())),
+        None if config.debug_console => Some(debug_console::ConsoleAddr::Vsock(
+            config.debug_console_vport,
+        )),
+        None => None,
+    };
     if args.iter().any(|a| a == "--version") {
         println!("kiln-agent {}", rpc::AGENT_VERSION);
         return;
@@ -47,7 +97,9 @@ fn main() {
 
     loop {
         let cfg = config.clone();
-        let outcome = std::panic::catch_unwind(move || run(cfg, pid1));
+        let p = paths.clone();
+        let c = console.clone();
+        let outcome = std::panic::catch_unwind(move || run(cfg, p, c, pid1));
         match outcome {
             Ok(Ok(())) => tracing::error!("server stopped"),
             Ok(Err(e)) => tracing::error!("server failed: {e:#}"),
@@ -61,14 +113,41 @@ fn main() {
     }
 }
 
-fn run(config: AgentConfig, pid1: bool) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+fn run(
+    config: AgentConfig,
+    paths: AgentPaths,
+    console: Option<debug_console::ConsoleAddr>,
+    pid1: bool,
+) -> anyhow::Result<()> {
+    if !pid1 {
+        // Outside the guest, become the reaper of our containers' orphans
+        // (as PID 1 the kernel makes us that anyway).
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            tracing::warn!(
+                "PR_SET_CHILD_SUBREAPER failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let reaper = reaper::Reaper::default();
-        if pid1 {
-            tokio::spawn(reaper.clone().run());
+        tokio::spawn(reaper.clone().run());
+        if let Some(addr) = console {
+            tokio::spawn(debug_console::serve(addr, reaper.clone()));
         }
-        let state = Arc::new(AgentState { config, guest: GuestFs::new("/"), init_daemon: pid1 });
+        let guest = GuestFs::new("/");
+        let sandbox = Sandbox::new(config.clone(), guest.clone(), paths, reaper, pid1);
+        let state = Arc::new(AgentState {
+            config,
+            guest,
+            init_daemon: pid1,
+            sandbox,
+        });
         server::serve(state).await
     })
 }

@@ -1,7 +1,7 @@
 //! Paths from requests that must stay inside a directory the agent owns
 //! (storage mount points, CopyFile destinations).
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use crate::error::{invalid, Result};
 
@@ -11,22 +11,35 @@ use crate::error::{invalid, Result};
 /// Returns the path unchanged.
 pub fn confined(what: &str, base: &Path, requested: &str) -> Result<PathBuf> {
     if requested.is_empty() || requested.contains('\0') || requested.len() > 4096 {
-        return Err(invalid(format!("{what} {requested:?} is not a usable path")));
+        return Err(invalid(format!(
+            "{what} {requested:?} is not a usable path"
+        )));
     }
     let p = Path::new(requested);
     if !p.is_absolute() {
         return Err(invalid(format!("{what} {requested:?} must be absolute")));
     }
-    if p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
-        return Err(invalid(format!("{what} {requested:?} must not contain '.' or '..' components")));
+    // Path::components() drops inner "." silently; look at the raw text.
+    if requested.split('/').any(|c| c == "." || c == "..") {
+        return Err(invalid(format!(
+            "{what} {requested:?} must not contain '.' or '..' components"
+        )));
     }
-    let rel = p.strip_prefix(base).map_err(|_| invalid(format!("{what} {requested:?} is outside {}", base.display())))?;
+    let rel = p.strip_prefix(base).map_err(|_| {
+        invalid(format!(
+            "{what} {requested:?} is outside {}",
+            base.display()
+        ))
+    })?;
     let mut cur = base.to_path_buf();
     for c in rel.components() {
         cur.push(c);
         match std::fs::symlink_metadata(&cur) {
             Ok(md) if md.file_type().is_symlink() => {
-                return Err(invalid(format!("{what} {requested:?}: {} is a symlink", cur.display())))
+                return Err(invalid(format!(
+                    "{what} {requested:?}: {} is a symlink",
+                    cur.display()
+                )))
             }
             Ok(_) => {}
             Err(_) => break, // the rest does not exist yet, so it holds no links
@@ -56,7 +69,10 @@ mod tests {
             format!("{b}/a\0b"),
             String::new(),
         ] {
-            assert!(confined("CopyFile path", &base, &bad).is_err(), "{bad:?} accepted");
+            assert!(
+                confined("CopyFile path", &base, &bad).is_err(),
+                "{bad:?} accepted"
+            );
         }
         let ok = format!("{b}/sandbox/new/dir/file");
         assert_eq!(confined("x", &base, &ok).unwrap(), PathBuf::from(&ok));

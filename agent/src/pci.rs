@@ -39,7 +39,11 @@ impl FromStr for PciPath {
     /// `02/00`, `2/0`, or with functions `02.1/00.0`; slots are hex (0..=1f),
     /// functions 0..=7, at most 32 hops.
     fn from_str(s: &str) -> Result<Self, AgentError> {
-        let bad = || invalid(format!("PCI path {s:?} is not like 02/00 (hex slots, optional .function)"));
+        let bad = || {
+            invalid(format!(
+                "PCI path {s:?} is not like 02/00 (hex slots, optional .function)"
+            ))
+        };
         if s.is_empty() || s.len() > 200 {
             return Err(bad());
         }
@@ -100,7 +104,11 @@ pub fn block_device(guest: &GuestFs, bdf: &GuestBdf) -> Option<String> {
         if !name.starts_with("virtio") {
             continue;
         }
-        if let Some(block) = std::fs::read_dir(entry.path().join("block")).ok()?.flatten().next() {
+        if let Some(block) = std::fs::read_dir(entry.path().join("block"))
+            .ok()?
+            .flatten()
+            .next()
+        {
             let devname = block.file_name().to_str()?.to_string();
             if guest.path("/dev").join(&devname).exists() {
                 return Some(devname);
@@ -132,8 +140,26 @@ pub(crate) mod tests {
 
     #[test]
     fn parses_pci_paths() {
-        assert_eq!("02/00".parse::<PciPath>().unwrap().0, vec![SlotFn { slot: 2, function: 0 }, SlotFn { slot: 0, function: 0 }]);
-        assert_eq!("1f.3".parse::<PciPath>().unwrap().0, vec![SlotFn { slot: 0x1f, function: 3 }]);
+        assert_eq!(
+            "02/00".parse::<PciPath>().unwrap().0,
+            vec![
+                SlotFn {
+                    slot: 2,
+                    function: 0
+                },
+                SlotFn {
+                    slot: 0,
+                    function: 0
+                }
+            ]
+        );
+        assert_eq!(
+            "1f.3".parse::<PciPath>().unwrap().0,
+            vec![SlotFn {
+                slot: 0x1f,
+                function: 3
+            }]
+        );
         for bad in ["", "02/", "/02", "20", "02.8", "zz", "02//00", "../00"] {
             assert!(bad.parse::<PciPath>().is_err(), "{bad:?}");
         }
@@ -144,12 +170,23 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         fake_pci_tree(dir.path(), true);
         let g = GuestFs::new(dir.path());
-        assert_eq!(resolve(&g, &"03".parse().unwrap()), Some(GuestBdf("0000:00:03.0".into())));
+        assert_eq!(
+            resolve(&g, &"03".parse().unwrap()),
+            Some(GuestBdf("0000:00:03.0".into()))
+        );
         let bdf = resolve(&g, &"02/00".parse().unwrap()).unwrap();
         assert_eq!(bdf.0, "0000:01:00.0");
         assert_eq!(block_device(&g, &bdf).as_deref(), Some("vdb"));
-        assert_eq!(resolve(&g, &"02/01".parse().unwrap()), None, "nothing at 01:01.0");
-        assert_eq!(resolve(&g, &"03/00".parse().unwrap()), None, "03 is no bridge");
+        assert_eq!(
+            resolve(&g, &"02/01".parse().unwrap()),
+            None,
+            "nothing at 01:01.0"
+        );
+        assert_eq!(
+            resolve(&g, &"03/00".parse().unwrap()),
+            None,
+            "03 is no bridge"
+        );
         assert_eq!(resolve(&g, &"05".parse().unwrap()), None);
     }
 

@@ -48,7 +48,9 @@ impl Reaper {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => self.deliver(pid.as_raw(), code),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => self.deliver(pid.as_raw(), 128 + sig as i32),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    self.deliver(pid.as_raw(), 128 + sig as i32)
+                }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => continue,
             }
@@ -86,19 +88,29 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    #[allow(clippy::zombie_processes)] // the reaper under test waits for them
     async fn delivers_exit_codes_and_signals() {
         let reaper = Reaper::default();
         tokio::spawn(reaper.clone().run());
         let (rx_exit, rx_sig) = {
             let mut g = reaper.lock();
-            let a = std::process::Command::new("sh").args(["-c", "exit 7"]).spawn().unwrap();
+            let a = std::process::Command::new("sh")
+                .args(["-c", "exit 7"])
+                .spawn()
+                .unwrap();
             let rx_exit = g.register(a.id() as i32);
-            let b = std::process::Command::new("sh").args(["-c", "kill -TERM $$"]).spawn().unwrap();
+            let b = std::process::Command::new("sh")
+                .args(["-c", "kill -TERM $$"])
+                .spawn()
+                .unwrap();
             let rx_sig = g.register(b.id() as i32);
             (rx_exit, rx_sig)
         };
         let t = std::time::Duration::from_secs(20);
         assert_eq!(tokio::time::timeout(t, rx_exit).await.unwrap().unwrap(), 7);
-        assert_eq!(tokio::time::timeout(t, rx_sig).await.unwrap().unwrap(), 128 + 15);
+        assert_eq!(
+            tokio::time::timeout(t, rx_sig).await.unwrap().unwrap(),
+            128 + 15
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! runtime reads as "no such agent" rather than "not supported").
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kiln_protocol::{agent, csi, health, types};
 use protobuf::well_known_types::empty::Empty;
@@ -12,7 +13,9 @@ use protobuf::MessageField;
 use ttrpc::r#async::TtrpcContext;
 
 use crate::config::AgentConfig;
+use crate::error::{invalid, os, precondition, Result};
 use crate::guest::GuestFs;
+use crate::sandbox::Sandbox;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -21,6 +24,15 @@ pub struct AgentState {
     pub config: AgentConfig,
     pub guest: GuestFs,
     pub init_daemon: bool,
+    pub sandbox: Sandbox,
+}
+
+/// Logs a failed RPC and turns the result into what ttrpc sends.
+fn reply<T>(method: &str, r: Result<T>) -> ttrpc::Result<T> {
+    r.map_err(|e| {
+        tracing::warn!(rpc = method, code = ?e.kind, "{}", e.message);
+        e.into()
+    })
 }
 
 pub fn unimplemented_status(method: &str) -> ttrpc::Error {
@@ -34,13 +46,21 @@ pub struct HealthService;
 
 #[async_trait::async_trait]
 impl kiln_protocol::health_ttrpc::Health for HealthService {
-    async fn check(&self, _ctx: &TtrpcContext, _req: health::CheckRequest) -> ttrpc::Result<health::HealthCheckResponse> {
+    async fn check(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: health::CheckRequest,
+    ) -> ttrpc::Result<health::HealthCheckResponse> {
         let mut resp = health::HealthCheckResponse::new();
         resp.status = health::health_check_response::ServingStatus::SERVING.into();
         Ok(resp)
     }
 
-    async fn version(&self, _ctx: &TtrpcContext, _req: health::CheckRequest) -> ttrpc::Result<health::VersionCheckResponse> {
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: health::CheckRequest,
+    ) -> ttrpc::Result<health::VersionCheckResponse> {
         let mut resp = health::VersionCheckResponse::new();
         resp.agent_version = AGENT_VERSION.to_string();
         // The ttrpc protocol revision Kata's runtime compares against.
@@ -54,12 +74,21 @@ pub struct AgentService {
 }
 
 impl AgentService {
+    fn sb(&self) -> &Sandbox {
+        &self.state.sandbox
+    }
+
     pub fn guest_details(&self, req: &agent::GuestDetailsRequest) -> agent::GuestDetailsResponse {
         let g = &self.state.guest;
         let mut details = agent::AgentDetails::new();
         details.version = AGENT_VERSION.to_string();
         details.init_daemon = self.state.init_daemon;
-        details.supports_seccomp = g.seccomp();
+        // Seccomp profiles are refused (not applied yet), whatever the kernel offers.
+        details.supports_seccomp = false;
+        details.storage_handlers = crate::storage::DRIVERS
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
         let mut resp = agent::GuestDetailsResponse::new();
         if req.mem_block_size {
             resp.mem_block_size_bytes = g.mem_block_size();
@@ -96,53 +125,463 @@ macro_rules! unimplemented_rpcs {
 
 #[async_trait::async_trait]
 impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
-    async fn get_guest_details(&self, _ctx: &TtrpcContext, req: agent::GuestDetailsRequest) -> ttrpc::Result<agent::GuestDetailsResponse> {
+    async fn get_guest_details(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::GuestDetailsRequest,
+    ) -> ttrpc::Result<agent::GuestDetailsResponse> {
         Ok(self.guest_details(&req))
     }
 
+    async fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "CreateSandbox",
+            self.sb().create_sandbox(&req).await.map(|_| Empty::new()),
+        )
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::DestroySandboxRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "DestroySandbox",
+            self.sb().destroy_sandbox().await.map(|_| Empty::new()),
+        )
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "CreateContainer",
+            self.sb().create_container(&req).await.map(|_| Empty::new()),
+        )
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::StartContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "StartContainer",
+            self.sb()
+                .start_container(&req.container_id)
+                .await
+                .map(|_| Empty::new()),
+        )
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "RemoveContainer",
+            self.sb()
+                .remove_container(&req.container_id, req.timeout)
+                .await
+                .map(|_| Empty::new()),
+        )
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ExecProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "ExecProcess",
+            self.sb().exec_process(&req).await.map(|_| Empty::new()),
+        )
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "SignalProcess",
+            self.sb().signal_process(&req).map(|_| Empty::new()),
+        )
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::WaitProcessRequest,
+    ) -> ttrpc::Result<agent::WaitProcessResponse> {
+        reply(
+            "WaitProcess",
+            self.sb().wait_process(&req).await.map(|status| {
+                let mut r = agent::WaitProcessResponse::new();
+                r.status = status;
+                r
+            }),
+        )
+    }
+
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadStreamRequest,
+    ) -> ttrpc::Result<agent::ReadStreamResponse> {
+        reply(
+            "ReadStdout",
+            self.sb().read_stream(&req, false).await.map(read_response),
+        )
+    }
+
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadStreamRequest,
+    ) -> ttrpc::Result<agent::ReadStreamResponse> {
+        reply(
+            "ReadStderr",
+            self.sb().read_stream(&req, true).await.map(read_response),
+        )
+    }
+
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::WriteStreamRequest,
+    ) -> ttrpc::Result<agent::WriteStreamResponse> {
+        reply(
+            "WriteStdin",
+            self.sb().write_stdin(&req).await.map(|len| {
+                let mut r = agent::WriteStreamResponse::new();
+                r.len = len;
+                r
+            }),
+        )
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CloseStdinRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "CloseStdin",
+            self.sb().close_stdin(&req).await.map(|_| Empty::new()),
+        )
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::TtyWinResizeRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "TtyWinResize",
+            self.sb().tty_win_resize(&req).map(|_| Empty::new()),
+        )
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "UpdateContainer",
+            self.sb().update_container(&req).map(|_| Empty::new()),
+        )
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::StatsContainerRequest,
+    ) -> ttrpc::Result<agent::StatsContainerResponse> {
+        reply(
+            "StatsContainer",
+            self.sb().stats_container(&req.container_id),
+        )
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::PauseContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "PauseContainer",
+            self.sb()
+                .set_paused(&req.container_id, true)
+                .await
+                .map(|_| Empty::new()),
+        )
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ResumeContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "ResumeContainer",
+            self.sb()
+                .set_paused(&req.container_id, false)
+                .await
+                .map(|_| Empty::new()),
+        )
+    }
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::GetOOMEventRequest,
+    ) -> ttrpc::Result<agent::OOMEvent> {
+        reply(
+            "GetOOMEvent",
+            self.sb().next_oom_event().await.map(|id| {
+                let mut e = agent::OOMEvent::new();
+                e.container_id = id;
+                e
+            }),
+        )
+    }
+
+    async fn copy_file(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CopyFileRequest,
+    ) -> ttrpc::Result<Empty> {
+        let run_dir = self.sb().run_dir().to_path_buf();
+        let r = tokio::task::spawn_blocking(move || crate::copy_file::copy_file(&run_dir, &req))
+            .await
+            .unwrap_or_else(|e| Err(crate::error::internal(format!("CopyFile task failed: {e}"))));
+        reply("CopyFile", r.map(|_| Empty::new()))
+    }
+
+    async fn set_guest_date_time(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::SetGuestDateTimeRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "SetGuestDateTime",
+            set_guest_time(req.Sec, req.Usec).map(|_| Empty::new()),
+        )
+    }
+
+    async fn online_cpu_mem(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::OnlineCPUMemRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "OnlineCPUMem",
+            online_cpu_mem(&self.state.guest, &req)
+                .await
+                .map(|_| Empty::new()),
+        )
+    }
+
+    async fn mem_hotplug_by_probe(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::MemHotplugByProbeRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "MemHotplugByProbe",
+            mem_hotplug_by_probe(&self.state.guest, &req.memHotplugProbeAddr).map(|_| Empty::new()),
+        )
+    }
+
+    async fn get_metrics(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::GetMetricsRequest,
+    ) -> ttrpc::Result<agent::Metrics> {
+        let counts = crate::metrics::AgentCounts {
+            containers: self.sb().container_count(),
+            processes: self.sb().process_count(),
+        };
+        let mut m = agent::Metrics::new();
+        m.metrics = crate::metrics::render(
+            &self.state.guest,
+            std::path::Path::new("/proc/self"),
+            &counts,
+        );
+        Ok(m)
+    }
+
+    async fn get_volume_stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::VolumeStatsRequest,
+    ) -> ttrpc::Result<csi::VolumeStatsResponse> {
+        reply("GetVolumeStats", volume_stats(&req.volume_guest_path))
+    }
+
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateInterfaceRequest,
+    ) -> ttrpc::Result<types::Interface> {
+        reply(
+            "UpdateInterface",
+            crate::network::update_interface(req.interface.as_ref()).await,
+        )
+    }
+
+    async fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateRoutesRequest,
+    ) -> ttrpc::Result<agent::Routes> {
+        reply(
+            "UpdateRoutes",
+            crate::network::update_routes(req.routes.as_ref()).await,
+        )
+    }
+
+    async fn list_interfaces(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::ListInterfacesRequest,
+    ) -> ttrpc::Result<agent::Interfaces> {
+        reply("ListInterfaces", crate::network::list_interfaces().await)
+    }
+
+    async fn list_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::ListRoutesRequest,
+    ) -> ttrpc::Result<agent::Routes> {
+        reply("ListRoutes", crate::network::list_routes().await)
+    }
+
+    async fn add_arp_neighbors(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::AddARPNeighborsRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "AddARPNeighbors",
+            crate::network::add_arp_neighbors(req.neighbors.as_ref())
+                .await
+                .map(|_| Empty::new()),
+        )
+    }
+
     unimplemented_rpcs! {
-        create_container(agent::CreateContainerRequest) -> Empty = "CreateContainer";
-        start_container(agent::StartContainerRequest) -> Empty = "StartContainer";
-        remove_container(agent::RemoveContainerRequest) -> Empty = "RemoveContainer";
-        exec_process(agent::ExecProcessRequest) -> Empty = "ExecProcess";
-        signal_process(agent::SignalProcessRequest) -> Empty = "SignalProcess";
-        wait_process(agent::WaitProcessRequest) -> agent::WaitProcessResponse = "WaitProcess";
-        update_container(agent::UpdateContainerRequest) -> Empty = "UpdateContainer";
         update_ephemeral_mounts(agent::UpdateEphemeralMountsRequest) -> Empty = "UpdateEphemeralMounts";
-        stats_container(agent::StatsContainerRequest) -> agent::StatsContainerResponse = "StatsContainer";
-        pause_container(agent::PauseContainerRequest) -> Empty = "PauseContainer";
-        resume_container(agent::ResumeContainerRequest) -> Empty = "ResumeContainer";
         remove_stale_virtiofs_share_mounts(agent::RemoveStaleVirtiofsShareMountsRequest) -> Empty = "RemoveStaleVirtiofsShareMounts";
         get_diagnostic_data(agent::GetDiagnosticDataRequest) -> agent::GetDiagnosticDataResponse = "GetDiagnosticData";
-        write_stdin(agent::WriteStreamRequest) -> agent::WriteStreamResponse = "WriteStdin";
-        read_stdout(agent::ReadStreamRequest) -> agent::ReadStreamResponse = "ReadStdout";
-        read_stderr(agent::ReadStreamRequest) -> agent::ReadStreamResponse = "ReadStderr";
-        close_stdin(agent::CloseStdinRequest) -> Empty = "CloseStdin";
-        tty_win_resize(agent::TtyWinResizeRequest) -> Empty = "TtyWinResize";
-        update_interface(agent::UpdateInterfaceRequest) -> types::Interface = "UpdateInterface";
-        update_routes(agent::UpdateRoutesRequest) -> agent::Routes = "UpdateRoutes";
-        list_interfaces(agent::ListInterfacesRequest) -> agent::Interfaces = "ListInterfaces";
-        list_routes(agent::ListRoutesRequest) -> agent::Routes = "ListRoutes";
-        add_arp_neighbors(agent::AddARPNeighborsRequest) -> Empty = "AddARPNeighbors";
         get_ip_tables(agent::GetIPTablesRequest) -> agent::GetIPTablesResponse = "GetIPTables";
         set_ip_tables(agent::SetIPTablesRequest) -> agent::SetIPTablesResponse = "SetIPTables";
-        get_metrics(agent::GetMetricsRequest) -> agent::Metrics = "GetMetrics";
         mem_agent_memcg_set(agent::MemAgentMemcgConfig) -> Empty = "MemAgentMemcgSet";
         mem_agent_compact_set(agent::MemAgentCompactConfig) -> Empty = "MemAgentCompactSet";
-        create_sandbox(agent::CreateSandboxRequest) -> Empty = "CreateSandbox";
-        destroy_sandbox(agent::DestroySandboxRequest) -> Empty = "DestroySandbox";
-        online_cpu_mem(agent::OnlineCPUMemRequest) -> Empty = "OnlineCPUMem";
         reseed_random_dev(agent::ReseedRandomDevRequest) -> Empty = "ReseedRandomDev";
-        mem_hotplug_by_probe(agent::MemHotplugByProbeRequest) -> Empty = "MemHotplugByProbe";
-        set_guest_date_time(agent::SetGuestDateTimeRequest) -> Empty = "SetGuestDateTime";
-        copy_file(agent::CopyFileRequest) -> Empty = "CopyFile";
-        get_oom_event(agent::GetOOMEventRequest) -> agent::OOMEvent = "GetOOMEvent";
         add_swap(agent::AddSwapRequest) -> Empty = "AddSwap";
         add_swap_path(agent::AddSwapPathRequest) -> Empty = "AddSwapPath";
-        get_volume_stats(agent::VolumeStatsRequest) -> csi::VolumeStatsResponse = "GetVolumeStats";
         resize_volume(agent::ResizeVolumeRequest) -> Empty = "ResizeVolume";
         set_policy(agent::SetPolicyRequest) -> Empty = "SetPolicy";
     }
+}
+
+fn read_response(data: Vec<u8>) -> agent::ReadStreamResponse {
+    let mut r = agent::ReadStreamResponse::new();
+    r.data = data;
+    r
+}
+
+/// Checks a wall-clock time from SetGuestDateTime.
+fn guest_timespec(sec: i64, usec: i64) -> Result<libc::timespec> {
+    if sec < 0 || !(0..1_000_000).contains(&usec) {
+        return Err(invalid(format!(
+            "date/time {sec} s {usec} µs is not a valid time (seconds >= 0, 0 <= µs < 1e6)"
+        )));
+    }
+    Ok(libc::timespec {
+        tv_sec: sec as _,
+        tv_nsec: (usec * 1000) as _,
+    })
+}
+
+fn set_guest_time(sec: i64, usec: i64) -> Result<()> {
+    let ts = guest_timespec(sec, usec)?;
+    // SAFETY: clock_settime reads the timespec we pass.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(os(
+            "setting the guest clock",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+async fn online_cpu_mem(guest: &GuestFs, req: &agent::OnlineCPUMemRequest) -> Result<()> {
+    // Hot-plugged CPUs show up in sysfs shortly after the request: retry a
+    // while until the expected number came online.
+    let mut onlined = 0u32;
+    for attempt in 0..50 {
+        onlined += guest.online_cpus().map_err(|e| os("onlining CPUs", e))?;
+        if onlined >= req.nb_cpus {
+            break;
+        }
+        if attempt == 49 {
+            return Err(precondition(format!(
+                "only {onlined} of {} CPUs came online",
+                req.nb_cpus
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !req.cpu_only {
+        guest
+            .online_memory()
+            .map_err(|e| os("onlining memory blocks", e))?;
+    }
+    Ok(())
+}
+
+fn mem_hotplug_by_probe(guest: &GuestFs, addrs: &[u64]) -> Result<()> {
+    if addrs.len() > 4096 {
+        return Err(invalid("too many memory probe addresses"));
+    }
+    let probe = guest.path("/sys/devices/system/memory/probe");
+    for a in addrs {
+        std::fs::write(&probe, format!("{a:#X}"))
+            .map_err(|e| os(format!("writing {a:#X} to {}", probe.display()), e))?;
+    }
+    Ok(())
+}
+
+fn volume_stats(path: &str) -> Result<csi::VolumeStatsResponse> {
+    let p = crate::container::spec::abs_path("volume_guest_path", path)?;
+    let st = nix::sys::statvfs::statvfs(&p)
+        .map_err(|e| crate::error::not_found(format!("statvfs {}: {e}", p.display())))?;
+    let frag = st.fragment_size() as u64;
+    let mut bytes = csi::VolumeUsage::new();
+    bytes.unit = csi::volume_usage::Unit::BYTES.into();
+    bytes.total = st.blocks() as u64 * frag;
+    bytes.available = st.blocks_available() as u64 * frag;
+    bytes.used = (st.blocks() as u64).saturating_sub(st.blocks_free() as u64) * frag;
+    let mut inodes = csi::VolumeUsage::new();
+    inodes.unit = csi::volume_usage::Unit::INODES.into();
+    inodes.total = st.files() as u64;
+    inodes.available = st.files_available() as u64;
+    inodes.used = (st.files() as u64).saturating_sub(st.files_free() as u64);
+    let mut r = csi::VolumeStatsResponse::new();
+    r.usage = vec![bytes, inodes];
+    r.volume_condition = MessageField::some(csi::VolumeCondition::new());
+    Ok(r)
 }
 
 #[cfg(test)]
@@ -155,6 +594,17 @@ mod tests {
                 config: AgentConfig::default(),
                 guest: GuestFs::new(root),
                 init_daemon: false,
+                sandbox: Sandbox::new(
+                    AgentConfig::default(),
+                    GuestFs::new(root),
+                    crate::sandbox::AgentPaths {
+                        run_dir: root.join("run"),
+                        cgroup_root: root.join("cgroup"),
+                        no_pivot: false,
+                    },
+                    crate::reaper::Reaper::default(),
+                    false,
+                ),
             }),
         }
     }
@@ -172,6 +622,51 @@ mod tests {
         assert_eq!(resp.agent_details.version, AGENT_VERSION);
         req.mem_block_size = true;
         assert_eq!(svc.guest_details(&req).mem_block_size_bytes, 0x800_0000);
+    }
+
+    #[test]
+    fn guest_time_is_validated() {
+        assert_eq!(
+            guest_timespec(1_700_000_000, 250_000).unwrap().tv_nsec,
+            250_000_000
+        );
+        assert!(guest_timespec(-1, 0).is_err());
+        assert!(guest_timespec(0, 1_000_000).is_err());
+        assert!(guest_timespec(0, -1).is_err());
+    }
+
+    #[tokio::test]
+    async fn online_cpu_mem_and_probe_through_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpu = dir.path().join("sys/devices/system/cpu/cpu1");
+        std::fs::create_dir_all(&cpu).unwrap();
+        std::fs::write(cpu.join("online"), "0").unwrap();
+        let mem = dir.path().join("sys/devices/system/memory/memory7");
+        std::fs::create_dir_all(&mem).unwrap();
+        std::fs::write(mem.join("state"), "offline").unwrap();
+        let g = GuestFs::new(dir.path());
+        let mut req = agent::OnlineCPUMemRequest::new();
+        req.nb_cpus = 1;
+        online_cpu_mem(&g, &req).await.unwrap();
+        assert_eq!(std::fs::read_to_string(cpu.join("online")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(mem.join("state")).unwrap(),
+            "online"
+        );
+        mem_hotplug_by_probe(&g, &[0x1_0000_0000]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("sys/devices/system/memory/probe")).unwrap(),
+            "0x100000000"
+        );
+    }
+
+    #[test]
+    fn volume_stats_of_a_real_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = volume_stats(dir.path().to_str().unwrap()).unwrap();
+        assert_eq!(r.usage.len(), 2);
+        assert!(r.usage[0].total > 0);
+        assert!(volume_stats("relative").is_err());
     }
 
     #[test]

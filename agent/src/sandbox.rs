@@ -38,7 +38,11 @@ pub struct AgentPaths {
 
 impl Default for AgentPaths {
     fn default() -> Self {
-        AgentPaths { run_dir: "/run/kata-containers".into(), cgroup_root: "/sys/fs/cgroup".into(), no_pivot: false }
+        AgentPaths {
+            run_dir: "/run/kata-containers".into(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            no_pivot: false,
+        }
     }
 }
 
@@ -78,7 +82,13 @@ impl Drop for Creating<'_> {
 }
 
 impl Sandbox {
-    pub fn new(config: AgentConfig, guest: GuestFs, paths: AgentPaths, reaper: Reaper, init_daemon: bool) -> Self {
+    pub fn new(
+        config: AgentConfig,
+        guest: GuestFs,
+        paths: AgentPaths,
+        reaper: Reaper,
+        init_daemon: bool,
+    ) -> Self {
         let (oom_tx, oom_rx) = mpsc::channel(64);
         Sandbox {
             config,
@@ -98,7 +108,11 @@ impl Sandbox {
     }
 
     fn storage_env(&self) -> StorageEnv<'_> {
-        StorageEnv { run_dir: &self.paths.run_dir, guest: &self.guest, hotplug_timeout: self.config.hotplug_timeout }
+        StorageEnv {
+            run_dir: &self.paths.run_dir,
+            guest: &self.guest,
+            hotplug_timeout: self.config.hotplug_timeout,
+        }
     }
 
     fn cgroups(&self) -> CgroupTree {
@@ -107,7 +121,11 @@ impl Sandbox {
 
     pub fn container(&self, cid: &str) -> Result<Arc<Container>> {
         check_id("container id", cid)?;
-        self.lock().containers.get(cid).cloned().ok_or_else(|| not_found(format!("no container {cid:?} in this sandbox")))
+        self.lock()
+            .containers
+            .get(cid)
+            .cloned()
+            .ok_or_else(|| not_found(format!("no container {cid:?} in this sandbox")))
     }
 
     fn process(&self, cid: &str, eid: &str) -> Result<(Arc<Container>, Arc<Process>)> {
@@ -115,7 +133,9 @@ impl Sandbox {
         if !eid.is_empty() {
             check_id("exec id", eid)?;
         }
-        let p = c.process(eid).ok_or_else(|| not_found(format!("no process {eid:?} in container {cid:?}")))?;
+        let p = c
+            .process(eid)
+            .ok_or_else(|| not_found(format!("no process {eid:?} in container {cid:?}")))?;
         Ok((c, p))
     }
 
@@ -126,12 +146,18 @@ impl Sandbox {
     // ---- sandbox ----
 
     pub async fn create_sandbox(&self, req: &agent::CreateSandboxRequest) -> Result<()> {
-        let id = if req.sandbox_id.is_empty() { "default".to_string() } else { req.sandbox_id.clone() };
+        let id = if req.sandbox_id.is_empty() {
+            "default".to_string()
+        } else {
+            req.sandbox_id.clone()
+        };
         check_id("sandbox id", &id)?;
         {
             let mut st = self.lock();
             if let Some(existing) = &st.id {
-                return Err(exists(format!("sandbox {existing:?} already exists; DestroySandbox first")));
+                return Err(exists(format!(
+                    "sandbox {existing:?} already exists; DestroySandbox first"
+                )));
             }
             st.id = Some(id.clone());
         }
@@ -145,7 +171,11 @@ impl Sandbox {
     async fn setup_sandbox(&self, req: &agent::CreateSandboxRequest) -> Result<()> {
         if !req.hostname.is_empty() {
             let h = &req.hostname;
-            if h.len() > 64 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+            if h.len() > 64
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
                 return Err(invalid(format!("hostname {h:?} is not a valid hostname")));
             }
             if self.init_daemon {
@@ -155,15 +185,25 @@ impl Sandbox {
             }
         }
         if !req.dns.is_empty() {
-            if req.dns.len() > 64 || req.dns.iter().any(|l| l.len() > 1024 || l.contains(['\0', '\n'])) {
-                return Err(invalid("CreateSandbox dns entries must be at most 64 single lines"));
+            if req.dns.len() > 64
+                || req
+                    .dns
+                    .iter()
+                    .any(|l| l.len() > 1024 || l.contains(['\0', '\n']))
+            {
+                return Err(invalid(
+                    "CreateSandbox dns entries must be at most 64 single lines",
+                ));
             }
             let text: String = req.dns.iter().map(|l| format!("{l}\n")).collect();
             let dir = self.paths.run_dir.join("sandbox");
-            std::fs::create_dir_all(&dir).map_err(|e| os(format!("creating {}", dir.display()), e))?;
-            std::fs::write(dir.join("resolv.conf"), &text).map_err(|e| os("writing resolv.conf", e))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| os(format!("creating {}", dir.display()), e))?;
+            std::fs::write(dir.join("resolv.conf"), &text)
+                .map_err(|e| os("writing resolv.conf", e))?;
             if self.init_daemon {
-                std::fs::write("/etc/resolv.conf", &text).map_err(|e| os("writing /etc/resolv.conf", e))?;
+                std::fs::write("/etc/resolv.conf", &text)
+                    .map_err(|e| os("writing /etc/resolv.conf", e))?;
             }
         }
         for m in &req.kernel_modules {
@@ -195,17 +235,29 @@ impl Sandbox {
     }
 
     async fn load_module(&self, m: &agent::KernelModule) -> Result<()> {
-        let ok = |s: &str| !s.is_empty() && s.len() <= 256 && !s.starts_with('-') && !s.contains(['\0', '/']);
+        let ok = |s: &str| {
+            !s.is_empty() && s.len() <= 256 && !s.starts_with('-') && !s.contains(['\0', '/'])
+        };
         if !ok(&m.name) || !m.parameters.iter().all(|p| ok(p)) {
-            return Err(invalid(format!("kernel module {:?} or its parameters are not valid", m.name)));
+            return Err(invalid(format!(
+                "kernel module {:?} or its parameters are not valid",
+                m.name
+            )));
         }
         let mut args: Vec<&str> = vec!["-v", m.name.as_str()];
         args.extend(m.parameters.iter().map(String::as_str));
-        let (code, out) = crate::command::run(&self.reaper, "modprobe", &args, Duration::from_secs(60))
-            .await
-            .map_err(|e| precondition(format!("loading kernel module {}: {}", m.name, e.message)))?;
+        let (code, out) =
+            crate::command::run(&self.reaper, "modprobe", &args, Duration::from_secs(60))
+                .await
+                .map_err(|e| {
+                    precondition(format!("loading kernel module {}: {}", m.name, e.message))
+                })?;
         if code != 0 {
-            return Err(precondition(format!("modprobe {} failed ({code}): {}", m.name, out.trim())));
+            return Err(precondition(format!(
+                "modprobe {} failed ({code}): {}",
+                m.name,
+                out.trim()
+            )));
         }
         Ok(())
     }
@@ -213,8 +265,15 @@ impl Sandbox {
     pub async fn destroy_sandbox(&self) -> Result<()> {
         let (id, containers, storages) = {
             let st = self.lock();
-            let id = st.id.clone().ok_or_else(|| precondition("there is no sandbox; CreateSandbox first"))?;
-            (id, st.containers.keys().cloned().collect::<Vec<_>>(), st.storages.clone())
+            let id = st
+                .id
+                .clone()
+                .ok_or_else(|| precondition("there is no sandbox; CreateSandbox first"))?;
+            (
+                id,
+                st.containers.keys().cloned().collect::<Vec<_>>(),
+                st.storages.clone(),
+            )
         };
         let mut first_err = None;
         for cid in containers {
@@ -244,9 +303,16 @@ impl Sandbox {
     pub async fn create_container(&self, req: &agent::CreateContainerRequest) -> Result<()> {
         let cid = req.container_id.as_str();
         check_id("container id", cid)?;
-        let exec_id = if req.exec_id.is_empty() { cid.to_string() } else { req.exec_id.clone() };
+        let exec_id = if req.exec_id.is_empty() {
+            cid.to_string()
+        } else {
+            req.exec_id.clone()
+        };
         check_id("exec id", &exec_id)?;
-        let oci_spec = req.OCI.as_ref().ok_or_else(|| invalid("CreateContainer has no OCI spec"))?;
+        let oci_spec = req
+            .OCI
+            .as_ref()
+            .ok_or_else(|| invalid("CreateContainer has no OCI spec"))?;
         let spec = ContainerSpec::from_oci(oci_spec)?;
         if spec.has_seccomp {
             return Err(precondition(
@@ -255,7 +321,10 @@ impl Sandbox {
         }
         let (sandbox_id, pidns_owner) = {
             let mut st = self.lock();
-            let sid = st.id.clone().ok_or_else(|| precondition("there is no sandbox; CreateSandbox first"))?;
+            let sid = st
+                .id
+                .clone()
+                .ok_or_else(|| precondition("there is no sandbox; CreateSandbox first"))?;
             if st.containers.contains_key(cid) || st.creating.contains(cid) {
                 return Err(exists(format!("container {cid:?} already exists")));
             }
@@ -267,7 +336,10 @@ impl Sandbox {
             st.creating.insert(cid.to_string());
             (sid, owner)
         };
-        let _creating = Creating { sandbox: self, id: cid.to_string() };
+        let _creating = Creating {
+            sandbox: self,
+            id: cid.to_string(),
+        };
 
         // Storages first: the rootfs may live on one of them.
         let mut held = Vec::new();
@@ -286,7 +358,18 @@ impl Sandbox {
                 }
             }
         }
-        let created = self.create_with_storages(req, cid, &exec_id, &sandbox_id, pidns_owner, spec, oci_spec.clone(), &held).await;
+        let created = self
+            .create_with_storages(
+                req,
+                cid,
+                &exec_id,
+                &sandbox_id,
+                pidns_owner,
+                spec,
+                oci_spec.clone(),
+                &held,
+            )
+            .await;
         match created {
             Ok(c) => {
                 self.lock().containers.insert(cid.to_string(), c);
@@ -318,10 +401,17 @@ impl Sandbox {
         let root = if spec.root.path.is_absolute() {
             spec.root.path.clone()
         } else {
-            self.paths.run_dir.join("shared/containers").join(cid).join(&spec.root.path)
+            self.paths
+                .run_dir
+                .join("shared/containers")
+                .join(cid)
+                .join(&spec.root.path)
         };
         if !root.is_dir() {
-            return Err(precondition(format!("container rootfs {} is not a directory (is its storage mounted?)", root.display())));
+            return Err(precondition(format!(
+                "container rootfs {} is not a directory (is its storage mounted?)",
+                root.display()
+            )));
         }
         if let Some(r) = oci_spec.Root.as_mut() {
             r.Path = root.to_string_lossy().into_owned();
@@ -334,7 +424,10 @@ impl Sandbox {
             ns.Path = format!("/proc/{pid}/ns/pid");
             linux.Namespaces.push(ns);
         }
-        let pidns_init = pidns_owner.is_none() && spec.namespace(NamespaceKind::Pid).is_some_and(|n| n.path.is_none());
+        let pidns_init = pidns_owner.is_none()
+            && spec
+                .namespace(NamespaceKind::Pid)
+                .is_some_and(|n| n.path.is_none());
 
         let cgroup = self.container_cgroup(sandbox_id, cid, &spec.resources)?;
         let cleanup_cgroup = |cg: &Option<Cgroup>| {
@@ -343,8 +436,19 @@ impl Sandbox {
                 let _ = cg.remove(Duration::from_secs(2));
             }
         };
+        if !req.devices.is_empty() || !req.shared_mounts.is_empty() {
+            tracing::warn!(
+                container = cid,
+                devices = req.devices.len(),
+                shared_mounts = req.shared_mounts.len(),
+                "CreateContainer devices/shared_mounts are not supported yet and were ignored"
+            );
+        }
         if req.stdin_port != 0 || req.stdout_port != 0 || req.stderr_port != 0 {
-            tracing::warn!(container = cid, "passfd stdio ports are not supported; stdio goes through ReadStdout/WriteStdin");
+            tracing::warn!(
+                container = cid,
+                "passfd stdio ports are not supported; stdio goes through ReadStdout/WriteStdin"
+            );
         }
         let (parent, child) = match if spec.process.terminal {
             stdio::pty(spec.process.console_size)
@@ -371,10 +475,19 @@ impl Sandbox {
                 return Err(e.context(format!("creating container {cid}")));
             }
         };
-        let init = match Process::new(exec_id.to_string(), launched.pid, pidns_init, launched.exit, parent) {
+        let init = match Process::new(
+            exec_id.to_string(),
+            launched.pid,
+            pidns_init,
+            launched.exit,
+            parent,
+        ) {
             Ok(p) => p,
             Err(e) => {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(launched.pid), Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(launched.pid),
+                    Signal::SIGKILL,
+                );
                 cleanup_cgroup(&cgroup);
                 return Err(e);
             }
@@ -392,24 +505,44 @@ impl Sandbox {
         });
         if let Some(cg) = &container.cgroup {
             if cg.memory_events_path().exists() {
-                let task = tokio::spawn(crate::oom::watch(cid.to_string(), cg.memory_events_path(), self.oom_tx.clone()));
-                container.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+                let task = tokio::spawn(crate::oom::watch(
+                    cid.to_string(),
+                    cg.memory_events_path(),
+                    self.oom_tx.clone(),
+                ));
+                container
+                    .tasks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(task);
             }
         }
-        tracing::info!(container = cid, pid = container.init.pid, "container created");
+        tracing::info!(
+            container = cid,
+            pid = container.init.pid,
+            "container created"
+        );
         Ok(container)
     }
 
     /// The container's cgroup, with its limits; `None` when the guest has no
     /// cgroup v2 at all and none were asked for.
-    fn container_cgroup(&self, sandbox_id: &str, cid: &str, r: &Resources) -> Result<Option<Cgroup>> {
+    fn container_cgroup(
+        &self,
+        sandbox_id: &str,
+        cid: &str,
+        r: &Resources,
+    ) -> Result<Option<Cgroup>> {
         let tree = self.cgroups();
         if !tree.root().join("cgroup.controllers").exists() {
             if r.is_empty() {
                 tracing::warn!(root = %tree.root().display(), "no cgroup v2 mounted; container runs without a cgroup");
                 return Ok(None);
             }
-            return Err(precondition(format!("resource limits need cgroup v2, and {} is not a cgroup2 mount", tree.root().display())));
+            return Err(precondition(format!(
+                "resource limits need cgroup v2, and {} is not a cgroup2 mount",
+                tree.root().display()
+            )));
         }
         let cg = tree.create(sandbox_id, cid)?;
         if let Err(e) = cg.apply(r) {
@@ -422,8 +555,12 @@ impl Sandbox {
     pub async fn start_container(&self, cid: &str) -> Result<()> {
         let c = self.container(cid)?;
         let mut control = c.control.lock().await;
-        let mut sock = control.take().ok_or_else(|| precondition(format!("container {cid:?} was already started")))?;
-        launch::start(&mut sock).await.map_err(|e| e.context(format!("starting container {cid}")))?;
+        let mut sock = control
+            .take()
+            .ok_or_else(|| precondition(format!("container {cid:?} was already started")))?;
+        launch::start(&mut sock)
+            .await
+            .map_err(|e| e.context(format!("starting container {cid}")))?;
         c.set_state(State::Running);
         tracing::info!(container = cid, "container started");
         Ok(())
@@ -439,7 +576,13 @@ impl Sandbox {
         // Killing the init of a pid namespace kills everything in it; the
         // cgroup catches processes outside one.
         let _ = c.init.signal(Signal::SIGKILL);
-        let execs: Vec<Arc<Process>> = c.execs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let execs: Vec<Arc<Process>> = c
+            .execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for p in &execs {
             let _ = p.signal(Signal::SIGKILL);
         }
@@ -454,8 +597,13 @@ impl Sandbox {
         };
         if timeout_secs == 0 {
             wait_all.await;
-        } else if tokio::time::timeout(Duration::from_secs(timeout_secs.into()), wait_all).await.is_err() {
-            return Err(timeout(format!("container {cid:?} processes did not exit within {timeout_secs} s")));
+        } else if tokio::time::timeout(Duration::from_secs(timeout_secs.into()), wait_all)
+            .await
+            .is_err()
+        {
+            return Err(timeout(format!(
+                "container {cid:?} processes did not exit within {timeout_secs} s"
+            )));
         }
         self.lock().containers.remove(cid);
         {
@@ -478,24 +626,42 @@ impl Sandbox {
     pub async fn exec_process(&self, req: &agent::ExecProcessRequest) -> Result<()> {
         let c = self.container(&req.container_id)?;
         check_id("exec id", &req.exec_id)?;
-        let p = req.process.as_ref().ok_or_else(|| invalid("ExecProcess has no process"))?;
+        let p = req
+            .process
+            .as_ref()
+            .ok_or_else(|| invalid("ExecProcess has no process"))?;
         let pspec = ProcessSpec::from_oci(p)?;
         if c.init.exit_code().is_some() {
-            return Err(precondition(format!("container {:?} has stopped; cannot exec in it", c.id)));
+            return Err(precondition(format!(
+                "container {:?} has stopped; cannot exec in it",
+                c.id
+            )));
         }
         if c.state() == State::Created {
-            return Err(precondition(format!("container {:?} is not started yet", c.id)));
+            return Err(precondition(format!(
+                "container {:?} is not started yet",
+                c.id
+            )));
         }
         if c.process(&req.exec_id).is_some() {
-            return Err(exists(format!("exec id {:?} is already in use in container {:?}", req.exec_id, c.id)));
+            return Err(exists(format!(
+                "exec id {:?} is already in use in container {:?}",
+                req.exec_id, c.id
+            )));
         }
         if c.exec_count() >= MAX_EXECS {
-            return Err(precondition(format!("container {:?} already has {MAX_EXECS} exec processes", c.id)));
+            return Err(precondition(format!(
+                "container {:?} already has {MAX_EXECS} exec processes",
+                c.id
+            )));
         }
         let mut spec = c.spec.clone();
         spec.Process = MessageField::some(p.clone());
-        let (parent, child) =
-            if pspec.terminal { stdio::pty(pspec.console_size)? } else { stdio::pipes(self.config.container_pipe_size)? };
+        let (parent, child) = if pspec.terminal {
+            stdio::pty(pspec.console_size)?
+        } else {
+            stdio::pipes(self.config.container_pipe_size)?
+        };
         let cfg = LaunchConfig {
             kind: LaunchKind::Exec,
             no_pivot: self.paths.no_pivot,
@@ -503,13 +669,24 @@ impl Sandbox {
             cgroup: c.cgroup.as_ref().map(|cg| cg.path().to_path_buf()),
             spec,
         };
-        let mut launched = launch::launch(&self.reaper, &cfg, child).await.map_err(|e| e.context(format!("exec {}", req.exec_id)))?;
-        let proc = Process::new(req.exec_id.clone(), launched.pid, false, launched.exit, parent)?;
+        let mut launched = launch::launch(&self.reaper, &cfg, child)
+            .await
+            .map_err(|e| e.context(format!("exec {}", req.exec_id)))?;
+        let proc = Process::new(
+            req.exec_id.clone(),
+            launched.pid,
+            false,
+            launched.exit,
+            parent,
+        )?;
         if let Err(e) = launch::start(&mut launched.control).await {
             let _ = proc.signal(Signal::SIGKILL);
             return Err(e.context(format!("exec {}", req.exec_id)));
         }
-        c.execs.lock().unwrap_or_else(|p| p.into_inner()).insert(req.exec_id.clone(), proc);
+        c.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.exec_id.clone(), proc);
         Ok(())
     }
 
@@ -518,7 +695,12 @@ impl Sandbox {
         let sig = i32::try_from(req.signal)
             .ok()
             .and_then(|s| Signal::try_from(s).ok())
-            .ok_or_else(|| invalid(format!("signal {} is not a valid signal number", req.signal)))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "signal {} is not a valid signal number",
+                    req.signal
+                ))
+            })?;
         p.signal(sig)
     }
 
@@ -531,7 +713,11 @@ impl Sandbox {
         Ok(code)
     }
 
-    pub async fn read_stream(&self, req: &agent::ReadStreamRequest, stderr: bool) -> Result<Vec<u8>> {
+    pub async fn read_stream(
+        &self,
+        req: &agent::ReadStreamRequest,
+        stderr: bool,
+    ) -> Result<Vec<u8>> {
         let (c, p) = self.process(&req.container_id, &req.exec_id)?;
         let data = p.read_output(stderr, req.len).await?;
         if data.is_empty() && !Arc::ptr_eq(&p, &c.init) {
@@ -565,7 +751,11 @@ impl Sandbox {
 
     fn cgroup_of(&self, cid: &str) -> Result<(Arc<Container>, Cgroup)> {
         let c = self.container(cid)?;
-        let cg = c.cgroup.clone().ok_or_else(|| precondition(format!("container {cid:?} has no cgroup (no cgroup v2 in the guest)")))?;
+        let cg = c.cgroup.clone().ok_or_else(|| {
+            precondition(format!(
+                "container {cid:?} has no cgroup (no cgroup v2 in the guest)"
+            ))
+        })?;
         Ok((c, cg))
     }
 
@@ -585,7 +775,16 @@ impl Sandbox {
         for (name, v) in self.guest.net_dev() {
             let mut n = agent::NetworkStats::new();
             n.name = name;
-            [n.rx_bytes, n.rx_packets, n.rx_errors, n.rx_dropped, n.tx_bytes, n.tx_packets, n.tx_errors, n.tx_dropped] = v;
+            [
+                n.rx_bytes,
+                n.rx_packets,
+                n.rx_errors,
+                n.rx_dropped,
+                n.tx_bytes,
+                n.tx_packets,
+                n.tx_errors,
+                n.tx_dropped,
+            ] = v;
             resp.network_stats.push(n);
         }
         Ok(resp)
@@ -595,22 +794,37 @@ impl Sandbox {
         let (c, cg) = self.cgroup_of(cid)?;
         match (c.state(), paused) {
             (State::Running, true) | (State::Paused, false) => {}
-            (s, _) => return Err(precondition(format!("container {cid:?} is {s:?}; cannot {}", if paused { "pause" } else { "resume" }))),
+            (s, _) => {
+                return Err(precondition(format!(
+                    "container {cid:?} is {s:?}; cannot {}",
+                    if paused { "pause" } else { "resume" }
+                )))
+            }
         }
         cg.set_frozen(paused).await?;
-        c.set_state(if paused { State::Paused } else { State::Running });
+        c.set_state(if paused {
+            State::Paused
+        } else {
+            State::Running
+        });
         Ok(())
     }
 
     /// Waits for the next container OOM kill.
     pub async fn next_oom_event(&self) -> Result<String> {
         let mut rx = self.oom_rx.lock().await;
-        rx.recv().await.ok_or_else(|| precondition("OOM event channel closed"))
+        rx.recv()
+            .await
+            .ok_or_else(|| precondition("OOM event channel closed"))
     }
 
     /// Sum of live execs, for metrics.
     pub fn process_count(&self) -> usize {
-        self.lock().containers.values().map(|c| 1 + c.exec_count()).sum()
+        self.lock()
+            .containers
+            .values()
+            .map(|c| 1 + c.exec_count())
+            .sum()
     }
 
     pub fn run_dir(&self) -> &Path {

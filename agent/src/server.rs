@@ -13,6 +13,7 @@ pub async fn serve(state: Arc<AgentState>) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     let health = kiln_protocol::health_ttrpc::create_health(Arc::new(HealthService));
+    let facts = crate::facts::service(state.guest.clone());
     let agent = kiln_protocol::agent_ttrpc::create_agent_service(Arc::new(AgentService { state }));
     let mut attempt = 0u32;
     let server = loop {
@@ -20,15 +21,21 @@ pub async fn serve(state: Arc<AgentState>) -> anyhow::Result<()> {
             Ok(s) => break s,
             Err(e) => {
                 attempt += 1;
-                if attempt == 1 || attempt % 30 == 0 {
+                if attempt == 1 || attempt.is_multiple_of(30) {
                     tracing::warn!(%addr, "cannot listen yet ({e}); retrying");
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     };
-    let mut server = server.register_service(health).register_service(agent);
-    server.start().await.map_err(|e| anyhow::anyhow!("starting ttrpc server on {addr}: {e}"))?;
+    let mut server = server
+        .register_service(health)
+        .register_service(agent)
+        .register_service(facts);
+    server
+        .start()
+        .await
+        .map_err(|e| anyhow::anyhow!("starting ttrpc server on {addr}: {e}"))?;
     tracing::info!(%addr, "agent ready");
     std::future::pending::<()>().await;
     Ok(())

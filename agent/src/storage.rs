@@ -29,7 +29,16 @@ use crate::pci::{self, PciPath};
 use crate::uevent;
 
 /// Drivers kiln handles (reported in GetGuestDetails).
-pub const DRIVERS: &[&str] = &["virtio-fs", "local", "ephemeral", "blk", "virtio-blk", "virtio-blk-pci", "nvdimm", "pmem"];
+pub const DRIVERS: &[&str] = &[
+    "virtio-fs",
+    "local",
+    "ephemeral",
+    "blk",
+    "virtio-blk",
+    "virtio-blk-pci",
+    "nvdimm",
+    "pmem",
+];
 
 /// What a storage needs from the rest of the agent.
 pub struct StorageEnv<'a> {
@@ -59,14 +68,19 @@ impl Storages {
             e.refs += 1;
             return Ok(mount_point);
         }
-        let mounted = setup(env, s, &mount_point).await.map_err(|e| e.context(format!("storage {} ({})", s.mount_point, s.driver)))?;
-        self.entries.insert(mount_point.clone(), Entry { refs: 1, mounted });
+        let mounted = setup(env, s, &mount_point)
+            .await
+            .map_err(|e| e.context(format!("storage {} ({})", s.mount_point, s.driver)))?;
+        self.entries
+            .insert(mount_point.clone(), Entry { refs: 1, mounted });
         Ok(mount_point)
     }
 
     /// Drops one reference; the last one unmounts.
     pub fn release(&mut self, mount_point: &Path) {
-        let Some(e) = self.entries.get_mut(mount_point) else { return };
+        let Some(e) = self.entries.get_mut(mount_point) else {
+            return;
+        };
         e.refs = e.refs.saturating_sub(1);
         if e.refs > 0 {
             return;
@@ -82,10 +96,12 @@ impl Storages {
         }
     }
 
+    #[cfg(test)]
     pub fn refs(&self, mount_point: &Path) -> usize {
         self.entries.get(mount_point).map_or(0, |e| e.refs)
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -98,8 +114,15 @@ fn mkdirs(p: &Path) -> Result<()> {
 fn do_mount(source: &str, target: &Path, fstype: &str, options: &[String]) -> Result<()> {
     let o = parse_mount_options(options)?;
     let flags = o.flags & !MsFlags::MS_BIND;
-    mount(Some(source), target, Some(fstype), flags, o.data())
-        .map_err(|e| os(format!("mounting {source} ({fstype}) on {} with {options:?}", target.display()), e))
+    mount(Some(source), target, Some(fstype), flags, o.data()).map_err(|e| {
+        os(
+            format!(
+                "mounting {source} ({fstype}) on {} with {options:?}",
+                target.display()
+            ),
+            e,
+        )
+    })
 }
 
 /// Returns whether something was mounted.
@@ -110,7 +133,10 @@ async fn setup(env: &StorageEnv<'_>, s: &agent::Storage, mount_point: &Path) -> 
     match s.driver.as_str() {
         "virtio-fs" => {
             if s.source.is_empty() || s.source.len() > 36 || s.source.contains('/') {
-                return Err(invalid(format!("virtio-fs tag {:?} is not a tag (like kataShared)", s.source)));
+                return Err(invalid(format!(
+                    "virtio-fs tag {:?} is not a tag (like kataShared)",
+                    s.source
+                )));
             }
             mkdirs(mount_point)?;
             do_mount(&s.source, mount_point, "virtiofs", &s.options)?;
@@ -120,7 +146,8 @@ async fn setup(env: &StorageEnv<'_>, s: &agent::Storage, mount_point: &Path) -> 
             mkdirs(mount_point)?;
             let o = parse_mount_options(&s.options)?;
             if let Some(mode) = o.data.split(',').find_map(|kv| kv.strip_prefix("mode=")) {
-                let mode = u32::from_str_radix(mode, 8).map_err(|_| invalid(format!("local storage mode {mode:?} is not octal")))?;
+                let mode = u32::from_str_radix(mode, 8)
+                    .map_err(|_| invalid(format!("local storage mode {mode:?} is not octal")))?;
                 fs::set_permissions(mount_point, fs::Permissions::from_mode(mode & 0o7777))
                     .map_err(|e| os(format!("chmod {}", mount_point.display()), e))?;
             }
@@ -128,9 +155,15 @@ async fn setup(env: &StorageEnv<'_>, s: &agent::Storage, mount_point: &Path) -> 
         }
         "ephemeral" => {
             mkdirs(mount_point)?;
-            let fstype = if s.fstype.is_empty() { "tmpfs" } else { s.fstype.as_str() };
+            let fstype = if s.fstype.is_empty() {
+                "tmpfs"
+            } else {
+                s.fstype.as_str()
+            };
             if fstype != "tmpfs" {
-                return Err(invalid(format!("ephemeral storage fstype {fstype:?}: only tmpfs is supported")));
+                return Err(invalid(format!(
+                    "ephemeral storage fstype {fstype:?}: only tmpfs is supported"
+                )));
             }
             do_mount("tmpfs", mount_point, "tmpfs", &s.options)?;
             Ok(true)
@@ -153,7 +186,9 @@ async fn setup(env: &StorageEnv<'_>, s: &agent::Storage, mount_point: &Path) -> 
                 .source
                 .strip_prefix("/dev/")
                 .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric()))
-                .ok_or_else(|| invalid(format!("pmem source {:?} is not like /dev/pmem0", s.source)))?
+                .ok_or_else(|| {
+                    invalid(format!("pmem source {:?} is not like /dev/pmem0", s.source))
+                })?
                 .to_string();
             let guest = env.guest.clone();
             let dev_path = guest.path("/dev").join(&name);
@@ -167,13 +202,18 @@ async fn setup(env: &StorageEnv<'_>, s: &agent::Storage, mount_point: &Path) -> 
             mount_block(s, &s.source, mount_point)
         }
         "" => Err(invalid("Storage.driver is empty")),
-        other => Err(invalid(format!("storage driver {other:?} is not supported (supported: {})", DRIVERS.join(", ")))),
+        other => Err(invalid(format!(
+            "storage driver {other:?} is not supported (supported: {})",
+            DRIVERS.join(", ")
+        ))),
     }
 }
 
 fn mount_block(s: &agent::Storage, dev: &str, mount_point: &Path) -> Result<bool> {
     if s.fstype.is_empty() {
-        return Err(invalid(format!("storage for {dev} has no fstype (ext4, xfs, ...)")));
+        return Err(invalid(format!(
+            "storage for {dev} has no fstype (ext4, xfs, ...)"
+        )));
     }
     mkdirs(mount_point)?;
     do_mount(dev, mount_point, &s.fstype, &s.options)?;
@@ -198,14 +238,21 @@ mod tests {
         let run = dir.path().join("run");
         fs::create_dir_all(&run).unwrap();
         let guest = GuestFs::new(dir.path());
-        let env = StorageEnv { run_dir: &run, guest: &guest, hotplug_timeout: Duration::from_secs(1) };
+        let env = StorageEnv {
+            run_dir: &run,
+            guest: &guest,
+            hotplug_timeout: Duration::from_secs(1),
+        };
         let mut st = Storages::default();
         let mp = format!("{}/sandbox/local/vol", run.display());
         let mut s = storage("local", "local", &mp);
         s.options = vec!["mode=0750".into()];
         let p = st.add(&env, &s).await.unwrap();
         assert!(p.is_dir());
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o750);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
+            0o750
+        );
         st.add(&env, &s).await.unwrap();
         assert_eq!(st.refs(&p), 2);
         st.release(&p);
@@ -213,15 +260,28 @@ mod tests {
         st.release(&p);
         assert!(st.is_empty());
 
-        for bad in ["/etc/x".to_string(), format!("{}/../x", run.display()), "rel".into()] {
-            let e = st.add(&env, &storage("local", "local", &bad)).await.unwrap_err();
+        for bad in [
+            "/etc/x".to_string(),
+            format!("{}/../x", run.display()),
+            "rel".into(),
+        ] {
+            let e = st
+                .add(&env, &storage("local", "local", &bad))
+                .await
+                .unwrap_err();
             assert_eq!(e.kind, crate::error::ErrorKind::InvalidArgument, "{bad}");
         }
         let e = st.add(&env, &storage("9p", "x", &mp)).await.unwrap_err();
         assert!(e.message.contains("not supported"), "{}", e.message);
-        let e = st.add(&env, &storage("blk", "zz/00", &mp)).await.unwrap_err();
+        let e = st
+            .add(&env, &storage("blk", "zz/00", &mp))
+            .await
+            .unwrap_err();
         assert!(e.message.contains("PCI path"), "{}", e.message);
-        let e = st.add(&env, &storage("pmem", "/dev/../etc/passwd", &mp)).await.unwrap_err();
+        let e = st
+            .add(&env, &storage("pmem", "/dev/../etc/passwd", &mp))
+            .await
+            .unwrap_err();
         assert!(e.message.contains("pmem"), "{}", e.message);
     }
 
@@ -235,12 +295,21 @@ mod tests {
         crate::pci::tests::fake_pci_tree(dir.path(), false);
         let run = dir.path().join("run");
         let guest = GuestFs::new(dir.path());
-        let env = StorageEnv { run_dir: &run, guest: &guest, hotplug_timeout: Duration::from_millis(300) };
+        let env = StorageEnv {
+            run_dir: &run,
+            guest: &guest,
+            hotplug_timeout: Duration::from_millis(300),
+        };
         let mut st = Storages::default();
         let mut s = storage("blk", "02/00", &format!("{}/c1/rootfs", run.display()));
         s.fstype = "ext4".into();
         let e = st.add(&env, &s).await.unwrap_err();
-        assert_eq!(e.kind, crate::error::ErrorKind::DeadlineExceeded, "{}", e.message);
+        assert_eq!(
+            e.kind,
+            crate::error::ErrorKind::DeadlineExceeded,
+            "{}",
+            e.message
+        );
         assert!(e.message.contains("02/00"), "{}", e.message);
     }
 }

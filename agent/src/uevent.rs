@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{bind, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType};
+use nix::sys::socket::{
+    bind, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -62,8 +64,10 @@ impl UeventListener {
         .map_err(|e| os("opening a NETLINK_KOBJECT_UEVENT socket", e))?;
         // Bursts of hotplug events must not overflow the default buffer.
         let _ = setsockopt(&fd, sockopt::RcvBuf, &(1 << 20));
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1)).map_err(|e| os("subscribing to kernel uevents", e))?;
-        let fd = AsyncFd::with_interest(fd, Interest::READABLE).map_err(|e| os("watching the uevent socket", e))?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1))
+            .map_err(|e| os("subscribing to kernel uevents", e))?;
+        let fd = crate::container::stdio::async_fd(fd, Interest::READABLE)
+            .map_err(|e| os("watching the uevent socket", e))?;
         Ok(UeventListener { fd })
     }
 
@@ -72,8 +76,15 @@ impl UeventListener {
     pub async fn next(&self) -> Result<Option<Uevent>> {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let mut guard = self.fd.readable().await.map_err(|e| os("waiting for uevents", e))?;
-            match guard.try_io(|inner| nix::unistd::read(inner.get_ref().as_raw_fd(), &mut buf).map_err(std::io::Error::from)) {
+            let mut guard = self
+                .fd
+                .readable()
+                .await
+                .map_err(|e| os("waiting for uevents", e))?;
+            match guard.try_io(|inner| {
+                nix::unistd::read(inner.get_ref().as_raw_fd(), &mut buf)
+                    .map_err(std::io::Error::from)
+            }) {
                 Ok(Ok(n)) => return Ok(Uevent::parse(&buf[..n])),
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(None),
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -103,7 +114,7 @@ pub async fn wait_for<T>(
             Err(_) => break,
             Ok(Err(e)) => return Err(e),
             Ok(Ok(ev)) => {
-                if ev.as_ref().map_or(true, &relevant) {
+                if ev.as_ref().is_none_or(&relevant) {
                     if let Some(t) = check() {
                         return Ok(t);
                     }
@@ -113,7 +124,10 @@ pub async fn wait_for<T>(
     }
     // One last look: the event may have raced with the deadline.
     check().ok_or_else(|| {
-        timeout(format!("{what} did not appear within {} s (agent.hotplug_timeout)", limit.as_secs()))
+        timeout(format!(
+            "{what} did not appear within {} s (agent.hotplug_timeout)",
+            limit.as_secs()
+        ))
     })
 }
 
@@ -139,10 +153,19 @@ mod tests {
             eprintln!("skipping: no uevent netlink socket here (needs root)");
             return;
         }
-        let v = wait_for("x", Duration::from_secs(1), || Some(5), |_| true).await.unwrap();
+        let v = wait_for("x", Duration::from_secs(1), || Some(5), |_| true)
+            .await
+            .unwrap();
         assert_eq!(v, 5);
         let t0 = Instant::now();
-        let e = wait_for::<()>("device /dev/nothing", Duration::from_millis(300), || None, |_| true).await.unwrap_err();
+        let e = wait_for::<()>(
+            "device /dev/nothing",
+            Duration::from_millis(300),
+            || None,
+            |_| true,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.kind, crate::error::ErrorKind::DeadlineExceeded);
         assert!(e.message.contains("/dev/nothing"));
         assert!(t0.elapsed() >= Duration::from_millis(250));

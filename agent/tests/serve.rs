@@ -20,13 +20,23 @@ impl Drop for Agent {
 }
 
 fn start_agent() -> Agent {
+    start_agent_with(|_| Vec::new())
+}
+
+/// `extra` gets the temp dir and returns more arguments.
+fn start_agent_with(extra: impl Fn(&std::path::Path) -> Vec<String>) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("agent.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
         .args(["--server-addr", &format!("unix://{}", sock.display())])
+        .args(extra(dir.path()))
         .spawn()
         .unwrap();
-    Agent { child, _dir: dir, sock }
+    Agent {
+        child,
+        _dir: dir,
+        sock,
+    }
 }
 
 async fn connect(a: &Agent) -> ttrpc::r#async::Client {
@@ -53,8 +63,14 @@ async fn health_and_details_over_ttrpc() {
     let client = connect(&a).await;
     let h = health_ttrpc::HealthClient::new(client.clone());
     let resp = h.check(ctx(), &health::CheckRequest::new()).await.unwrap();
-    assert_eq!(resp.status.enum_value_or_default(), health::health_check_response::ServingStatus::SERVING);
-    let v = h.version(ctx(), &health::CheckRequest::new()).await.unwrap();
+    assert_eq!(
+        resp.status.enum_value_or_default(),
+        health::health_check_response::ServingStatus::SERVING
+    );
+    let v = h
+        .version(ctx(), &health::CheckRequest::new())
+        .await
+        .unwrap();
     assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
 
     let ag = agent_ttrpc::AgentServiceClient::new(client);
@@ -70,14 +86,56 @@ async fn every_unimplemented_method_says_unimplemented_and_agent_survives() {
     let a = start_agent();
     let client = connect(&a).await;
     let ag = agent_ttrpc::AgentServiceClient::new(client.clone());
-    let expect_unimplemented = |r: ttrpc::Result<protobuf::well_known_types::empty::Empty>, m: &str| match r {
-        Err(ttrpc::Error::RpcStatus(s)) => assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED, "{m}: {s:?}"),
+    let expect_unimplemented = |r: ttrpc::Result<protobuf::well_known_types::empty::Empty>,
+                                m: &str| match r {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED, "{m}: {s:?}")
+        }
         other => panic!("{m}: expected UNIMPLEMENTED, got {other:?}"),
     };
-    expect_unimplemented(ag.copy_file(ctx(), &agent::CopyFileRequest::new()).await, "CopyFile");
-    expect_unimplemented(ag.set_policy(ctx(), &agent::SetPolicyRequest::new()).await, "SetPolicy");
-    expect_unimplemented(ag.add_swap(ctx(), &agent::AddSwapRequest::new()).await, "AddSwap");
+    expect_unimplemented(
+        ag.reseed_random_dev(ctx(), &agent::ReseedRandomDevRequest::new())
+            .await,
+        "ReseedRandomDev",
+    );
+    expect_unimplemented(
+        ag.set_policy(ctx(), &agent::SetPolicyRequest::new()).await,
+        "SetPolicy",
+    );
+    expect_unimplemented(
+        ag.add_swap(ctx(), &agent::AddSwapRequest::new()).await,
+        "AddSwap",
+    );
     // Still serving.
     let h = health_ttrpc::HealthClient::new(client);
     assert!(h.check(ctx(), &health::CheckRequest::new()).await.is_ok());
+}
+
+#[tokio::test]
+async fn debug_console_gives_a_shell() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = start_agent_with(|d| {
+        vec![
+            "--debug-console-addr".into(),
+            format!("unix://{}", d.join("console.sock").display()),
+        ]
+    });
+    let _client = connect(&a).await; // the agent is up once ttrpc answers
+    let path = a.sock.with_file_name("console.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut s = loop {
+        match tokio::net::UnixStream::connect(&path).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("no debug console: {e}"),
+        }
+    };
+    s.write_all(b"echo kiln-$((40+2)); exit\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("kiln-42"), "{text}");
 }

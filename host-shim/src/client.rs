@@ -2,11 +2,13 @@
 
 use std::time::Duration;
 
-use kiln_protocol::{agent, agent_ttrpc, health, health_ttrpc};
+use kiln_protocol::{agent, agent_ttrpc, health, health_ttrpc, kiln, kiln_ttrpc};
 
 pub struct AgentClient {
     pub health: health_ttrpc::HealthClient,
     pub agent: agent_ttrpc::AgentServiceClient,
+    /// kiln's own read-only service (`kiln.Diagnostics`).
+    pub diagnostics: kiln_ttrpc::DiagnosticsClient,
     timeout: Duration,
 }
 
@@ -17,7 +19,8 @@ impl AgentClient {
         let client = ttrpc::r#async::Client::new(socket);
         AgentClient {
             health: health_ttrpc::HealthClient::new(client.clone()),
-            agent: agent_ttrpc::AgentServiceClient::new(client),
+            agent: agent_ttrpc::AgentServiceClient::new(client.clone()),
+            diagnostics: kiln_ttrpc::DiagnosticsClient::new(client),
             timeout,
         }
     }
@@ -46,5 +49,19 @@ impl AgentClient {
         req.mem_block_size = true;
         req.mem_hotplug_probe = true;
         Ok(self.agent.get_guest_details(self.ctx(), &req).await?)
+    }
+
+    /// What the guest's kernel carries and which devices registered: the
+    /// values of `config_options` in /proc/config.gz, and the statx DAX
+    /// attribute of `statx_paths`.
+    pub async fn guest_facts(
+        &self,
+        config_options: &[&str],
+        statx_paths: &[&str],
+    ) -> anyhow::Result<kiln::GuestFacts> {
+        let mut req = kiln::GuestFactsRequest::new();
+        req.config_options = config_options.iter().map(|s| s.to_string()).collect();
+        req.statx_paths = statx_paths.iter().map(|s| s.to_string()).collect();
+        Ok(self.diagnostics.guest_facts(self.ctx(), &req).await?)
     }
 }

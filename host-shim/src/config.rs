@@ -66,6 +66,33 @@ pub struct QemuSection {
     /// PCIe root ports reserved for hot-plugging (disks, VFIO devices).
     #[serde(default = "default_hotplug_ports")]
     pub hotplug_root_ports: u32,
+    /// A file to attach as a persistent-memory device (`-device nvdimm`, the
+    /// guest's /dev/pmem0); its size must be a multiple of 2 MiB. Guest writes
+    /// reach the file. x86_64 q35 only; empty means none.
+    #[serde(default)]
+    pub pmem_file: String,
+    /// Where the guest's root filesystem comes from (see [`ROOTFS_MODES`]).
+    #[serde(default = "default_rootfs")]
+    pub rootfs: String,
+}
+
+/// Values of `hypervisor.qemu.rootfs`:
+/// - "initrd": the image's initrd (the default);
+/// - "image": the image's rootfs.img, as an NVDIMM with DAX where the machine
+///   has one (x86_64 q35), else as a virtio-blk disk; the log says which;
+/// - "nvdimm": rootfs.img as an NVDIMM with DAX, and an error where there is none;
+/// - "virtio-blk": rootfs.img as a read-only virtio-blk disk, no DAX.
+pub const ROOTFS_MODES: &[&str] = &["initrd", "image", "nvdimm", "virtio-blk"];
+
+/// Checks a rootfs mode (from the config or a command-line flag).
+pub fn check_rootfs_mode(key: &str, value: &str) -> anyhow::Result<()> {
+    if !ROOTFS_MODES.contains(&value) {
+        anyhow::bail!(
+            "{key} = `{value}`: use one of \"{}\"",
+            ROOTFS_MODES.join("\", \"")
+        );
+    }
+    Ok(())
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone)]
@@ -98,6 +125,9 @@ fn default_shared_fs() -> String {
 }
 fn default_virtiofsd() -> String {
     "virtiofsd".into()
+}
+fn default_rootfs() -> String {
+    "initrd".into()
 }
 fn default_hotplug_ports() -> u32 {
     2
@@ -195,6 +225,13 @@ impl ShimConfig {
                 q.indep_iothreads
             );
         }
+        check_rootfs_mode("hypervisor.qemu.rootfs", &q.rootfs)?;
+        if !q.pmem_file.trim().is_empty() && q.rootfs == "nvdimm" {
+            anyhow::bail!(
+                "hypervisor.qemu.pmem_file and hypervisor.qemu.rootfs = \"nvdimm\" both attach an NVDIMM; \
+                 the root must be /dev/pmem0, so use one of them"
+            );
+        }
         if q.hotplug_root_ports > 16 {
             anyhow::bail!(
                 "hypervisor.qemu.hotplug_root_ports = {}: use 0 to 16",
@@ -262,5 +299,13 @@ mod tests {
             ShimConfig::parse("[hypervisor.qemu]\ndefault_vcpus = \"two\"\n").unwrap_err()
         );
         assert!(e.contains("default_vcpus"), "{e}");
+        let e = format!(
+            "{:#}",
+            ShimConfig::parse("[hypervisor.qemu]\nrootfs = \"pmem\"\n").unwrap_err()
+        );
+        assert!(e.contains("hypervisor.qemu.rootfs") && e.contains("nvdimm"), "{e}");
+        let c = ShimConfig::parse("[hypervisor.qemu]\nrootfs = \"virtio-blk\"\n").unwrap();
+        assert_eq!(c.hypervisor.qemu.rootfs, "virtio-blk");
+        assert_eq!(ShimConfig::parse("").unwrap().hypervisor.qemu.rootfs, "initrd");
     }
 }

@@ -16,6 +16,29 @@ pub struct ImageManifest {
     pub kernel_version: String,
     pub cmdline: String,
     pub artifacts: BTreeMap<String, Artifact>,
+    /// Layout of the `rootfs_image` artifact (images built before it existed have none).
+    #[serde(default)]
+    pub rootfs: Option<RootfsLayout>,
+    /// Debian packages in the image.
+    #[serde(default)]
+    pub packages: Vec<Package>,
+}
+
+/// What kiln-shim needs to boot `rootfs_image`: the filesystem (for the
+/// kernel's root= parameters), PID 1 if not /sbin/init, and where things are.
+#[derive(Deserialize, Debug, Clone)]
+pub struct RootfsLayout {
+    pub filesystem: String,
+    #[serde(default)]
+    pub init: Option<String>,
+    pub partition_offset: u64,
+    pub partition_size: u64,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -31,6 +54,81 @@ pub struct BootImage {
     pub manifest: ImageManifest,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The manifest's directory (artifacts are relative to it).
+    pub dir: PathBuf,
+}
+
+/// The root filesystem image, checked against the manifest.
+#[derive(Debug, Clone)]
+pub struct RootfsImage {
+    pub path: PathBuf,
+    pub size: u64,
+    pub layout: RootfsLayout,
+}
+
+impl BootImage {
+    /// The `rootfs_image` artifact, verified (size and sha256, read as a
+    /// stream) and its headers parsed as kiln-disk's DAX layout, so a stale or
+    /// foreign file fails here and not as a kernel panic.
+    pub fn rootfs_image(&self) -> anyhow::Result<RootfsImage> {
+        let a = self.manifest.artifacts.get("rootfs_image").with_context(|| {
+            format!(
+                "image `{}` has no rootfs_image artifact: rebuild it with `cargo xtask build-image --image {}`",
+                self.manifest.image, self.manifest.image
+            )
+        })?;
+        let layout = self.manifest.rootfs.clone().with_context(|| {
+            format!("image `{}`: manifest.json lists rootfs_image but no `rootfs` layout", self.manifest.image)
+        })?;
+        let path = self.dir.join(&a.file);
+        verify_streaming(&path, a)?;
+        let facts = kiln_disk::layout::inspect_file(&path)
+            .with_context(|| format!("{} is not a kiln DAX image", path.display()))?;
+        if facts.fs_offset != layout.partition_offset {
+            anyhow::bail!(
+                "{}: the filesystem starts at {} but the manifest says {}: rebuild the image",
+                path.display(),
+                facts.fs_offset,
+                layout.partition_offset
+            );
+        }
+        Ok(RootfsImage {
+            path,
+            size: a.size,
+            layout,
+        })
+    }
+}
+
+/// [`verify`] without reading the whole file into memory.
+fn verify_streaming(path: &Path, a: &Artifact) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("artifact {} is missing", path.display()))?;
+    let len = f.metadata()?.len();
+    if len != a.size {
+        anyhow::bail!(
+            "{} has {len} bytes but the manifest says {}: rebuild the image",
+            path.display(),
+            a.size
+        );
+    }
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    if hex_string(&h.finalize()) != a.sha256 {
+        anyhow::bail!(
+            "{} does not match its sha256 in the manifest: rebuild the image",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 impl BootImage {
@@ -63,6 +161,7 @@ impl BootImage {
         let kernel = file_of("kernel")?;
         let initrd = file_of("initrd")?;
         Ok(BootImage {
+            dir: dir.to_path_buf(),
             manifest,
             kernel,
             initrd,

@@ -44,6 +44,15 @@ enum Cmd {
         /// Keep the VM running until Ctrl-C (talk to it with `kiln-shim agent --vm DIR ...`).
         #[arg(long)]
         stay: bool,
+        /// Instead of waiting for the agent, wait until the guest console
+        /// prints this text (for images without an agent, e.g. boot benchmarks).
+        #[arg(long, conflicts_with = "stay")]
+        until_console: Option<String>,
+        /// Root filesystem: initrd, image (NVDIMM with DAX where possible, else
+        /// virtio-blk), nvdimm (DAX or fail) or virtio-blk. Overrides
+        /// hypervisor.qemu.rootfs.
+        #[arg(long, value_name = "MODE")]
+        rootfs: Option<String>,
     },
     /// Call any agent RPC by name with a JSON request; prints the JSON answer.
     Agent {
@@ -288,14 +297,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             console,
             json,
             stay,
+            until_console,
+            rootfs,
         } => {
             clean_stale();
             let image = BootImage::load(&image)?;
+            if let Some(marker) = until_console {
+                let opts = BootOptions {
+                    rootfs: rootfs.clone(),
+                    ..Default::default()
+                };
+                let mut vm = Vm::launch(&image, &cfg, &opts)?;
+                let t = tokio::select! {
+                    r = vm.wait_console(&marker, cfg.boot_timeout()) => r?,
+                    _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+                };
+                if json {
+                    println!("{}", serde_json::json!({ "image": image.manifest.image, "console_marker_seconds": t.as_secs_f64() }));
+                } else {
+                    println!("console showed {marker:?} {:.2} s after QEMU launch", t.as_secs_f64());
+                }
+                vm.shutdown();
+                return Ok(ExitCode::SUCCESS);
+            }
             let mut vm = Vm::launch(
                 &image,
                 &cfg,
                 &BootOptions {
                     console,
+                    rootfs,
                     ..Default::default()
                 },
             )?;
@@ -318,6 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "mem_block_size_bytes": details.mem_block_size_bytes,
                     "support_mem_hotplug_probe": details.support_mem_hotplug_probe,
                     "supports_seccomp": details.agent_details.supports_seccomp,
+                    "rootfs": vm.rootfs_note.as_deref().unwrap_or("initrd"),
                 });
                 println!("{out}");
             } else {
@@ -326,6 +357,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     image.manifest.image, image.manifest.arch, image.manifest.kernel_version
                 );
                 println!("accelerator:      {}", vm.accel_note);
+                println!(
+                    "root filesystem:  {}",
+                    vm.rootfs_note.as_deref().unwrap_or("initrd")
+                );
                 println!(
                     "agent version:    {} (init: {})",
                     version.agent_version, details.agent_details.init_daemon

@@ -1,5 +1,5 @@
-//! `kiln-shim agent <RPC> [JSON]`: call any method of `grpc.AgentService` or
-//! `grpc.Health` by name, with the request given as protobuf JSON and the answer
+//! `kiln-shim agent <RPC> [JSON]`: call any method of `grpc.AgentService`,
+//! `grpc.Health` or `kiln.Diagnostics` by name, with the request given as protobuf JSON and the answer
 //! printed as JSON. Works from the protocol's descriptors, so every RPC the
 //! protocol crate knows is reachable without code per method.
 
@@ -16,6 +16,7 @@ pub fn resolve(name: &str) -> anyhow::Result<ResolvedMethod> {
     let files = [
         kiln_protocol::health::file_descriptor(),
         kiln_protocol::agent::file_descriptor(),
+        kiln_protocol::kiln::file_descriptor(),
     ];
     let mut all = Vec::new();
     for fd in files {

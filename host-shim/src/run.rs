@@ -85,6 +85,7 @@ pub async fn run(cfg: &ShimConfig, req: RunRequest) -> anyhow::Result<i32> {
     let opts = BootOptions {
         console: req.console,
         share_rootfs: Some((cid.clone(), req.rootfs.clone())),
+        ..Default::default()
     };
     let mut vm = Vm::launch(&req.image, cfg, &opts)?;
     let ready = tokio::select! {

@@ -26,6 +26,9 @@ pub struct BootOptions {
     /// `kataShared`): (container id, host directory). It appears in the guest
     /// as `<share mount point>/<id>/rootfs`, Kata's layout.
     pub share_rootfs: Option<(String, PathBuf)>,
+    /// Overrides `hypervisor.qemu.rootfs` ("initrd", "image", "nvdimm",
+    /// "virtio-blk"), e.g. from `kiln-shim boot --rootfs`.
+    pub rootfs: Option<String>,
 }
 
 pub struct Vm {
@@ -40,6 +43,8 @@ pub struct Vm {
     pub qmp_socket: PathBuf,
     pub launched: Instant,
     pub accel_note: String,
+    /// How the root filesystem was attached (None: the initrd).
+    pub rootfs_note: Option<String>,
     /// Hot-plug capacity: root ports exist only on PCIe machines.
     hotplug_ports: u32,
     iothread: Option<String>,
@@ -61,6 +66,25 @@ pub struct Ready {
 
 impl Vm {
     pub fn launch(image: &BootImage, cfg: &ShimConfig, opts: &BootOptions) -> anyhow::Result<Vm> {
+        // Decide (and check) the root device before anything is started.
+        let (rootfs_key, rootfs_mode) = match &opts.rootfs {
+            Some(m) => ("--rootfs", m.as_str()),
+            None => ("hypervisor.qemu.rootfs", cfg.hypervisor.qemu.rootfs.as_str()),
+        };
+        let machine = match cfg.hypervisor.qemu.machine_type.as_str() {
+            "" => qemu::profile(&image.manifest.arch)?.machine.to_string(),
+            m => m.to_string(),
+        };
+        let rootfs_choice =
+            qemu::choose_rootfs_device(rootfs_key, rootfs_mode, &image.manifest.arch, &machine)?;
+        let rootfs_image = match &rootfs_choice {
+            Some(_) => Some(image.rootfs_image()?),
+            None => None,
+        };
+        let rootfs_note = rootfs_choice.as_ref().map(|(_, why)| why.clone());
+        if let Some(note) = &rootfs_note {
+            tracing::info!("{note}");
+        }
         let run_dir = RunDir::create()?;
         let dir = run_dir.path().to_path_buf();
         let backend_log = File::create(dir.join("vsock.log"))?;
@@ -105,6 +129,16 @@ impl Vm {
             qmp_socket: &qmp,
             console_log: console_log.as_deref(),
             virtiofs_socket: virtiofs.as_ref().map(|v| v.socket.as_path()),
+            rootfs: rootfs_choice
+                .as_ref()
+                .zip(rootfs_image.as_ref())
+                .map(|((device, _), img)| qemu::RootfsDisk {
+                    device: *device,
+                    path: &img.path,
+                    size: img.size,
+                    filesystem: &img.layout.filesystem,
+                    init: img.layout.init.as_deref(),
+                }),
         };
         let hotplug_ports = if qemu::has_pcie_root_ports(arch, &launch.machine()?) {
             cfg.hypervisor.qemu.hotplug_root_ports
@@ -131,6 +165,7 @@ impl Vm {
             qmp_socket: qmp,
             launched,
             accel_note,
+            rootfs_note,
             hotplug_ports,
             iothread,
         })
@@ -269,6 +304,27 @@ impl Vm {
             id,
             pci_path: qemu::root_port_device_path(index),
         })
+    }
+
+    /// Waits until the guest console shows `marker` (or QEMU exits after
+    /// printing it); returns the time from launch. For measuring boots of
+    /// images without an agent, such as a trivial /init.
+    pub async fn wait_console(&mut self, marker: &str, timeout: Duration) -> anyhow::Result<Duration> {
+        let log = self.console_log.clone().context("the console goes to the terminal (--console); no log to watch")?;
+        let deadline = self.launched + timeout;
+        loop {
+            let seen = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).contains(marker)).unwrap_or(false);
+            if seen {
+                return Ok(self.launched.elapsed());
+            }
+            if let Some(status) = self.qemu.exited() {
+                anyhow::bail!("QEMU exited ({status}) before the console showed {marker:?}{}", self.diagnostics());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the console did not show {marker:?} within {timeout:?}{}", self.diagnostics());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// Resolves when QEMU exits on its own.

@@ -195,3 +195,90 @@ fn check_reports_a_runnable_host_with_a_bounded_kvm_probe() {
     // The probe is bounded (10 s): a KVM that hangs guests costs seconds, not forever.
     eprintln!("figure: kiln-shim check took {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// Kernel options the `minimal` image's fragments ask for on every arch
+/// (IKCONFIG_PROC proves itself by being readable at all).
+const FEATURE_OPTIONS: &[&str] = &[
+    "IKCONFIG_PROC",
+    "VIRTIO_PCI",
+    "VIRTIO_VSOCKETS",
+    "VIRTIO_FS",
+    "VFIO",
+    "VFIO_PCI",
+    "LIBNVDIMM",
+    "MEMORY_HOTPLUG",
+    "HOTPLUG_CPU",
+    "OVERLAY_FS",
+    "EROFS_FS",
+];
+
+/// A pmem image with an NVDIMM PFN info block (what makes the namespace
+/// DAX-capable), laid out by kiln-disk around 1 MiB of empty filesystem space.
+fn pmem_image(dir: &std::path::Path) -> PathBuf {
+    use kiln_disk::layout::{self, DiskIds, Geometry};
+    let path = dir.join("pmem.img");
+    let geometry = Geometry::for_content(1 << 20, 0).unwrap();
+    let mut file = std::fs::File::create(&path).unwrap();
+    let mut zeros = std::io::repeat(0);
+    layout::write_image(&mut file, &mut zeros, 1 << 20, &geometry, &DiskIds::from_seed(&[7; 32])).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+async fn guest_facts_prove_the_kernel_features() {
+    let run_base = tempfile::tempdir().unwrap();
+    std::env::set_var("KILN_RUN_DIR", run_base.path());
+    let image = BootImage::load(&manifest()).unwrap();
+    let arch = image.manifest.arch.clone();
+    let mut cfg = ShimConfig::default();
+    let scratch = tempfile::tempdir().unwrap();
+    let machine = kiln_shim::qemu::profile(&arch).unwrap().machine;
+    let with_pmem = kiln_shim::qemu::supports_pmem(&arch, machine);
+    if with_pmem {
+        cfg.hypervisor.qemu.pmem_file = pmem_image(scratch.path()).display().to_string();
+    } else {
+        eprintln!("{arch} {machine}: no persistent-memory device in QEMU 7.2 with -kernel; pmem/DAX not checked");
+    }
+    let mut vm = Vm::launch(&image, &cfg, &BootOptions::default()).unwrap();
+    // Answering at all proves vsock: the only channel to the agent is vhost-user vsock.
+    let ready = vm.wait_ready(&cfg).await.unwrap();
+    eprintln!("{arch}: agent ready after {:.2} s ({})", ready.elapsed.as_secs_f64(), vm.accel_note);
+    let facts = ready.client.guest_facts(FEATURE_OPTIONS, &["/init"]).await.unwrap();
+    eprintln!("{arch}: {facts:?}");
+
+    assert_eq!(facts.machine, arch, "uname -m");
+    assert_eq!(facts.kernel_release, image.manifest.kernel_version);
+    assert!(facts.config_available, "IKCONFIG_PROC: {}", facts.config_error);
+    for option in FEATURE_OPTIONS {
+        assert_eq!(facts.config.get(*option).map(String::as_str), Some("y"), "CONFIG_{option} in /proc/config.gz");
+    }
+    assert!(facts.vfio_container, "/dev/vfio/vfio exists");
+    for fs in ["virtiofs", "ext4", "erofs", "overlay", "tmpfs"] {
+        assert!(facts.filesystems.iter().any(|f| f == fs), "{fs} in /proc/filesystems: {:?}", facts.filesystems);
+    }
+    assert!(facts.vsock_device, "/dev/vsock exists");
+    assert_eq!(facts.vsock_transports, ["virtio"], "the vsock device is bound to the virtio transport");
+    let root = facts.root_mount.as_ref().expect("a mount on /");
+    assert_eq!(root.fstype, "rootfs", "the minimal image runs from its initramfs");
+    assert!(facts.paths[0].exists, "statx /init: {}", facts.paths[0].error);
+
+    if with_pmem {
+        // The device registers asynchronously; give it a moment after agent-ready.
+        let mut facts = facts;
+        for _ in 0..50 {
+            if !facts.pmem.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            facts = ready.client.guest_facts(&[], &[]).await.unwrap();
+        }
+        let pmem0 = facts.pmem.first().unwrap_or_else(|| panic!("no pmem device: {facts:?}"));
+        assert_eq!(pmem0.name, "pmem0");
+        assert!(pmem0.dax, "pmem0 supports DAX: {pmem0:?}");
+        assert_eq!(pmem0.mode, "fsdax", "the PFN info block made it an fsdax namespace: {pmem0:?}");
+        assert_eq!(pmem0.size_bytes, 2 << 20, "4 MiB image minus the 2 MiB PFN reserve: {pmem0:?}");
+    }
+    drop(ready);
+    vm.shutdown();
+}

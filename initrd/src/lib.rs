@@ -516,7 +516,14 @@ impl Archive {
             opts.zstd_level,
             opts.zstd_workers,
         )?;
-        let (entries, uncompressed_bytes) = self.write_cpio(&mut encoder, mtime)?;
+        // cpio headers are ~110-byte writes; feeding them to the compressor one
+        // by one costs a deflate/zstd call each. Batch them first.
+        let (entries, uncompressed_bytes) = {
+            let mut batched = BufWriter::with_capacity(1 << 18, &mut encoder);
+            let r = self.write_cpio(&mut batched, mtime)?;
+            batched.flush().map_err(Error::Output)?;
+            r
+        };
         let hashing = encoder.finish().map_err(Error::Output)?;
         let (compressed_bytes, sha256_hex) = hashing.finish().map_err(Error::Output)?;
         Ok(WriteReport {

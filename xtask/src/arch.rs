@@ -83,6 +83,19 @@ impl Arch {
         })
     }
 
+    /// Debian package with the target's C library for the agent's static link
+    /// (None where rustc's self-contained musl CRT needs no system libc).
+    pub fn cross_libc_package(self) -> Option<&'static str> {
+        self.cross_prefix()?;
+        match self {
+            // +crt-static glibc: the cross gcc links libc.a, libpthread.a... from here.
+            Arch::Ppc64le => Some("libc6-dev-ppc64el-cross"),
+            Arch::S390x => Some("libc6-dev-s390x-cross"),
+            // musl: rustc ships crt objects and libc.a; the cross gcc only drives the link.
+            Arch::X86_64 | Arch::Aarch64 => None,
+        }
+    }
+
     /// The make target and the resulting path (relative to the build tree) of the boot image.
     pub fn kernel_image(self) -> (&'static str, &'static str) {
         match self {
@@ -100,6 +113,16 @@ impl Arch {
             Arch::Aarch64 => "ttyAMA0",
             Arch::Ppc64le => "hvc0",
             Arch::S390x => "ttysclp0",
+        }
+    }
+
+    /// Debian's name for the arch (dpkg, mmdebstrap --architectures).
+    pub fn debian_arch(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+            Arch::Ppc64le => "ppc64el",
+            Arch::S390x => "s390x",
         }
     }
 

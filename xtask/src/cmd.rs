@@ -19,7 +19,12 @@ pub fn run_logged(
     what: &str,
     expr: duct::Expression,
 ) -> anyhow::Result<()> {
-    let log = ctx.log_path(log_name);
+    run_logged_to(&ctx.log_path(log_name), what, expr)
+}
+
+/// [`run_logged`] with the log file given directly.
+pub fn run_logged_to(log: &Path, what: &str, expr: duct::Expression) -> anyhow::Result<()> {
+    let log = log.to_path_buf();
     if let Some(dir) = log.parent() {
         fs::create_dir_all(dir)?;
     }

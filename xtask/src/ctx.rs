@@ -31,6 +31,7 @@ impl Ctx {
         let root = workspace_root()?;
         let out = root.join("target").join("kiln");
         let cache = cache_dir()?;
+        let timings = out.join("timings.json");
         let source_date_epoch = source_date_epoch(&root)?;
         Ok(Ctx {
             root,
@@ -40,7 +41,7 @@ impl Ctx {
             no_setup: flags.no_setup || flags.offline,
             offline: flags.offline,
             no_patches: flags.no_patches,
-            ui: Ui::new(),
+            ui: Ui::new().with_timings(timings),
         })
     }
 

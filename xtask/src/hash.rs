@@ -72,6 +72,20 @@ impl KeyHasher {
     }
 }
 
+/// Hash of the running xtask binary: the code that writes initrds and
+/// manifests is an input of those stages (a new compressor backend changes
+/// their bytes), so it belongs in their keys.
+pub fn xtask_self_hash() -> String {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| sha256_file(&p).ok())
+            .unwrap_or_else(|| "unknown".into())
+    })
+    .clone()
+}
+
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
     let mut file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut hasher = Sha256::new();

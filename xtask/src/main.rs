@@ -62,10 +62,14 @@ enum Task {
     KernelCheck(KernelFlags),
     /// Build the initrd of an image (needs the agent).
     BuildInitrd(ImageFlags),
+    /// Build the initrd and rootfs.img of an image (needs the agent, not the kernel).
+    BuildRootfs(ImageFlags),
     /// Build everything an image needs and write its manifest.json.
     BuildImage(ImageFlags),
     /// Run unit tests and the end-to-end boot tests.
     Test(TestFlags),
+    /// Measure sizes, boot times, packing throughput and rebuild times (figures, never pass/fail).
+    Bench(BenchArgs),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -97,6 +101,16 @@ pub struct ImageFlags {
     /// Kernel source: a tarball or an unpacked tree (default: Debian's linux-source-6.12).
     #[arg(long)]
     pub kernel_src: Option<PathBuf>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Boot rounds per variant (median reported).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Skip the warm-rebuild measurement (it edits and restores agent/src/main.rs).
+    #[arg(long)]
+    pub skip_rebuild: bool,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -146,12 +160,28 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Task::BuildRootfs(f) => {
+            let image = manifest::ImageManifest::load(ctx, &f.image)?;
+            for arch in f.arch.arches_for(&image)? {
+                ctx.ensure_setup(&[arch])?;
+                let agent = stage::agent::build(ctx, arch)?;
+                let plan = stage::rootfs::plan(ctx, &image, arch, &agent)?;
+                let dir = ctx.image_dir(&image.name, arch);
+                let mut tree = stage::rootfs::LazyTree::new(&plan, &dir);
+                stage::initrd::build(ctx, &image, arch, &plan, &mut tree)?;
+                stage::disk::build(ctx, &image, arch, &plan, &mut tree)?;
+            }
+            Ok(())
+        }
         Task::BuildInitrd(f) => {
             for arch in f.arch.arches() {
                 ctx.ensure_setup(&[arch])?;
                 let image = manifest::ImageManifest::load(ctx, &f.image)?;
                 let agent = stage::agent::build(ctx, arch)?;
-                stage::initrd::build(ctx, &image, arch, &agent)?;
+                let plan = stage::rootfs::plan(ctx, &image, arch, &agent)?;
+                let dir = ctx.image_dir(&image.name, arch);
+                let mut tree = stage::rootfs::LazyTree::new(&plan, &dir);
+                stage::initrd::build(ctx, &image, arch, &plan, &mut tree)?;
             }
             Ok(())
         }
@@ -164,5 +194,6 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test(f) => stage::test::run(ctx, &f),
+        Task::Bench(f) => stage::bench::run(ctx, &stage::bench::BenchFlags { rounds: f.rounds.max(1), skip_rebuild: f.skip_rebuild }),
     }
 }

@@ -24,11 +24,57 @@ pub struct ImageManifest {
     pub recipe: String,
     /// Initrd compression: none, gzip or zstd.
     pub compression: String,
+    /// zstd level for the initrd (default 19: smallest, but minutes for a
+    /// 150 MB Debian tree; 9 packs that in seconds).
+    #[serde(default)]
+    pub compression_level: Option<i32>,
     pub kernel: KernelSection,
     #[serde(default)]
     pub agent: AgentSection,
     pub boot: BootSection,
+    #[serde(default)]
+    pub rootfs: RootfsSection,
 }
+
+/// How the recipe's tree becomes `rootfs.img`, and what the image adds to it.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RootfsSection {
+    /// "ext4" (4 KiB blocks) or "erofs" (read-only, uncompressed so DAX works).
+    #[serde(default = "default_filesystem")]
+    pub filesystem: String,
+    /// Free space in MiB on top of the content (ext4; erofs is sized by its content).
+    #[serde(default = "default_margin_mib")]
+    pub margin_mib: u64,
+    /// Debian packages on top of the recipe's (needs a recipe with `[debian]`).
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// Small literal files on top of the recipe's.
+    #[serde(default)]
+    pub files: Vec<crate::recipe::LiteralFile>,
+}
+
+impl Default for RootfsSection {
+    fn default() -> Self {
+        RootfsSection {
+            filesystem: default_filesystem(),
+            margin_mib: default_margin_mib(),
+            packages: Vec::new(),
+            files: Vec::new(),
+        }
+    }
+}
+
+fn default_filesystem() -> String {
+    "ext4".into()
+}
+
+fn default_margin_mib() -> u64 {
+    8
+}
+
+/// Filesystems `rootfs.filesystem` may name.
+pub const FILESYSTEMS: &[&str] = &["ext4", "erofs"];
 
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +136,30 @@ impl ImageManifest {
         m.compression
             .parse::<kiln_initrd::Compression>()
             .map_err(|e| anyhow::anyhow!("key `compression`: {e}"))?;
+        if let Some(level) = m.compression_level {
+            if m.compression != "zstd" || !(1..=22).contains(&level) {
+                anyhow::bail!(
+                    "key `compression_level` is {level}: it sets the zstd level (1 to 22) and needs compression = \"zstd\""
+                );
+            }
+        }
+        if !FILESYSTEMS.contains(&m.rootfs.filesystem.as_str()) {
+            anyhow::bail!(
+                "key `rootfs.filesystem` is `{}`; use one of {}",
+                m.rootfs.filesystem,
+                FILESYSTEMS.join(", ")
+            );
+        }
+        if m.rootfs.margin_mib > 1 << 20 {
+            anyhow::bail!(
+                "key `rootfs.margin_mib` is {}; give MiB of free space (at most 1048576)",
+                m.rootfs.margin_mib
+            );
+        }
+        crate::recipe::check_package_names("rootfs.packages", &m.rootfs.packages)?;
+        for f in &m.rootfs.files {
+            crate::recipe::check_path("rootfs.files.path", &f.path)?;
+        }
         for f in &m.kernel.features {
             if f.is_empty() || f.contains('/') || f.contains("..") {
                 anyhow::bail!(
@@ -159,10 +229,16 @@ pub struct BuiltManifest {
     pub kernel_patches: Vec<crate::stage::kernel::PatchRecord>,
     pub cmdline: String,
     pub source_date_epoch: u64,
-    /// Role (kernel, initrd, kernel_config, agent) → file record.
+    /// Role (kernel, initrd, kernel_config, agent, rootfs_image) → file record.
     pub artifacts: BTreeMap<String, ArtifactRecord>,
     /// Input name → content hash (stage keys and input files).
     pub inputs: BTreeMap<String, String>,
+    /// How `rootfs_image` is laid out and booted (filesystem, partition, DAX).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<crate::stage::disk::RootfsRecord>,
+    /// Debian packages in the image, with versions (empty for non-Debian recipes).
+    #[serde(default)]
+    pub packages: Vec<crate::stage::rootfs::debian::Package>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

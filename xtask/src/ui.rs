@@ -11,6 +11,7 @@ pub struct Ui {
     multi: MultiProgress,
     interactive: bool,
     outcomes: Outcomes,
+    timings: Option<std::path::PathBuf>,
 }
 
 /// What each finished stage did, in order: (stage name, whether it ran).
@@ -29,7 +30,15 @@ impl Ui {
             multi: MultiProgress::with_draw_target(target),
             interactive,
             outcomes: Outcomes::default(),
+            timings: None,
         }
+    }
+
+    /// Records how long each stage that ran took, in `path` (JSON: stage →
+    /// seconds), so `cargo xtask bench` can report real cold build times.
+    pub fn with_timings(mut self, path: std::path::PathBuf) -> Ui {
+        self.timings = Some(path);
+        self
     }
 
     /// Starts a stage line such as `kernel x86_64`.
@@ -51,6 +60,7 @@ impl Ui {
             interactive: self.interactive,
             done: false,
             outcomes: self.outcomes.clone(),
+            timings: self.timings.clone(),
         }
     }
 
@@ -75,6 +85,7 @@ pub struct Step {
     interactive: bool,
     done: bool,
     outcomes: Outcomes,
+    timings: Option<std::path::PathBuf>,
 }
 
 impl Step {
@@ -103,6 +114,17 @@ impl Step {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((self.name.clone(), ran));
+        if let (true, Some(path)) = (ran, &self.timings) {
+            let mut map: std::collections::BTreeMap<String, f64> = std::fs::read(path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let secs = (self.start.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+            map.insert(self.name.clone(), secs);
+            if let Ok(text) = serde_json::to_vec_pretty(&map) {
+                let _ = crate::cache::write_atomic(path, &text);
+            }
+        }
     }
 
     fn finish(&mut self, mark: &str, detail: &str) {

@@ -71,6 +71,15 @@ fn run(mut ctl: UnixStream) -> i32 {
         report(&mut ctl, &Report::Error(e));
         return 1;
     }
+    // The child must not speak before its pid has been reported: it waits
+    // for EOF on this pipe, which comes when the parent exits after reporting.
+    let (gate_r, gate_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            report(&mut ctl, &Report::Error(format!("pipe: {e}")));
+            return 1;
+        }
+    };
     // SAFETY: this process is single-threaded (a fresh exec of the agent
     // binary that started no runtime), so fork is safe.
     match unsafe { nix::unistd::fork() } {
@@ -79,10 +88,16 @@ fn run(mut ctl: UnixStream) -> i32 {
             1
         }
         Ok(ForkResult::Parent { child }) => {
+            drop(gate_r);
             report(&mut ctl, &Report::Pid(child.as_raw()));
+            drop(gate_w);
             0
         }
         Ok(ForkResult::Child) => {
+            drop(gate_w);
+            let mut f = fs::File::from(gate_r);
+            let _ = std::io::Read::read_to_end(&mut f, &mut Vec::new());
+            drop(f);
             let code = child_main(&mut ctl, &cfg, &spec);
             std::process::exit(code)
         }
@@ -100,14 +115,19 @@ fn before_fork(cfg: &Config, spec: &ContainerSpec) -> Res<()> {
             .map_err(|e| format!("joining cgroup {}: {e}", cg.display()))?;
     }
     match cfg.kind {
-        LaunchKind::Init => match spec.namespace(NamespaceKind::Pid) {
-            Some(ns) => match &ns.path {
-                Some(p) => join_ns(p, CloneFlags::CLONE_NEWPID)?,
-                None => unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?,
-            },
-            None => {}
-        },
-        LaunchKind::Exec => join_ns(&proc_ns(cfg.join_pid, NamespaceKind::Pid), CloneFlags::CLONE_NEWPID)?,
+        LaunchKind::Init => {
+            if let Some(ns) = spec.namespace(NamespaceKind::Pid) {
+                match &ns.path {
+                    Some(p) => join_ns(p, CloneFlags::CLONE_NEWPID)?,
+                    None => unshare(CloneFlags::CLONE_NEWPID)
+                        .map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?,
+                }
+            }
+        }
+        LaunchKind::Exec => join_ns(
+            &proc_ns(cfg.join_pid, NamespaceKind::Pid),
+            CloneFlags::CLONE_NEWPID,
+        )?,
     }
     Ok(())
 }
@@ -117,7 +137,8 @@ fn proc_ns(pid: i32, kind: NamespaceKind) -> PathBuf {
 }
 
 fn join_ns(path: &Path, flag: CloneFlags) -> Res<()> {
-    let f = fs::File::open(path).map_err(|e| format!("opening namespace {}: {e}", path.display()))?;
+    let f =
+        fs::File::open(path).map_err(|e| format!("opening namespace {}: {e}", path.display()))?;
     setns(f, flag).map_err(|e| format!("setns({}): {e}", path.display()))
 }
 
@@ -142,7 +163,12 @@ fn child_main(ctl: &mut UnixStream, cfg: &Config, spec: &ContainerSpec) -> i32 {
 
 fn setup_init(cfg: &Config, spec: &ContainerSpec) -> Res<()> {
     let mut own_mount_ns = true;
-    for kind in [NamespaceKind::Mount, NamespaceKind::Uts, NamespaceKind::Ipc, NamespaceKind::Cgroup] {
+    for kind in [
+        NamespaceKind::Mount,
+        NamespaceKind::Uts,
+        NamespaceKind::Ipc,
+        NamespaceKind::Cgroup,
+    ] {
         match spec.namespace(kind) {
             Some(ns) => match &ns.path {
                 Some(p) => {
@@ -151,7 +177,9 @@ fn setup_init(cfg: &Config, spec: &ContainerSpec) -> Res<()> {
                         own_mount_ns = false;
                     }
                 }
-                None => unshare(kind.clone_flag()).map_err(|e| format!("unshare({kind:?}): {e}"))?,
+                None => {
+                    unshare(kind.clone_flag()).map_err(|e| format!("unshare({kind:?}): {e}"))?
+                }
             },
             // The agent's mount namespace is never modified: a container
             // always gets its own, even when the spec forgot to ask.
@@ -164,7 +192,9 @@ fn setup_init(cfg: &Config, spec: &ContainerSpec) -> Res<()> {
     if own_mount_ns {
         mounts::prepare_rootfs(spec, cfg.no_pivot)?;
     }
-    let new_uts = spec.namespace(NamespaceKind::Uts).is_some_and(|n| n.path.is_none());
+    let new_uts = spec
+        .namespace(NamespaceKind::Uts)
+        .is_some_and(|n| n.path.is_none());
     if let (Some(h), true) = (&spec.hostname, new_uts) {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname({h}): {e}"))?;
     }
@@ -172,7 +202,12 @@ fn setup_init(cfg: &Config, spec: &ContainerSpec) -> Res<()> {
 }
 
 fn join_container(init_pid: i32) -> Res<()> {
-    for kind in [NamespaceKind::Cgroup, NamespaceKind::Ipc, NamespaceKind::Uts, NamespaceKind::Mount] {
+    for kind in [
+        NamespaceKind::Cgroup,
+        NamespaceKind::Ipc,
+        NamespaceKind::Uts,
+        NamespaceKind::Mount,
+    ] {
         let path = proc_ns(init_pid, kind);
         let ours = fs::read_link(proc_ns(std::process::id() as i32, kind)).ok();
         // Same namespace as ours (not unshared by the container): nothing to do.
@@ -200,41 +235,57 @@ fn prepare_and_exec(p: &ProcessSpec) -> Res<Never> {
     if p.terminal {
         // SAFETY: TIOCSCTTY on our stdin, which is the pty slave.
         if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
-            return Err(format!("making the pty our controlling terminal: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "making the pty our controlling terminal: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
     for r in &p.rlimits {
-        nix::sys::resource::setrlimit(r.resource, r.soft, r.hard).map_err(|e| format!("setrlimit({:?}): {e}", r.resource))?;
+        nix::sys::resource::setrlimit(r.resource, r.soft, r.hard)
+            .map_err(|e| format!("setrlimit({:?}): {e}", r.resource))?;
     }
     if let Some(adj) = p.oom_score_adj {
-        fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(|e| format!("oom_score_adj: {e}"))?;
+        fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .map_err(|e| format!("oom_score_adj: {e}"))?;
     }
     let (uid, gid) = match (&p.user.username, p.user.uid, p.user.gid) {
-        (Some(name), 0, 0) => lookup_user(&fs::read_to_string("/etc/passwd").unwrap_or_default(), name)
-            .ok_or_else(|| format!("user {name:?} not found in the container's /etc/passwd"))?,
+        (Some(name), 0, 0) => {
+            lookup_user(&fs::read_to_string("/etc/passwd").unwrap_or_default(), name)
+                .ok_or_else(|| format!("user {name:?} not found in the container's /etc/passwd"))?
+        }
         _ => (p.user.uid, p.user.gid),
     };
     nix::unistd::chdir(&p.cwd).map_err(|e| format!("chdir to cwd {}: {e}", p.cwd.display()))?;
     let exe = resolve_executable(&p.args[0], p.path_var())?;
     let argv = cstrings(&p.args)?;
     let envp = cstrings(&p.env)?;
-    let exe_c = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(|_| "executable path contains NUL".to_string())?;
+    let exe_c = CString::new(exe.as_os_str().as_encoded_bytes())
+        .map_err(|_| "executable path contains NUL".to_string())?;
 
     switch_user(uid, gid, &p.user.additional_gids, p.capabilities.as_ref())?;
     if p.no_new_privileges {
         // SAFETY: prctl with plain integer arguments.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(format!("PR_SET_NO_NEW_PRIVS: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "PR_SET_NO_NEW_PRIVS: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
     reset_signals();
     close_other_fds();
-    let e = nix::unistd::execve(&exe_c, &argv, &envp).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = nix::unistd::execve(&exe_c, &argv, &envp)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     Err(format!("exec {}: {e}", exe.display()))
 }
 
 fn cstrings(v: &[String]) -> Res<Vec<CString>> {
-    v.iter().map(|s| CString::new(s.as_bytes()).map_err(|_| format!("{s:?} contains NUL"))).collect()
+    v.iter()
+        .map(|s| CString::new(s.as_bytes()).map_err(|_| format!("{s:?} contains NUL")))
+        .collect()
 }
 
 /// `name` as is when it has a slash, else the first executable match in PATH.
@@ -257,12 +308,18 @@ pub fn resolve_executable(name: &str, path: &str) -> Res<PathBuf> {
 pub fn lookup_user(passwd: &str, name: &str) -> Option<(u32, u32)> {
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?))).flatten()
+        (f.len() >= 4 && f[0] == name)
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .flatten()
     })
 }
 
 fn cap_set(names: &[String], supported: &caps::CapsHashSet) -> caps::CapsHashSet {
-    names.iter().filter_map(|n| n.parse::<caps::Capability>().ok()).filter(|c| supported.contains(c)).collect()
+    names
+        .iter()
+        .filter_map(|n| n.parse::<caps::Capability>().ok())
+        .filter(|c| supported.contains(c))
+        .collect()
 }
 
 fn switch_user(uid: u32, gid: u32, groups: &[u32], caps_spec: Option<&CapabilitySpec>) -> Res<()> {
@@ -271,7 +328,8 @@ fn switch_user(uid: u32, gid: u32, groups: &[u32], caps_spec: Option<&Capability
     if let Some(c) = caps_spec {
         let keep = cap_set(&c.bounding, &supported);
         for cap in supported.iter().filter(|c| !keep.contains(c)) {
-            caps::drop(None, CapSet::Bounding, *cap).map_err(|e| format!("dropping {cap} from the bounding set: {e}"))?;
+            caps::drop(None, CapSet::Bounding, *cap)
+                .map_err(|e| format!("dropping {cap} from the bounding set: {e}"))?;
         }
         // Keep permitted capabilities across the uid change; they are
         // narrowed to the spec's sets right after.
@@ -284,20 +342,69 @@ fn switch_user(uid: u32, gid: u32, groups: &[u32], caps_spec: Option<&Capability
     let u = Uid::from_raw(uid);
     nix::unistd::setresuid(u, u, u).map_err(|e| format!("setuid({uid}): {e}"))?;
     if let Some(c) = caps_spec {
-        let set = |which: CapSet, names: &[String]| {
-            caps::set(None, which, &cap_set(names, &supported)).map_err(|e| format!("setting {which:?} capabilities: {e}"))
-        };
-        set(CapSet::Permitted, &c.permitted)?;
-        set(CapSet::Inheritable, &c.inheritable)?;
-        set(CapSet::Effective, &c.effective)?;
+        // One capset for all three: set one by one, the kernel would refuse
+        // a permitted set smaller than the current effective one.
+        capset(
+            &cap_set(&c.effective, &supported),
+            &cap_set(&c.permitted, &supported),
+            &cap_set(&c.inheritable, &supported),
+        )?;
         if caps::runtime::ambient_set_supported().is_ok() {
-            caps::clear(None, CapSet::Ambient).map_err(|e| format!("clearing ambient capabilities: {e}"))?;
+            caps::clear(None, CapSet::Ambient)
+                .map_err(|e| format!("clearing ambient capabilities: {e}"))?;
             for cap in cap_set(&c.ambient, &supported) {
                 // Ambient needs the cap in permitted and inheritable; skip the rest as runc does.
                 let _ = caps::raise(None, CapSet::Ambient, cap);
             }
         }
         let _ = caps::securebits::set_keepcaps(false);
+    }
+    Ok(())
+}
+
+/// Capability set as capset(2)'s two 32-bit words.
+pub fn cap_words(set: &caps::CapsHashSet) -> [u32; 2] {
+    let mut w = [0u32; 2];
+    for c in set {
+        let i = c.index() as usize;
+        if i < 64 {
+            w[i / 32] |= 1 << (i % 32);
+        }
+    }
+    w
+}
+
+fn capset(eff: &caps::CapsHashSet, perm: &caps::CapsHashSet, inh: &caps::CapsHashSet) -> Res<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let (e, p, i) = (cap_words(eff), cap_words(perm), cap_words(inh));
+    let mut hdr = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [0, 1].map(|k| Data {
+        effective: e[k],
+        permitted: p[k],
+        inheritable: i[k],
+    });
+    // SAFETY: capset reads a v3 header and two data words that live for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(format!(
+            "capset(effective {e:x?}, permitted {p:x?}, inheritable {i:x?}): {} (effective must be within permitted)",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
@@ -312,17 +419,31 @@ fn reset_signals() {
             let _ = unsafe { sigaction(sig, &dfl) };
         }
     }
-    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::empty()),
+        None,
+    );
 }
 
 /// Marks every fd above stderr close-on-exec (the control socket included:
 /// its closing tells the agent the exec worked).
 fn close_other_fds() {
     // SAFETY: close_range with the CLOEXEC flag only changes fd flags.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
     if rc != 0 {
         if let Ok(dir) = fs::read_dir("/proc/self/fd") {
-            let fds: Vec<i32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+            let fds: Vec<i32> = dir
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
             for fd in fds.into_iter().filter(|fd| *fd > 2) {
                 set_cloexec(fd);
             }
@@ -333,6 +454,19 @@ fn close_other_fds() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capability_words() {
+        let set: caps::CapsHashSet = [
+            caps::Capability::CAP_CHOWN,
+            caps::Capability::CAP_NET_BIND_SERVICE,
+            caps::Capability::CAP_SYSLOG,
+        ]
+        .into_iter()
+        .collect();
+        // CHOWN is 0, NET_BIND_SERVICE 10, SYSLOG 34.
+        assert_eq!(cap_words(&set), [0x401, 0x4]);
+    }
 
     #[test]
     fn passwd_lookup() {
@@ -354,6 +488,9 @@ mod tests {
         let path = format!("/nonexistent:{}", bin.display());
         assert_eq!(resolve_executable("tool", &path).unwrap(), bin.join("tool"));
         assert!(resolve_executable("data", &path).is_err(), "not executable");
-        assert_eq!(resolve_executable("/x/y", &path).unwrap(), PathBuf::from("/x/y"));
+        assert_eq!(
+            resolve_executable("/x/y", &path).unwrap(),
+            PathBuf::from("/x/y")
+        );
     }
 }

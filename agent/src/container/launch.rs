@@ -35,12 +35,20 @@ fn helper_exe() -> &'static str {
 
 pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<Launched> {
     let body = wire::encode_config(cfg).map_err(internal)?;
-    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(|e| os("creating the helper control socket", e))?;
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| os("creating the helper control socket", e))?;
     // Keep the child's end off 0..=2, which the stdio set-up overwrites first.
     let theirs: OwnedFd = if theirs.as_raw_fd() <= 2 {
-        let fd = nix::fcntl::fcntl(theirs.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
-            .map_err(|e| os("duplicating the control socket", e))?;
+        let fd = nix::fcntl::fcntl(
+            theirs.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10),
+        )
+        .map_err(|e| os("duplicating the control socket", e))?;
         // SAFETY: F_DUPFD_CLOEXEC returned a new fd that we now own.
         unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
     } else {
@@ -70,7 +78,9 @@ pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<
     }
     let helper_exit = {
         let mut reg = reaper.lock();
-        let child = cmd.spawn().map_err(|e| os("starting the container helper (/proc/self/exe)", e))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| os("starting the container helper (/proc/self/exe)", e))?;
         reg.register(child.id() as i32)
     };
     // The child's copies of the stdio ends and the socket live in `cmd`.
@@ -85,9 +95,14 @@ pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<
     });
 
     let std_sock = std::os::unix::net::UnixStream::from(ours);
-    std_sock.set_nonblocking(true).map_err(|e| os("control socket", e))?;
+    std_sock
+        .set_nonblocking(true)
+        .map_err(|e| os("control socket", e))?;
     let mut control = UnixStream::from_std(std_sock).map_err(|e| os("control socket", e))?;
-    control.write_all(&wire::frame(&body)).await.map_err(|e| os("sending the spec to the container helper", e))?;
+    control
+        .write_all(&wire::frame(&body))
+        .await
+        .map_err(|e| os("sending the spec to the container helper", e))?;
 
     let handshake = async {
         let mut registered: Option<(i32, oneshot::Receiver<ExitCode>)> = None;
@@ -98,12 +113,16 @@ pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<
                     // If it died before we registered, the reaper already took it.
                     if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
                         reaper.lock().unregister(pid);
-                        return Err(internal(format!("container process {pid} vanished during set-up")));
+                        return Err(internal(format!(
+                            "container process {pid} vanished during set-up"
+                        )));
                     }
                     registered = Some((pid, rx));
                 }
                 Ok(Report::Ready) => {
-                    return registered.ok_or_else(|| internal("container helper said Ready before reporting a pid"));
+                    return registered.ok_or_else(|| {
+                        internal("container helper said Ready before reporting a pid")
+                    });
                 }
                 Ok(Report::Error(msg)) => {
                     if let Some((pid, _)) = registered {
@@ -113,7 +132,10 @@ pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<
                 }
                 Err(e) => {
                     if let Some((pid, _)) = registered {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
                         reaper.lock().unregister(pid);
                     }
                     return Err(e);
@@ -123,7 +145,12 @@ pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<
     };
     let (pid, exit) = match tokio::time::timeout(SETUP_TIMEOUT, handshake).await {
         Ok(r) => r?,
-        Err(_) => return Err(timeout(format!("container set-up took longer than {} s", SETUP_TIMEOUT.as_secs()))),
+        Err(_) => {
+            return Err(timeout(format!(
+                "container set-up took longer than {} s",
+                SETUP_TIMEOUT.as_secs()
+            )))
+        }
     };
     Ok(Launched { pid, exit, control })
 }
@@ -131,7 +158,9 @@ pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<
 async fn next_report(control: &mut UnixStream) -> Result<Report> {
     match wire::read_frame(control).await {
         Ok(Some(b)) => wire::decode_report(&b).map_err(internal),
-        Ok(None) => Err(internal("the container helper exited without finishing set-up")),
+        Ok(None) => Err(internal(
+            "the container helper exited without finishing set-up",
+        )),
         Err(e) => Err(os("reading from the container helper", e)),
     }
 }
@@ -139,13 +168,18 @@ async fn next_report(control: &mut UnixStream) -> Result<Report> {
 /// Tells a set-up process to exec, and waits until it did (the control
 /// socket closes) or failed (it says why).
 pub async fn start(control: &mut UnixStream) -> Result<()> {
-    control.write_all(&wire::frame(wire::START)).await.map_err(|e| os("telling the container process to start", e))?;
+    control
+        .write_all(&wire::frame(wire::START))
+        .await
+        .map_err(|e| os("telling the container process to start", e))?;
     let outcome = async {
         match wire::read_frame(control).await {
             Ok(None) => Ok(()),
             Ok(Some(b)) => match wire::decode_report(&b) {
                 Ok(Report::Error(msg)) => Err(internal(msg)),
-                Ok(other) => Err(internal(format!("unexpected {other:?} from the container process"))),
+                Ok(other) => Err(internal(format!(
+                    "unexpected {other:?} from the container process"
+                ))),
                 Err(e) => Err(internal(e)),
             },
             // A reset also means the socket went away with the exec.

@@ -64,7 +64,13 @@ impl Drop for Process {
 }
 
 impl Process {
-    pub fn new(exec_id: String, pid: i32, pidns_init: bool, exit: oneshot::Receiver<ExitCode>, io: ParentStdio) -> Result<Arc<Process>> {
+    pub fn new(
+        exec_id: String,
+        pid: i32,
+        pidns_init: bool,
+        exit: oneshot::Receiver<ExitCode>,
+        io: ParentStdio,
+    ) -> Result<Arc<Process>> {
         let (tx, rx) = watch::channel(None);
         let mut tasks = vec![tokio::spawn(async move {
             let code = exit.await.unwrap_or(LOST_STATUS);
@@ -72,7 +78,11 @@ impl Process {
         })];
         let tty = io.tty.is_some();
         let stdout = OutputBuffer::new(OUTPUT_BUFFER_LIMIT);
-        tasks.push(tokio::spawn(stdio::pump(io.stdout, stdout.clone(), rx.clone())));
+        tasks.push(tokio::spawn(stdio::pump(
+            io.stdout,
+            stdout.clone(),
+            rx.clone(),
+        )));
         let stderr = match io.stderr {
             Some(fd) => {
                 let b = OutputBuffer::new(OUTPUT_BUFFER_LIMIT);
@@ -117,7 +127,9 @@ impl Process {
 
     /// Waited for, and both output streams read to EOF: nothing left to give.
     pub fn finished(&self) -> bool {
-        self.waited.load(Ordering::SeqCst) && self.stdout.eof_delivered() && self.stderr.eof_delivered()
+        self.waited.load(Ordering::SeqCst)
+            && self.stdout.eof_delivered()
+            && self.stderr.eof_delivered()
     }
 
     pub fn signal(&self, signal: Signal) -> Result<()> {
@@ -139,7 +151,9 @@ impl Process {
 
     pub async fn write_stdin(&self, data: &[u8]) -> Result<usize> {
         let guard = self.stdin.lock().await;
-        let w = guard.as_ref().ok_or_else(|| precondition(format!("stdin of process {:?} is closed", self.exec_id)))?;
+        let w = guard.as_ref().ok_or_else(|| {
+            precondition(format!("stdin of process {:?} is closed", self.exec_id))
+        })?;
         let mut exit = self.exit.clone();
         tokio::select! {
             r = w.write_all(data) => r.map(|_| data.len()).map_err(|e| precondition(format!("writing to stdin of process {:?}: {e}", self.exec_id))),
@@ -162,7 +176,10 @@ impl Process {
     }
 
     pub fn resize(&self, rows: u32, cols: u32) -> Result<()> {
-        let tty = self.tty.as_ref().ok_or_else(|| precondition(format!("process {:?} has no terminal", self.exec_id)))?;
+        let tty = self
+            .tty
+            .as_ref()
+            .ok_or_else(|| precondition(format!("process {:?} has no terminal", self.exec_id)))?;
         if rows > u16::MAX as u32 || cols > u16::MAX as u32 {
             return Err(invalid(format!("window size {rows}x{cols} is too large")));
         }
@@ -226,7 +243,11 @@ impl Container {
         if exec_id.is_empty() || exec_id == self.init.exec_id || exec_id == self.id {
             return Some(self.init.clone());
         }
-        self.execs.lock().unwrap_or_else(|p| p.into_inner()).get(exec_id).cloned()
+        self.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(exec_id)
+            .cloned()
     }
 
     /// Drops an exec once it has been waited for and read to EOF; the

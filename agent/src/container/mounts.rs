@@ -40,9 +40,14 @@ pub fn secure_join(root: &Path, unsafe_path: &Path) -> Res<PathBuf> {
             Ok(md) if md.file_type().is_symlink() => {
                 links += 1;
                 if links > 255 {
-                    return Err(format!("too many symlinks under {} resolving {}", root.display(), unsafe_path.display()));
+                    return Err(format!(
+                        "too many symlinks under {} resolving {}",
+                        root.display(),
+                        unsafe_path.display()
+                    ));
                 }
-                let target = fs::read_link(&full).map_err(|e| format!("reading link {}: {e}", full.display()))?;
+                let target = fs::read_link(&full)
+                    .map_err(|e| format!("reading link {}: {e}", full.display()))?;
                 if target.is_absolute() {
                     resolved = PathBuf::new();
                 }
@@ -70,22 +75,67 @@ fn m(what: impl std::fmt::Display, e: impl std::fmt::Display) -> String {
     format!("{what}: {e}")
 }
 
-fn do_mount(src: Option<&str>, dst: &Path, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> Res<()> {
-    mount(src, dst, fstype, flags, data).map_err(|e| {
-        m(format_args!("mount {} on {} (type {}, {:?}, {:?})", src.unwrap_or("none"), dst.display(), fstype.unwrap_or("none"), flags, data.unwrap_or("")), e)
-    })
+fn do_mount(
+    src: Option<&str>,
+    dst: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Res<()> {
+    mount(src, dst, fstype, flags, data).map_err(|e| mount_error(src, dst, fstype, flags, data, e))
+}
+
+fn mount_error(
+    src: Option<&str>,
+    dst: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+    e: nix::errno::Errno,
+) -> String {
+    m(
+        format_args!(
+            "mount {} on {} (type {}, {:?}, {:?})",
+            src.unwrap_or("none"),
+            dst.display(),
+            fstype.unwrap_or("none"),
+            flags,
+            data.unwrap_or("")
+        ),
+        e,
+    )
 }
 
 /// Builds the container's root and enters it. Runs in the helper, in the
 /// container's fresh mount namespace.
 pub fn prepare_rootfs(spec: &ContainerSpec, no_pivot: bool) -> Res<()> {
-    let rootfs = fs::canonicalize(&spec.root.path).map_err(|e| m(format_args!("container rootfs {}", spec.root.path.display()), e))?;
+    let rootfs = fs::canonicalize(&spec.root.path).map_err(|e| {
+        m(
+            format_args!("container rootfs {}", spec.root.path.display()),
+            e,
+        )
+    })?;
     if !rootfs.is_dir() {
-        return Err(format!("container rootfs {} is not a directory", rootfs.display()));
+        return Err(format!(
+            "container rootfs {} is not a directory",
+            rootfs.display()
+        ));
     }
     // Nothing mounted from here on may propagate back to the agent's namespace.
-    do_mount(None, Path::new("/"), None, MsFlags::MS_REC | spec.rootfs_propagation, None)?;
-    do_mount(Some(path_str(&rootfs)?), &rootfs, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    do_mount(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | spec.rootfs_propagation,
+        None,
+    )?;
+    do_mount(
+        Some(path_str(&rootfs)?),
+        &rootfs,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
 
     let mut dev_is_tmpfs = false;
     for mnt in &spec.mounts {
@@ -121,7 +171,8 @@ pub fn prepare_rootfs(spec: &ContainerSpec, no_pivot: bool) -> Res<()> {
 }
 
 fn path_str(p: &Path) -> Res<&str> {
-    p.to_str().ok_or_else(|| format!("path {} is not UTF-8", p.display()))
+    p.to_str()
+        .ok_or_else(|| format!("path {} is not UTF-8", p.display()))
 }
 
 fn mount_one(rootfs: &Path, mnt: &MountSpec) -> Res<()> {
@@ -129,39 +180,62 @@ fn mount_one(rootfs: &Path, mnt: &MountSpec) -> Res<()> {
     let o = &mnt.options;
     if o.is_bind() {
         let src = Path::new(&mnt.source);
-        let md = fs::metadata(src).map_err(|e| m(format_args!("bind mount source {}", mnt.source), e))?;
+        let md = fs::metadata(src)
+            .map_err(|e| m(format_args!("bind mount source {}", mnt.source), e))?;
         if md.is_dir() {
-            fs::create_dir_all(&dest).map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
+            fs::create_dir_all(&dest)
+                .map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
         } else {
             if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent).map_err(|e| m(format_args!("creating {}", parent.display()), e))?;
+                fs::create_dir_all(parent)
+                    .map_err(|e| m(format_args!("creating {}", parent.display()), e))?;
             }
             if !dest.exists() {
-                fs::write(&dest, b"").map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
+                fs::write(&dest, b"")
+                    .map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
             }
         }
         let rec = o.flags & MsFlags::MS_REC;
         do_mount(Some(&mnt.source), &dest, None, MsFlags::MS_BIND | rec, None)?;
         let extra = o.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
         if !extra.is_empty() {
-            do_mount(None, &dest, None, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra | rec, None)?;
+            do_mount(
+                None,
+                &dest,
+                None,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra | rec,
+                None,
+            )?;
         }
     } else {
         fs::create_dir_all(&dest).map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
         let (fstype, source) = match mnt.fstype.as_str() {
             // v2 only: a "cgroup" mount gets the container's cgroup2 view.
             "cgroup" | "cgroup2" => ("cgroup2", "cgroup2"),
-            t => (t, if mnt.source.is_empty() { t } else { mnt.source.as_str() }),
+            t => (
+                t,
+                if mnt.source.is_empty() {
+                    t
+                } else {
+                    mnt.source.as_str()
+                },
+            ),
         };
-        let res = do_mount(Some(source), &dest, Some(fstype), o.flags, o.data());
-        if let Err(e) = res {
-            // /sys cannot be mounted read-write in some namespaces; mqueue needs
-            // an ipc namespace. Retry sysfs read-only, as runc does.
-            if fstype == "sysfs" {
-                do_mount(Some(source), &dest, Some(fstype), o.flags | MsFlags::MS_RDONLY, o.data())?;
-            } else {
-                return Err(e);
-            }
+        match mount(Some(source), &dest, Some(fstype), o.flags, o.data()) {
+            Ok(()) => {}
+            // A guest kernel without POSIX message queues has no mqueue
+            // filesystem; the container then simply has no /dev/mqueue.
+            Err(nix::errno::Errno::ENODEV) if fstype == "mqueue" => return Ok(()),
+            // /sys cannot be mounted read-write in some namespaces: retry
+            // read-only, as runc does.
+            Err(_) if fstype == "sysfs" => do_mount(
+                Some(source),
+                &dest,
+                Some(fstype),
+                o.flags | MsFlags::MS_RDONLY,
+                o.data(),
+            )?,
+            Err(_) => do_mount(Some(source), &dest, Some(fstype), o.flags, o.data())?,
         }
     }
     if !o.propagation.is_empty() {
@@ -171,16 +245,36 @@ fn mount_one(rootfs: &Path, mnt: &MountSpec) -> Res<()> {
 }
 
 /// The devices every container gets when its /dev is a fresh tmpfs.
-const DEFAULT_DEVICES: &[(&str, u64, u64)] =
-    &[("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)];
+const DEFAULT_DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
 
 fn default_devices(rootfs: &Path) -> Res<()> {
     for (name, major, minor) in DEFAULT_DEVICES {
-        let d = DeviceSpec { path: Path::new("/dev").join(name), kind: 'c', major: *major, minor: *minor, mode: 0o666, uid: 0, gid: 0 };
+        let d = DeviceSpec {
+            path: Path::new("/dev").join(name),
+            kind: 'c',
+            major: *major,
+            minor: *minor,
+            mode: 0o666,
+            uid: 0,
+            gid: 0,
+        };
         create_device(rootfs, &d)?;
     }
     let dev = secure_join(rootfs, Path::new("/dev"))?;
-    for (link, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")] {
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
         let p = dev.join(link);
         if fs::symlink_metadata(&p).is_err() {
             symlink(target, &p).map_err(|e| m(format_args!("symlink {}", p.display()), e))?;
@@ -195,19 +289,35 @@ fn create_device(rootfs: &Path, d: &DeviceSpec) -> Res<()> {
         return Ok(());
     }
     if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent).map_err(|e| m(format_args!("creating {}", parent.display()), e))?;
+        fs::create_dir_all(parent)
+            .map_err(|e| m(format_args!("creating {}", parent.display()), e))?;
     }
     let kind = match d.kind {
         'b' => SFlag::S_IFBLK,
         'p' => SFlag::S_IFIFO,
         _ => SFlag::S_IFCHR,
     };
-    mknod(&dest, kind, Mode::from_bits_truncate(d.mode), makedev(d.major, d.minor))
-        .map_err(|e| m(format_args!("mknod {} ({}:{})", dest.display(), d.major, d.minor), e))?;
+    mknod(
+        &dest,
+        kind,
+        Mode::from_bits_truncate(d.mode),
+        makedev(d.major, d.minor),
+    )
+    .map_err(|e| {
+        m(
+            format_args!("mknod {} ({}:{})", dest.display(), d.major, d.minor),
+            e,
+        )
+    })?;
     // mknod applies the umask; set the asked-for mode exactly.
-    fs::set_permissions(&dest, fs::Permissions::from_mode(d.mode)).map_err(|e| m(format_args!("chmod {}", dest.display()), e))?;
-    nix::unistd::chown(&dest, Some(nix::unistd::Uid::from_raw(d.uid)), Some(nix::unistd::Gid::from_raw(d.gid)))
-        .map_err(|e| m(format_args!("chown {}", dest.display()), e))?;
+    fs::set_permissions(&dest, fs::Permissions::from_mode(d.mode))
+        .map_err(|e| m(format_args!("chmod {}", dest.display()), e))?;
+    nix::unistd::chown(
+        &dest,
+        Some(nix::unistd::Uid::from_raw(d.uid)),
+        Some(nix::unistd::Gid::from_raw(d.gid)),
+    )
+    .map_err(|e| m(format_args!("chown {}", dest.display()), e))?;
     Ok(())
 }
 
@@ -218,7 +328,13 @@ fn enter_root(rootfs: &Path, no_pivot: bool) -> Res<()> {
             Ok(()) => {
                 // The old root is now stacked on "."; detach it without
                 // letting the unmount propagate anywhere.
-                do_mount(None, Path::new("."), None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)?;
+                do_mount(
+                    None,
+                    Path::new("."),
+                    None,
+                    MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                    None,
+                )?;
                 umount2(".", MntFlags::MNT_DETACH).map_err(|e| m("detaching the old root", e))?;
                 nix::unistd::chdir("/").map_err(|e| m("chdir /", e))?;
                 return Ok(());
@@ -227,7 +343,13 @@ fn enter_root(rootfs: &Path, no_pivot: bool) -> Res<()> {
             Err(e) => return Err(m("pivot_root", e)),
         }
     }
-    do_mount(Some(path_str(rootfs)?), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
+    do_mount(
+        Some(path_str(rootfs)?),
+        Path::new("/"),
+        None,
+        MsFlags::MS_MOVE,
+        None,
+    )?;
     nix::unistd::chroot(".").map_err(|e| m("chroot", e))?;
     nix::unistd::chdir("/").map_err(|e| m("chdir /", e))?;
     Ok(())
@@ -236,7 +358,9 @@ fn enter_root(rootfs: &Path, no_pivot: bool) -> Res<()> {
 fn mask_path(p: &Path) -> Res<()> {
     match fs::metadata(p) {
         Err(_) => Ok(()), // nothing there to hide
-        Ok(md) if md.is_dir() => do_mount(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY, None),
+        Ok(md) if md.is_dir() => {
+            do_mount(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY, None)
+        }
         Ok(_) => do_mount(Some("/dev/null"), p, None, MsFlags::MS_BIND, None),
     }
 }
@@ -247,7 +371,13 @@ fn readonly_path(p: &Path) -> Res<()> {
     }
     let s = path_str(p)?;
     do_mount(Some(s), p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
-    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_REC | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let flags = MsFlags::MS_REMOUNT
+        | MsFlags::MS_BIND
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_REC
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
     do_mount(None, p, None, flags, None)
 }
 
@@ -266,12 +396,35 @@ mod tests {
         symlink("lib", root.join("usr/lib64")).unwrap();
         symlink("loop", root.join("loop")).unwrap();
 
-        assert_eq!(secure_join(root, Path::new("/etc/passwd")).unwrap(), root.join("etc/passwd"));
-        assert_eq!(secure_join(root, Path::new("/../../etc")).unwrap(), root.join("etc"));
-        assert_eq!(secure_join(root, Path::new("/abs/x")).unwrap(), root.join("etc/x"), "absolute link re-rooted");
-        assert_eq!(secure_join(root, Path::new("/usr/rel/x")).unwrap(), root.join("etc/x"), "relative link clamped");
-        assert_eq!(secure_join(root, Path::new("/usr/lib64/a.so")).unwrap(), root.join("usr/lib/a.so"));
-        assert!(secure_join(root, Path::new("/loop/x")).is_err(), "symlink loop");
-        assert_eq!(secure_join(root, Path::new("")).unwrap(), root.to_path_buf());
+        assert_eq!(
+            secure_join(root, Path::new("/etc/passwd")).unwrap(),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/../../etc")).unwrap(),
+            root.join("etc")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/abs/x")).unwrap(),
+            root.join("etc/x"),
+            "absolute link re-rooted"
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/usr/rel/x")).unwrap(),
+            root.join("etc/x"),
+            "relative link clamped"
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/usr/lib64/a.so")).unwrap(),
+            root.join("usr/lib/a.so")
+        );
+        assert!(
+            secure_join(root, Path::new("/loop/x")).is_err(),
+            "symlink loop"
+        );
+        assert_eq!(
+            secure_join(root, Path::new("")).unwrap(),
+            root.to_path_buf()
+        );
     }
 }

@@ -94,7 +94,7 @@ pub struct MountSpec {
 }
 
 /// Mount options split the way mount(2) wants them.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {
     pub flags: MsFlags,
     /// Flags to clear (e.g. `rw`, `suid`) when remounting a bind mount.
@@ -102,6 +102,17 @@ pub struct MountOptions {
     pub propagation: MsFlags,
     /// Filesystem-specific options, comma-joined (`size=64m,mode=755`).
     pub data: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            flags: MsFlags::empty(),
+            clear: MsFlags::empty(),
+            propagation: MsFlags::empty(),
+            data: String::new(),
+        }
+    }
 }
 
 impl MountOptions {
@@ -195,23 +206,41 @@ pub struct DeviceSpec {
 
 impl ContainerSpec {
     pub fn from_oci(spec: &oci::Spec) -> Result<ContainerSpec> {
-        let root = spec.Root.as_ref().ok_or_else(|| invalid("OCI spec has no Root"))?;
+        let root = spec
+            .Root
+            .as_ref()
+            .ok_or_else(|| invalid("OCI spec has no Root"))?;
         if root.Path.is_empty() {
             return Err(invalid("OCI spec Root.Path is empty"));
         }
-        let root = RootSpec { path: PathBuf::from(&root.Path), readonly: root.Readonly };
-        let process = spec.Process.as_ref().ok_or_else(|| invalid("OCI spec has no Process"))?;
+        let root = RootSpec {
+            path: PathBuf::from(&root.Path),
+            readonly: root.Readonly,
+        };
+        let process = spec
+            .Process
+            .as_ref()
+            .ok_or_else(|| invalid("OCI spec has no Process"))?;
         let process = ProcessSpec::from_oci(process)?;
         let hostname = (!spec.Hostname.is_empty()).then(|| spec.Hostname.clone());
         if let Some(h) = &hostname {
             if h.len() > 64 || h.contains('\0') || h.contains('/') {
-                return Err(invalid(format!("OCI spec Hostname {h:?} is not a valid hostname")));
+                return Err(invalid(format!(
+                    "OCI spec Hostname {h:?} is not a valid hostname"
+                )));
             }
         }
         if spec.Mounts.len() > MAX_MOUNTS {
-            return Err(invalid(format!("OCI spec has {} mounts; at most {MAX_MOUNTS}", spec.Mounts.len())));
+            return Err(invalid(format!(
+                "OCI spec has {} mounts; at most {MAX_MOUNTS}",
+                spec.Mounts.len()
+            )));
         }
-        let mounts = spec.Mounts.iter().map(MountSpec::from_oci).collect::<Result<Vec<_>>>()?;
+        let mounts = spec
+            .Mounts
+            .iter()
+            .map(MountSpec::from_oci)
+            .collect::<Result<Vec<_>>>()?;
         let default_linux = oci::Linux::new();
         let linux = spec.Linux.as_ref().unwrap_or(&default_linux);
         if !linux.UIDMappings.is_empty() || !linux.GIDMappings.is_empty() {
@@ -233,9 +262,16 @@ impl ContainerSpec {
                 other => return Err(invalid(format!("OCI spec namespace type {other:?} is unknown"))),
             };
             if namespaces.iter().any(|n| n.kind == kind) {
-                return Err(invalid(format!("OCI spec lists namespace {:?} twice", ns.Type)));
+                return Err(invalid(format!(
+                    "OCI spec lists namespace {:?} twice",
+                    ns.Type
+                )));
             }
-            let path = if ns.Path.is_empty() { None } else { Some(abs_path("Linux.Namespaces.Path", &ns.Path)?) };
+            let path = if ns.Path.is_empty() {
+                None
+            } else {
+                Some(abs_path("Linux.Namespaces.Path", &ns.Path)?)
+            };
             namespaces.push(NamespaceSpec { kind, path });
         }
         namespaces.sort_by_key(|n| n.kind);
@@ -244,23 +280,36 @@ impl ContainerSpec {
             None => Resources::default(),
         };
         if linux.Devices.len() > MAX_DEVICES {
-            return Err(invalid(format!("OCI spec has {} devices; at most {MAX_DEVICES}", linux.Devices.len())));
+            return Err(invalid(format!(
+                "OCI spec has {} devices; at most {MAX_DEVICES}",
+                linux.Devices.len()
+            )));
         }
-        let devices = linux.Devices.iter().map(DeviceSpec::from_oci).collect::<Result<Vec<_>>>()?;
+        let devices = linux
+            .Devices
+            .iter()
+            .map(DeviceSpec::from_oci)
+            .collect::<Result<Vec<_>>>()?;
         let mut sysctl = BTreeMap::new();
         for (k, v) in &linux.Sysctl {
             let ok = !k.is_empty()
                 && k.len() <= 256
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
                 && !k.split(['.', '/']).any(|c| c.is_empty() || c == "..");
             if !ok || v.contains('\0') {
-                return Err(invalid(format!("OCI spec sysctl {k:?} is not a valid sysctl name")));
+                return Err(invalid(format!(
+                    "OCI spec sysctl {k:?} is not a valid sysctl name"
+                )));
             }
             sysctl.insert(k.clone(), v.clone());
         }
         let paths = |what: &str, list: &[String]| -> Result<Vec<PathBuf>> {
             if list.len() > MAX_PATHS {
-                return Err(invalid(format!("OCI spec {what} has {} entries; at most {MAX_PATHS}", list.len())));
+                return Err(invalid(format!(
+                    "OCI spec {what} has {} entries; at most {MAX_PATHS}",
+                    list.len()
+                )));
             }
             list.iter().map(|p| abs_path(what, p)).collect()
         };
@@ -270,9 +319,16 @@ impl ContainerSpec {
             "" | "slave" | "rslave" => MsFlags::MS_SLAVE,
             "private" | "rprivate" => MsFlags::MS_PRIVATE,
             "shared" | "rshared" => MsFlags::MS_SHARED,
-            other => return Err(invalid(format!("OCI spec RootfsPropagation {other:?} is unknown"))),
+            other => {
+                return Err(invalid(format!(
+                    "OCI spec RootfsPropagation {other:?} is unknown"
+                )))
+            }
         };
-        let has_seccomp = linux.Seccomp.as_ref().is_some_and(|s| !s.DefaultAction.is_empty() || !s.Syscalls.is_empty());
+        let has_seccomp = linux
+            .Seccomp
+            .as_ref()
+            .is_some_and(|s| !s.DefaultAction.is_empty() || !s.Syscalls.is_empty());
         Ok(ContainerSpec {
             root,
             hostname,
@@ -301,19 +357,34 @@ impl ProcessSpec {
             return Err(invalid("Process.Args is empty: nothing to run"));
         }
         if p.Args.len() > MAX_ARGS || p.Env.len() > MAX_ENV {
-            return Err(invalid(format!("Process has {} args and {} env entries; at most {MAX_ARGS} each", p.Args.len(), p.Env.len())));
+            return Err(invalid(format!(
+                "Process has {} args and {} env entries; at most {MAX_ARGS} each",
+                p.Args.len(),
+                p.Env.len()
+            )));
         }
         if let Some(a) = p.Args.iter().find(|a| a.contains('\0')) {
             return Err(invalid(format!("Process.Args entry {a:?} contains NUL")));
         }
         for e in &p.Env {
             if e.contains('\0') || !e.contains('=') || e.starts_with('=') {
-                return Err(invalid(format!("Process.Env entry {e:?} is not NAME=VALUE")));
+                return Err(invalid(format!(
+                    "Process.Env entry {e:?} is not NAME=VALUE"
+                )));
             }
         }
-        let cwd = if p.Cwd.is_empty() { PathBuf::from("/") } else { abs_path("Process.Cwd", &p.Cwd)? };
+        let cwd = if p.Cwd.is_empty() {
+            PathBuf::from("/")
+        } else {
+            abs_path("Process.Cwd", &p.Cwd)?
+        };
         let console_size = p.ConsoleSize.as_ref().and_then(|b| {
-            (b.Height > 0 && b.Width > 0).then(|| (b.Height.min(u16::MAX as u32) as u16, b.Width.min(u16::MAX as u32) as u16))
+            (b.Height > 0 && b.Width > 0).then(|| {
+                (
+                    b.Height.min(u16::MAX as u32) as u16,
+                    b.Width.min(u16::MAX as u32) as u16,
+                )
+            })
         });
         let user = match p.User.as_ref() {
             Some(u) => UserSpec {
@@ -325,7 +396,9 @@ impl ProcessSpec {
             None => UserSpec::default(),
         };
         if user.additional_gids.len() > 256 {
-            return Err(invalid("Process.User.AdditionalGids has more than 256 entries"));
+            return Err(invalid(
+                "Process.User.AdditionalGids has more than 256 entries",
+            ));
         }
         let capabilities = match p.Capabilities.as_ref() {
             Some(c) => Some(CapabilitySpec {
@@ -337,13 +410,20 @@ impl ProcessSpec {
             }),
             None => None,
         };
-        let rlimits = p.Rlimits.iter().map(RlimitSpec::from_oci).collect::<Result<Vec<_>>>()?;
+        let rlimits = p
+            .Rlimits
+            .iter()
+            .map(RlimitSpec::from_oci)
+            .collect::<Result<Vec<_>>>()?;
         let oom_score_adj = if p.OOMScoreAdj == 0 {
             None
         } else if (-1000..=1000).contains(&p.OOMScoreAdj) {
             Some(p.OOMScoreAdj as i32)
         } else {
-            return Err(invalid(format!("Process.OOMScoreAdj {} is outside -1000..=1000", p.OOMScoreAdj)));
+            return Err(invalid(format!(
+                "Process.OOMScoreAdj {} is outside -1000..=1000",
+                p.OOMScoreAdj
+            )));
         };
         Ok(ProcessSpec {
             args: p.Args.clone(),
@@ -373,9 +453,15 @@ fn cap_names(set: &str, names: &[String]) -> Result<Vec<String>> {
     let mut out = Vec::with_capacity(names.len());
     for n in names {
         let upper = n.to_ascii_uppercase();
-        let full = if upper.starts_with("CAP_") { upper } else { format!("CAP_{upper}") };
+        let full = if upper.starts_with("CAP_") {
+            upper
+        } else {
+            format!("CAP_{upper}")
+        };
         if full.parse::<caps::Capability>().is_err() {
-            return Err(invalid(format!("Process.Capabilities.{set} names unknown capability {n:?}")));
+            return Err(invalid(format!(
+                "Process.Capabilities.{set} names unknown capability {n:?}"
+            )));
         }
         if !out.contains(&full) {
             out.push(full);
@@ -403,12 +489,23 @@ impl RlimitSpec {
             "RLIMIT_RTTIME" => Resource::RLIMIT_RTTIME,
             "RLIMIT_SIGPENDING" => Resource::RLIMIT_SIGPENDING,
             "RLIMIT_STACK" => Resource::RLIMIT_STACK,
-            other => return Err(invalid(format!("Process.Rlimits type {other:?} is unknown"))),
+            other => {
+                return Err(invalid(format!(
+                    "Process.Rlimits type {other:?} is unknown"
+                )))
+            }
         };
         if r.Soft > r.Hard {
-            return Err(invalid(format!("Process.Rlimits {}: soft limit {} exceeds hard limit {}", r.Type, r.Soft, r.Hard)));
+            return Err(invalid(format!(
+                "Process.Rlimits {}: soft limit {} exceeds hard limit {}",
+                r.Type, r.Soft, r.Hard
+            )));
         }
-        Ok(RlimitSpec { resource, soft: r.Soft, hard: r.Hard })
+        Ok(RlimitSpec {
+            resource,
+            soft: r.Soft,
+            hard: r.Hard,
+        })
     }
 }
 
@@ -416,18 +513,33 @@ impl MountSpec {
     fn from_oci(m: &oci::Mount) -> Result<MountSpec> {
         let destination = abs_path("Mounts.destination", &m.destination)?;
         if m.source.contains('\0') || m.type_.contains('\0') {
-            return Err(invalid(format!("mount on {:?}: source or type contains NUL", m.destination)));
+            return Err(invalid(format!(
+                "mount on {:?}: source or type contains NUL",
+                m.destination
+            )));
         }
         let options = parse_mount_options(&m.options)?;
-        let fstype = if m.type_.is_empty() && options.is_bind() { "bind".to_string() } else { m.type_.clone() };
+        let fstype = if m.type_.is_empty() && options.is_bind() {
+            "bind".to_string()
+        } else {
+            m.type_.clone()
+        };
         if fstype.is_empty() {
-            return Err(invalid(format!("mount on {:?} has no type and is not a bind mount", m.destination)));
+            return Err(invalid(format!(
+                "mount on {:?} has no type and is not a bind mount",
+                m.destination
+            )));
         }
         let mut options = options;
         if fstype == "bind" {
             options.flags |= MsFlags::MS_BIND;
         }
-        Ok(MountSpec { destination, source: m.source.clone(), fstype, options })
+        Ok(MountSpec {
+            destination,
+            source: m.source.clone(),
+            fstype,
+            options,
+        })
     }
 }
 
@@ -465,14 +577,19 @@ pub fn parse_mount_options<S: AsRef<str>>(opts: &[S]) -> Result<MountOptions> {
             "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
             "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
             "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
-            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable" | "runbindable" => {
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
+            | "runbindable" => {
                 let base = match opt.trim_start_matches('r') {
                     "private" => MsFlags::MS_PRIVATE,
                     "shared" => MsFlags::MS_SHARED,
                     "slave" => MsFlags::MS_SLAVE,
                     _ => MsFlags::MS_UNBINDABLE,
                 };
-                o.propagation = if opt.starts_with('r') { base | MsFlags::MS_REC } else { base };
+                o.propagation = if opt.starts_with('r') {
+                    base | MsFlags::MS_REC
+                } else {
+                    base
+                };
                 continue;
             }
             data => {
@@ -493,19 +610,42 @@ impl DeviceSpec {
     fn from_oci(d: &oci::LinuxDevice) -> Result<DeviceSpec> {
         let path = abs_path("Linux.Devices.Path", &d.Path)?;
         if !path.starts_with("/dev") {
-            return Err(invalid(format!("device path {:?} is not under /dev", d.Path)));
+            return Err(invalid(format!(
+                "device path {:?} is not under /dev",
+                d.Path
+            )));
         }
         let kind = match d.Type.as_str() {
             "c" | "u" => 'c',
             "b" => 'b',
             "p" => 'p',
-            other => return Err(invalid(format!("device {:?} has unknown type {other:?}", d.Path))),
+            other => {
+                return Err(invalid(format!(
+                    "device {:?} has unknown type {other:?}",
+                    d.Path
+                )))
+            }
         };
         if d.Major < 0 || d.Minor < 0 {
-            return Err(invalid(format!("device {:?} has a negative major/minor number", d.Path)));
+            return Err(invalid(format!(
+                "device {:?} has a negative major/minor number",
+                d.Path
+            )));
         }
-        let mode = if d.FileMode == 0 { 0o666 } else { d.FileMode & 0o7777 };
-        Ok(DeviceSpec { path, kind, major: d.Major as u64, minor: d.Minor as u64, mode, uid: d.UID, gid: d.GID })
+        let mode = if d.FileMode == 0 {
+            0o666
+        } else {
+            d.FileMode & 0o7777
+        };
+        Ok(DeviceSpec {
+            path,
+            kind,
+            major: d.Major as u64,
+            minor: d.Minor as u64,
+            mode,
+            uid: d.UID,
+            gid: d.GID,
+        })
     }
 }
 
@@ -517,10 +657,14 @@ impl Resources {
             out.memory_low = (m.Reservation > 0).then_some(m.Reservation);
             // OCI (v1) Swap is memory+swap; v2 swap.max is swap alone.
             out.memory_swap_max = match (m.Swap, m.Limit) {
-                (s, _) if s == 0 => None,
+                (0, _) => None,
                 (s, _) if s < 0 => Some(-1),
                 (s, l) if l > 0 && s >= l => Some(s - l),
-                (s, l) if l > 0 => return Err(invalid(format!("Memory.Swap {s} is below Memory.Limit {l}"))),
+                (s, l) if l > 0 => {
+                    return Err(invalid(format!(
+                        "Memory.Swap {s} is below Memory.Limit {l}"
+                    )))
+                }
                 (s, _) => Some(s),
             };
         }
@@ -528,9 +672,15 @@ impl Resources {
             if c.Quota != 0 || c.Period != 0 {
                 let period = if c.Period == 0 { 100_000 } else { c.Period };
                 if !(1000..=1_000_000).contains(&period) {
-                    return Err(invalid(format!("CPU.Period {period} µs is outside 1000..=1000000")));
+                    return Err(invalid(format!(
+                        "CPU.Period {period} µs is outside 1000..=1000000"
+                    )));
                 }
-                let quota = if c.Quota > 0 { Some(c.Quota.max(1000)) } else { None };
+                let quota = if c.Quota > 0 {
+                    Some(c.Quota.max(1000))
+                } else {
+                    None
+                };
                 out.cpu_max = Some((quota, period));
             }
             if c.Shares > 0 {
@@ -555,9 +705,14 @@ impl Resources {
             }
         }
         for h in &r.HugepageLimits {
-            let ok = !h.Pagesize.is_empty() && h.Pagesize.len() <= 8 && h.Pagesize.bytes().all(|b| b.is_ascii_alphanumeric());
+            let ok = !h.Pagesize.is_empty()
+                && h.Pagesize.len() <= 8
+                && h.Pagesize.bytes().all(|b| b.is_ascii_alphanumeric());
             if !ok {
-                return Err(invalid(format!("HugepageLimits page size {:?} is not like 2MB or 1GB", h.Pagesize)));
+                return Err(invalid(format!(
+                    "HugepageLimits page size {:?} is not like 2MB or 1GB",
+                    h.Pagesize
+                )));
             }
             out.hugetlb_max.push((h.Pagesize.clone(), h.Limit));
         }
@@ -577,8 +732,14 @@ fn cpuset_list(what: &str, s: &str) -> Result<Option<String>> {
     if s.is_empty() {
         return Ok(None);
     }
-    if s.len() > 256 || !s.bytes().all(|b| b.is_ascii_digit() || b == b',' || b == b'-') {
-        return Err(invalid(format!("{what} {s:?} is not a CPU/node list like 0-3,5")));
+    if s.len() > 256
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b',' || b == b'-')
+    {
+        return Err(invalid(format!(
+            "{what} {s:?} is not a CPU/node list like 0-3,5"
+        )));
     }
     Ok(Some(s.to_string()))
 }
@@ -625,7 +786,12 @@ pub(crate) mod tests {
     fn namespaces_resources_and_process_fields() {
         let mut s = busybox_spec("/r", &["sleep", "1"]);
         let mut linux = oci::Linux::new();
-        for (t, p) in [("pid", ""), ("network", ""), ("mount", ""), ("ipc", "/proc/1/ns/ipc")] {
+        for (t, p) in [
+            ("pid", ""),
+            ("network", ""),
+            ("mount", ""),
+            ("ipc", "/proc/1/ns/ipc"),
+        ] {
             let mut ns = oci::LinuxNamespace::new();
             ns.Type = t.into();
             ns.Path = p.into();
@@ -646,7 +812,9 @@ pub(crate) mod tests {
         pids.Limit = 100;
         res.Pids = Some(pids).into();
         linux.Resources = Some(res).into();
-        linux.Sysctl.insert("net.ipv4.ip_forward".into(), "1".into());
+        linux
+            .Sysctl
+            .insert("net.ipv4.ip_forward".into(), "1".into());
         s.Linux = Some(linux).into();
         let p = s.Process.as_mut().unwrap();
         p.Terminal = true;
@@ -666,8 +834,15 @@ pub(crate) mod tests {
 
         let c = ContainerSpec::from_oci(&s).unwrap();
         let kinds: Vec<_> = c.namespaces.iter().map(|n| n.kind).collect();
-        assert_eq!(kinds, [NamespaceKind::Pid, NamespaceKind::Mount, NamespaceKind::Ipc], "network is shared, sorted");
-        assert_eq!(c.namespace(NamespaceKind::Ipc).unwrap().path.as_deref(), Some(Path::new("/proc/1/ns/ipc")));
+        assert_eq!(
+            kinds,
+            [NamespaceKind::Pid, NamespaceKind::Mount, NamespaceKind::Ipc],
+            "network is shared, sorted"
+        );
+        assert_eq!(
+            c.namespace(NamespaceKind::Ipc).unwrap().path.as_deref(),
+            Some(Path::new("/proc/1/ns/ipc"))
+        );
         assert_eq!(c.resources.memory_max, Some(64 << 20));
         assert_eq!(c.resources.memory_swap_max, Some(32 << 20));
         assert_eq!(c.resources.cpu_max, Some((Some(50_000), 100_000)));
@@ -675,18 +850,34 @@ pub(crate) mod tests {
         assert_eq!(c.resources.cpuset_cpus.as_deref(), Some("0-1"));
         assert_eq!(c.resources.pids_max, Some(Some(100)));
         assert_eq!(c.process.console_size, Some((40, 120)));
-        assert_eq!(c.process.capabilities.unwrap().bounding, ["CAP_CHOWN", "CAP_NET_RAW"]);
+        assert_eq!(
+            c.process.capabilities.unwrap().bounding,
+            ["CAP_CHOWN", "CAP_NET_RAW"]
+        );
         assert_eq!(c.process.rlimits[0].resource, Resource::RLIMIT_NOFILE);
         assert!(c.process.no_new_privileges && c.process.terminal);
-        assert_eq!(c.sysctl.get("net.ipv4.ip_forward").map(String::as_str), Some("1"));
+        assert_eq!(
+            c.sysctl.get("net.ipv4.ip_forward").map(String::as_str),
+            Some("1")
+        );
     }
 
     #[test]
     fn bad_specs_name_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut oci::Spec)>, &str)> = vec![
-            (Box::new(|s| s.Process.as_mut().unwrap().Args.clear()), "Args"),
-            (Box::new(|s| s.Process.as_mut().unwrap().Cwd = "relative".into()), "Cwd"),
-            (Box::new(|s| s.Process.as_mut().unwrap().Env.push("NOEQUALS".into())), "Env"),
+        type Mutation = Box<dyn Fn(&mut oci::Spec)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|s| s.Process.as_mut().unwrap().Args.clear()),
+                "Args",
+            ),
+            (
+                Box::new(|s| s.Process.as_mut().unwrap().Cwd = "relative".into()),
+                "Cwd",
+            ),
+            (
+                Box::new(|s| s.Process.as_mut().unwrap().Env.push("NOEQUALS".into())),
+                "Env",
+            ),
             (Box::new(|s| s.Root.as_mut().unwrap().Path.clear()), "Root"),
             (
                 Box::new(|s| {
@@ -745,8 +936,18 @@ pub(crate) mod tests {
 
     #[test]
     fn mount_options_split_into_flags_and_data() {
-        let o = parse_mount_options(&["nosuid", "noexec", "ro", "size=65536k", "mode=755", "rslave"]).unwrap();
-        assert!(o.flags.contains(MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY));
+        let o = parse_mount_options(&[
+            "nosuid",
+            "noexec",
+            "ro",
+            "size=65536k",
+            "mode=755",
+            "rslave",
+        ])
+        .unwrap();
+        assert!(o
+            .flags
+            .contains(MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY));
         assert_eq!(o.data, "size=65536k,mode=755");
         assert_eq!(o.propagation, MsFlags::MS_SLAVE | MsFlags::MS_REC);
         let o = parse_mount_options(&["rbind", "ro", "rw"]).unwrap();

@@ -51,13 +51,23 @@ struct OutState {
 
 impl OutputBuffer {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(OutputBuffer { state: Mutex::new(OutState::default()), readable: Notify::new(), space: Notify::new(), limit })
+        Arc::new(OutputBuffer {
+            state: Mutex::new(OutState::default()),
+            readable: Notify::new(),
+            space: Notify::new(),
+            limit,
+        })
     }
 
-    /// An already-finished stream (e.g. stderr of a terminal process).
+    /// An already-finished stream (stderr of a terminal process): nobody
+    /// needs to read its EOF for the process to count as drained.
     pub fn closed() -> Arc<Self> {
         let b = Self::new(0);
-        b.close();
+        {
+            let mut st = b.lock();
+            st.eof = true;
+            st.eof_delivered = true;
+        }
         b
     }
 
@@ -80,6 +90,7 @@ impl OutputBuffer {
         self.lock().eof_delivered
     }
 
+    #[cfg(test)]
     pub fn buffered(&self) -> usize {
         self.lock().data.len()
     }
@@ -124,12 +135,22 @@ impl OutputBuffer {
     }
 }
 
+/// Registers an owned descriptor with the tokio reactor.
+pub fn async_fd(fd: OwnedFd, interest: Interest) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd stays open and refers to the same open file
+    // description until it is dropped, and as_raw_fd always returns it.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
 /// Sets O_NONBLOCK on the agent's end (the child's end stays blocking: the
 /// two ends of a pipe are separate open file descriptions).
 fn set_nonblocking(fd: &OwnedFd) -> Result<()> {
     let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| os("F_GETFL", e))?;
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK))
-        .map_err(|e| os("setting O_NONBLOCK", e))?;
+    fcntl(
+        fd.as_raw_fd(),
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| os("setting O_NONBLOCK", e))?;
     Ok(())
 }
 
@@ -141,7 +162,7 @@ pub async fn pump(fd: OwnedFd, buf: Arc<OutputBuffer>, mut exited: watch::Receiv
         buf.close();
         return;
     }
-    let afd = match AsyncFd::with_interest(fd, Interest::READABLE) {
+    let afd = match async_fd(fd, Interest::READABLE) {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!("stdio pump cannot watch its pipe: {e}");
@@ -203,14 +224,16 @@ pub struct StdinWriter {
 impl StdinWriter {
     pub fn new(fd: OwnedFd, tty: bool) -> Result<Self> {
         set_nonblocking(&fd)?;
-        let fd = AsyncFd::with_interest(fd, Interest::WRITABLE).map_err(|e| os("watching stdin", e))?;
+        let fd = async_fd(fd, Interest::WRITABLE).map_err(|e| os("watching stdin", e))?;
         Ok(StdinWriter { fd, tty })
     }
 
     pub async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.fd.writable().await?;
-            match guard.try_io(|inner| nix::unistd::write(inner.get_ref(), data).map_err(std::io::Error::from)) {
+            match guard.try_io(|inner| {
+                nix::unistd::write(inner.get_ref(), data).map_err(std::io::Error::from)
+            }) {
                 Ok(Ok(n)) => data = &data[n..],
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Err(e),
@@ -227,8 +250,13 @@ impl StdinWriter {
         if self.tty {
             let eof = nix::sys::termios::tcgetattr(self.fd.get_ref().as_fd())
                 .ok()
-                .filter(|t| t.local_flags.contains(nix::sys::termios::LocalFlags::ICANON))
-                .map(|t| t.control_chars[nix::sys::termios::SpecialCharacterIndices::VEOF as usize]);
+                .filter(|t| {
+                    t.local_flags
+                        .contains(nix::sys::termios::LocalFlags::ICANON)
+                })
+                .map(|t| {
+                    t.control_chars[nix::sys::termios::SpecialCharacterIndices::VEOF as usize]
+                });
             if let Some(c) = eof {
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.write_all(&[c])).await;
             }
@@ -271,8 +299,17 @@ pub fn pipes(pipe_size: u32) -> Result<(ParentStdio, ChildStdio)> {
     let (out_r, out_w) = pipe(pipe_size)?;
     let (err_r, err_w) = pipe(pipe_size)?;
     Ok((
-        ParentStdio { stdin: in_w, stdout: out_r, stderr: Some(err_r), tty: None },
-        ChildStdio { stdin: in_r, stdout: out_w, stderr: err_w },
+        ParentStdio {
+            stdin: in_w,
+            stdout: out_r,
+            stderr: Some(err_r),
+            tty: None,
+        },
+        ChildStdio {
+            stdin: in_r,
+            stdout: out_w,
+            stderr: err_w,
+        },
     ))
 }
 
@@ -280,7 +317,8 @@ pub fn pipes(pipe_size: u32) -> Result<(ParentStdio, ChildStdio)> {
 /// concurrent spawn cannot inherit it.
 pub fn pty(size: Option<(u16, u16)>) -> Result<(ParentStdio, ChildStdio)> {
     use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
-    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).map_err(|e| os("opening /dev/ptmx", e))?;
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(|e| os("opening /dev/ptmx", e))?;
     grantpt(&master).map_err(|e| os("grantpt", e))?;
     unlockpt(&master).map_err(|e| os("unlockpt", e))?;
     let name = ptsname_r(&master).map_err(|e| os("ptsname", e))?;
@@ -292,25 +330,49 @@ pub fn pty(size: Option<(u16, u16)>) -> Result<(ParentStdio, ChildStdio)> {
         .map_err(|e| os(format!("opening {name}"), e))?
         .into();
     // SAFETY: PtyMaster owns a valid fd; we take ownership of it.
-    let master: OwnedFd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(master)) };
+    let master: OwnedFd = unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
+            master,
+        ))
+    };
     if let Some((rows, cols)) = size {
         set_window_size(&master, rows, cols)?;
     }
-    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| os("duplicating a pty descriptor", e));
+    let dup = |fd: &OwnedFd| {
+        fd.try_clone()
+            .map_err(|e| os("duplicating a pty descriptor", e))
+    };
     Ok((
-        ParentStdio { stdin: dup(&master)?, stdout: dup(&master)?, stderr: None, tty: Some(master) },
-        ChildStdio { stdin: dup(&slave)?, stdout: dup(&slave)?, stderr: slave },
+        ParentStdio {
+            stdin: dup(&master)?,
+            stdout: dup(&master)?,
+            stderr: None,
+            tty: Some(master),
+        },
+        ChildStdio {
+            stdin: dup(&slave)?,
+            stdout: dup(&slave)?,
+            stderr: slave,
+        },
     ))
 }
 
 use std::os::unix::fs::OpenOptionsExt;
 
 pub fn set_window_size(master: &OwnedFd, rows: u16, cols: u16) -> Result<()> {
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads a winsize struct that lives for the call.
     let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
     if rc < 0 {
-        return Err(precondition(format!("setting the terminal size: {}", std::io::Error::last_os_error())));
+        return Err(precondition(format!(
+            "setting the terminal size: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     Ok(())
 }
@@ -334,8 +396,11 @@ mod tests {
                 std::io::Write::write_all(&mut f, &p).unwrap();
             }
         });
-        writer.join().unwrap();
-        tx.send(Some(0)).unwrap();
+        // Joined off the runtime: the pump must keep running meanwhile.
+        tokio::task::spawn_blocking(move || writer.join().unwrap())
+            .await
+            .unwrap();
+        let _ = tx.send(Some(0)); // the pump may already be done (EOF)
         let mut got = Vec::new();
         loop {
             let chunk = buf.read(100_000).await;
@@ -373,7 +438,9 @@ mod tests {
             }
             n += c.len();
         }
-        writer.join().unwrap();
+        tokio::task::spawn_blocking(move || writer.join().unwrap())
+            .await
+            .unwrap();
         assert_eq!(n, total);
     }
 
@@ -394,15 +461,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_closed_stream_is_drained_from_the_start() {
+        let b = OutputBuffer::closed();
+        assert!(b.eof_delivered());
+        assert!(b.read(10).await.is_empty());
+    }
+
+    #[tokio::test]
     async fn stdin_writer_and_pty_size() {
         let (parent, child) = pty(Some((33, 99))).unwrap();
-        let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+        let mut ws = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCGWINSZ fills the struct.
-        assert_eq!(unsafe { libc::ioctl(child.stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) }, 0);
+        assert_eq!(
+            unsafe { libc::ioctl(child.stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) },
+            0
+        );
         assert_eq!((ws.ws_row, ws.ws_col), (33, 99));
         set_window_size(parent.tty.as_ref().unwrap(), 10, 20).unwrap();
         // SAFETY: as above.
-        assert_eq!(unsafe { libc::ioctl(child.stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) }, 0);
+        assert_eq!(
+            unsafe { libc::ioctl(child.stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) },
+            0
+        );
         assert_eq!((ws.ws_row, ws.ws_col), (10, 20));
 
         let (p, c) = pipes(0).unwrap();

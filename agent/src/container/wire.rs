@@ -50,8 +50,15 @@ pub enum Report {
 pub const START: &[u8] = b"S";
 
 pub fn encode_config(c: &Config) -> Result<Vec<u8>, String> {
-    let spec = c.spec.write_to_bytes().map_err(|e| format!("encoding the OCI spec: {e}"))?;
-    let cg = c.cgroup.as_ref().map(|p| p.as_os_str().as_encoded_bytes().to_vec()).unwrap_or_default();
+    let spec = c
+        .spec
+        .write_to_bytes()
+        .map_err(|e| format!("encoding the OCI spec: {e}"))?;
+    let cg = c
+        .cgroup
+        .as_ref()
+        .map(|p| p.as_os_str().as_encoded_bytes().to_vec())
+        .unwrap_or_default();
     let mut out = Vec::with_capacity(12 + cg.len() + spec.len());
     out.push(b'C');
     out.push(match c.kind {
@@ -81,8 +88,15 @@ pub fn decode_config(b: &[u8]) -> Result<Config, String> {
     let cg_len = u32::from_be_bytes(b[7..11].try_into().map_err(|_| bad())?) as usize;
     let cg = b.get(11..11 + cg_len).ok_or_else(bad)?;
     let cgroup = (!cg.is_empty()).then(|| PathBuf::from(String::from_utf8_lossy(cg).into_owned()));
-    let spec = oci::Spec::parse_from_bytes(&b[11 + cg_len..]).map_err(|e| format!("decoding the OCI spec: {e}"))?;
-    Ok(Config { kind, no_pivot, join_pid, cgroup, spec })
+    let spec = oci::Spec::parse_from_bytes(&b[11 + cg_len..])
+        .map_err(|e| format!("decoding the OCI spec: {e}"))?;
+    Ok(Config {
+        kind,
+        no_pivot,
+        join_pid,
+        cgroup,
+        spec,
+    })
 }
 
 pub fn encode_report(r: &Report) -> Vec<u8> {
@@ -103,7 +117,9 @@ pub fn encode_report(r: &Report) -> Vec<u8> {
 
 pub fn decode_report(b: &[u8]) -> Result<Report, String> {
     match b.split_first() {
-        Some((b'P', rest)) if rest.len() == 4 => Ok(Report::Pid(i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]))),
+        Some((b'P', rest)) if rest.len() == 4 => Ok(Report::Pid(i32::from_be_bytes([
+            rest[0], rest[1], rest[2], rest[3],
+        ]))),
         Some((b'R', [])) => Ok(Report::Ready),
         Some((b'E', rest)) => Ok(Report::Error(String::from_utf8_lossy(rest).into_owned())),
         _ => Err("malformed message from the container helper".into()),
@@ -127,7 +143,10 @@ pub fn read_frame_blocking(r: &mut impl Read) -> std::io::Result<Option<Vec<u8>>
     }
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame too large"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
@@ -139,7 +158,9 @@ pub fn write_frame_blocking(w: &mut impl Write, body: &[u8]) -> std::io::Result<
 }
 
 /// Async frame read for the agent side. `Ok(None)` is a clean EOF.
-pub async fn read_frame(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Option<Vec<u8>>> {
+pub async fn read_frame(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<Option<Vec<u8>>> {
     use tokio::io::AsyncReadExt;
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
@@ -149,7 +170,10 @@ pub async fn read_frame(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io:
     }
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame too large"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
@@ -164,16 +188,32 @@ mod tests {
     fn config_round_trips() {
         let mut spec = oci::Spec::new();
         spec.Hostname = "box".into();
-        let c = Config { kind: LaunchKind::Exec, no_pivot: true, join_pid: 4242, cgroup: Some("/sys/fs/cgroup/kiln/s/c".into()), spec };
+        let c = Config {
+            kind: LaunchKind::Exec,
+            no_pivot: true,
+            join_pid: 4242,
+            cgroup: Some("/sys/fs/cgroup/kiln/s/c".into()),
+            spec,
+        };
         let back = decode_config(&encode_config(&c).unwrap()).unwrap();
         assert_eq!(back, c);
-        let c2 = Config { kind: LaunchKind::Init, no_pivot: false, join_pid: 0, cgroup: None, spec: oci::Spec::new() };
+        let c2 = Config {
+            kind: LaunchKind::Init,
+            no_pivot: false,
+            join_pid: 0,
+            cgroup: None,
+            spec: oci::Spec::new(),
+        };
         assert_eq!(decode_config(&encode_config(&c2).unwrap()).unwrap(), c2);
     }
 
     #[test]
     fn reports_round_trip_and_garbage_is_rejected() {
-        for r in [Report::Pid(77), Report::Ready, Report::Error("mount failed".into())] {
+        for r in [
+            Report::Pid(77),
+            Report::Ready,
+            Report::Error("mount failed".into()),
+        ] {
             assert_eq!(decode_report(&encode_report(&r)).unwrap(), r);
         }
         assert!(decode_report(b"").is_err());

@@ -38,12 +38,19 @@ pub fn build(ctx: &Ctx, arch: Arch) -> anyhow::Result<AgentArtifact> {
         "cargo build --release --target {}",
         arch.rust_target()
     ));
+    let cargo_start = std::time::Instant::now();
     cmd::run_logged(
         ctx,
         &format!("agent-{arch}"),
         "cargo build of kiln-agent",
         cargo_build(ctx, arch),
     )?;
+    // How long cargo itself took, so `cargo xtask bench` can tell the
+    // pipeline's own overhead apart from the compile.
+    let _ = crate::cache::write_atomic(
+        &ctx.out.join("agent-cargo-seconds"),
+        format!("{:.3}\n", cargo_start.elapsed().as_secs_f64()).as_bytes(),
+    );
 
     let built = ctx
         .root

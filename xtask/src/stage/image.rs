@@ -1,6 +1,8 @@
-//! Stage `image`: runs agent, kernel and initrd for one image and arch, places
-//! the kernel next to the initrd and writes `manifest.json`, the record of every
-//! artifact (size, sha256) and of every input's hash.
+//! Stage `image`: runs agent, kernel, rootfs (the recipe's tree), initrd and
+//! disk (`rootfs.img`) for one image and arch, places the kernel next to the
+//! initrd and writes `manifest.json`, the record of every artifact (size,
+//! sha256), of every input's hash, of the rootfs image's layout and of the
+//! Debian packages inside.
 //!
 //! Invariant: manifest.json holds no host path and no build time, so two
 //! checkouts of one commit produce the same bytes.
@@ -13,7 +15,7 @@ use crate::cache::{copy_atomic, write_atomic, Stamp};
 use crate::ctx::Ctx;
 use crate::hash::KeyHasher;
 use crate::manifest::{ArtifactRecord, BuiltManifest, ImageManifest};
-use crate::stage::{agent, initrd, kernel};
+use crate::stage::{agent, disk, initrd, kernel, rootfs};
 
 pub const MANIFEST: &str = "manifest.json";
 
@@ -25,8 +27,13 @@ pub fn build(
 ) -> anyhow::Result<PathBuf> {
     let agent = agent::build(ctx, arch)?;
     let kernel = kernel::build(ctx, &image.kernel_request(ctx, arch, kernel_src)?)?;
-    let initrd = initrd::build(ctx, image, arch, &agent)?;
     let dir = ctx.image_dir(&image.name, arch);
+    let plan = rootfs::plan(ctx, image, arch, &agent)?;
+    // Written out only if the initrd or the disk image is stale, then shared.
+    let mut tree = rootfs::LazyTree::new(&plan, &dir);
+    let initrd = initrd::build(ctx, image, arch, &plan, &mut tree)?;
+    let disk = disk::build(ctx, image, arch, &plan, &mut tree)?;
+    drop(tree);
     let kernel_file = kernel_file_name(arch);
 
     // Place the kernel, its config and the agent beside the initrd (keyed, so an
@@ -54,6 +61,12 @@ pub fn build(
     inputs.insert("agent".to_string(), agent.key.clone());
     inputs.insert("kernel".to_string(), kernel.key.clone());
     inputs.insert("initrd".to_string(), initrd.key.clone());
+    inputs.insert("rootfs".to_string(), plan.key.clone());
+    inputs.insert("rootfs_image".to_string(), disk.key.clone());
+    if let Some(b) = &plan.bootstrap {
+        inputs.insert("debian_bootstrap".to_string(), b.key.clone());
+        inputs.insert("debian_tarball".to_string(), b.tarball_sha256.clone());
+    }
     inputs.insert(
         format!("image-manifests/{}.toml", image.name),
         image_manifest_sha,
@@ -77,6 +90,10 @@ pub fn build(
         "agent".to_string(),
         ArtifactRecord::of(&dir, agent::BINARY)?,
     );
+    artifacts.insert(
+        "rootfs_image".to_string(),
+        ArtifactRecord::of(&dir, disk::FILE)?,
+    );
 
     let manifest = BuiltManifest {
         kiln_manifest: 1,
@@ -88,6 +105,8 @@ pub fn build(
         source_date_epoch: ctx.source_date_epoch,
         artifacts,
         inputs,
+        rootfs: Some(disk.record.clone()),
+        packages: plan.packages().to_vec(),
     };
     let mut text = serde_json::to_string_pretty(&manifest)?;
     text.push('\n');

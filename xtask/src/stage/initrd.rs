@@ -1,16 +1,15 @@
-//! Stage `initrd`: a reproducible newc cpio of a recipe's tree with the agent
-//! in it, compressed as the image manifest says. Keyed by the agent's hash, the
-//! recipe, the compression and SOURCE_DATE_EPOCH.
+//! Stage `initrd`: a reproducible newc cpio of the recipe's tree (see stage
+//! `rootfs`), compressed as the image manifest says. Keyed by the tree's key
+//! (recipe, agent, Debian base...), the compression and SOURCE_DATE_EPOCH.
 
-use kiln_initrd::{Archive, Compression, WriteOptions};
+use kiln_initrd::{Compression, WriteOptions};
 
 use crate::arch::Arch;
 use crate::cache::Stamp;
 use crate::ctx::Ctx;
 use crate::hash::KeyHasher;
 use crate::manifest::ImageManifest;
-use crate::recipe::Recipe;
-use crate::stage::agent::AgentArtifact;
+use crate::stage::rootfs::{self, LazyTree, RootfsPlan};
 
 pub const FILE: &str = "initrd.img";
 
@@ -24,21 +23,21 @@ pub fn build(
     ctx: &Ctx,
     image: &ImageManifest,
     arch: Arch,
-    agent: &AgentArtifact,
+    plan: &RootfsPlan,
+    tree: &mut LazyTree,
 ) -> anyhow::Result<InitrdArtifact> {
-    let (recipe, recipe_path) = Recipe::load(ctx, &image.recipe)?;
-    let recipe_sha256 = crate::hash::sha256_file(&recipe_path)?;
+    let recipe_sha256 = plan.recipe_sha256.clone();
     let compression: Compression = image
         .compression
         .parse()
         .map_err(|e| anyhow::anyhow!("image {}: {e}", image.name))?;
     let key = KeyHasher::new("initrd")
         .str("arch", arch.name())
-        .str("agent", &agent.sha256)
-        .str("recipe", &recipe_sha256)
+        .str("rootfs", &plan.key)
         .str("compression", compression.name())
+        .str("compression_level", &format!("{:?}", image.compression_level))
         .str("source_date_epoch", &ctx.source_date_epoch.to_string())
-        .str("initrd-crate", env!("CARGO_PKG_VERSION"))
+        .str("xtask", &crate::hash::xtask_self_hash())
         .finish();
     let dir = ctx.image_dir(&image.name, arch);
     let step = ctx.ui.stage(&format!("initrd {arch}"));
@@ -48,8 +47,13 @@ pub fn build(
         return Ok(InitrdArtifact { key, recipe_sha256 });
     }
     Stamp::invalidate(&dir, "initrd");
-    let archive = archive_for(&recipe, agent)?;
-    let opts = WriteOptions::new(ctx.source_date_epoch).compression(compression);
+    step.message("writing the tree");
+    let archive = rootfs::archive_of(&*tree.get()?)?;
+    step.message(&format!("{} entries, {}", archive.len(), compression.name()));
+    let mut opts = WriteOptions::new(ctx.source_date_epoch).compression(compression);
+    if let Some(level) = image.compression_level {
+        opts = opts.zstd_level(level);
+    }
     std::fs::create_dir_all(&dir)?;
     let report = archive.write_to(&path, &opts)?;
     Stamp::record(&dir, "initrd", &key, &[FILE])?;
@@ -63,50 +67,18 @@ pub fn build(
     Ok(InitrdArtifact { key, recipe_sha256 })
 }
 
-/// The recipe's tree as an archive; the agent goes where the recipe says.
-pub fn archive_for(recipe: &Recipe, agent: &AgentArtifact) -> anyhow::Result<Archive> {
-    let mut a = Archive::new();
-    for d in &recipe.directories {
-        a.add_dir(d, 0o755)?;
-    }
-    for n in &recipe.nodes {
-        match n.kind.as_str() {
-            "block" => a.add_block_device(&n.path, n.mode, n.major, n.minor)?,
-            _ => a.add_char_device(&n.path, n.mode, n.major, n.minor)?,
-        };
-    }
-    for f in &recipe.files {
-        a.add_file(&f.path, f.mode, f.content.as_bytes().to_vec())?;
-    }
-    for s in &recipe.symlinks {
-        a.add_symlink(&s.path, &s.target)?;
-    }
-    a.add_file(&recipe.agent_path, 0o755, std::fs::read(&agent.path)?)?;
-    Ok(a)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stage::rootfs::tree::Tree;
 
     #[test]
     fn recipe_tree_contains_agent_and_nodes() {
         let dir = tempfile::tempdir().unwrap();
-        let agent_path = dir.path().join("kiln-agent");
-        std::fs::write(&agent_path, b"\x7fELF fake").unwrap();
-        let agent = AgentArtifact {
-            path: agent_path,
-            sha256: String::new(),
-            size: 9,
-            key: String::new(),
-        };
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../rootfs-recipes/minimal.toml"
-        ))
-        .unwrap();
-        let recipe = Recipe::parse(&text, "minimal").unwrap();
-        let archive = archive_for(&recipe, &agent).unwrap();
+        let mut t = Tree::empty(&dir.path().join("root")).unwrap();
+        t.add_file("init", 0o755, b"\x7fELF fake").unwrap();
+        t.add_node("dev/console", rootfs::tree::Kind::Char(5, 1), 0o600).unwrap();
+        let archive = rootfs::archive_of(&t).unwrap();
         let mut bytes = Vec::new();
         archive
             .write(&mut bytes, &WriteOptions::new(1_700_000_000))

@@ -2,8 +2,11 @@
 //! an artifact record; stages never call back into `main`.
 
 pub mod agent;
+pub mod bench;
+pub mod disk;
 pub mod image;
 pub mod initrd;
 pub mod kernel;
+pub mod rootfs;
 pub mod setup;
 pub mod test;

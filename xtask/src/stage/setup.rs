@@ -33,6 +33,9 @@ const COMMON_PACKAGES: &[&str] = &[
     "cpio",
     "zstd",
     "e2fsprogs",
+    // rootfs images: erofs flavour, and Debian trees for the debian recipe
+    "erofs-utils",
+    "mmdebstrap",
     // to build virtiofsd (cargo install)
     "pkg-config",
     "libseccomp-dev",
@@ -48,9 +51,8 @@ pub fn packages_for(arches: &[Arch]) -> BTreeSet<&'static str> {
     let mut set: BTreeSet<&str> = COMMON_PACKAGES.iter().copied().collect();
     for a in arches {
         set.insert(a.qemu_package());
-        if let Some(p) = a.cross_gcc_package() {
-            set.insert(p);
-        }
+        set.extend(a.cross_gcc_package());
+        set.extend(a.cross_libc_package());
     }
     set
 }
@@ -176,9 +178,9 @@ fn apt_install(ctx: &Ctx, pkgs: &[String]) -> anyhow::Result<()> {
     if !is_root {
         anyhow::bail!("these Debian packages are missing and installing them needs root: sudo apt-get install {}", pkgs.join(" "));
     }
-    let install = |ctx: &Ctx| {
+    let install = |ctx: &Ctx, pkgs: &[&str]| {
         let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
-        args.extend(pkgs.iter().map(String::as_str));
+        args.extend(pkgs);
         cmd::run_logged(
             ctx,
             "setup",
@@ -186,15 +188,24 @@ fn apt_install(ctx: &Ctx, pkgs: &[String]) -> anyhow::Result<()> {
             duct::cmd("apt-get", &args).env("DEBIAN_FRONTEND", "noninteractive"),
         )
     };
+    let all: Vec<&str> = pkgs.iter().map(String::as_str).collect();
+    if install(ctx, &all).is_ok() {
+        return Ok(());
+    }
     // A fresh machine has no package lists yet: update once and retry.
-    if install(ctx).is_err() {
-        cmd::run_logged(
-            ctx,
-            "setup",
-            "apt-get update",
-            duct::cmd!("apt-get", "update", "-q"),
-        )?;
-        install(ctx)?;
+    cmd::run_logged(
+        ctx,
+        "setup",
+        "apt-get update",
+        duct::cmd!("apt-get", "update", "-q"),
+    )?;
+    if install(ctx, &all).is_ok() {
+        return Ok(());
+    }
+    // Several QEMU packages in one call have been seen to report broken
+    // packages where one call per package works.
+    for p in &all {
+        install(ctx, &[p]).with_context(|| format!("installing the Debian package {p}"))?;
     }
     Ok(())
 }
@@ -207,6 +218,19 @@ mod tests {
     fn cross_arches_add_their_compiler_and_emulator() {
         let p = packages_for(&[Arch::S390x]);
         assert!(p.contains("gcc-s390x-linux-gnu") && p.contains("qemu-system-misc"));
+        assert!(
+            p.contains("libc6-dev-s390x-cross"),
+            "static glibc agent link: {p:?}"
+        );
+        let p = packages_for(&[Arch::Aarch64, Arch::Ppc64le]);
+        assert!(
+            p.contains("qemu-system-arm") && p.contains("qemu-system-ppc"),
+            "{p:?}"
+        );
+        assert!(
+            p.contains("libc6-dev-ppc64el-cross") && !p.iter().any(|x| x.contains("arm64-cross")),
+            "{p:?}"
+        );
         let p = packages_for(&[Arch::X86_64]);
         assert!(p.contains("qemu-system-x86") && !p.iter().any(|x| x.starts_with("gcc-x86-64")));
     }

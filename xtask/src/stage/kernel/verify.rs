@@ -725,3 +725,38 @@ reason = "was needed once"
         );
     }
 }
+
+/// Against the real kernel source (extracted in the cache by an earlier
+/// build): a fragment with a misspelt option and one whose dependency is off
+/// fails the kernel stage at configuration time (nothing is compiled), and
+/// the message names both options, the closest real symbol and the unmet
+/// dependency as Kconfig states it.
+#[cfg(test)]
+mod real_source_tests {
+    use crate::arch::Arch;
+    use crate::ctx::Ctx;
+    use crate::stage::kernel;
+
+    #[test]
+    #[ignore = "configures the real kernel source; run by `cargo xtask test`"]
+    fn misspelt_and_dependency_less_options_fail_by_name() {
+        let ctx = Ctx::new(&crate::GlobalFlags { no_setup: true, offline: false, no_patches: false }).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let frag = dir.path().join("broken.conf");
+        std::fs::write(
+            &frag,
+            "CONFIG_VIRTIO_FSS=y     # misspelt VIRTIO_FS\n\
+             CONFIG_USB_STORAGE=y    # depends on USB (and SCSI), which nothing turns on\n",
+        )
+        .unwrap();
+        let image = crate::manifest::ImageManifest::load(&ctx, "minimal").unwrap();
+        let mut req = image.kernel_request(&ctx, Arch::X86_64, None).unwrap();
+        req.fragments.push(frag);
+        let err = format!("{:#}", kernel::build(&ctx, &req).unwrap_err());
+        assert!(err.contains("2 of") && err.contains("did not survive Kconfig"), "{err}");
+        assert!(err.contains("CONFIG_VIRTIO_FSS") && err.contains("not a Kconfig symbol"), "{err}");
+        assert!(err.contains("did you mean") && err.contains("CONFIG_VIRTIO_FS"), "{err}");
+        assert!(err.contains("CONFIG_USB_STORAGE") && err.contains("unmet dependency"), "{err}");
+        assert!(err.contains("drivers/usb/storage/Kconfig") && err.contains("`USB`"), "{err}");
+    }
+}

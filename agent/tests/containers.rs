@@ -1,0 +1,938 @@
+//! Real containers on the host: the agent binary on a unix socket, driven
+//! over ttrpc, running a busybox rootfs built in a temp dir. Needs root,
+//! cgroup v2 (a `cgroup.controllers` file at /sys/fs/cgroup or
+//! /sys/fs/cgroup/unified) and /bin/busybox; without them each test says
+//! why it skips and passes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::{agent, agent_ttrpc, health, health_ttrpc, oci};
+use protobuf::MessageField;
+use sha2::{Digest, Sha256};
+
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+    cgroup_root: PathBuf,
+    sandbox: String,
+    client: Option<agent_ttrpc::AgentServiceClient>,
+    health: Option<health_ttrpc::HealthClient>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Leftovers of a failed test: container processes and cgroups.
+        let sb = self.cgroup_root.join("kiln").join(&self.sandbox);
+        if let Ok(entries) = std::fs::read_dir(&sb) {
+            for e in entries.flatten() {
+                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                for _ in 0..50 {
+                    if std::fs::remove_dir(e.path()).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&sb);
+        // Storage mounts made under the run dir.
+        let run = self.dir.path().join("run");
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            for l in mounts.lines() {
+                if let Some(mp) = l.split_whitespace().nth(1) {
+                    if mp.starts_with(run.to_str().unwrap_or("\0")) {
+                        let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn cgroup2_root() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.controllers").exists())
+}
+
+/// Why this machine cannot run real containers, if it cannot.
+fn unsupported() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    if cgroup2_root().is_none() {
+        return Some("no cgroup v2 mount".into());
+    }
+    if !Path::new("/bin/busybox").exists() {
+        return Some("no /bin/busybox (apt-get install busybox-static)".into());
+    }
+    None
+}
+
+macro_rules! require_root_and_cgroup2 {
+    () => {
+        if let Some(why) = unsupported() {
+            eprintln!("SKIPPED: real-container test needs root, cgroup v2 and busybox: {why}");
+            return;
+        }
+    };
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+async fn start_agent(extra: &[&str]) -> Agent {
+    start_agent_with(None, extra).await
+}
+
+/// `wrapper` runs the agent (e.g. `unshare -n` for a private network namespace).
+async fn start_agent_with(wrapper: Option<&[&str]>, extra: &[&str]) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let cgroup_root = cgroup2_root().unwrap();
+    let mut args = vec![
+        "--server-addr".to_string(),
+        format!("unix://{}", sock.display()),
+        "--run-dir".into(),
+        run.display().to_string(),
+        "--cgroup-root".into(),
+        cgroup_root.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let child = match wrapper {
+        Some(w) => Command::new(w[0])
+            .args(&w[1..])
+            .arg(env!("CARGO_BIN_EXE_kiln-agent"))
+            .args(&args)
+            .spawn()
+            .unwrap(),
+        None => Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
+            .args(&args)
+            .spawn()
+            .unwrap(),
+    };
+    let sandbox = format!(
+        "kiln-test-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    );
+    let mut a = Agent {
+        child,
+        dir,
+        sock,
+        cgroup_root,
+        sandbox,
+        client: None,
+        health: None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stream = loop {
+        match tokio::net::UnixStream::connect(&a.sock).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("agent never listened: {e}"),
+        }
+    };
+    let c = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
+    a.client = Some(agent_ttrpc::AgentServiceClient::new(c.clone()));
+    a.health = Some(health_ttrpc::HealthClient::new(c));
+    a
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_secs(120).as_nanos() as i64)
+}
+
+fn code<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> ttrpc::Code {
+    match r {
+        Err(ttrpc::Error::RpcStatus(s)) => s.code(),
+        other => panic!("expected an error status, got {other:?}"),
+    }
+}
+
+impl Agent {
+    fn ag(&self) -> &agent_ttrpc::AgentServiceClient {
+        self.client.as_ref().unwrap()
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// A busybox root filesystem in the temp dir.
+    fn rootfs(&self, name: &str) -> PathBuf {
+        let root = self.dir.path().join(name);
+        for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            if applet != "busybox" {
+                let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+            }
+        }
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
+        )
+        .unwrap();
+        root
+    }
+
+    async fn create_sandbox(&self) {
+        let mut req = agent::CreateSandboxRequest::new();
+        req.sandbox_id = self.sandbox.clone();
+        req.hostname = "kiln-sandbox".into();
+        self.ag().create_sandbox(ctx(), &req).await.unwrap();
+    }
+
+    async fn create(
+        &self,
+        id: &str,
+        spec: oci::Spec,
+        storages: Vec<agent::Storage>,
+    ) -> ttrpc::Result<()> {
+        let mut req = agent::CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.OCI = MessageField::some(spec);
+        req.storages = storages;
+        self.ag().create_container(ctx(), &req).await.map(|_| ())
+    }
+
+    async fn start(&self, id: &str) {
+        let mut req = agent::StartContainerRequest::new();
+        req.container_id = id.into();
+        self.ag().start_container(ctx(), &req).await.unwrap();
+    }
+
+    async fn run(&self, id: &str, spec: oci::Spec) {
+        self.create(id, spec, vec![]).await.unwrap();
+        self.start(id).await;
+    }
+
+    async fn wait(&self, id: &str, exec: &str) -> i32 {
+        let mut req = agent::WaitProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec.into();
+        self.ag().wait_process(ctx(), &req).await.unwrap().status
+    }
+
+    async fn read(&self, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
+        let mut req = agent::ReadStreamRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec.into();
+        req.len = 32 * 1024;
+        let r = if stderr {
+            self.ag().read_stderr(ctx(), &req).await
+        } else {
+            self.ag().read_stdout(ctx(), &req).await
+        };
+        r.unwrap().data
+    }
+
+    /// Everything until EOF (an empty answer).
+    async fn read_all(&self, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let d = self.read(id, exec, stderr).await;
+            if d.is_empty() {
+                return out;
+            }
+            out.extend(d);
+        }
+    }
+
+    async fn write(&self, id: &str, exec: &str, data: &[u8]) {
+        let mut req = agent::WriteStreamRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec.into();
+        req.data = data.to_vec();
+        assert_eq!(
+            self.ag().write_stdin(ctx(), &req).await.unwrap().len as usize,
+            data.len()
+        );
+    }
+
+    async fn exec(&self, id: &str, exec: &str, args: &[&str], tty: Option<(u32, u32)>) {
+        let mut req = agent::ExecProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec.into();
+        let mut p = process(args);
+        if let Some((h, w)) = tty {
+            p.Terminal = true;
+            let mut b = oci::Box::new();
+            b.Height = h;
+            b.Width = w;
+            p.ConsoleSize = MessageField::some(b);
+        }
+        req.process = MessageField::some(p);
+        self.ag().exec_process(ctx(), &req).await.unwrap();
+    }
+
+    async fn signal(&self, id: &str, exec: &str, sig: u32) {
+        let mut req = agent::SignalProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec.into();
+        req.signal = sig;
+        self.ag().signal_process(ctx(), &req).await.unwrap();
+    }
+
+    async fn remove(&self, id: &str) {
+        let mut req = agent::RemoveContainerRequest::new();
+        req.container_id = id.into();
+        req.timeout = 30;
+        self.ag().remove_container(ctx(), &req).await.unwrap();
+    }
+
+    async fn destroy(&self) {
+        self.ag()
+            .destroy_sandbox(ctx(), &agent::DestroySandboxRequest::new())
+            .await
+            .unwrap();
+        assert!(
+            !self.cgroup_root.join("kiln").join(&self.sandbox).exists(),
+            "sandbox cgroup left behind"
+        );
+    }
+
+    fn proc_status(&self, key: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
+
+    fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+}
+
+fn process(args: &[&str]) -> oci::Process {
+    let mut p = oci::Process::new();
+    p.Args = args.iter().map(|s| s.to_string()).collect();
+    p.Env = vec!["PATH=/bin".into(), "HOME=/root".into(), "TERM=xterm".into()];
+    p.Cwd = "/".into();
+    p
+}
+
+fn mount(dest: &str, typ: &str, source: &str, opts: &[&str]) -> oci::Mount {
+    let mut m = oci::Mount::new();
+    m.destination = dest.into();
+    m.type_ = typ.into();
+    m.source = source.into();
+    m.options = opts.iter().map(|s| s.to_string()).collect();
+    m
+}
+
+/// A runc-like default spec over `root`.
+fn spec(root: &Path, args: &[&str]) -> oci::Spec {
+    let mut s = oci::Spec::new();
+    let mut r = oci::Root::new();
+    r.Path = root.display().to_string();
+    s.Root = MessageField::some(r);
+    s.Hostname = "kiln-box".into();
+    s.Process = MessageField::some(process(args));
+    s.Mounts = vec![
+        mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
+        mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        ),
+        mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+            ],
+        ),
+        mount(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        ),
+        mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        ),
+        mount(
+            "/sys/fs/cgroup",
+            "cgroup",
+            "cgroup",
+            &["nosuid", "noexec", "nodev", "relatime", "ro"],
+        ),
+    ];
+    let mut l = oci::Linux::new();
+    for t in ["pid", "mount", "uts", "ipc", "cgroup", "network"] {
+        let mut ns = oci::LinuxNamespace::new();
+        ns.Type = t.into();
+        l.Namespaces.push(ns);
+    }
+    l.MaskedPaths = vec!["/proc/kcore".into(), "/proc/keys".into()];
+    l.ReadonlyPaths = vec!["/proc/sys".into()];
+    s.Linux = MessageField::some(l);
+    s
+}
+
+#[tokio::test]
+async fn echo_hi_exit_3_and_big_output_read_after_exit() {
+    require_root_and_cgroup2!();
+    let a = start_agent(&[]).await;
+    a.create_sandbox().await;
+    let root = a.rootfs("rootfs");
+
+    a.run(
+        "hi",
+        spec(&root, &["sh", "-c", "echo hi; hostname; exit 3"]),
+    )
+    .await;
+    assert_eq!(a.wait("hi", "").await, 3);
+    assert_eq!(
+        String::from_utf8(a.read_all("hi", "", false).await).unwrap(),
+        "hi\nkiln-box\n"
+    );
+    assert!(a.read("hi", "", false).await.is_empty(), "EOF stays EOF");
+    a.remove("hi").await;
+
+    // 1 MiB written by a process that exits at once; read only after it exited.
+    let script = "head -c 1048576 /dev/urandom > /tmp/blob; sha256sum /tmp/blob >&2; cat /tmp/blob; rm /tmp/blob";
+    a.run("big", spec(&root, &["sh", "-c", script])).await;
+    assert_eq!(a.wait("big", "").await, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = a.read_all("big", "", false).await;
+    let err = String::from_utf8(a.read_all("big", "", true).await).unwrap();
+    assert_eq!(out.len(), 1 << 20);
+    let want = err.split_whitespace().next().unwrap().to_string();
+    let got: String = Sha256::digest(&out)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        got, want,
+        "sha256 of what the container wrote vs what ReadStdout returned"
+    );
+    a.remove("big").await;
+    a.destroy().await;
+}
+
+#[tokio::test]
+async fn stdin_signals_tty_and_hostile_requests() {
+    require_root_and_cgroup2!();
+    let a = start_agent(&[]).await;
+    a.create_sandbox().await;
+    let root = a.rootfs("rootfs");
+    // Init is a long sleep; everything else is exec'd into it.
+    a.run("box", spec(&root, &["sleep", "1000"])).await;
+
+    // stdin round trip through cat, closed with CloseStdin.
+    a.exec("box", "cat", &["cat"], None).await;
+    a.write("box", "cat", b"hello through cat\n").await;
+    a.write("box", "cat", &[b'x'; 100_000]).await;
+    let mut req = agent::CloseStdinRequest::new();
+    req.container_id = "box".into();
+    req.exec_id = "cat".into();
+    a.ag().close_stdin(ctx(), &req).await.unwrap();
+    let out = a.read_all("box", "cat", false).await;
+    assert_eq!(out.len(), 18 + 100_000);
+    assert!(out.starts_with(b"hello through cat\n"));
+    assert_eq!(a.wait("box", "cat").await, 0);
+
+    // SIGTERM ends an exec'd sleep (143), and the init sleep too: as PID 1 of
+    // its namespace it ignores SIGTERM, so the agent makes it SIGKILL (137).
+    a.exec("box", "nap", &["sleep", "1000"], None).await;
+    a.signal("box", "nap", 15).await;
+    assert_eq!(a.wait("box", "nap").await, 143);
+
+    // A terminal gets its window size, and TtyWinResize changes it.
+    a.exec(
+        "box",
+        "tty",
+        &["sh", "-c", "stty size; read x; stty size"],
+        Some((24, 80)),
+    )
+    .await;
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("24 80") {
+        let d = a.read("box", "tty", false).await;
+        assert!(
+            !d.is_empty(),
+            "EOF before the size: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend(d);
+    }
+    let mut rs = agent::TtyWinResizeRequest::new();
+    rs.container_id = "box".into();
+    rs.exec_id = "tty".into();
+    rs.row = 30;
+    rs.column = 100;
+    a.ag().tty_win_resize(ctx(), &rs).await.unwrap();
+    a.write("box", "tty", b"\n").await;
+    let rest = String::from_utf8_lossy(&a.read_all("box", "tty", false).await).into_owned();
+    assert!(rest.contains("30 100"), "{rest:?}");
+    assert!(
+        a.read("box", "tty", true).await.is_empty(),
+        "a terminal has no separate stderr"
+    );
+    assert_eq!(a.wait("box", "tty").await, 0);
+    // Waited and read to EOF: the exec is forgotten, its pty closed.
+    let mut gone = agent::WaitProcessRequest::new();
+    gone.container_id = "box".into();
+    gone.exec_id = "tty".into();
+    assert_eq!(
+        code(a.ag().wait_process(ctx(), &gone).await),
+        ttrpc::Code::NOT_FOUND
+    );
+
+    // A second container as nobody with two capabilities.
+    let mut limited = spec(&root, &["sh", "-c", "id -u; grep CapEff /proc/self/status"]);
+    {
+        let p = limited.Process.as_mut().unwrap();
+        let mut u = oci::User::new();
+        u.UID = 65534;
+        u.GID = 65534;
+        p.User = MessageField::some(u);
+        let mut c = oci::LinuxCapabilities::new();
+        let two = vec!["CAP_CHOWN".to_string(), "CAP_NET_BIND_SERVICE".to_string()];
+        c.Bounding = two.clone();
+        c.Effective = two.clone();
+        c.Permitted = two.clone();
+        c.Inheritable = two.clone();
+        c.Ambient = two;
+        p.Capabilities = MessageField::some(c);
+        p.NoNewPrivileges = true;
+    }
+    a.run("nobody", limited).await;
+    assert_eq!(a.wait("nobody", "").await, 0);
+    let out = String::from_utf8(a.read_all("nobody", "", false).await).unwrap();
+    assert!(out.starts_with("65534\n"), "{out}");
+    assert!(out.contains("CapEff:\t0000000000000401"), "{out}");
+    a.remove("nobody").await;
+
+    // Hostile and unknown ids; the agent keeps serving.
+    for bad in ["../x", "a/b", "", ".."] {
+        let mut req = agent::StartContainerRequest::new();
+        req.container_id = bad.into();
+        assert_eq!(
+            code(a.ag().start_container(ctx(), &req).await),
+            ttrpc::Code::INVALID_ARGUMENT,
+            "{bad:?}"
+        );
+        assert_eq!(
+            code(a.create(bad, spec(&root, &["true"]), vec![]).await),
+            ttrpc::Code::INVALID_ARGUMENT
+        );
+    }
+    let mut req = agent::WaitProcessRequest::new();
+    req.container_id = "nope".into();
+    assert_eq!(
+        code(a.ag().wait_process(ctx(), &req).await),
+        ttrpc::Code::NOT_FOUND
+    );
+    req.container_id = "box".into();
+    req.exec_id = "ghost".into();
+    assert_eq!(
+        code(a.ag().wait_process(ctx(), &req).await),
+        ttrpc::Code::NOT_FOUND
+    );
+    let mut rd = agent::ReadStreamRequest::new();
+    rd.container_id = "box".into();
+    rd.len = 0;
+    assert_eq!(
+        code(a.ag().read_stdout(ctx(), &rd).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    let mut sig = agent::SignalProcessRequest::new();
+    sig.container_id = "box".into();
+    sig.signal = 9999;
+    assert_eq!(
+        code(a.ag().signal_process(ctx(), &sig).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(a.create("box", spec(&root, &["true"]), vec![]).await),
+        ttrpc::Code::ALREADY_EXISTS
+    );
+    let mut st = agent::Storage::new();
+    st.driver = "local".into();
+    st.source = "local".into();
+    st.mount_point = format!("{}/../../escape", a.run_dir().display());
+    assert_eq!(
+        code(a.create("c2", spec(&root, &["true"]), vec![st]).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    let mut cf = agent::CopyFileRequest::new();
+    cf.path = "/etc/kiln-should-not-exist".into();
+    cf.data = b"x".to_vec();
+    cf.file_size = 1;
+    assert_eq!(
+        code(a.ag().copy_file(ctx(), &cf).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    assert!(!Path::new("/etc/kiln-should-not-exist").exists());
+    let mut huge = spec(&root, &["true"]);
+    huge.Process.as_mut().unwrap().Env = vec!["A=b".into(); 10_000];
+    assert_eq!(
+        code(a.create("c3", huge, vec![]).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    let h = a.health.as_ref().unwrap();
+    assert!(
+        h.check(ctx(), &health::CheckRequest::new()).await.is_ok(),
+        "still serving"
+    );
+
+    a.signal("box", "", 15).await;
+    assert_eq!(a.wait("box", "").await, 137);
+    a.remove("box").await;
+    a.destroy().await;
+}
+
+#[tokio::test]
+async fn cgroup_limits_pause_stats_and_flat_resources_over_200_execs() {
+    require_root_and_cgroup2!();
+    let a = start_agent(&[]).await;
+    a.create_sandbox().await;
+    let root = a.rootfs("rootfs");
+    let controllers = std::fs::read_to_string(a.cgroup_root.join("cgroup.controllers")).unwrap();
+    let mut s = spec(&root, &["sleep", "1000"]);
+    let mut res = oci::LinuxResources::new();
+    let mut mem = oci::LinuxMemory::new();
+    mem.Limit = 64 << 20;
+    res.Memory = MessageField::some(mem);
+    s.Linux.as_mut().unwrap().Resources = MessageField::some(res);
+    let has_memory = controllers.split_whitespace().any(|c| c == "memory");
+    if has_memory {
+        a.run("lim", s).await;
+        a.exec("lim", "max", &["cat", "/sys/fs/cgroup/memory.max"], None)
+            .await;
+        assert_eq!(
+            String::from_utf8(a.read_all("lim", "max", false).await)
+                .unwrap()
+                .trim(),
+            "67108864"
+        );
+        assert_eq!(a.wait("lim", "max").await, 0);
+    } else {
+        // This host binds the memory controller to cgroup v1: the limit
+        // cannot be honoured, and the agent says so instead of ignoring it.
+        eprintln!(
+            "memory controller not in {}: checking the refusal instead",
+            a.cgroup_root.display()
+        );
+        let e = a.create("lim", s, vec![]).await.unwrap_err();
+        match e {
+            ttrpc::Error::RpcStatus(st) => {
+                assert_eq!(st.code(), ttrpc::Code::FAILED_PRECONDITION);
+                assert!(st.message().contains("memory"), "{}", st.message());
+            }
+            other => panic!("{other:?}"),
+        }
+        a.run("lim", spec(&root, &["sleep", "1000"])).await;
+    }
+    // The container sees its own cgroup as the root of its cgroup namespace.
+    a.exec("lim", "cg", &["cat", "/proc/self/cgroup"], None)
+        .await;
+    let cg = String::from_utf8(a.read_all("lim", "cg", false).await).unwrap();
+    assert!(cg.lines().any(|l| l == "0::/"), "{cg}");
+    assert!(a.read_all("lim", "cg", true).await.is_empty());
+    assert_eq!(a.wait("lim", "cg").await, 0);
+    let host_cg = a.cgroup_root.join("kiln").join(&a.sandbox).join("lim");
+    assert!(!std::fs::read_to_string(host_cg.join("cgroup.procs"))
+        .unwrap()
+        .trim()
+        .is_empty());
+
+    // Pause / resume through cgroup.freeze; stats from cpu.stat.
+    let mut p = agent::PauseContainerRequest::new();
+    p.container_id = "lim".into();
+    a.ag().pause_container(ctx(), &p).await.unwrap();
+    assert!(std::fs::read_to_string(host_cg.join("cgroup.events"))
+        .unwrap()
+        .contains("frozen 1"));
+    let mut r = agent::ResumeContainerRequest::new();
+    r.container_id = "lim".into();
+    a.ag().resume_container(ctx(), &r).await.unwrap();
+    assert!(std::fs::read_to_string(host_cg.join("cgroup.events"))
+        .unwrap()
+        .contains("frozen 0"));
+    let mut sreq = agent::StatsContainerRequest::new();
+    sreq.container_id = "lim".into();
+    let stats = a.ag().stats_container(ctx(), &sreq).await.unwrap();
+    assert!(stats.cgroup_stats.cpu_stats.cpu_usage.total_usage > 0);
+    let mut up = agent::UpdateContainerRequest::new();
+    up.container_id = "lim".into();
+    up.resources = MessageField::some(oci::LinuxResources::new());
+    a.ag().update_container(ctx(), &up).await.unwrap();
+
+    // 200 execs: the agent's fds and memory stay flat.
+    let run_execs = |from: usize, to: usize| {
+        let a = &a;
+        async move {
+            for i in from..to {
+                let id = format!("e{i}");
+                a.exec("lim", &id, &["echo", "x"], None).await;
+                assert_eq!(a.read_all("lim", &id, false).await, b"x\n");
+                assert!(a.read_all("lim", &id, true).await.is_empty());
+                assert_eq!(a.wait("lim", &id).await, 0);
+            }
+        }
+    };
+    run_execs(0, 20).await;
+    let (fds0, rss0) = (a.fd_count(), a.proc_status("VmRSS:"));
+    run_execs(20, 220).await;
+    let (fds1, rss1) = (a.fd_count(), a.proc_status("VmRSS:"));
+    eprintln!(
+        "agent after 20 execs: {fds0} fds, {rss0} kB RSS; after 220: {fds1} fds, {rss1} kB RSS"
+    );
+    assert!(fds1 <= fds0 + 2, "fd leak: {fds0} -> {fds1}");
+    assert!(rss1 <= rss0 + 4096, "RSS grew from {rss0} kB to {rss1} kB");
+    let m = a
+        .ag()
+        .get_metrics(ctx(), &agent::GetMetricsRequest::new())
+        .await
+        .unwrap();
+    assert!(
+        m.metrics.contains("kiln_agent_containers 1"),
+        "{}",
+        m.metrics
+    );
+    assert!(
+        m.metrics.contains("kiln_agent_processes 1\n"),
+        "finished execs are dropped: {}",
+        m.metrics
+    );
+
+    a.remove("lim").await;
+    assert!(!host_cg.exists(), "container cgroup removed");
+    a.destroy().await;
+}
+
+#[tokio::test]
+async fn storages_are_mounted_shared_and_released() {
+    require_root_and_cgroup2!();
+    let a = start_agent(&["--no-pivot-root"]).await;
+    let run = a.run_dir();
+    // The sandbox holds an ephemeral tmpfs; a container bind-mounts it.
+    let eph = format!("{}/sandbox/ephemeral/scratch", run.display());
+    let mut st = agent::Storage::new();
+    st.driver = "ephemeral".into();
+    st.source = "tmpfs".into();
+    st.fstype = "tmpfs".into();
+    st.options = vec!["size=8m".into()];
+    st.mount_point = eph.clone();
+    let mut req = agent::CreateSandboxRequest::new();
+    req.sandbox_id = a.sandbox.clone();
+    req.storages = vec![st.clone()];
+    a.ag().create_sandbox(ctx(), &req).await.unwrap();
+    let is_mounted = |p: &str| {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(p))
+    };
+    assert!(is_mounted(&eph));
+
+    // The rootfs is a `local` storage the test fills, under the shared dir
+    // the way Kata lays it out; chroot fallback (--no-pivot-root) in use.
+    let cdir = format!("{}/shared/containers/st", run.display());
+    let mut local = agent::Storage::new();
+    local.driver = "local".into();
+    local.source = "local".into();
+    local.mount_point = cdir.clone();
+    local.options = vec!["mode=0755".into()];
+    std::fs::create_dir_all(&cdir).unwrap();
+    let root = a.rootfs("scratch-root");
+    std::fs::rename(&root, format!("{cdir}/rootfs")).unwrap();
+    let mut s = spec(
+        Path::new("rootfs"),
+        &["sh", "-c", "echo data > /scratch/file; cat /scratch/file"],
+    );
+    s.Mounts
+        .push(mount("/scratch", "bind", &eph, &["rbind", "rw"]));
+    a.create("st", s, vec![local, st]).await.unwrap();
+    a.start("st").await;
+    assert_eq!(a.wait("st", "").await, 0);
+    assert_eq!(a.read_all("st", "", false).await, b"data\n");
+    assert_eq!(
+        std::fs::read_to_string(format!("{eph}/file")).unwrap(),
+        "data\n"
+    );
+    a.remove("st").await;
+    assert!(is_mounted(&eph), "still held by the sandbox");
+
+    // CopyFile into the run dir works.
+    let mut cf = agent::CopyFileRequest::new();
+    cf.path = format!("{}/sandbox/hosts", run.display());
+    cf.data = b"127.0.0.1 localhost\n".to_vec();
+    cf.file_size = cf.data.len() as i64;
+    cf.file_mode = 0o100644;
+    cf.dir_mode = 0o755;
+    a.ag().copy_file(ctx(), &cf).await.unwrap();
+    assert_eq!(
+        std::fs::read(format!("{}/sandbox/hosts", run.display())).unwrap(),
+        cf.data
+    );
+
+    a.destroy().await;
+    assert!(!is_mounted(&eph), "released at DestroySandbox");
+}
+
+#[cfg(feature = "netlink")]
+#[tokio::test]
+async fn networking_in_a_private_network_namespace() {
+    require_root_and_cgroup2!();
+    if !Path::new("/usr/bin/unshare").exists()
+        || !Path::new("/usr/bin/nsenter").exists()
+        || Command::new("ip").arg("-V").output().is_err()
+    {
+        eprintln!("SKIPPED: needs unshare, nsenter and ip");
+        return;
+    }
+    // `unshare -n` execs the agent, so its pid is the agent's.
+    let a = start_agent_with(Some(&["/usr/bin/unshare", "-n"]), &[]).await;
+    let ip = |args: &[&str]| {
+        let pid = a.child.id().to_string();
+        let out = Command::new("/usr/bin/nsenter")
+            .args(["-t", &pid, "-n", "ip"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ip(&[
+        "link",
+        "add",
+        "kt0",
+        "address",
+        "02:00:00:00:00:01",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "kt1",
+    ]);
+
+    let list = a
+        .ag()
+        .list_interfaces(ctx(), &agent::ListInterfacesRequest::new())
+        .await
+        .unwrap();
+    let names: Vec<_> = list.Interfaces.iter().map(|i| i.name.as_str()).collect();
+    assert!(names.contains(&"lo") && names.contains(&"kt0"), "{names:?}");
+
+    let mut want = kiln_protocol::types::Interface::new();
+    want.hwAddr = "02:00:00:00:00:01".into();
+    want.name = "kiln0".into();
+    want.mtu = 1400;
+    let mut addr = kiln_protocol::types::IPAddress::new();
+    addr.address = "192.0.2.10".into();
+    addr.mask = "24".into();
+    want.IPAddresses = vec![addr];
+    let mut req = agent::UpdateInterfaceRequest::new();
+    req.interface = MessageField::some(want.clone());
+    let got = a.ag().update_interface(ctx(), &req).await.unwrap();
+    assert_eq!((got.name.as_str(), got.mtu), ("kiln0", 1400));
+    assert!(got.raw_flags & 1 == 1, "up");
+    assert!(
+        got.IPAddresses
+            .iter()
+            .any(|x| x.address == "192.0.2.10" && x.mask == "24"),
+        "{:?}",
+        got.IPAddresses
+    );
+
+    let route = |dest: &str, gw: &str| {
+        let mut r = kiln_protocol::types::Route::new();
+        r.dest = dest.into();
+        r.gateway = gw.into();
+        r.device = "kiln0".into();
+        r
+    };
+    let mut routes = agent::Routes::new();
+    routes.Routes = vec![
+        route("", "192.0.2.1"),
+        route("198.51.100.0/24", "192.0.2.1"),
+    ];
+    let mut ur = agent::UpdateRoutesRequest::new();
+    ur.routes = MessageField::some(routes);
+    a.ag().update_routes(ctx(), &ur).await.unwrap();
+    let listed = a
+        .ag()
+        .list_routes(ctx(), &agent::ListRoutesRequest::new())
+        .await
+        .unwrap();
+    let shown: Vec<(String, String)> = listed
+        .Routes
+        .iter()
+        .map(|r| (r.dest.clone(), r.gateway.clone()))
+        .collect();
+    assert!(
+        shown.contains(&("".into(), "192.0.2.1".into())),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains(&("198.51.100.0/24".into(), "192.0.2.1".into())),
+        "{shown:?}"
+    );
+    assert!(ip(&["route"]).contains("default via 192.0.2.1"));
+
+    let mut n = kiln_protocol::types::ARPNeighbor::new();
+    let mut to = kiln_protocol::types::IPAddress::new();
+    to.address = "192.0.2.1".into();
+    n.toIPAddress = MessageField::some(to);
+    n.device = "kiln0".into();
+    n.lladdr = "02:00:00:00:00:99".into();
+    let mut neighbors = agent::ARPNeighbors::new();
+    neighbors.ARPNeighbors = vec![n];
+    let mut an = agent::AddARPNeighborsRequest::new();
+    an.neighbors = MessageField::some(neighbors);
+    a.ag().add_arp_neighbors(ctx(), &an).await.unwrap();
+    let neigh = ip(&["neigh", "show", "dev", "kiln0"]);
+    assert!(
+        neigh.contains("192.0.2.1 lladdr 02:00:00:00:00:99 PERMANENT"),
+        "{neigh}"
+    );
+
+    want.hwAddr = "not-a-mac".into();
+    req.interface = MessageField::some(want.clone());
+    assert_eq!(
+        code(a.ag().update_interface(ctx(), &req).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    want.hwAddr = "02:00:00:00:00:77".into();
+    req.interface = MessageField::some(want);
+    assert_eq!(
+        code(a.ag().update_interface(ctx(), &req).await),
+        ttrpc::Code::NOT_FOUND
+    );
+}
