@@ -309,3 +309,17 @@ mod tests {
         assert_eq!(ShimConfig::parse("").unwrap().hypervisor.qemu.rootfs, "initrd");
     }
 }
+
+#[cfg(test)]
+mod shipped_file {
+    use super::*;
+
+    /// The configuration packages install is valid and equals the built-in defaults.
+    #[test]
+    fn shipped_configuration_is_the_defaults() {
+        let text = include_str!("../configuration.toml");
+        let shipped = ShimConfig::parse(text).unwrap();
+        let defaults = ShimConfig::default();
+        assert_eq!(toml::to_string(&shipped).unwrap(), toml::to_string(&defaults).unwrap());
+    }
+}

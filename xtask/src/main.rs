@@ -68,6 +68,10 @@ enum Task {
     BuildImage(ImageFlags),
     /// Run unit tests and the end-to-end boot tests.
     Test(TestFlags),
+    /// Build every image for every selected arch plus kiln-shim into target/kiln/dist/.
+    Release(ReleaseArgs),
+    /// Install built artifacts into a staging root, as a distro package would.
+    Install(InstallArgs),
     /// Measure sizes, boot times, packing throughput and rebuild times (figures, never pass/fail).
     Bench(BenchArgs),
 }
@@ -101,6 +105,26 @@ pub struct ImageFlags {
     /// Kernel source: a tarball or an unpacked tree (default: Debian's linux-source-6.12).
     #[arg(long)]
     pub kernel_src: Option<PathBuf>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ReleaseArgs {
+    #[arg(long, default_value = "all")]
+    pub arch: String,
+    /// Build twice (two clones, different umask/TZ/locale/path, fresh cache) and compare.
+    #[arg(long)]
+    pub verify_reproducible: bool,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct InstallArgs {
+    /// Staging root (DESTDIR).
+    #[arg(long)]
+    pub destdir: PathBuf,
+    #[arg(long, default_value = "/usr")]
+    pub prefix: PathBuf,
+    #[arg(long, default_value = "x86_64")]
+    pub arch: arch::Arch,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -194,6 +218,18 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test(f) => stage::test::run(ctx, &f),
+        Task::Release(f) => {
+            let sel: ArchSel = f.arch.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            if f.verify_reproducible {
+                stage::release::verify_reproducible(ctx, &f.arch)
+            } else {
+                stage::release::run(ctx, sel).map(|_| ())
+            }
+        }
+        Task::Install(f) => stage::install::run(
+            ctx,
+            &stage::install::InstallFlags { destdir: f.destdir, prefix: f.prefix, arch: f.arch },
+        ),
         Task::Bench(f) => stage::bench::run(ctx, &stage::bench::BenchFlags { rounds: f.rounds.max(1), skip_rebuild: f.skip_rebuild }),
     }
 }

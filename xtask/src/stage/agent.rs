@@ -80,7 +80,7 @@ fn artifact(dir: &std::path::Path, key: &str, sha: &str) -> anyhow::Result<Agent
 }
 
 /// rustc flags for the agent; part of the stage key, since they shape the binary.
-fn rustflags(ctx: &Ctx) -> String {
+pub fn rustflags(ctx: &Ctx) -> String {
     // Panic locations embed source paths: registry sources under CARGO_HOME and
     // generated protocol code under the checkout's target/. Map both to fixed
     // names so the binary depends neither on $HOME nor on where the checkout is.
@@ -95,16 +95,12 @@ fn rustflags(ctx: &Ctx) -> String {
 }
 
 fn cargo_build(ctx: &Ctx, arch: Arch) -> duct::Expression {
-    duct::cmd!(
-        "cargo",
-        "build",
-        "--release",
-        "--locked",
-        "--package",
-        "kiln-agent",
-        "--target",
-        arch.rust_target()
-    )
+    let mut args = vec!["build", "--release", "--locked", "--package", "kiln-agent", "--target", arch.rust_target()];
+    if ctx.offline {
+        // Packagers' builds: crates must come from the local registry cache or `cargo vendor`.
+        args.push("--offline");
+    }
+    duct::cmd("cargo", &args)
     .dir(&ctx.root)
     .env("CARGO_ENCODED_RUSTFLAGS", rustflags(ctx))
     .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string())

@@ -1,0 +1,354 @@
+//! `cargo xtask release`: every image flavour for every arch, plus kiln-shim,
+//! packed into one reproducible `kiln-<version>-<arch>.tar.zst` per arch under
+//! `target/kiln/dist/`, with `SHA256SUMS` and `release.json`.
+//!
+//! Tarball layout (FHS, relative to `/`):
+//!   usr/bin/kiln-shim
+//!   usr/share/kiln/configuration.toml        default shim configuration
+//!   usr/share/kiln/<image>/manifest.json     and the artifacts it lists
+//!   usr/share/doc/kiln/README.md
+//!
+//! Invariant: a tarball's bytes depend only on its inputs: entries sorted,
+//! owner 0:0, mode 0755/0644, mtime SOURCE_DATE_EPOCH, zstd single-threaded.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::arch::{Arch, ArchSel};
+use crate::cache::write_atomic;
+use crate::cmd;
+use crate::ctx::Ctx;
+use crate::hash::sha256_file;
+use crate::manifest::{BuiltManifest, ImageManifest};
+use crate::stage::image;
+
+pub const DIST: &str = "dist";
+const SHIM: &str = "kiln-shim";
+/// zstd level of release tarballs.
+const TAR_ZSTD_LEVEL: i32 = 19;
+
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct ReleaseManifest {
+    pub version: String,
+    pub git_commit: String,
+    pub source_date_epoch: u64,
+    /// "<image>/<arch>" → that image's input hashes.
+    pub inputs: BTreeMap<String, BTreeMap<String, String>>,
+    /// Tarball file name → record.
+    pub artifacts: BTreeMap<String, crate::manifest::ArtifactRecord>,
+}
+
+/// One file to put into a tarball.
+struct Member {
+    /// Path inside the tarball, e.g. `usr/bin/kiln-shim`.
+    path: String,
+    source: PathBuf,
+    executable: bool,
+}
+
+pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
+    let dist = ctx.out.join(DIST);
+    let arches = sel.arches();
+    let images = all_images(ctx)?;
+    let version = env!("CARGO_PKG_VERSION").to_string();
+    let mut release = ReleaseManifest {
+        version: version.clone(),
+        git_commit: git_commit(ctx),
+        source_date_epoch: ctx.source_date_epoch,
+        inputs: BTreeMap::new(),
+        artifacts: BTreeMap::new(),
+    };
+    std::fs::create_dir_all(&dist)?;
+    for arch in &arches {
+        ctx.ensure_setup(&[*arch])?;
+        let mut members = Vec::new();
+        for img in images.iter().filter(|i| i.arches.contains(arch)) {
+            let manifest_path = image::build(ctx, img, *arch, None)?;
+            let built: BuiltManifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
+            let dir = manifest_path.parent().context("manifest has a directory")?;
+            let prefix = format!("usr/share/kiln/{}", img.name);
+            members.push(Member { path: format!("{prefix}/{}", image::MANIFEST), source: manifest_path.clone(), executable: false });
+            for art in built.artifacts.values() {
+                members.push(Member { path: format!("{prefix}/{}", art.file), source: dir.join(&art.file), executable: art.file == "kiln-agent" });
+            }
+            release.inputs.insert(format!("{}/{arch}", img.name), built.inputs.clone());
+        }
+        let shim = build_shim(ctx, *arch)?;
+        members.push(Member { path: format!("usr/bin/{SHIM}"), source: shim, executable: true });
+        let config = dist.join(format!(".configuration-{arch}.toml"));
+        write_atomic(&config, default_shim_config().as_bytes())?;
+        members.push(Member { path: "usr/share/kiln/configuration.toml".into(), source: config, executable: false });
+        members.push(Member { path: "usr/share/doc/kiln/README.md".into(), source: ctx.root.join("README.md"), executable: false });
+
+        let name = format!("kiln-{version}-{arch}.tar.zst");
+        let step = ctx.ui.stage(&format!("release {arch}"));
+        let path = dist.join(&name);
+        write_tarball(&path, &mut members, ctx.source_date_epoch)?;
+        let rec = crate::manifest::ArtifactRecord::of(&dist, &name)?;
+        step.done(&format!("{name}, {} KiB", rec.size / 1024));
+        release.artifacts.insert(name, rec);
+    }
+    // SHA256SUMS and release.json cover every tarball present for this version.
+    let mut sums = String::new();
+    for (name, rec) in &release.artifacts {
+        sums.push_str(&format!("{}  {name}\n", rec.sha256));
+    }
+    write_atomic(&dist.join("SHA256SUMS"), sums.as_bytes())?;
+    let mut json = serde_json::to_string_pretty(&release)?;
+    json.push('\n');
+    write_atomic(&dist.join("release.json"), json.as_bytes())?;
+    ctx.ui.println(&format!("release written to {}", ctx.rel(&dist).display()));
+    Ok(dist)
+}
+
+/// Every image manifest in image-manifests/, sorted by name.
+pub fn all_images(ctx: &Ctx) -> anyhow::Result<Vec<ImageManifest>> {
+    let mut names: Vec<String> = std::fs::read_dir(ctx.root.join("image-manifests"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".toml")).map(str::to_string))
+        .collect();
+    names.sort();
+    names.iter().map(|n| ImageManifest::load(ctx, n)).collect()
+}
+
+/// kiln-shim for `arch`, static like the agent (same targets), so one binary
+/// runs on any distribution of that arch.
+pub fn build_shim(ctx: &Ctx, arch: Arch) -> anyhow::Result<PathBuf> {
+    let step = ctx.ui.stage(&format!("kiln-shim {arch}"));
+    let mut args = vec!["build", "--release", "--locked", "--package", "kiln-shim", "--target", arch.rust_target()];
+    if ctx.offline {
+        args.push("--offline");
+    }
+    cmd::run_logged(
+        ctx,
+        &format!("shim-{arch}"),
+        "cargo build of kiln-shim",
+        duct::cmd("cargo", &args)
+            .dir(&ctx.root)
+            .env("CARGO_ENCODED_RUSTFLAGS", crate::stage::agent::rustflags(ctx)),
+    )?;
+    let bin = ctx.root.join("target").join(arch.rust_target()).join("release").join(SHIM);
+    crate::elf::require_static(&format!("kiln-shim for {arch}"), &std::fs::read(&bin)?)?;
+    step.done(&format!("{} KiB, static", std::fs::metadata(&bin)?.len() / 1024));
+    Ok(bin)
+}
+
+/// The configuration a package installs (host-shim/configuration.toml).
+pub fn default_shim_config() -> &'static str {
+    include_str!("../../../host-shim/configuration.toml")
+}
+
+/// Writes a reproducible tar.zst: sorted members, parent directories
+/// included, owner root, fixed modes and mtime.
+fn write_tarball(dest: &Path, members: &mut [Member], mtime: u64) -> anyhow::Result<()> {
+    members.sort_by(|a, b| a.path.cmp(&b.path));
+    if let Some(w) = members.windows(2).find(|w| w[0].path == w[1].path) {
+        anyhow::bail!("two release files would land at {}", w[0].path);
+    }
+    let dir = dest.parent().context("tarball has a directory")?;
+    let tmp = tempfile::NamedTempFile::new_in(dir)?;
+    {
+        let file = std::io::BufWriter::new(tmp.as_file());
+        let mut enc = zstd::Encoder::new(file, TAR_ZSTD_LEVEL)?;
+        enc.include_checksum(true)?;
+        let mut tar = tar::Builder::new(enc);
+        tar.mode(tar::HeaderMode::Deterministic);
+        let mut dirs_done = std::collections::BTreeSet::new();
+        for m in members.iter() {
+            // Parent directories first, once each.
+            let mut parents: Vec<&str> = Vec::new();
+            let mut p = m.path.as_str();
+            while let Some((parent, _)) = p.rsplit_once('/') {
+                parents.push(parent);
+                p = parent;
+            }
+            for d in parents.into_iter().rev() {
+                if dirs_done.insert(d.to_string()) {
+                    let mut h = header(tar::EntryType::Directory, 0o755, 0, mtime);
+                    tar.append_data(&mut h, format!("{d}/"), std::io::empty())?;
+                }
+            }
+            let data = std::fs::read(&m.source).with_context(|| format!("reading {}", m.source.display()))?;
+            let mode = if m.executable { 0o755 } else { 0o644 };
+            let mut h = header(tar::EntryType::Regular, mode, data.len() as u64, mtime);
+            tar.append_data(&mut h, &m.path, data.as_slice())?;
+        }
+        let enc = tar.into_inner()?;
+        let mut file = enc.finish()?;
+        file.flush()?;
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(dest).with_context(|| format!("renaming into {}", dest.display()))?;
+    Ok(())
+}
+
+fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_mtime(mtime);
+    h.set_uid(0);
+    h.set_gid(0);
+    let _ = h.set_username("root");
+    let _ = h.set_groupname("root");
+    h
+}
+
+fn git_commit(ctx: &Ctx) -> String {
+    cmd::read("git rev-parse HEAD", duct::cmd!("git", "-C", &ctx.root, "rev-parse", "HEAD")).unwrap_or_else(|_| "unknown".into())
+}
+
+/// Listing of a tar.zst: (path, mode, size, sha256 of content), for diffs.
+pub fn listing(path: &Path) -> anyhow::Result<Vec<(String, u32, u64, String)>> {
+    let file = std::fs::File::open(path)?;
+    let dec = zstd::Decoder::new(file)?;
+    let mut ar = tar::Archive::new(dec);
+    let mut out = Vec::new();
+    for e in ar.entries()? {
+        let mut e = e?;
+        let p = e.path()?.display().to_string();
+        let mode = e.header().mode()?;
+        let size = e.header().size()?;
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut buf)?;
+        out.push((p, mode, size, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&buf))));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tarballs_are_reproducible_and_sorted_with_parents() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let mut outs = Vec::new();
+        for (i, dir) in [a.path(), b.path()].into_iter().enumerate() {
+            std::fs::write(dir.join("shim"), b"\x7fELF shim").unwrap();
+            std::fs::write(dir.join("m.json"), b"{}").unwrap();
+            // Host permissions and times must not leak into the tarball.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("m.json"), std::fs::Permissions::from_mode(if i == 0 { 0o600 } else { 0o664 })).unwrap();
+            let mut members = vec![
+                Member { path: "usr/share/kiln/minimal/manifest.json".into(), source: dir.join("m.json"), executable: false },
+                Member { path: "usr/bin/kiln-shim".into(), source: dir.join("shim"), executable: true },
+            ];
+            let out = dir.join("x.tar.zst");
+            write_tarball(&out, &mut members, 1_700_000_000).unwrap();
+            outs.push(std::fs::read(&out).unwrap());
+        }
+        assert_eq!(outs[0], outs[1], "same inputs, same bytes");
+        let list = listing(&a.path().join("x.tar.zst")).unwrap();
+        let paths: Vec<_> = list.iter().map(|(p, ..)| p.as_str()).collect();
+        assert_eq!(paths, ["usr/", "usr/bin/", "usr/bin/kiln-shim", "usr/share/", "usr/share/kiln/", "usr/share/kiln/minimal/", "usr/share/kiln/minimal/manifest.json"]);
+        let shim = list.iter().find(|(p, ..)| p == "usr/bin/kiln-shim").unwrap();
+        assert_eq!(shim.1, 0o755);
+        let m = list.iter().find(|(p, ..)| p.ends_with("manifest.json")).unwrap();
+        assert_eq!(m.1, 0o644);
+    }
+
+    #[test]
+    fn duplicate_member_paths_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let mut members = vec![
+            Member { path: "usr/bin/x".into(), source: d.path().join("f"), executable: true },
+            Member { path: "usr/bin/x".into(), source: d.path().join("f"), executable: true },
+        ];
+        assert!(write_tarball(&d.path().join("t.tar.zst"), &mut members, 0).is_err());
+    }
+
+    #[test]
+    fn default_config_parses_as_shim_config_keys() {
+        let v: toml::Value = toml::from_str(default_shim_config()).unwrap();
+        assert_eq!(v["hypervisor"]["qemu"]["accel"].as_str(), Some("auto"));
+        assert_eq!(v["agent"]["port"].as_integer(), Some(1024));
+    }
+}
+
+/// Builds the release twice, in two fresh clones of HEAD with different
+/// umask, TZ, locale and path, the second with an empty cache (so kernels are
+/// rebuilt too), and compares every artifact byte for byte.
+pub fn verify_reproducible(ctx: &Ctx, arch_arg: &str) -> anyhow::Result<()> {
+    let base = tempfile::Builder::new().prefix("kiln-repro-").tempdir_in(ctx.out.parent().unwrap_or(&ctx.out))?;
+    let variants = [
+        ("a", "0022", "UTC", "C.UTF-8", None),
+        ("b-other-path", "0077", "Pacific/Chatham", "POSIX", Some(base.path().join("cache-b"))),
+    ];
+    let mut dists = Vec::new();
+    for (name, umask, tz, lang, cache) in variants {
+        let checkout = base.path().join(name).join("kiln");
+        let step = ctx.ui.stage(&format!("repro clone {name}"));
+        cmd::run_logged(ctx, "release-repro", "git clone", duct::cmd!("git", "clone", "--quiet", "--no-hardlinks", &ctx.root, &checkout))?;
+        step.done(&checkout.display().to_string());
+        let step = ctx.ui.stage(&format!("repro build {name}"));
+        step.message(&format!("umask {umask}, TZ={tz}, LANG={lang}"));
+        // `sh -c` only to set the umask for the build; arguments are passed, not spliced.
+        let mut expr = duct::cmd!(
+            "sh", "-c", "umask \"$1\" && shift && exec \"$@\"", "sh", umask,
+            "cargo", "xtask", "--no-setup", "release", "--arch", arch_arg
+        )
+        .dir(&checkout)
+        .env("TZ", tz)
+        .env("LANG", lang)
+        .env("LC_ALL", lang)
+        .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string());
+        if let Some(c) = &cache {
+            expr = expr.env("KILN_CACHE_DIR", c);
+        }
+        cmd::run_logged(ctx, &format!("release-repro-{name}"), &format!("release build {name}"), expr)?;
+        step.done("");
+        dists.push(checkout.join("target").join("kiln").join(DIST));
+    }
+    compare_dists(&dists[0], &dists[1])
+}
+
+/// Compares two dist directories file by file; on a difference, names the
+/// artifact and shows diffoscope's report (when installed) or a listing diff.
+pub fn compare_dists(a: &Path, b: &Path) -> anyhow::Result<()> {
+    let names = |d: &Path| -> anyhow::Result<Vec<String>> {
+        let mut v: Vec<String> = std::fs::read_dir(d)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
+        v.sort();
+        Ok(v)
+    };
+    let (na, nb) = (names(a)?, names(b)?);
+    if na != nb {
+        anyhow::bail!("the two builds produced different file sets: {na:?} vs {nb:?}");
+    }
+    let mut differing = Vec::new();
+    for n in &na {
+        if sha256_file(&a.join(n))? != sha256_file(&b.join(n))? {
+            differing.push(n.clone());
+        }
+    }
+    if differing.is_empty() {
+        println!("reproducible: {} artifacts identical ({})", na.len(), na.join(", "));
+        return Ok(());
+    }
+    let mut report = String::new();
+    for n in &differing {
+        report.push_str(&format!("\n{n} differs:\n"));
+        if cmd::which("diffoscope").is_some() {
+            let out = duct::cmd!("diffoscope", "--text", "-", a.join(n), b.join(n)).stderr_to_stdout().stdout_capture().unchecked().run()?;
+            report.push_str(&String::from_utf8_lossy(&out.stdout).lines().take(80).collect::<Vec<_>>().join("\n"));
+        } else if n.ends_with(".tar.zst") {
+            let (la, lb) = (listing(&a.join(n))?, listing(&b.join(n))?);
+            for (x, y) in la.iter().zip(lb.iter()).filter(|(x, y)| x != y) {
+                report.push_str(&format!("  - {} mode {:o} size {} sha256 {}\n  + {} mode {:o} size {} sha256 {}\n", x.0, x.1, x.2, x.3, y.0, y.1, y.2, y.3));
+            }
+            if la.len() != lb.len() {
+                report.push_str(&format!("  member count {} vs {}\n", la.len(), lb.len()));
+            }
+        } else {
+            report.push_str(&format!("  sha256 {} vs {}\n", sha256_file(&a.join(n))?, sha256_file(&b.join(n))?));
+        }
+    }
+    anyhow::bail!("not reproducible: {} artifact(s) differ:{report}", differing.len())
+}
