@@ -3,10 +3,27 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["health.proto", "agent.proto", "types.proto", "oci.proto", "csi.proto", "kiln.proto"];
+const PROTOS: &[&str] = &[
+    "health.proto",
+    "agent.proto",
+    "types.proto",
+    "oci.proto",
+    "csi.proto",
+    "kiln.proto",
+];
 /// Generated modules; they refer to each other as `super::<name>`, so they
 /// must be siblings under exactly these names.
-const MODULES: &[&str] = &["agent", "agent_ttrpc", "csi", "health", "health_ttrpc", "kiln", "kiln_ttrpc", "oci", "types"];
+const MODULES: &[&str] = &[
+    "agent",
+    "agent_ttrpc",
+    "csi",
+    "health",
+    "health_ttrpc",
+    "kiln",
+    "kiln_ttrpc",
+    "oci",
+    "types",
+];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -19,7 +36,10 @@ fn main() {
         .inputs(&inputs)
         .include("protos")
         .rust_protobuf()
-        .customize(ttrpc_codegen::Customize { async_all: true, ..Default::default() })
+        .customize(ttrpc_codegen::Customize {
+            async_all: true,
+            ..Default::default()
+        })
         .run()
         .expect("protobuf/ttrpc code generation failed; see the .proto error above");
     let body: String = MODULES.iter().map(|m| format!("pub mod {m};\n")).collect();

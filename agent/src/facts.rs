@@ -199,21 +199,17 @@ fn parse_config(text: &str) -> BTreeMap<String, String> {
 
 /// The entry mounted last on "/" (what the process sees as its root).
 fn root_mount(mounts: &str) -> Option<MountEntry> {
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let (source, target, fstype, options) =
-                (it.next()?, it.next()?, it.next()?, it.next()?);
-            (unescape_mount_field(target) == "/").then(|| {
-                let mut m = MountEntry::new();
-                m.source = unescape_mount_field(source);
-                m.fstype = fstype.to_string();
-                m.options = options.to_string();
-                m
-            })
+    mounts.lines().rev().find_map(|l| {
+        let mut it = l.split_whitespace();
+        let (source, target, fstype, options) = (it.next()?, it.next()?, it.next()?, it.next()?);
+        (unescape_mount_field(target) == "/").then(|| {
+            let mut m = MountEntry::new();
+            m.source = unescape_mount_field(source);
+            m.fstype = fstype.to_string();
+            m.options = options.to_string();
+            m
         })
-        .last()
+    })
 }
 
 /// /proc/mounts writes space, tab, newline and backslash as `\ooo` octal.

@@ -122,7 +122,12 @@ mod tests {
         set_write_time(&mut sb, 1_700_000_000).unwrap();
         assert_eq!(&sb[WTIME..WTIME + 4], &1_700_000_000u32.to_le_bytes());
         assert_eq!(sb[WTIME_HI], 0);
-        let stored = u32::from_le_bytes([sb[CHECKSUM], sb[CHECKSUM + 1], sb[CHECKSUM + 2], sb[CHECKSUM + 3]]);
+        let stored = u32::from_le_bytes([
+            sb[CHECKSUM],
+            sb[CHECKSUM + 1],
+            sb[CHECKSUM + 2],
+            sb[CHECKSUM + 3],
+        ]);
         assert_eq!(stored, crc32c(!0, &sb[..CHECKSUM]));
         // Without metadata_csum the checksum field stays untouched.
         let mut sb = fake_superblock(false);
@@ -146,7 +151,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("fs.img");
         let made = Command::new("mke2fs")
-            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-O", "metadata_csum"])
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-b",
+                "4096",
+                "-O",
+                "metadata_csum",
+            ])
             .arg(&img)
             .arg("4M")
             .status();
@@ -155,9 +169,22 @@ mod tests {
             return;
         }
         set_write_time_in_file(&img, 0, 1_234_567_890).unwrap();
-        let fsck = Command::new("e2fsck").args(["-fn"]).arg(&img).output().unwrap();
-        assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
-        let dump = Command::new("dumpe2fs").arg("-h").arg(&img).env("TZ", "UTC").output().unwrap();
+        let fsck = Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let dump = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&img)
+            .env("TZ", "UTC")
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&dump.stdout);
         assert!(text.contains("Fri Feb 13 23:31:30 2009"), "{text}");
     }

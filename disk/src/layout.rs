@@ -145,7 +145,8 @@ pub fn write_image(
         });
     }
     let head = headers(geometry, ids)?;
-    out.set_len(0).map_err(|e| Error::io("truncating the image", e))?;
+    out.set_len(0)
+        .map_err(|e| Error::io("truncating the image", e))?;
     out.write_all(&head)
         .map_err(|e| Error::io("writing the image headers", e))?;
     let copied = std::io::copy(&mut fs.take(fs_len), out)
@@ -239,7 +240,9 @@ pub fn inspect(head: &[u8], image_size: u64) -> Result<ImageFacts> {
     })?;
     let nvdimm_mbr = Mbr::parse(inner_bytes)?;
     let inner = only_linux_partition(&nvdimm_mbr, "MBR at the PFN data offset")?;
-    if inner.start_bytes() + pfn.dataoff != outer.start_bytes() || inner.len_bytes() != outer.len_bytes() {
+    if inner.start_bytes() + pfn.dataoff != outer.start_bytes()
+        || inner.len_bytes() != outer.len_bytes()
+    {
         return Err(bad(
             "partitions",
             format!(
@@ -313,7 +316,10 @@ mod tests {
         assert_eq!(g.image_size(), 18 * MIB, "3 + 14 = 17, rounded up to 18");
         assert!(Geometry::for_filesystem(0).is_err());
         assert!(Geometry::for_filesystem(u64::MAX - 10).is_err());
-        assert!(Geometry::for_filesystem(3 << 40).is_err(), "MBRs stop at 2 TiB");
+        assert!(
+            Geometry::for_filesystem(3 << 40).is_err(),
+            "MBRs stop at 2 TiB"
+        );
     }
 
     #[test]
@@ -343,7 +349,11 @@ mod tests {
         assert_eq!(outer.first_lba, 6144, "3 MiB in sectors");
         assert_eq!(inner.first_lba, 2048, "1 MiB after the data offset");
         assert_eq!(outer.end_bytes(), g.image_size());
-        assert_eq!(inner.end_bytes() + DATA_OFFSET, g.image_size(), "p1 ends where pmem0 ends");
+        assert_eq!(
+            inner.end_bytes() + DATA_OFFSET,
+            g.image_size(),
+            "p1 ends where pmem0 ends"
+        );
         assert_eq!(facts.mbr.disk_signature, ids().disk_signature);
         // Nothing else in the first 3 MiB: the kernel reads the block at 4 KiB,
         // the rest must stay zero (no stale data between the structures).
@@ -356,14 +366,22 @@ mod tests {
     fn inspect_refuses_broken_images() {
         let g = Geometry::for_content(8 * MIB, 0).unwrap();
         let head = headers(&g, &ids()).unwrap();
-        let err = inspect(&head, g.image_size() + 4096).unwrap_err().to_string();
+        let err = inspect(&head, g.image_size() + 4096)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("2 MiB"), "{err}");
         let mut h = head.clone();
         h[4096 + 60] ^= 0xff; // dataoff, checksum now wrong
-        assert!(matches!(inspect(&h, g.image_size()), Err(Error::BadChecksum { .. })));
+        assert!(matches!(
+            inspect(&h, g.image_size()),
+            Err(Error::BadChecksum { .. })
+        ));
         let mut h = head.clone();
         h[2 * MIB as usize + 510] = 0;
-        assert!(matches!(inspect(&h, g.image_size()), Err(Error::BadSignature { .. })));
+        assert!(matches!(
+            inspect(&h, g.image_size()),
+            Err(Error::BadSignature { .. })
+        ));
         // Views disagree: move the inner partition by one sector.
         let mut h = head.clone();
         let at = 2 * MIB as usize + 446 + 8;
@@ -410,7 +428,10 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len() as u64, g.image_size());
         assert_eq!(bytes.len() as u64 % ALIGN, 0);
-        assert_eq!(&bytes[3 * MIB as usize..3 * MIB as usize + fs.len()], &fs[..]);
+        assert_eq!(
+            &bytes[3 * MIB as usize..3 * MIB as usize + fs.len()],
+            &fs[..]
+        );
         assert!(bytes[3 * MIB as usize + fs.len()..].iter().all(|&b| b == 0));
         let facts = inspect_file(&path).unwrap();
         assert_eq!(facts.image_size, g.image_size());

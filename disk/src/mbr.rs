@@ -246,7 +246,13 @@ mod tests {
         ));
         let mut b = Mbr::single(1, Partition::linux(512, 512).unwrap()).to_bytes();
         b[446] = 0x42;
-        assert!(matches!(Mbr::parse(&b), Err(Error::BadField { field: "status", .. })));
+        assert!(matches!(
+            Mbr::parse(&b),
+            Err(Error::BadField {
+                field: "status",
+                ..
+            })
+        ));
         // Every byte pattern of a small pseudo-random sweep parses or errors; none panics.
         let mut x: u32 = 0x1234_5678;
         for _ in 0..2000 {

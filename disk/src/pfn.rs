@@ -102,7 +102,12 @@ impl PfnInfo {
     /// An info block as `nd_pfn_init` writes one (version 1.4) for a namespace
     /// of `namespace_size` bytes with the memmap in RAM, data at `dataoff` and
     /// 4 KiB pages; `uuid` names the pfn device.
-    pub fn ram_mode(uuid: [u8; 16], namespace_size: u64, dataoff: u64, align: u32) -> Result<PfnInfo> {
+    pub fn ram_mode(
+        uuid: [u8; 16],
+        namespace_size: u64,
+        dataoff: u64,
+        align: u32,
+    ) -> Result<PfnInfo> {
         const PAGE: u64 = 4096;
         if dataoff < INFO_BLOCK_RESERVE || dataoff % PAGE != 0 {
             return Err(Error::BadField {
@@ -291,7 +296,10 @@ mod tests {
         assert_eq!(back.align, 2 * MIB as u32);
         assert_eq!(back.npfns, 62 * MIB / 4096);
         assert_eq!((back.version_major, back.version_minor), (1, 4));
-        assert_eq!(back.parent_uuid, [0; 16], "label-less namespaces have a null uuid");
+        assert_eq!(
+            back.parent_uuid, [0; 16],
+            "label-less namespaces have a null uuid"
+        );
         // The stored checksum is fletcher64 over the block with the field zeroed.
         let mut zeroed = bytes;
         zeroed[CHECKSUM..].fill(0);
@@ -307,7 +315,10 @@ mod tests {
         assert!(matches!(PfnInfo::parse(&b), Err(Error::BadChecksum { .. })));
         let mut b = good;
         b[0] = b'X';
-        assert!(matches!(PfnInfo::parse(&b), Err(Error::BadSignature { .. })));
+        assert!(matches!(
+            PfnInfo::parse(&b),
+            Err(Error::BadSignature { .. })
+        ));
         assert!(matches!(
             PfnInfo::parse(&good[..100]),
             Err(Error::Truncated { .. })

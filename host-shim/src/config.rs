@@ -303,10 +303,16 @@ mod tests {
             "{:#}",
             ShimConfig::parse("[hypervisor.qemu]\nrootfs = \"pmem\"\n").unwrap_err()
         );
-        assert!(e.contains("hypervisor.qemu.rootfs") && e.contains("nvdimm"), "{e}");
+        assert!(
+            e.contains("hypervisor.qemu.rootfs") && e.contains("nvdimm"),
+            "{e}"
+        );
         let c = ShimConfig::parse("[hypervisor.qemu]\nrootfs = \"virtio-blk\"\n").unwrap();
         assert_eq!(c.hypervisor.qemu.rootfs, "virtio-blk");
-        assert_eq!(ShimConfig::parse("").unwrap().hypervisor.qemu.rootfs, "initrd");
+        assert_eq!(
+            ShimConfig::parse("").unwrap().hypervisor.qemu.rootfs,
+            "initrd"
+        );
     }
 }
 
@@ -320,6 +326,9 @@ mod shipped_file {
         let text = include_str!("../configuration.toml");
         let shipped = ShimConfig::parse(text).unwrap();
         let defaults = ShimConfig::default();
-        assert_eq!(toml::to_string(&shipped).unwrap(), toml::to_string(&defaults).unwrap());
+        assert_eq!(
+            toml::to_string(&shipped).unwrap(),
+            toml::to_string(&defaults).unwrap()
+        );
     }
 }

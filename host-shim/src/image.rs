@@ -78,7 +78,10 @@ impl BootImage {
             )
         })?;
         let layout = self.manifest.rootfs.clone().with_context(|| {
-            format!("image `{}`: manifest.json lists rootfs_image but no `rootfs` layout", self.manifest.image)
+            format!(
+                "image `{}`: manifest.json lists rootfs_image but no `rootfs` layout",
+                self.manifest.image
+            )
         })?;
         let path = self.dir.join(&a.file);
         verify_streaming(&path, a)?;

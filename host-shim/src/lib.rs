@@ -1,6 +1,7 @@
 //! kiln-shim as a library: the pieces the `kiln-shim` binary is made of, public
 //! so end-to-end tests drive a real VM through the same code.
 
+pub mod bench_exec;
 pub mod check;
 pub mod client;
 pub mod config;

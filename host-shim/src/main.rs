@@ -108,6 +108,21 @@ enum Cmd {
     },
     /// Remove what killed shims left behind: processes, mounts, sockets, run dirs.
     Cleanup,
+    /// Time exec round trips (ExecProcess + WaitProcess of `true`) in one
+    /// container and read the agent's RSS and fds, idle and after (for `cargo xtask bench`).
+    BenchExec {
+        /// The image's manifest.json.
+        #[arg(long)]
+        image: PathBuf,
+        /// A busybox root filesystem directory for the container.
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// How many execs to time.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the effective configuration.
     Config,
 }
@@ -191,6 +206,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Cmd::BenchExec {
+            image,
+            rootfs,
+            count,
+            json,
+        } => {
+            clean_stale();
+            let image = BootImage::load(&image)?;
+            let r = kiln_shim::bench_exec::run(&cfg, &image, &rootfs, count).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{r:#?}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Cleanup => {
             let r = kiln_shim::state::cleanup_stale(&kiln_shim::process::runtime_base())?;
@@ -313,9 +344,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
                 };
                 if json {
-                    println!("{}", serde_json::json!({ "image": image.manifest.image, "console_marker_seconds": t.as_secs_f64() }));
+                    println!(
+                        "{}",
+                        serde_json::json!({ "image": image.manifest.image, "console_marker_seconds": t.as_secs_f64() })
+                    );
                 } else {
-                    println!("console showed {marker:?} {:.2} s after QEMU launch", t.as_secs_f64());
+                    println!(
+                        "console showed {marker:?} {:.2} s after QEMU launch",
+                        t.as_secs_f64()
+                    );
                 }
                 vm.shutdown();
                 return Ok(ExitCode::SUCCESS);

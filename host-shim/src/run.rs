@@ -125,15 +125,7 @@ async fn drive(
         .await
         .context("CreateSandbox")?;
 
-    let (mut spec, dropped) = crate::spec::to_protocol(&req.spec)?;
-    if !dropped.is_empty() {
-        tracing::debug!("OCI keys without a protocol field: {dropped:?}");
-    }
-    spec.Root.mut_or_insert_default().Path = format!("{SHARE_MOUNT_POINT}/{cid}/rootfs");
-    // The container shares the sandbox's network namespace, as in Kata.
-    if let Some(linux) = spec.Linux.as_mut() {
-        linux.Namespaces.retain(|n| n.Type != "network");
-    }
+    let mut spec = protocol_spec(&req.spec, cid)?;
     let mut create = agent::CreateContainerRequest::new();
     for (i, disk) in req.disks.iter().enumerate() {
         let plugged = vm.hotplug_disk(i as u32, &disk.file)?;
@@ -211,7 +203,26 @@ async fn drive(
     Ok(status)
 }
 
-fn share_storage() -> agent::Storage {
+/// `spec` as the agent gets it: the protocol message, its root the rootfs
+/// shared as `share_id` (Kata's layout), in the sandbox's network namespace.
+pub fn protocol_spec(
+    spec: &oci_spec::runtime::Spec,
+    share_id: &str,
+) -> anyhow::Result<kiln_protocol::oci::Spec> {
+    let (mut p, dropped) = crate::spec::to_protocol(spec)?;
+    if !dropped.is_empty() {
+        tracing::debug!("OCI keys without a protocol field: {dropped:?}");
+    }
+    p.Root.mut_or_insert_default().Path = format!("{SHARE_MOUNT_POINT}/{share_id}/rootfs");
+    // The container shares the sandbox's network namespace, as in Kata.
+    if let Some(linux) = p.Linux.as_mut() {
+        linux.Namespaces.retain(|n| n.Type != "network");
+    }
+    Ok(p)
+}
+
+/// The sandbox storage that mounts the virtio-fs share (`kataShared`).
+pub fn share_storage() -> agent::Storage {
     let mut s = agent::Storage::new();
     s.driver = "virtio-fs".into();
     s.source = crate::virtiofs::TAG.into();

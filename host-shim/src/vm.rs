@@ -69,7 +69,10 @@ impl Vm {
         // Decide (and check) the root device before anything is started.
         let (rootfs_key, rootfs_mode) = match &opts.rootfs {
             Some(m) => ("--rootfs", m.as_str()),
-            None => ("hypervisor.qemu.rootfs", cfg.hypervisor.qemu.rootfs.as_str()),
+            None => (
+                "hypervisor.qemu.rootfs",
+                cfg.hypervisor.qemu.rootfs.as_str(),
+            ),
         };
         let machine = match cfg.hypervisor.qemu.machine_type.as_str() {
             "" => qemu::profile(&image.manifest.arch)?.machine.to_string(),
@@ -309,19 +312,34 @@ impl Vm {
     /// Waits until the guest console shows `marker` (or QEMU exits after
     /// printing it); returns the time from launch. For measuring boots of
     /// images without an agent, such as a trivial /init.
-    pub async fn wait_console(&mut self, marker: &str, timeout: Duration) -> anyhow::Result<Duration> {
-        let log = self.console_log.clone().context("the console goes to the terminal (--console); no log to watch")?;
+    pub async fn wait_console(
+        &mut self,
+        marker: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        let log = self
+            .console_log
+            .clone()
+            .context("the console goes to the terminal (--console); no log to watch")?;
         let deadline = self.launched + timeout;
         loop {
-            let seen = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).contains(marker)).unwrap_or(false);
+            let seen = std::fs::read(&log)
+                .map(|b| String::from_utf8_lossy(&b).contains(marker))
+                .unwrap_or(false);
             if seen {
                 return Ok(self.launched.elapsed());
             }
             if let Some(status) = self.qemu.exited() {
-                anyhow::bail!("QEMU exited ({status}) before the console showed {marker:?}{}", self.diagnostics());
+                anyhow::bail!(
+                    "QEMU exited ({status}) before the console showed {marker:?}{}",
+                    self.diagnostics()
+                );
             }
             if Instant::now() > deadline {
-                anyhow::bail!("the console did not show {marker:?} within {timeout:?}{}", self.diagnostics());
+                anyhow::bail!(
+                    "the console did not show {marker:?} within {timeout:?}{}",
+                    self.diagnostics()
+                );
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }

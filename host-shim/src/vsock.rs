@@ -15,6 +15,20 @@ use crate::process::{wait_for_path, ChildGuard};
 
 pub const GUEST_CID: u32 = 3;
 
+/// Credit the backend gives the guest per connection (`tx-buffer-size`),
+/// which caps the payload of every guest-to-host packet.
+///
+/// Guest kernels with "vsock/virtio: Allocate nonlinear SKBs for handling
+/// large transmit buffers" (Linux 6.17, backported to 6.12.y; kiln's 6.12
+/// has it) put a payload above ~32,400 bytes into page fragments, so the
+/// packet reaches the device as several data descriptors. vhost-device-vsock
+/// 0.3 (virtio-vsock 0.10) accepts one data descriptor only: it drops such a
+/// packet ("error reading TX packet: DescriptorLengthTooSmall"), the guest's
+/// credit is never returned and the stream stalls — every agent answer over
+/// 64 KiB (e.g. a 64 KiB ReadStdout) hung. With 16 KiB of credit no packet
+/// can be nonlinear.
+pub const TX_BUFFER_SIZE: u32 = 16 * 1024;
+
 /// The running vsock backend and its two sockets.
 pub struct VsockBackend {
     pub guard: ChildGuard,
@@ -34,7 +48,7 @@ impl VsockBackend {
         let uds_path = run_dir.join("vm.vsock");
         let mut cmd = Command::new(binary);
         cmd.arg(format!(
-            "--vm=guest-cid={GUEST_CID},socket={},uds-path={}",
+            "--vm=guest-cid={GUEST_CID},socket={},uds-path={},tx-buffer-size={TX_BUFFER_SIZE}",
             vhost_socket.display(),
             uds_path.display()
         ))

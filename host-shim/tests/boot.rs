@@ -193,7 +193,10 @@ fn check_reports_a_runnable_host_with_a_bounded_kvm_probe() {
         assert_eq!(c["ok"], true, "{c}");
     }
     // The probe is bounded (10 s): a KVM that hangs guests costs seconds, not forever.
-    eprintln!("figure: kiln-shim check took {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "figure: kiln-shim check took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Kernel options the `minimal` image's fragments ask for on every arch
@@ -220,7 +223,14 @@ fn pmem_image(dir: &std::path::Path) -> PathBuf {
     let geometry = Geometry::for_content(1 << 20, 0).unwrap();
     let mut file = std::fs::File::create(&path).unwrap();
     let mut zeros = std::io::repeat(0);
-    layout::write_image(&mut file, &mut zeros, 1 << 20, &geometry, &DiskIds::from_seed(&[7; 32])).unwrap();
+    layout::write_image(
+        &mut file,
+        &mut zeros,
+        1 << 20,
+        &geometry,
+        &DiskIds::from_seed(&[7; 32]),
+    )
+    .unwrap();
     path
 }
 
@@ -243,25 +253,56 @@ async fn guest_facts_prove_the_kernel_features() {
     let mut vm = Vm::launch(&image, &cfg, &BootOptions::default()).unwrap();
     // Answering at all proves vsock: the only channel to the agent is vhost-user vsock.
     let ready = vm.wait_ready(&cfg).await.unwrap();
-    eprintln!("{arch}: agent ready after {:.2} s ({})", ready.elapsed.as_secs_f64(), vm.accel_note);
-    let facts = ready.client.guest_facts(FEATURE_OPTIONS, &["/init"]).await.unwrap();
+    eprintln!(
+        "{arch}: agent ready after {:.2} s ({})",
+        ready.elapsed.as_secs_f64(),
+        vm.accel_note
+    );
+    let facts = ready
+        .client
+        .guest_facts(FEATURE_OPTIONS, &["/init"])
+        .await
+        .unwrap();
     eprintln!("{arch}: {facts:?}");
 
     assert_eq!(facts.machine, arch, "uname -m");
     assert_eq!(facts.kernel_release, image.manifest.kernel_version);
-    assert!(facts.config_available, "IKCONFIG_PROC: {}", facts.config_error);
+    assert!(
+        facts.config_available,
+        "IKCONFIG_PROC: {}",
+        facts.config_error
+    );
     for option in FEATURE_OPTIONS {
-        assert_eq!(facts.config.get(*option).map(String::as_str), Some("y"), "CONFIG_{option} in /proc/config.gz");
+        assert_eq!(
+            facts.config.get(*option).map(String::as_str),
+            Some("y"),
+            "CONFIG_{option} in /proc/config.gz"
+        );
     }
     assert!(facts.vfio_container, "/dev/vfio/vfio exists");
     for fs in ["virtiofs", "ext4", "erofs", "overlay", "tmpfs"] {
-        assert!(facts.filesystems.iter().any(|f| f == fs), "{fs} in /proc/filesystems: {:?}", facts.filesystems);
+        assert!(
+            facts.filesystems.iter().any(|f| f == fs),
+            "{fs} in /proc/filesystems: {:?}",
+            facts.filesystems
+        );
     }
     assert!(facts.vsock_device, "/dev/vsock exists");
-    assert_eq!(facts.vsock_transports, ["virtio"], "the vsock device is bound to the virtio transport");
+    assert_eq!(
+        facts.vsock_transports,
+        ["virtio"],
+        "the vsock device is bound to the virtio transport"
+    );
     let root = facts.root_mount.as_ref().expect("a mount on /");
-    assert_eq!(root.fstype, "rootfs", "the minimal image runs from its initramfs");
-    assert!(facts.paths[0].exists, "statx /init: {}", facts.paths[0].error);
+    assert_eq!(
+        root.fstype, "rootfs",
+        "the minimal image runs from its initramfs"
+    );
+    assert!(
+        facts.paths[0].exists,
+        "statx /init: {}",
+        facts.paths[0].error
+    );
 
     if with_pmem {
         // The device registers asynchronously; give it a moment after agent-ready.
@@ -273,11 +314,21 @@ async fn guest_facts_prove_the_kernel_features() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             facts = ready.client.guest_facts(&[], &[]).await.unwrap();
         }
-        let pmem0 = facts.pmem.first().unwrap_or_else(|| panic!("no pmem device: {facts:?}"));
+        let pmem0 = facts
+            .pmem
+            .first()
+            .unwrap_or_else(|| panic!("no pmem device: {facts:?}"));
         assert_eq!(pmem0.name, "pmem0");
         assert!(pmem0.dax, "pmem0 supports DAX: {pmem0:?}");
-        assert_eq!(pmem0.mode, "fsdax", "the PFN info block made it an fsdax namespace: {pmem0:?}");
-        assert_eq!(pmem0.size_bytes, 2 << 20, "4 MiB image minus the 2 MiB PFN reserve: {pmem0:?}");
+        assert_eq!(
+            pmem0.mode, "fsdax",
+            "the PFN info block made it an fsdax namespace: {pmem0:?}"
+        );
+        assert_eq!(
+            pmem0.size_bytes,
+            2 << 20,
+            "4 MiB image minus the 2 MiB PFN reserve: {pmem0:?}"
+        );
     }
     drop(ready);
     vm.shutdown();

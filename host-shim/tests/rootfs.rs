@@ -3,8 +3,9 @@
 //! the guest through `kiln.Diagnostics/GuestFacts` (the root mount's options
 //! and statx's STATX_ATTR_DAX on files).
 //!
-//! `cargo xtask test` builds the images and runs these with
-//! KILN_E2E_MANIFEST (the minimal image) and KILN_E2E_DEBIAN_MANIFEST set.
+//! `cargo xtask test` builds the images and runs these with KILN_E2E_MANIFEST
+//! (minimal), KILN_E2E_EROFS_MANIFEST (minimal-erofs) and
+//! KILN_E2E_DEBIAN_MANIFEST (debian) set.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -90,8 +91,16 @@ fn assert_dax_root(facts: &kiln_protocol::kiln::GuestFacts, fs: &str) {
 async fn minimal_boots_from_its_rootfs_image() {
     let image = BootImage::load(&manifest("KILN_E2E_MANIFEST")).unwrap();
     let arch = image.manifest.arch.clone();
-    let layout = image.manifest.rootfs.clone().expect("manifest.json describes rootfs_image");
-    assert_eq!(layout.init.as_deref(), Some("/init"), "the agent is PID 1 of the image too");
+    let layout = image
+        .manifest
+        .rootfs
+        .clone()
+        .expect("manifest.json describes rootfs_image");
+    assert_eq!(
+        layout.init.as_deref(),
+        Some("/init"),
+        "the agent is PID 1 of the image too"
+    );
     if arch == "x86_64" {
         let (init, facts, note) = boot_and_look(&image, "nvdimm", &["/init"]).await;
         assert!(init, "the agent is PID 1");
@@ -103,8 +112,27 @@ async fn minimal_boots_from_its_rootfs_image() {
     assert!(note.contains("virtio-blk"), "{note}");
     let root = facts.root_mount.as_ref().expect("a mount on /");
     assert_eq!(root.fstype, layout.filesystem);
-    assert!(!root.options.contains("dax"), "no DAX through virtio-blk: {root:?}");
+    assert!(
+        !root.options.contains("dax"),
+        "no DAX through virtio-blk: {root:?}"
+    );
     assert!(root.options.split(',').any(|o| o == "ro"), "{root:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+async fn erofs_image_boots_with_dax() {
+    let image = BootImage::load(&manifest("KILN_E2E_EROFS_MANIFEST")).unwrap();
+    let layout = image
+        .manifest
+        .rootfs
+        .clone()
+        .expect("manifest.json describes rootfs_image");
+    assert_eq!(layout.filesystem, "erofs");
+    let (init, facts, _) = boot_and_look(&image, "nvdimm", &["/init", "/etc/hostname"]).await;
+    assert!(init);
+    // Every file is DAX-mapped: erofs without tail packing stores no inline data.
+    assert_dax_root(&facts, "erofs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,7 +143,11 @@ async fn debian_boots_systemd_and_the_agent_service_from_dax() {
         image.manifest.packages.iter().any(|p| p.name == "systemd"),
         "manifest.json lists the Debian packages with versions"
     );
-    let layout = image.manifest.rootfs.clone().expect("manifest.json describes rootfs_image");
+    let layout = image
+        .manifest
+        .rootfs
+        .clone()
+        .expect("manifest.json describes rootfs_image");
     let paths = ["/usr/bin/kiln-agent", "/usr/lib/systemd/systemd"];
     // "image": DAX on an NVDIMM where the machine has one, virtio-blk elsewhere.
     let (init, facts, note) = boot_and_look(&image, "image", &paths).await;

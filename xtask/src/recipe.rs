@@ -307,7 +307,10 @@ bootstrap_epoch = 1700000000
     #[test]
     fn parses_the_shipped_recipes() {
         for name in ["minimal", "debian"] {
-            let path = format!("{}/../rootfs-recipes/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+            let path = format!(
+                "{}/../rootfs-recipes/{name}.toml",
+                env!("CARGO_MANIFEST_DIR")
+            );
             let text = std::fs::read_to_string(&path).unwrap();
             Recipe::parse(&text, name).unwrap_or_else(|e| panic!("{path}: {e:#}"));
         }
@@ -322,11 +325,23 @@ bootstrap_epoch = 1700000000
         let cases = [
             ("\"minbase\"", "\"tiny\"", "debian.variant"),
             ("\"libseccomp2\"", "\"Lib Seccomp\"", "debian.packages"),
-            ("\"/usr/share/man/*\"", "\"usr/share/man\"", "debian.path_exclude"),
+            (
+                "\"/usr/share/man/*\"",
+                "\"usr/share/man\"",
+                "debian.path_exclude",
+            ),
             ("\"var/log\"", "\"/var/log\"", "empty_dirs"),
-            ("\"var/cache/debconf/templates.dat-old\"", "\"../x\"", "remove"),
+            (
+                "\"var/cache/debconf/templates.dat-old\"",
+                "\"../x\"",
+                "remove",
+            ),
             ("suite = ", "suit = ", "suit"),
-            ("bootstrap_epoch = 1700000000", "bootstrap_epoch = \"soon\"", "bootstrap_epoch"),
+            (
+                "bootstrap_epoch = 1700000000",
+                "bootstrap_epoch = \"soon\"",
+                "bootstrap_epoch",
+            ),
         ];
         for (from, to, key) in cases {
             let bad = DEBIAN.replace(from, to);

@@ -1,5 +1,6 @@
 //! The Kata Containers agent protocol as kiln speaks it: `grpc.Health` and
-//! `grpc.AgentService` over ttrpc, generated at build time from `protos/`.
+//! `grpc.AgentService` over ttrpc, generated at build time from `protos/`,
+//! plus kiln's own read-only `kiln.Diagnostics` (`protos/kiln.proto`).
 //!
 //! Package, service, method names and field numbers are Kata's, so Kata's own
 //! runtimes and tools can drive kiln-agent and kiln-shim can drive a Kata agent.
@@ -54,6 +55,20 @@ mod tests {
             .unwrap();
         let hn: Vec<_> = hsvc.method.iter().map(|m| m.name().to_string()).collect();
         assert_eq!(hn, vec!["Check", "Version"]);
+    }
+
+    #[test]
+    fn kiln_services_live_in_their_own_package() {
+        let fd = kiln::file_descriptor();
+        assert_eq!(fd.package(), "kiln", "never inside Kata's `grpc` package");
+        let svc = fd
+            .proto()
+            .service
+            .iter()
+            .find(|s| s.name() == "Diagnostics")
+            .expect("Diagnostics");
+        let names: Vec<_> = svc.method.iter().map(|m| m.name().to_string()).collect();
+        assert_eq!(names, ["GuestFacts"]);
     }
 
     #[test]

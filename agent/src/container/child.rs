@@ -209,7 +209,12 @@ fn join_container(init_pid: i32) -> Res<()> {
         NamespaceKind::Mount,
     ] {
         let path = proc_ns(init_pid, kind);
-        let ours = fs::read_link(proc_ns(std::process::id() as i32, kind)).ok();
+        // /proc/self, not /proc/<getpid()>: this process already lives in the
+        // container's pid namespace, where getpid() is a small number that
+        // names another process (e.g. the init itself) in this /proc. Reading
+        // that one's namespace made the mount namespace look joined, and the
+        // exec ran in the guest's root instead of the container's.
+        let ours = fs::read_link(Path::new("/proc/self/ns").join(kind.proc_name())).ok();
         // Same namespace as ours (not unshared by the container): nothing to do.
         if ours.is_some() && fs::read_link(&path).ok() == ours {
             continue;
@@ -293,15 +298,31 @@ pub fn resolve_executable(name: &str, path: &str) -> Res<PathBuf> {
     if name.contains('/') {
         return Ok(PathBuf::from(name));
     }
+    // Errors other than "no such file" (EIO, EINTR, ENOMEM...) are worth
+    // naming: they are not the user's mistake.
+    let mut odd = Vec::new();
     for dir in path.split(':').filter(|d| !d.is_empty()) {
         let cand = Path::new(dir).join(name);
-        if let Ok(md) = fs::metadata(&cand) {
-            if md.is_file() && md.permissions().mode() & 0o111 != 0 {
-                return Ok(cand);
-            }
+        match fs::metadata(&cand) {
+            Ok(md) if md.is_file() && md.permissions().mode() & 0o111 != 0 => return Ok(cand),
+            Ok(md) => odd.push(format!(
+                "{}: not an executable file (type {:?}, mode {:o})",
+                cand.display(),
+                md.file_type(),
+                md.permissions().mode()
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => odd.push(format!("{}: {e}", cand.display())),
         }
     }
-    Err(format!("executable {name:?} not found in PATH {path:?}"))
+    if odd.is_empty() {
+        Err(format!("executable {name:?} not found in PATH {path:?}"))
+    } else {
+        Err(format!(
+            "executable {name:?} not found in PATH {path:?} ({})",
+            odd.join("; ")
+        ))
+    }
 }
 
 /// uid and gid of `name` in passwd(5) text.

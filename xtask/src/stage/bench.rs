@@ -15,6 +15,8 @@ use crate::ctx::Ctx;
 use crate::manifest::ImageManifest;
 use crate::stage::image;
 
+mod agent;
+
 /// Marker the probe /init prints.
 const PROBE_MARKER: &str = "KILN-USERSPACE-READY";
 
@@ -25,6 +27,8 @@ pub struct Report {
     pub boot: Vec<Row>,
     pub initrd_packing: Vec<Row>,
     pub build: Vec<Row>,
+    /// Agent RSS/fds idle and after execs, exec round trip percentiles.
+    pub agent: Vec<Row>,
 }
 
 #[derive(Serialize, Clone)]
@@ -53,6 +57,7 @@ pub fn run(ctx: &Ctx, flags: &BenchFlags) -> anyhow::Result<()> {
 
     sizes(ctx, &mut report)?;
     boot(ctx, &manifest, flags.rounds, &mut report)?;
+    report.agent = agent::measure(ctx, &shim_binary(ctx)?, &manifest)?;
     packing(ctx, &mut report)?;
     build_times(ctx, &mut report);
     if !flags.skip_rebuild {
@@ -303,7 +308,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn print_report(r: &Report) {
-    for (title, rows) in [("sizes", &r.sizes), ("boot (TCG)", &r.boot), ("initrd packing", &r.initrd_packing), ("build", &r.build)] {
+    for (title, rows) in [("sizes", &r.sizes), ("boot (TCG)", &r.boot), ("agent (TCG)", &r.agent), ("initrd packing", &r.initrd_packing), ("build", &r.build)] {
         println!("\n{title}");
         for row in rows.iter() {
             let value = match row.unit.as_str() {

@@ -32,7 +32,7 @@ use crate::stage::rootfs::{LazyTree, RootfsPlan};
 
 pub const FILE: &str = "rootfs.img";
 /// The record of the last build, kept beside the image for the manifest.
-const RECORD: &str = "rootfs.json";
+const RECORD: &str = ".rootfs-record.json";
 const BLOCK: u64 = 4096;
 /// ext4 journal size: the smallest mke2fs allows with 4 KiB blocks. The root
 /// is mounted read-only; the journal only has to exist.
@@ -133,12 +133,13 @@ pub fn build(
         .str("tool", &tool_version)
         .str("kiln-disk", env!("CARGO_PKG_VERSION"))
         // Bump when the way images are made changes (not only their inputs).
-        .str("format", "2")
+        .str("format", "4")
         .finish();
     let dir = ctx.image_dir(&image.name, arch);
     let step = ctx.ui.stage(&format!("rootfs.img {arch}"));
     if Stamp::fresh(&dir, "disk", &key).is_some() {
-        let record: RootfsRecord = serde_json::from_str(&std::fs::read_to_string(dir.join(RECORD))?)?;
+        let record: RootfsRecord =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(RECORD))?)?;
         step.cached(&format!("{} {} MiB", record.filesystem, image_mib(&dir)?));
         return Ok(DiskArtifact { key, record });
     }
@@ -161,7 +162,15 @@ pub fn build(
             let geometry = Geometry::for_content(content + ext4_overhead(content, inodes), margin)?;
             step.message("mke2fs -d, debugfs, e2fsck");
             let log = ctx.log_path(&format!("rootfs-{arch}"));
-            make_ext4(&log, ctx.source_date_epoch, &tree, &fs_img, geometry.fs_region(), inodes, &ids)?;
+            make_ext4(
+                &log,
+                ctx.source_date_epoch,
+                &tree,
+                &fs_img,
+                geometry.fs_region(),
+                inodes,
+                &ids,
+            )?;
             content
         }
     };
@@ -173,8 +182,13 @@ pub fn build(
     let mut src = std::fs::File::open(&fs_img)?;
     layout::write_image(out.as_file_mut(), &mut src, fs_len, &geometry, &disk_ids)?;
     out.as_file().sync_all()?;
+    // Readable like the other artifacts (temp files start as 0600).
+    out.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+
     let path = dir.join(FILE);
-    out.persist(&path).with_context(|| format!("renaming into {}", path.display()))?;
+    out.persist(&path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
     // Read back what was written: the layout the kernel will check.
     let facts = layout::inspect_file(&path)
         .with_context(|| format!("{} does not parse back as a DAX image", path.display()))?;
@@ -193,10 +207,7 @@ pub fn build(
             data_offset: facts.pfn.dataoff,
             align: u64::from(facts.pfn.align),
             mode: facts.pfn.mode.name().to_string(),
-            nvdimm_partition_offset: facts
-                .nvdimm_mbr
-                .partitions[0]
-                .map_or(0, |p| p.start_bytes()),
+            nvdimm_partition_offset: facts.nvdimm_mbr.partitions[0].map_or(0, |p| p.start_bytes()),
             pfn_uuid: uuid_string(&facts.pfn.uuid),
         },
     };
@@ -268,7 +279,14 @@ impl FsIds {
 
 fn uuid_string(u: &[u8; 16]) -> String {
     let h = hex::encode(u);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 fn make_ext4(
@@ -345,7 +363,12 @@ fn make_ext4(
     if !problems.is_empty() {
         anyhow::bail!(
             "debugfs could not apply the tree's metadata:\n    {}",
-            problems.iter().take(10).copied().collect::<Vec<_>>().join("\n    ")
+            problems
+                .iter()
+                .take(10)
+                .copied()
+                .collect::<Vec<_>>()
+                .join("\n    ")
         );
     }
     kiln_disk::ext4::set_write_time_in_file(out, 0, epoch)?;
@@ -399,7 +422,8 @@ fn make_erofs(ctx: &Ctx, arch: Arch, tree: &Tree, out: &Path, ids: &FsIds) -> an
     if !crate::stage::rootfs::tree::is_root() {
         // Without root the tree on disk cannot carry its owners; erofs images
         // are then root-owned throughout (ext4 images get owners from the index).
-        ctx.ui.println("note: not root, so the erofs image has every file owned by root");
+        ctx.ui
+            .println("note: not root, so the erofs image has every file owned by root");
         args.push("--all-root".into());
     }
     args.push(out.display().to_string());
@@ -462,23 +486,46 @@ mod tests {
         for i in 0..2 {
             let mut t = Tree::empty(&d.path().join(format!("root{i}"))).unwrap();
             t.add_file("etc/shadow", 0o640, b"root:*:").unwrap();
-            t.add_file("etc/system-systemd\\x2dcryptsetup.slice", 0o644, b"odd name").unwrap();
+            t.add_file(
+                "etc/system-systemd\\x2dcryptsetup.slice",
+                0o644,
+                b"odd name",
+            )
+            .unwrap();
             t.add_node("dev/console", Kind::Char(5, 1), 0o600).unwrap();
             t.add_symlink("sbin", "usr/sbin").unwrap();
             // Different host times on each round: they must not show.
             std::thread::sleep(std::time::Duration::from_millis(1100));
             let out = d.path().join(format!("fs{i}.img"));
             let log = d.path().join("log");
-            make_ext4(&log, 1_700_000_000, &t, &out, 16 << 20, 64, &FsIds::derive("t", Arch::X86_64)).unwrap();
+            make_ext4(
+                &log,
+                1_700_000_000,
+                &t,
+                &out,
+                16 << 20,
+                64,
+                &FsIds::derive("t", Arch::X86_64),
+            )
+            .unwrap();
             imgs.push(std::fs::read(&out).unwrap());
         }
         assert!(imgs[0] == imgs[1], "two builds differ");
         let stat = cmd::read(
             "debugfs stat",
-            duct::cmd!("debugfs", "-R", "stat /dev/console", d.path().join("fs0.img")).stderr_null(),
+            duct::cmd!(
+                "debugfs",
+                "-R",
+                "stat /dev/console",
+                d.path().join("fs0.img")
+            )
+            .stderr_null(),
         )
         .unwrap();
-        assert!(stat.contains("Type: character special") && stat.contains("Mode:  0600"), "{stat}");
+        assert!(
+            stat.contains("Type: character special") && stat.contains("Mode:  0600"),
+            "{stat}"
+        );
         assert!(stat.contains("ctime: 0x6553f100"), "{stat}");
     }
 }

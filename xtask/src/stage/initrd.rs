@@ -35,7 +35,10 @@ pub fn build(
         .str("arch", arch.name())
         .str("rootfs", &plan.key)
         .str("compression", compression.name())
-        .str("compression_level", &format!("{:?}", image.compression_level))
+        .str(
+            "compression_level",
+            &format!("{:?}", image.compression_level),
+        )
         .str("source_date_epoch", &ctx.source_date_epoch.to_string())
         .str("xtask", &crate::hash::xtask_self_hash())
         .finish();
@@ -49,7 +52,11 @@ pub fn build(
     Stamp::invalidate(&dir, "initrd");
     step.message("writing the tree");
     let archive = rootfs::archive_of(&*tree.get()?)?;
-    step.message(&format!("{} entries, {}", archive.len(), compression.name()));
+    step.message(&format!(
+        "{} entries, {}",
+        archive.len(),
+        compression.name()
+    ));
     let mut opts = WriteOptions::new(ctx.source_date_epoch).compression(compression);
     if let Some(level) = image.compression_level {
         opts = opts.zstd_level(level);
@@ -77,7 +84,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut t = Tree::empty(&dir.path().join("root")).unwrap();
         t.add_file("init", 0o755, b"\x7fELF fake").unwrap();
-        t.add_node("dev/console", rootfs::tree::Kind::Char(5, 1), 0o600).unwrap();
+        t.add_node("dev/console", rootfs::tree::Kind::Char(5, 1), 0o600)
+            .unwrap();
         let archive = rootfs::archive_of(&t).unwrap();
         let mut bytes = Vec::new();
         archive

@@ -6,6 +6,7 @@
 //! itself is only written out when a consumer (initrd, disk image) is stale.
 
 pub mod debian;
+pub mod postinst;
 pub mod tree;
 
 use std::path::PathBuf;
@@ -55,6 +56,10 @@ impl RootfsPlan {
                 .with_context(|| format!("unpacking {}", b.tarball.display()))?,
             None => Tree::empty(dir)?,
         };
+        if let Some(b) = self.bootstrap.as_ref().filter(|b| b.extracted) {
+            postinst::apply(&mut t, b.epoch)
+                .context("post-install steps of the extracted Debian tree")?;
+        }
         let ctx = |key: &str, path: &str| format!("recipe `{}`, key `{key}`: `{path}`", r.name);
         for p in &r.remove {
             t.remove(p).with_context(|| ctx("remove", p))?;
@@ -70,7 +75,8 @@ impl RootfsPlan {
                 "block" => Kind::Block(n.major, n.minor),
                 _ => Kind::Char(n.major, n.minor),
             };
-            t.add_node(&n.path, kind, n.mode).with_context(|| ctx("nodes", &n.path))?;
+            t.add_node(&n.path, kind, n.mode)
+                .with_context(|| ctx("nodes", &n.path))?;
         }
         for f in r.files.iter().chain(&self.extra_files) {
             t.add_file(&f.path, f.mode, f.content.as_bytes())
@@ -171,7 +177,9 @@ pub fn plan(
         }
         let p = PathBuf::from(HOST_BUSYBOX);
         let bytes = std::fs::read(&p).with_context(|| {
-            format!("recipe key `busybox`: {HOST_BUSYBOX} is missing (apt-get install busybox-static)")
+            format!(
+                "recipe key `busybox`: {HOST_BUSYBOX} is missing (apt-get install busybox-static)"
+            )
         })?;
         crate::elf::require_static(HOST_BUSYBOX, &bytes)?;
         Some(p)
@@ -286,7 +294,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let text = "name = \"x\"\nagent_path = \"usr/bin/kiln-agent\"\ninit = \"sbin/init\"\n";
         let plan = plan_for(text, "x", d.path());
-        let err = format!("{:#}", plan.materialize(&d.path().join("root")).err().unwrap());
+        let err = format!(
+            "{:#}",
+            plan.materialize(&d.path().join("root")).err().unwrap()
+        );
         assert!(err.contains("key `init`"), "{err}");
     }
 }

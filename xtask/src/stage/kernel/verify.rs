@@ -753,6 +753,7 @@ mod real_source_tests {
         let mut req = image.kernel_request(&ctx, Arch::X86_64, None).unwrap();
         req.fragments.push(frag);
         let err = format!("{:#}", kernel::build(&ctx, &req).unwrap_err());
+        eprintln!("{err}");
         assert!(err.contains("2 of") && err.contains("did not survive Kconfig"), "{err}");
         assert!(err.contains("CONFIG_VIRTIO_FSS") && err.contains("not a Kconfig symbol"), "{err}");
         assert!(err.contains("did you mean") && err.contains("CONFIG_VIRTIO_FS"), "{err}");

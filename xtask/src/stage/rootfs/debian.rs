@@ -5,6 +5,12 @@
 //!
 //! The mirror comes from the host's apt sources (only that one is reachable
 //! on kiln's build machines); nothing here names a Debian server.
+//!
+//! For the host's own arch mmdebstrap installs the variant for real (maintainer
+//! scripts run). For a foreign arch nothing of the target may run (no
+//! emulation), so the same package set is only unpacked (`--variant=extract`)
+//! and [`super::postinst`] does the few post-install steps the image needs;
+//! the package list then comes from the downloaded .deb files' names.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -41,6 +47,10 @@ pub struct Bootstrap {
     pub packages: Vec<Package>,
     /// Input key: section, packages, arch, mirrors, mmdebstrap version.
     pub key: String,
+    /// Unpacked only (`--variant=extract`): post-install steps still to do.
+    pub extracted: bool,
+    /// The recipe's `bootstrap_epoch` (dates what the post-install steps write).
+    pub epoch: u64,
 }
 
 /// One `deb` source from the host's apt configuration.
@@ -85,42 +95,90 @@ pub fn bootstrap(
         duct::cmd!("mmdebstrap", "--version"),
     )
     .context("mmdebstrap is needed for Debian recipes (`cargo xtask setup` installs it)")?;
-    let key = KeyHasher::new("debian-bootstrap")
-        .str("arch", arch.debian_arch())
-        .str("variant", &debian.variant)
-        .str("sources", &sources.join("\n"))
-        .str("packages", &packages.join(","))
-        .str("path_exclude", &debian.path_exclude.join("\n"))
-        .str("path_include", &debian.path_include.join("\n"))
-        .str("epoch", &debian.bootstrap_epoch.to_string())
-        .str("merged_usr", &debian.merged_usr.to_string())
-        .str("mmdebstrap", &mmdebstrap_version)
-        .finish();
-    let dir = ctx.cache.join("rootfs").join(&key[..16]);
+    let extracted = arch != Arch::host();
     let step = ctx.ui.stage(&format!("debian {arch}"));
-    if Stamp::fresh(&dir, "bootstrap", &key).is_none() {
+    loop {
+        let key = KeyHasher::new("debian-bootstrap")
+            .str("arch", arch.debian_arch())
+            .str("extracted", &extracted.to_string())
+            .str("variant", &debian.variant)
+            .str("sources", &sources.join("\n"))
+            .str("packages", &packages.join(","))
+            .str("path_exclude", &debian.path_exclude.join("\n"))
+            .str("path_include", &debian.path_include.join("\n"))
+            .str("epoch", &debian.bootstrap_epoch.to_string())
+            .str("merged_usr", &debian.merged_usr.to_string())
+            .str("mmdebstrap", &mmdebstrap_version)
+            .finish();
+        let dir = ctx.cache.join("rootfs").join(&key[..16]);
+        if let Some(stamp) = Stamp::fresh(&dir, "bootstrap", &key) {
+            step.cached(&format!("{}", dir.display()));
+            return cached(&dir, &stamp, key, extracted, debian);
+        }
         Stamp::invalidate(&dir, "bootstrap");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         step.message(&format!(
             "mmdebstrap --variant={} {} ({} packages)",
-            debian.variant,
+            if extracted {
+                "extract"
+            } else {
+                debian.variant.as_str()
+            },
             debian.suite,
             packages.len()
         ));
-        run_mmdebstrap(ctx, debian, &packages, &sources, arch, &dir)?;
-        let status = read_member(&dir.join(TARBALL), "var/lib/dpkg/status")?
-            .context("mmdebstrap's tarball has no var/lib/dpkg/status")?;
-        let list = parse_dpkg_status(&String::from_utf8_lossy(&status));
+        if let Err(e) = run_mmdebstrap(ctx, debian, &packages, &sources, arch, extracted, &dir) {
+            // An extra suite the mirror cannot serve for this arch is treated
+            // like one the host does not carry: left out, loudly, under its
+            // own key (so a repaired mirror is used again).
+            let text = format!("{e:#}");
+            let broken = debian.extra_suites.iter().find(|s| {
+                text.contains("Failed to fetch") && text.contains(&format!("dists/{s}/"))
+            });
+            match broken {
+                Some(suite) => {
+                    ctx.ui.println(&format!(
+                        "warning: the mirror's `{suite}` index for {} cannot be fetched (see target/kiln/logs/debian-{arch}.log); \
+                         building {arch} without `{suite}` (recipe key `debian.extra_suites`)",
+                        arch.debian_arch()
+                    ));
+                    sources.retain(|l| !l.contains(&format!(" {suite} ")));
+                    continue;
+                }
+                None => return Err(e),
+            }
+        }
+        let list = if extracted {
+            packages_from_debs(&member_names(&dir.join(TARBALL))?)
+        } else {
+            let status = read_member(&dir.join(TARBALL), "var/lib/dpkg/status")?
+                .context("mmdebstrap's tarball has no var/lib/dpkg/status")?;
+            parse_dpkg_status(&String::from_utf8_lossy(&status))
+        };
+        if list.is_empty() {
+            anyhow::bail!("mmdebstrap's tarball lists no installed packages");
+        }
         let mut text = serde_json::to_string_pretty(&list)?;
         text.push('\n');
         write_atomic(&dir.join(PACKAGES), text.as_bytes())?;
         let stamp = Stamp::record(&dir, "bootstrap", &key, &[TARBALL, PACKAGES])?;
-        step.done(&format!("{} packages, {}", list.len(), short(&stamp.outputs[TARBALL])));
-    } else {
-        step.cached(&format!("{}", dir.display()));
+        step.done(&format!(
+            "{} packages, {}",
+            list.len(),
+            short(&stamp.outputs[TARBALL])
+        ));
+        return cached(&dir, &stamp, key, extracted, debian);
     }
-    let stamp = Stamp::fresh(&dir, "bootstrap", &key)
-        .context("the bootstrap cache changed while it was read")?;
+}
+
+/// The bootstrap recorded in `dir`.
+fn cached(
+    dir: &Path,
+    stamp: &Stamp,
+    key: String,
+    extracted: bool,
+    debian: &DebianSection,
+) -> anyhow::Result<Bootstrap> {
     let packages: Vec<Package> =
         serde_json::from_str(&std::fs::read_to_string(dir.join(PACKAGES))?)?;
     Ok(Bootstrap {
@@ -128,6 +186,8 @@ pub fn bootstrap(
         tarball_sha256: stamp.outputs[TARBALL].clone(),
         packages,
         key,
+        extracted,
+        epoch: debian.bootstrap_epoch,
     })
 }
 
@@ -141,6 +201,7 @@ fn run_mmdebstrap(
     packages: &[String],
     sources: &[String],
     arch: Arch,
+    extracted: bool,
     dir: &Path,
 ) -> anyhow::Result<()> {
     // mmdebstrap picks the output format from the name; write next to the
@@ -150,15 +211,32 @@ fn run_mmdebstrap(
         .tempdir_in(dir)?;
     let out = work.path().join("out.tar");
     let mut args: Vec<String> = vec![
-        format!("--variant={}", debian.variant),
         format!("--architectures={}", arch.debian_arch()),
         format!("--components={}", debian.components.join(",")),
     ];
+    if extracted {
+        args.push("--variant=extract".into());
+        // The variant's package set, as apt patterns (one per --include: a
+        // comma list of patterns is not split).
+        for p in variant_patterns(&debian.variant) {
+            args.push(format!("--include={p}"));
+        }
+        // The .deb files stay in the tarball: their names are the package list.
+        args.push("--skip=cleanup/apt/cache".into());
+        if debian.merged_usr {
+            // The setup hook makes the /usr symlinks (and a dummy usr-is-merged
+            // package that satisfies init-system-helpers); its essential hook
+            // would have to run target binaries.
+            args.push(format!("--setup-hook={MERGED_USR_HOOKS}/setup00.sh"));
+        }
+    } else {
+        args.push(format!("--variant={}", debian.variant));
+        if debian.merged_usr {
+            args.push(format!("--hook-dir={MERGED_USR_HOOKS}"));
+        }
+    }
     if !packages.is_empty() {
         args.push(format!("--include={}", packages.join(",")));
-    }
-    if debian.merged_usr {
-        args.push(format!("--hook-dir={MERGED_USR_HOOKS}"));
     }
     for p in &debian.path_exclude {
         args.push(format!("--dpkgopt=path-exclude={p}"));
@@ -169,23 +247,91 @@ fn run_mmdebstrap(
     args.push(debian.suite.clone());
     args.push(out.display().to_string());
     args.extend(sources.iter().cloned());
-    cmd::run_logged(
-        ctx,
-        &format!("debian-{arch}"),
-        "mmdebstrap",
-        duct::cmd("mmdebstrap", &args)
-            .env("SOURCE_DATE_EPOCH", debian.bootstrap_epoch.to_string())
-            .env("TMPDIR", work.path()),
-    )?;
+    let run = || {
+        cmd::run_logged(
+            ctx,
+            &format!("debian-{arch}"),
+            "mmdebstrap",
+            duct::cmd("mmdebstrap", &args)
+                .env("SOURCE_DATE_EPOCH", debian.bootstrap_epoch.to_string())
+                .env("TMPDIR", work.path()),
+        )
+    };
+    // Mirrors fail transiently ("Mirror sync in progress?"): one more try.
+    if let Err(first) = run() {
+        ctx.ui.println(&format!(
+            "note: mmdebstrap for {arch} failed; trying once more ({})",
+            first.to_string().lines().next().unwrap_or("")
+        ));
+        run()?;
+    }
     std::fs::rename(&out, dir.join(TARBALL))
         .with_context(|| format!("moving mmdebstrap's output into {}", dir.display()))?;
     Ok(())
 }
 
+/// The package set of a variant, as apt patterns for `--variant=extract`
+/// (what mmdebstrap's manual gives as each variant's equivalent).
+fn variant_patterns(variant: &str) -> Vec<&'static str> {
+    let mut p = vec!["?essential"];
+    let prio = [
+        "?priority(required)",
+        "?priority(important)",
+        "?priority(standard)",
+    ];
+    let n = match variant {
+        "essential" => 0,
+        "minbase" | "required" => 1,
+        "important" => 2,
+        _ => 3,
+    };
+    p.extend(&prio[..n]);
+    if variant == "minbase" {
+        p.push("apt");
+    }
+    p
+}
+
+/// Names of all members of a tar archive.
+fn member_names(tar_path: &Path) -> anyhow::Result<Vec<String>> {
+    let file =
+        std::fs::File::open(tar_path).with_context(|| format!("opening {}", tar_path.display()))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let mut out = Vec::new();
+    for entry in archive.entries()? {
+        out.push(entry?.path()?.to_string_lossy().into_owned());
+    }
+    Ok(out)
+}
+
+/// Packages from apt's downloaded files, `var/cache/apt/archives/NAME_VERSION_ARCH.deb`
+/// (the version's `:` is stored as `%3a`).
+pub fn packages_from_debs(names: &[String]) -> Vec<Package> {
+    let mut out: Vec<Package> = names
+        .iter()
+        .filter_map(|n| {
+            let file = n
+                .trim_start_matches("./")
+                .strip_prefix("var/cache/apt/archives/")?;
+            let stem = file.strip_suffix(".deb")?;
+            let mut parts = stem.splitn(3, '_');
+            let (name, version, arch) = (parts.next()?, parts.next()?, parts.next()?);
+            Some(Package {
+                name: name.to_string(),
+                version: version.replace("%3a", ":").replace("%3A", ":"),
+                architecture: arch.to_string(),
+            })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The content of one regular file of a tar archive, if it is there.
 fn read_member(tar_path: &Path, member: &str) -> anyhow::Result<Option<Vec<u8>>> {
-    let file = std::fs::File::open(tar_path)
-        .with_context(|| format!("opening {}", tar_path.display()))?;
+    let file =
+        std::fs::File::open(tar_path).with_context(|| format!("opening {}", tar_path.display()))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     for entry in archive.entries()? {
         let mut entry = entry?;
@@ -243,7 +389,9 @@ pub fn host_apt_sources() -> anyhow::Result<Vec<AptSource>> {
         .unwrap_or_default();
     names.sort();
     for p in names {
-        let Ok(text) = std::fs::read_to_string(&p) else { continue };
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
         match p.extension().and_then(|e| e.to_str()) {
             Some("list") => out.extend(parse_one_line(&text)),
             Some("sources") => out.extend(parse_deb822(&text)),
@@ -258,7 +406,10 @@ pub fn parse_one_line(text: &str) -> Vec<AptSource> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
-        let Some(rest) = line.strip_prefix("deb ").or_else(|| line.strip_prefix("deb\t")) else {
+        let Some(rest) = line
+            .strip_prefix("deb ")
+            .or_else(|| line.strip_prefix("deb\t"))
+        else {
             continue;
         };
         let mut rest = rest.trim_start();
@@ -285,11 +436,19 @@ pub fn parse_deb822(text: &str) -> Vec<AptSource> {
     let mut stanza: BTreeMap<String, String> = BTreeMap::new();
     let mut last_key = String::new();
     let mut flush = |stanza: &mut BTreeMap<String, String>| {
-        let get = |k: &str| stanza.get(&k.to_ascii_lowercase()).cloned().unwrap_or_default();
+        let get = |k: &str| {
+            stanza
+                .get(&k.to_ascii_lowercase())
+                .cloned()
+                .unwrap_or_default()
+        };
         let is_deb = get("Types").split_whitespace().any(|t| t == "deb");
         let enabled = !get("Enabled").trim().eq_ignore_ascii_case("no");
         if is_deb && enabled {
-            let suites: Vec<String> = get("Suites").split_whitespace().map(str::to_string).collect();
+            let suites: Vec<String> = get("Suites")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
             for uri in get("URIs").split_whitespace() {
                 out.push(AptSource {
                     uri: uri.trim_end_matches('/').to_string(),
@@ -352,6 +511,40 @@ mod tests {
         assert_eq!(s[0].suites, vec!["bookworm", "bookworm-updates"]);
         assert_eq!(s[1].uri, "http://sec.example/debian-security");
         assert_eq!(s[1].suites, vec!["bookworm-security"]);
+    }
+
+    #[test]
+    fn package_list_from_deb_names() {
+        let names: Vec<String> = [
+            "./var/cache/apt/archives/",
+            "./var/cache/apt/archives/libc6_2.36-9+deb12u10_arm64.deb",
+            "./var/cache/apt/archives/tzdata_2025b-0+deb12u1_all.deb",
+            "./var/cache/apt/archives/perl-base_5.36.0-7+deb12u2_arm64.deb",
+            "./var/cache/apt/archives/libpam0g_1.5.2-6+deb12u1_arm64.deb",
+            "./var/cache/apt/archives/ncurses-bin_6.4-4_arm64.deb",
+            "./var/cache/apt/archives/bsdutils_1%3a2.38.1-5+deb12u3_arm64.deb",
+            "./usr/share/x_1_2.deb",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let p = packages_from_debs(&names);
+        assert_eq!(p.len(), 6);
+        assert_eq!(p[0].name, "bsdutils");
+        assert_eq!(p[0].version, "1:2.38.1-5+deb12u3");
+        assert!(p
+            .iter()
+            .any(|x| x.name == "tzdata" && x.architecture == "all"));
+    }
+
+    #[test]
+    fn variants_as_patterns() {
+        assert_eq!(
+            variant_patterns("minbase"),
+            ["?essential", "?priority(required)", "apt"]
+        );
+        assert_eq!(variant_patterns("essential"), ["?essential"]);
+        assert_eq!(variant_patterns("standard").len(), 4);
     }
 
     #[test]

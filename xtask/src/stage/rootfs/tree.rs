@@ -91,8 +91,8 @@ impl Tree {
     /// out of the tree.
     pub fn from_tar(dir: &Path, tar_path: &Path) -> anyhow::Result<Tree> {
         let mut tree = Tree::empty(dir)?;
-        let file = fs::File::open(tar_path)
-            .with_context(|| format!("opening {}", tar_path.display()))?;
+        let file =
+            fs::File::open(tar_path).with_context(|| format!("opening {}", tar_path.display()))?;
         let mut archive = tar::Archive::new(std::io::BufReader::new(file));
         for entry in archive
             .entries()
@@ -202,6 +202,27 @@ impl Tree {
         self.put(path, Entry::root_owned(Kind::File, mode), Some(data))
     }
 
+    /// Adds or replaces a regular file with the given owner.
+    pub fn add_file_owned(
+        &mut self,
+        path: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        data: &[u8],
+    ) -> anyhow::Result<()> {
+        self.put(
+            path,
+            Entry {
+                kind: Kind::File,
+                mode,
+                uid,
+                gid,
+            },
+            Some(data),
+        )
+    }
+
     /// Adds or replaces a symlink owned by root.
     pub fn add_symlink(&mut self, path: &str, target: &str) -> anyhow::Result<()> {
         self.put(
@@ -220,6 +241,12 @@ impl Tree {
     pub fn remove(&mut self, path: &str) -> anyhow::Result<()> {
         if path.is_empty() {
             anyhow::bail!("refusing to remove the root of the tree");
+        }
+        // Only what the index knows is touched: its parents are real
+        // directories, so the host path cannot lead through a symlink (an
+        // absolute one would point outside the tree).
+        if !self.entries.contains_key(path) {
+            return Ok(());
         }
         let host = self.host(path);
         match fs::symlink_metadata(&host) {
@@ -274,7 +301,8 @@ impl Tree {
                 let parent = path.rsplit_once('/').map_or("", |(p, _)| p);
                 let name = path.rsplit_once('/').map_or(path.as_str(), |(_, n)| n);
                 // ext4 dirent: 8 bytes + name, 4-byte aligned.
-                *dir_bytes.entry(parent).or_insert(24) += 8 + (name.len() as u64).next_multiple_of(4);
+                *dir_bytes.entry(parent).or_insert(24) +=
+                    8 + (name.len() as u64).next_multiple_of(4);
             }
             match &e.kind {
                 Kind::File => {
@@ -290,7 +318,11 @@ impl Tree {
         for bytes in dir_bytes.values() {
             blocks += bytes.div_ceil(block);
         }
-        let dirs = self.entries.values().filter(|e| e.kind == Kind::Dir).count() as u64;
+        let dirs = self
+            .entries
+            .values()
+            .filter(|e| e.kind == Kind::Dir)
+            .count() as u64;
         blocks += dirs.saturating_sub(dir_bytes.len() as u64); // empty directories
         Ok(blocks * block)
     }
@@ -306,14 +338,16 @@ impl Tree {
                 if old.kind == Kind::Dir {
                     self.remove(path)?;
                 } else if !old.kind.is_node() {
-                    fs::remove_file(&host).with_context(|| format!("replacing {}", host.display()))?;
+                    fs::remove_file(&host)
+                        .with_context(|| format!("replacing {}", host.display()))?;
                 }
             }
         }
         match &meta.kind {
             Kind::Dir => {
                 if !host.is_dir() {
-                    fs::create_dir(&host).with_context(|| format!("creating {}", host.display()))?;
+                    fs::create_dir(&host)
+                        .with_context(|| format!("creating {}", host.display()))?;
                 }
             }
             Kind::File => {
@@ -334,10 +368,19 @@ impl Tree {
         Ok(())
     }
 
-    fn add_hard_link(&mut self, path: &str, target: &str, mode: u32, uid: u32, gid: u32) -> anyhow::Result<()> {
+    fn add_hard_link(
+        &mut self,
+        path: &str,
+        target: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> anyhow::Result<()> {
         check_rel(path)?;
         let Some(t) = self.entries.get(target) else {
-            anyhow::bail!("hard link `{path}` points at `{target}`, which is not in the tree (yet)");
+            anyhow::bail!(
+                "hard link `{path}` points at `{target}`, which is not in the tree (yet)"
+            );
         };
         if t.kind != Kind::File {
             anyhow::bail!("hard link `{path}` points at `{target}`, which is not a regular file");
@@ -370,7 +413,8 @@ impl Tree {
                 Some(_) => anyhow::bail!("cannot add `{path}`: `{parent}` is not a directory"),
                 None => {
                     let host = self.host(parent);
-                    fs::create_dir(&host).with_context(|| format!("creating {}", host.display()))?;
+                    fs::create_dir(&host)
+                        .with_context(|| format!("creating {}", host.display()))?;
                     self.entries
                         .insert(parent.to_string(), Entry::root_owned(Kind::Dir, 0o755));
                 }
@@ -417,7 +461,10 @@ fn tar_path_to_rel(raw: &str) -> anyhow::Result<String> {
 }
 
 fn check_rel(p: &str) -> anyhow::Result<()> {
-    if p.starts_with('/') || p.split('/').any(|c| c.is_empty() || c == "." || c == "..") || p.contains('\0') {
+    if p.starts_with('/')
+        || p.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+        || p.contains('\0')
+    {
         anyhow::bail!("`{p}` is not a plain relative path inside the tree");
     }
     Ok(())
@@ -436,30 +483,61 @@ mod tests {
     fn sample_tar(dir: &Path) -> PathBuf {
         let path = dir.join("t.tar");
         let mut b = tar::Builder::new(fs::File::create(&path).unwrap());
-        let mut add = |name: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>| {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(kind);
-            h.set_mode(mode);
-            h.set_uid(0);
-            h.set_gid(if name.contains("shadow") { 42 } else { 0 });
-            h.set_size(data.len() as u64);
-            if let Some(l) = link {
-                h.set_link_name(l).unwrap();
-            }
-            if kind == tar::EntryType::Char {
-                h.set_device_major(1).unwrap();
-                h.set_device_minor(3).unwrap();
-            }
-            b.append_data(&mut h, name, data).unwrap();
-        };
+        let mut add =
+            |name: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>| {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(kind);
+                h.set_mode(mode);
+                h.set_uid(0);
+                h.set_gid(if name.contains("shadow") { 42 } else { 0 });
+                h.set_size(data.len() as u64);
+                if let Some(l) = link {
+                    h.set_link_name(l).unwrap();
+                }
+                if kind == tar::EntryType::Char {
+                    h.set_device_major(1).unwrap();
+                    h.set_device_minor(3).unwrap();
+                }
+                b.append_data(&mut h, name, data).unwrap();
+            };
         add("./", tar::EntryType::Directory, 0o755, b"", None);
         add("./etc/", tar::EntryType::Directory, 0o755, b"", None);
-        add("./etc/shadow", tar::EntryType::Regular, 0o640, b"root:*:", None);
-        add("./usr/bin/passwd", tar::EntryType::Regular, 0o4755, b"ELF", None);
-        add("./usr/bin/chsh", tar::EntryType::Link, 0o4755, b"", Some("./usr/bin/passwd"));
-        add("./bin", tar::EntryType::Symlink, 0o777, b"", Some("usr/bin"));
+        add(
+            "./etc/shadow",
+            tar::EntryType::Regular,
+            0o640,
+            b"root:*:",
+            None,
+        );
+        add(
+            "./usr/bin/passwd",
+            tar::EntryType::Regular,
+            0o4755,
+            b"ELF",
+            None,
+        );
+        add(
+            "./usr/bin/chsh",
+            tar::EntryType::Link,
+            0o4755,
+            b"",
+            Some("./usr/bin/passwd"),
+        );
+        add(
+            "./bin",
+            tar::EntryType::Symlink,
+            0o777,
+            b"",
+            Some("usr/bin"),
+        );
         add("./dev/null", tar::EntryType::Char, 0o666, b"", None);
-        add("./var/log/apt/history.log", tar::EntryType::Regular, 0o644, b"junk", None);
+        add(
+            "./var/log/apt/history.log",
+            tar::EntryType::Regular,
+            0o644,
+            b"junk",
+            None,
+        );
         b.finish().unwrap();
         path
     }
@@ -473,8 +551,14 @@ mod tests {
         assert_eq!(tree.get("usr/bin/passwd").unwrap().mode, 0o4755);
         assert_eq!(tree.get("usr").unwrap().kind, Kind::Dir, "implied parent");
         assert_eq!(tree.get("dev/null").unwrap().kind, Kind::Char(1, 3));
-        assert!(!tree.host("dev/null").exists(), "nodes live in the index only");
-        assert_eq!(tree.get("bin").unwrap().kind, Kind::Symlink("usr/bin".into()));
+        assert!(
+            !tree.host("dev/null").exists(),
+            "nodes live in the index only"
+        );
+        assert_eq!(
+            tree.get("bin").unwrap().kind,
+            Kind::Symlink("usr/bin".into())
+        );
         assert_eq!(fs::read(tree.host("usr/bin/chsh")).unwrap(), b"ELF");
         use std::os::unix::fs::MetadataExt;
         assert_eq!(
@@ -493,20 +577,35 @@ mod tests {
         assert!(tree.host("var/log").is_dir() && !tree.host("var/log/apt").exists());
         tree.remove("etc/shadow").unwrap();
         tree.remove("no/such/path").unwrap();
+        // Through a symlink: not in the index, so nothing on the host is touched.
+        let outside = d.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), b"host file").unwrap();
+        tree.add_symlink("escape", outside.to_str().unwrap())
+            .unwrap();
+        tree.remove("escape/keep").unwrap();
+        tree.empty_dir("escape").unwrap_err();
+        assert!(
+            outside.join("keep").exists(),
+            "a host file was removed through a symlink"
+        );
         assert!(tree.get("etc/shadow").is_none() && !tree.host("etc/shadow").exists());
         tree.add_file("etc/hostname", 0o644, b"kiln\n").unwrap();
         tree.add_file("etc/hostname", 0o600, b"again\n").unwrap();
         assert_eq!(fs::read(tree.host("etc/hostname")).unwrap(), b"again\n");
         assert_eq!(tree.get("etc/hostname").unwrap().mode, 0o600);
         tree.add_symlink("bin", "usr/sbin").unwrap();
-        assert_eq!(fs::read_link(tree.host("bin")).unwrap(), Path::new("usr/sbin"));
+        assert_eq!(
+            fs::read_link(tree.host("bin")).unwrap(),
+            Path::new("usr/sbin")
+        );
         tree.add_file("a/b/c", 0o755, b"x").unwrap();
         assert_eq!(tree.get("a/b").unwrap().kind, Kind::Dir);
         assert!(tree.add_file("etc/hostname/x", 0o644, b"").is_err());
         assert!(tree.empty_dir("etc/hostname").is_err());
         assert!(tree.remove("").is_err());
         let bytes = tree.data_bytes(4096).unwrap();
-        assert!(bytes >= 4 * 4096 && bytes % 4096 == 0, "{bytes}");
+        assert!(bytes >= 4 * 4096 && bytes.is_multiple_of(4096), "{bytes}");
     }
 
     #[test]
@@ -531,7 +630,10 @@ mod tests {
             b.append(&h, &b"x"[..]).unwrap();
             b.finish().unwrap();
         }
-        let err = format!("{:#}", Tree::from_tar(&d.path().join("root"), &path).err().unwrap());
+        let err = format!(
+            "{:#}",
+            Tree::from_tar(&d.path().join("root"), &path).err().unwrap()
+        );
         assert!(err.contains("escape"), "{err}");
         assert!(!d.path().join("escape").exists());
     }
