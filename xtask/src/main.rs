@@ -228,8 +228,18 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
         }
         Task::Install(f) => stage::install::run(
             ctx,
-            &stage::install::InstallFlags { destdir: f.destdir, prefix: f.prefix, arch: f.arch },
+            &stage::install::InstallFlags {
+                destdir: f.destdir,
+                prefix: f.prefix,
+                arch: f.arch,
+            },
         ),
-        Task::Bench(f) => stage::bench::run(ctx, &stage::bench::BenchFlags { rounds: f.rounds.max(1), skip_rebuild: f.skip_rebuild }),
+        Task::Bench(f) => stage::bench::run(
+            ctx,
+            &stage::bench::BenchFlags {
+                rounds: f.rounds.max(1),
+                skip_rebuild: f.skip_rebuild,
+            },
+        ),
     }
 }

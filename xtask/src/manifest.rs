@@ -207,7 +207,11 @@ impl ImageManifest {
                 anyhow::bail!("kernel fragment {} is missing", ctx.rel(f).display());
             }
         }
-        let patches = ctx.root.join("kernel-configs").join("patches").join(&self.kernel.series);
+        let patches = ctx
+            .root
+            .join("kernel-configs")
+            .join("patches")
+            .join(&self.kernel.series);
         Ok(KernelRequest {
             arch,
             series: self.kernel.series.clone(),

@@ -95,15 +95,23 @@ pub fn rustflags(ctx: &Ctx) -> String {
 }
 
 fn cargo_build(ctx: &Ctx, arch: Arch) -> duct::Expression {
-    let mut args = vec!["build", "--release", "--locked", "--package", "kiln-agent", "--target", arch.rust_target()];
+    let mut args = vec![
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "kiln-agent",
+        "--target",
+        arch.rust_target(),
+    ];
     if ctx.offline {
         // Packagers' builds: crates must come from the local registry cache or `cargo vendor`.
         args.push("--offline");
     }
     duct::cmd("cargo", &args)
-    .dir(&ctx.root)
-    .env("CARGO_ENCODED_RUSTFLAGS", rustflags(ctx))
-    .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string())
+        .dir(&ctx.root)
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags(ctx))
+        .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string())
 }
 
 fn input_key(ctx: &Ctx, arch: Arch) -> anyhow::Result<String> {

@@ -41,7 +41,12 @@ pub struct Row {
 }
 
 fn row(name: impl Into<String>, value: f64, unit: &str, note: impl Into<String>) -> Row {
-    Row { name: name.into(), value, unit: unit.into(), note: note.into() }
+    Row {
+        name: name.into(),
+        value,
+        unit: unit.into(),
+        note: note.into(),
+    }
 }
 
 pub struct BenchFlags {
@@ -76,18 +81,27 @@ fn sizes(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(&ctx.out)?.flatten() {
         let image_dir = entry.path();
         let image_name = entry.file_name().to_string_lossy().into_owned();
-        if !image_dir.join(arch::ALL[0].name()).exists() && !arch::ALL.iter().any(|a| image_dir.join(a.name()).exists()) {
+        if !image_dir.join(arch::ALL[0].name()).exists()
+            && !arch::ALL.iter().any(|a| image_dir.join(a.name()).exists())
+        {
             continue;
         }
         for a in arch::ALL {
             let m = image_dir.join(a.name()).join(image::MANIFEST);
-            let Ok(text) = std::fs::read_to_string(&m) else { continue };
+            let Ok(text) = std::fs::read_to_string(&m) else {
+                continue;
+            };
             let built: crate::manifest::BuiltManifest = serde_json::from_str(&text)?;
             for (role, art) in &built.artifacts {
                 if role == "kernel_config" {
                     continue;
                 }
-                report.sizes.push(row(format!("{image_name}/{a} {role}"), art.size as f64, "bytes", ""));
+                report.sizes.push(row(
+                    format!("{image_name}/{a} {role}"),
+                    art.size as f64,
+                    "bytes",
+                    "",
+                ));
             }
             if let Some(initrd) = built.artifacts.get("initrd") {
                 let bytes = std::fs::read(image_dir.join(a.name()).join(&initrd.file))?;
@@ -114,26 +128,58 @@ fn boot(ctx: &Ctx, manifest: &Path, rounds: usize, report: &mut Report) -> anyho
         let step = ctx.ui.stage(&format!("bench boot {}/{rounds}", round + 1));
         first.push(shim_seconds(&shim, &probe, Some(PROBE_MARKER))?);
         agent.push(shim_seconds(&shim, manifest, None)?);
-        step.done(&format!("probe {:.2} s, agent {:.2} s", first[round], agent[round]));
+        step.done(&format!(
+            "probe {:.2} s, agent {:.2} s",
+            first[round], agent[round]
+        ));
     }
     let (a, f) = (median(&mut agent), median(&mut first));
-    report.boot.push(row("launch to first userspace (trivial /init)", f, "s", format!("median of {rounds}")));
-    report.boot.push(row("launch to agent ready (Check answered)", a, "s", format!("median of {rounds}")));
-    report.boot.push(row("agent-ready / first-userspace", a / f, "ratio", "target < 1.1"));
+    report.boot.push(row(
+        "launch to first userspace (trivial /init)",
+        f,
+        "s",
+        format!("median of {rounds}"),
+    ));
+    report.boot.push(row(
+        "launch to agent ready (Check answered)",
+        a,
+        "s",
+        format!("median of {rounds}"),
+    ));
+    report.boot.push(row(
+        "agent-ready / first-userspace",
+        a / f,
+        "ratio",
+        "target < 1.1",
+    ));
     Ok(())
 }
 
 fn shim_binary(ctx: &Ctx) -> anyhow::Result<PathBuf> {
-    crate::cmd::run_logged(ctx, "bench", "cargo build -p kiln-shim", duct::cmd!("cargo", "build", "--release", "--locked", "-p", "kiln-shim").dir(&ctx.root))?;
+    crate::cmd::run_logged(
+        ctx,
+        "bench",
+        "cargo build -p kiln-shim",
+        duct::cmd!("cargo", "build", "--release", "--locked", "-p", "kiln-shim").dir(&ctx.root),
+    )?;
     Ok(ctx.root.join("target/release/kiln-shim"))
 }
 
 fn shim_seconds(shim: &Path, manifest: &Path, marker: Option<&str>) -> anyhow::Result<f64> {
-    let mut args = vec!["boot".to_string(), "--json".into(), "--image".into(), manifest.display().to_string()];
+    let mut args = vec![
+        "boot".to_string(),
+        "--json".into(),
+        "--image".into(),
+        manifest.display().to_string(),
+    ];
     if let Some(m) = marker {
         args.extend(["--until-console".to_string(), m.to_string()]);
     }
-    let out = duct::cmd(shim, &args).stderr_null().stdout_capture().unchecked().run()?;
+    let out = duct::cmd(shim, &args)
+        .stderr_null()
+        .stdout_capture()
+        .unchecked()
+        .run()?;
     if !out.status.success() {
         anyhow::bail!("kiln-shim {} failed", args.join(" "));
     }
@@ -151,20 +197,33 @@ fn probe_image(ctx: &Ctx, manifest: &Path) -> anyhow::Result<PathBuf> {
     let src = dir.join("probe_init.c");
     write_atomic(&src, include_str!("bench/probe_init.c").as_bytes())?;
     let bin = dir.join("probe-init");
-    crate::cmd::run_logged(ctx, "bench", "gcc -static probe_init.c", duct::cmd!("gcc", "-static", "-Os", "-s", "-o", &bin, &src))?;
+    crate::cmd::run_logged(
+        ctx,
+        "bench",
+        "gcc -static probe_init.c",
+        duct::cmd!("gcc", "-static", "-Os", "-s", "-o", &bin, &src),
+    )?;
     let mut a = kiln_initrd::Archive::new();
     a.add_dir("dev", 0o755)?;
     a.add_char_device("dev/console", 0o600, 5, 1)?;
     a.add_file("init", 0o755, std::fs::read(&bin)?)?;
-    a.write_to(dir.join("initrd.img"), &kiln_initrd::WriteOptions::new(ctx.source_date_epoch).compression(kiln_initrd::Compression::Gzip))?;
+    a.write_to(
+        dir.join("initrd.img"),
+        &kiln_initrd::WriteOptions::new(ctx.source_date_epoch)
+            .compression(kiln_initrd::Compression::Gzip),
+    )?;
 
-    let mut built: crate::manifest::BuiltManifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
+    let mut built: crate::manifest::BuiltManifest =
+        serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
     let image_dir = manifest.parent().context("manifest has a directory")?;
     let kernel = built.artifacts.get("kernel").context("no kernel")?.clone();
     crate::cache::copy_atomic(&image_dir.join(&kernel.file), &dir.join(&kernel.file))?;
     built.image = "bench-probe".into();
     built.artifacts.retain(|k, _| k == "kernel");
-    built.artifacts.insert("initrd".into(), crate::manifest::ArtifactRecord::of(&dir, "initrd.img")?);
+    built.artifacts.insert(
+        "initrd".into(),
+        crate::manifest::ArtifactRecord::of(&dir, "initrd.img")?,
+    );
     let path = dir.join(image::MANIFEST);
     write_atomic(&path, &serde_json::to_vec_pretty(&built)?)?;
     Ok(path)
@@ -176,29 +235,40 @@ fn packing(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
     let bytes_in = tree_bytes(&tree);
     let step = ctx.ui.stage("bench initrd packing");
-    let mut timed = |name: &str, f: &mut dyn FnMut() -> anyhow::Result<u64>| -> anyhow::Result<()> {
-        let t = Instant::now();
-        let size = f()?;
-        let secs = t.elapsed().as_secs_f64();
-        report.initrd_packing.push(row(
-            name,
-            bytes_in as f64 / secs / 1e6,
-            "MB/s",
-            format!("{:.2} s, {:.1} MiB out", secs, size as f64 / (1 << 20) as f64),
-        ));
-        Ok(())
-    };
+    let mut timed =
+        |name: &str, f: &mut dyn FnMut() -> anyhow::Result<u64>| -> anyhow::Result<()> {
+            let t = Instant::now();
+            let size = f()?;
+            let secs = t.elapsed().as_secs_f64();
+            report.initrd_packing.push(row(
+                name,
+                bytes_in as f64 / secs / 1e6,
+                "MB/s",
+                format!(
+                    "{:.2} s, {:.1} MiB out",
+                    secs,
+                    size as f64 / (1 << 20) as f64
+                ),
+            ));
+            Ok(())
+        };
     let kiln = |c: kiln_initrd::Compression, workers: u32, level: i32| {
         let tree = tree.clone();
         let dest = out.path().join(format!("kiln-{}-{workers}.img", c.name()));
         move || -> anyhow::Result<u64> {
             let mut a = kiln_initrd::Archive::new();
             a.add_tree(&tree, "")?;
-            let opts = kiln_initrd::WriteOptions::new(0).compression(c).zstd_level(level).zstd_workers(workers);
+            let opts = kiln_initrd::WriteOptions::new(0)
+                .compression(c)
+                .zstd_level(level)
+                .zstd_workers(workers);
             Ok(a.write_to(&dest, &opts)?.compressed_bytes)
         }
     };
-    timed("kiln-initrd newc + gzip -9", &mut kiln(kiln_initrd::Compression::Gzip, 0, 19))?;
+    timed(
+        "kiln-initrd newc + gzip -9",
+        &mut kiln(kiln_initrd::Compression::Gzip, 0, 19),
+    )?;
     let gz = out.path().join("cpio.gz");
     timed("find | cpio -o -H newc | gzip -9", &mut || {
         let p = duct::cmd!("find", ".")
@@ -210,8 +280,14 @@ fn packing(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
         p.run()?;
         Ok(std::fs::metadata(&gz)?.len())
     })?;
-    timed("kiln-initrd newc + zstd -19", &mut kiln(kiln_initrd::Compression::Zstd, 0, 19))?;
-    timed("kiln-initrd newc + zstd -19, 2 threads", &mut kiln(kiln_initrd::Compression::Zstd, 2, 19))?;
+    timed(
+        "kiln-initrd newc + zstd -19",
+        &mut kiln(kiln_initrd::Compression::Zstd, 0, 19),
+    )?;
+    timed(
+        "kiln-initrd newc + zstd -19, 2 threads",
+        &mut kiln(kiln_initrd::Compression::Zstd, 2, 19),
+    )?;
     let zs = out.path().join("cpio.zst");
     timed("find | cpio -o -H newc | zstd -19", &mut || {
         duct::cmd!("find", ".")
@@ -223,7 +299,10 @@ fn packing(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
             .run()?;
         Ok(std::fs::metadata(&zs)?.len())
     })?;
-    step.done(&format!("{:.1} MiB tree", bytes_in as f64 / (1 << 20) as f64));
+    step.done(&format!(
+        "{:.1} MiB tree",
+        bytes_in as f64 / (1 << 20) as f64
+    ));
     Ok(())
 }
 
@@ -233,7 +312,12 @@ fn bench_tree(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     let src = ctx.cache.join("kernel").join("src");
     if let Ok(entries) = std::fs::read_dir(&src) {
         for e in entries.flatten() {
-            let t = e.path().join("drivers").join("net").join("ethernet").join("intel");
+            let t = e
+                .path()
+                .join("drivers")
+                .join("net")
+                .join("ethernet")
+                .join("intel");
             if t.is_dir() {
                 return Ok(t);
             }
@@ -243,18 +327,31 @@ fn bench_tree(ctx: &Ctx) -> anyhow::Result<PathBuf> {
 }
 
 fn tree_bytes(dir: &Path) -> u64 {
-    walkdir::WalkDir::new(dir).into_iter().flatten().filter(|e| e.file_type().is_file()).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Stage times recorded by the last builds that ran them (target/kiln/timings.json).
 fn build_times(ctx: &Ctx, report: &mut Report) {
-    let map: std::collections::BTreeMap<String, f64> =
-        std::fs::read(ctx.out.join("timings.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let map: std::collections::BTreeMap<String, f64> = std::fs::read(ctx.out.join("timings.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
     for (stage, secs) in map {
         if stage.starts_with("bench") {
             continue;
         }
-        report.build.push(row(format!("last run of stage `{stage}`"), secs, "s", "recorded by the build that ran it"));
+        report.build.push(row(
+            format!("last run of stage `{stage}`"),
+            secs,
+            "s",
+            "recorded by the build that ran it",
+        ));
     }
 }
 
@@ -263,8 +360,14 @@ fn build_times(ctx: &Ctx, report: &mut Report) {
 fn warm_rebuild(ctx: &Ctx, image: &ImageManifest, report: &mut Report) -> anyhow::Result<()> {
     let file = ctx.root.join("agent").join("src").join("main.rs");
     let original = std::fs::read_to_string(&file)?;
-    let restore = Restore { path: file.clone(), text: original.clone() };
-    std::fs::write(&file, format!("{original}// bench edit {}\n", std::process::id()))?;
+    let restore = Restore {
+        path: file.clone(),
+        text: original.clone(),
+    };
+    std::fs::write(
+        &file,
+        format!("{original}// bench edit {}\n", std::process::id()),
+    )?;
     ctx.ui.take_outcomes();
     let t = Instant::now();
     image::build(ctx, image, Arch::X86_64, None)?;
@@ -272,10 +375,24 @@ fn warm_rebuild(ctx: &Ctx, image: &ImageManifest, report: &mut Report) -> anyhow
     let outcomes = ctx.ui.take_outcomes();
     let cargo = read_cargo_seconds(ctx);
     drop(restore);
-    let ran: Vec<_> = outcomes.iter().filter(|(_, r)| *r).map(|(s, _)| s.clone()).collect();
-    report.build.push(row("warm rebuild after a one-line agent change", total, "s", format!("stages run: {}", ran.join(", "))));
+    let ran: Vec<_> = outcomes
+        .iter()
+        .filter(|(_, r)| *r)
+        .map(|(s, _)| s.clone())
+        .collect();
+    report.build.push(row(
+        "warm rebuild after a one-line agent change",
+        total,
+        "s",
+        format!("stages run: {}", ran.join(", ")),
+    ));
     if let Some(c) = cargo {
-        report.build.push(row("  of which outside cargo's compile", total - c, "s", "target < 2 s"));
+        report.build.push(row(
+            "  of which outside cargo's compile",
+            total - c,
+            "s",
+            "target < 2 s",
+        ));
     }
     // Put the tree back as it was (rebuilds the agent once more).
     image::build(ctx, image, Arch::X86_64, None)?;
@@ -308,7 +425,13 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn print_report(r: &Report) {
-    for (title, rows) in [("sizes", &r.sizes), ("boot (TCG)", &r.boot), ("agent (TCG)", &r.agent), ("initrd packing", &r.initrd_packing), ("build", &r.build)] {
+    for (title, rows) in [
+        ("sizes", &r.sizes),
+        ("boot (TCG)", &r.boot),
+        ("agent (TCG)", &r.agent),
+        ("initrd packing", &r.initrd_packing),
+        ("build", &r.build),
+    ] {
         println!("\n{title}");
         for row in rows.iter() {
             let value = match row.unit.as_str() {

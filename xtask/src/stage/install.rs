@@ -19,19 +19,31 @@ pub struct InstallFlags {
 
 pub fn run(ctx: &Ctx, f: &InstallFlags) -> anyhow::Result<()> {
     if !f.prefix.is_absolute() {
-        anyhow::bail!("--prefix {} must be absolute (e.g. /usr)", f.prefix.display());
+        anyhow::bail!(
+            "--prefix {} must be absolute (e.g. /usr)",
+            f.prefix.display()
+        );
     }
-    let root = f.destdir.join(f.prefix.strip_prefix("/").unwrap_or(&f.prefix));
+    let root = f
+        .destdir
+        .join(f.prefix.strip_prefix("/").unwrap_or(&f.prefix));
     let step = ctx.ui.stage("install");
     let mut count = 0;
-    for img in release::all_images(ctx)?.iter().filter(|i| i.arches.contains(&f.arch)) {
+    for img in release::all_images(ctx)?
+        .iter()
+        .filter(|i| i.arches.contains(&f.arch))
+    {
         let manifest_path = image::build(ctx, img, f.arch, None)?;
         let built: BuiltManifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
         let dir = manifest_path.parent().context("manifest has a directory")?;
         let dest = root.join("share/kiln").join(&img.name);
         place(&manifest_path, &dest.join(image::MANIFEST), 0o644)?;
         for art in built.artifacts.values() {
-            let mode = if art.file == "kiln-agent" { 0o755 } else { 0o644 };
+            let mode = if art.file == "kiln-agent" {
+                0o755
+            } else {
+                0o644
+            };
             place(&dir.join(&art.file), &dest.join(&art.file), mode)?;
             count += 1;
         }
@@ -40,8 +52,15 @@ pub fn run(ctx: &Ctx, f: &InstallFlags) -> anyhow::Result<()> {
     place(&shim, &root.join("bin/kiln-shim"), 0o755)?;
     let config = root.join("share/kiln/configuration.toml");
     place_bytes(release::default_shim_config().as_bytes(), &config, 0o644)?;
-    place(&ctx.root.join("README.md"), &root.join("share/doc/kiln/README.md"), 0o644)?;
-    step.done(&format!("{count} image artifacts, kiln-shim, configuration into {}", f.destdir.display()));
+    place(
+        &ctx.root.join("README.md"),
+        &root.join("share/doc/kiln/README.md"),
+        0o644,
+    )?;
+    step.done(&format!(
+        "{count} image artifacts, kiln-shim, configuration into {}",
+        f.destdir.display()
+    ));
     Ok(())
 }
 

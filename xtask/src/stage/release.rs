@@ -68,21 +68,44 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
         let mut members = Vec::new();
         for img in images.iter().filter(|i| i.arches.contains(arch)) {
             let manifest_path = image::build(ctx, img, *arch, None)?;
-            let built: BuiltManifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
+            let built: BuiltManifest =
+                serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
             let dir = manifest_path.parent().context("manifest has a directory")?;
             let prefix = format!("usr/share/kiln/{}", img.name);
-            members.push(Member { path: format!("{prefix}/{}", image::MANIFEST), source: manifest_path.clone(), executable: false });
+            members.push(Member {
+                path: format!("{prefix}/{}", image::MANIFEST),
+                source: manifest_path.clone(),
+                executable: false,
+            });
             for art in built.artifacts.values() {
-                members.push(Member { path: format!("{prefix}/{}", art.file), source: dir.join(&art.file), executable: art.file == "kiln-agent" });
+                members.push(Member {
+                    path: format!("{prefix}/{}", art.file),
+                    source: dir.join(&art.file),
+                    executable: art.file == "kiln-agent",
+                });
             }
-            release.inputs.insert(format!("{}/{arch}", img.name), built.inputs.clone());
+            release
+                .inputs
+                .insert(format!("{}/{arch}", img.name), built.inputs.clone());
         }
         let shim = build_shim(ctx, *arch)?;
-        members.push(Member { path: format!("usr/bin/{SHIM}"), source: shim, executable: true });
+        members.push(Member {
+            path: format!("usr/bin/{SHIM}"),
+            source: shim,
+            executable: true,
+        });
         let config = dist.join(format!(".configuration-{arch}.toml"));
         write_atomic(&config, default_shim_config().as_bytes())?;
-        members.push(Member { path: "usr/share/kiln/configuration.toml".into(), source: config, executable: false });
-        members.push(Member { path: "usr/share/doc/kiln/README.md".into(), source: ctx.root.join("README.md"), executable: false });
+        members.push(Member {
+            path: "usr/share/kiln/configuration.toml".into(),
+            source: config,
+            executable: false,
+        });
+        members.push(Member {
+            path: "usr/share/doc/kiln/README.md".into(),
+            source: ctx.root.join("README.md"),
+            executable: false,
+        });
 
         let name = format!("kiln-{version}-{arch}.tar.zst");
         let step = ctx.ui.stage(&format!("release {arch}"));
@@ -101,7 +124,8 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
     let mut json = serde_json::to_string_pretty(&release)?;
     json.push('\n');
     write_atomic(&dist.join("release.json"), json.as_bytes())?;
-    ctx.ui.println(&format!("release written to {}", ctx.rel(&dist).display()));
+    ctx.ui
+        .println(&format!("release written to {}", ctx.rel(&dist).display()));
     Ok(dist)
 }
 
@@ -109,7 +133,12 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
 pub fn all_images(ctx: &Ctx) -> anyhow::Result<Vec<ImageManifest>> {
     let mut names: Vec<String> = std::fs::read_dir(ctx.root.join("image-manifests"))?
         .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".toml")).map(str::to_string))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".toml"))
+                .map(str::to_string)
+        })
         .collect();
     names.sort();
     names.iter().map(|n| ImageManifest::load(ctx, n)).collect()
@@ -119,7 +148,15 @@ pub fn all_images(ctx: &Ctx) -> anyhow::Result<Vec<ImageManifest>> {
 /// runs on any distribution of that arch.
 pub fn build_shim(ctx: &Ctx, arch: Arch) -> anyhow::Result<PathBuf> {
     let step = ctx.ui.stage(&format!("kiln-shim {arch}"));
-    let mut args = vec!["build", "--release", "--locked", "--package", "kiln-shim", "--target", arch.rust_target()];
+    let mut args = vec![
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "kiln-shim",
+        "--target",
+        arch.rust_target(),
+    ];
     if ctx.offline {
         args.push("--offline");
     }
@@ -127,13 +164,22 @@ pub fn build_shim(ctx: &Ctx, arch: Arch) -> anyhow::Result<PathBuf> {
         ctx,
         &format!("shim-{arch}"),
         "cargo build of kiln-shim",
-        duct::cmd("cargo", &args)
-            .dir(&ctx.root)
-            .env("CARGO_ENCODED_RUSTFLAGS", crate::stage::agent::rustflags(ctx)),
+        duct::cmd("cargo", &args).dir(&ctx.root).env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            crate::stage::agent::rustflags(ctx),
+        ),
     )?;
-    let bin = ctx.root.join("target").join(arch.rust_target()).join("release").join(SHIM);
+    let bin = ctx
+        .root
+        .join("target")
+        .join(arch.rust_target())
+        .join("release")
+        .join(SHIM);
     crate::elf::require_static(&format!("kiln-shim for {arch}"), &std::fs::read(&bin)?)?;
-    step.done(&format!("{} KiB, static", std::fs::metadata(&bin)?.len() / 1024));
+    step.done(&format!(
+        "{} KiB, static",
+        std::fs::metadata(&bin)?.len() / 1024
+    ));
     Ok(bin)
 }
 
@@ -172,7 +218,8 @@ fn write_tarball(dest: &Path, members: &mut [Member], mtime: u64) -> anyhow::Res
                     tar.append_data(&mut h, format!("{d}/"), std::io::empty())?;
                 }
             }
-            let data = std::fs::read(&m.source).with_context(|| format!("reading {}", m.source.display()))?;
+            let data = std::fs::read(&m.source)
+                .with_context(|| format!("reading {}", m.source.display()))?;
             let mode = if m.executable { 0o755 } else { 0o644 };
             let mut h = header(tar::EntryType::Regular, mode, data.len() as u64, mtime);
             tar.append_data(&mut h, &m.path, data.as_slice())?;
@@ -182,7 +229,8 @@ fn write_tarball(dest: &Path, members: &mut [Member], mtime: u64) -> anyhow::Res
         file.flush()?;
     }
     tmp.as_file().sync_all()?;
-    tmp.persist(dest).with_context(|| format!("renaming into {}", dest.display()))?;
+    tmp.persist(dest)
+        .with_context(|| format!("renaming into {}", dest.display()))?;
     Ok(())
 }
 
@@ -200,7 +248,11 @@ fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> tar::Header
 }
 
 fn git_commit(ctx: &Ctx) -> String {
-    cmd::read("git rev-parse HEAD", duct::cmd!("git", "-C", &ctx.root, "rev-parse", "HEAD")).unwrap_or_else(|_| "unknown".into())
+    cmd::read(
+        "git rev-parse HEAD",
+        duct::cmd!("git", "-C", &ctx.root, "rev-parse", "HEAD"),
+    )
+    .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Listing of a tar.zst: (path, mode, size, sha256 of content), for diffs.
@@ -216,9 +268,156 @@ pub fn listing(path: &Path) -> anyhow::Result<Vec<(String, u32, u64, String)>> {
         let size = e.header().size()?;
         let mut buf = Vec::new();
         std::io::Read::read_to_end(&mut e, &mut buf)?;
-        out.push((p, mode, size, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&buf))));
+        out.push((
+            p,
+            mode,
+            size,
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&buf)),
+        ));
     }
     Ok(out)
+}
+
+/// Builds the release twice, in two fresh clones of HEAD with different
+/// umask, TZ, locale and path, the second with an empty cache (so kernels are
+/// rebuilt too), and compares every artifact byte for byte.
+pub fn verify_reproducible(ctx: &Ctx, arch_arg: &str) -> anyhow::Result<()> {
+    let base = tempfile::Builder::new()
+        .prefix("kiln-repro-")
+        .tempdir_in(ctx.out.parent().unwrap_or(&ctx.out))?;
+    let variants = [
+        ("a", "0022", "UTC", "C.UTF-8", None),
+        (
+            "b-other-path",
+            "0077",
+            "Pacific/Chatham",
+            "POSIX",
+            Some(base.path().join("cache-b")),
+        ),
+    ];
+    let mut dists = Vec::new();
+    for (name, umask, tz, lang, cache) in variants {
+        let checkout = base.path().join(name).join("kiln");
+        let step = ctx.ui.stage(&format!("repro clone {name}"));
+        cmd::run_logged(
+            ctx,
+            "release-repro",
+            "git clone",
+            duct::cmd!(
+                "git",
+                "clone",
+                "--quiet",
+                "--no-hardlinks",
+                &ctx.root,
+                &checkout
+            ),
+        )?;
+        step.done(&checkout.display().to_string());
+        let step = ctx.ui.stage(&format!("repro build {name}"));
+        step.message(&format!("umask {umask}, TZ={tz}, LANG={lang}"));
+        // `sh -c` only to set the umask for the build; arguments are passed, not spliced.
+        let mut expr = duct::cmd!(
+            "sh",
+            "-c",
+            "umask \"$1\" && shift && exec \"$@\"",
+            "sh",
+            umask,
+            "cargo",
+            "xtask",
+            "--no-setup",
+            "release",
+            "--arch",
+            arch_arg
+        )
+        .dir(&checkout)
+        .env("TZ", tz)
+        .env("LANG", lang)
+        .env("LC_ALL", lang)
+        .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string());
+        if let Some(c) = &cache {
+            expr = expr.env("KILN_CACHE_DIR", c);
+        }
+        cmd::run_logged(
+            ctx,
+            &format!("release-repro-{name}"),
+            &format!("release build {name}"),
+            expr,
+        )?;
+        step.done("");
+        dists.push(checkout.join("target").join("kiln").join(DIST));
+    }
+    compare_dists(&dists[0], &dists[1])
+}
+
+/// Compares two dist directories file by file; on a difference, names the
+/// artifact and shows diffoscope's report (when installed) or a listing diff.
+pub fn compare_dists(a: &Path, b: &Path) -> anyhow::Result<()> {
+    let names = |d: &Path| -> anyhow::Result<Vec<String>> {
+        let mut v: Vec<String> = std::fs::read_dir(d)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let (na, nb) = (names(a)?, names(b)?);
+    if na != nb {
+        anyhow::bail!("the two builds produced different file sets: {na:?} vs {nb:?}");
+    }
+    let mut differing = Vec::new();
+    for n in &na {
+        if sha256_file(&a.join(n))? != sha256_file(&b.join(n))? {
+            differing.push(n.clone());
+        }
+    }
+    if differing.is_empty() {
+        println!(
+            "reproducible: {} artifacts identical ({})",
+            na.len(),
+            na.join(", ")
+        );
+        return Ok(());
+    }
+    let mut report = String::new();
+    for n in &differing {
+        report.push_str(&format!("\n{n} differs:\n"));
+        if cmd::which("diffoscope").is_some() {
+            let out = duct::cmd!("diffoscope", "--text", "-", a.join(n), b.join(n))
+                .stderr_to_stdout()
+                .stdout_capture()
+                .unchecked()
+                .run()?;
+            report.push_str(
+                &String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .take(80)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+        } else if n.ends_with(".tar.zst") {
+            let (la, lb) = (listing(&a.join(n))?, listing(&b.join(n))?);
+            for (x, y) in la.iter().zip(lb.iter()).filter(|(x, y)| x != y) {
+                report.push_str(&format!(
+                    "  - {} mode {:o} size {} sha256 {}\n  + {} mode {:o} size {} sha256 {}\n",
+                    x.0, x.1, x.2, x.3, y.0, y.1, y.2, y.3
+                ));
+            }
+            if la.len() != lb.len() {
+                report.push_str(&format!("  member count {} vs {}\n", la.len(), lb.len()));
+            }
+        } else {
+            report.push_str(&format!(
+                "  sha256 {} vs {}\n",
+                sha256_file(&a.join(n))?,
+                sha256_file(&b.join(n))?
+            ));
+        }
+    }
+    anyhow::bail!(
+        "not reproducible: {} artifact(s) differ:{report}",
+        differing.len()
+    )
 }
 
 #[cfg(test)]
@@ -235,10 +434,22 @@ mod tests {
             std::fs::write(dir.join("m.json"), b"{}").unwrap();
             // Host permissions and times must not leak into the tarball.
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir.join("m.json"), std::fs::Permissions::from_mode(if i == 0 { 0o600 } else { 0o664 })).unwrap();
+            std::fs::set_permissions(
+                dir.join("m.json"),
+                std::fs::Permissions::from_mode(if i == 0 { 0o600 } else { 0o664 }),
+            )
+            .unwrap();
             let mut members = vec![
-                Member { path: "usr/share/kiln/minimal/manifest.json".into(), source: dir.join("m.json"), executable: false },
-                Member { path: "usr/bin/kiln-shim".into(), source: dir.join("shim"), executable: true },
+                Member {
+                    path: "usr/share/kiln/minimal/manifest.json".into(),
+                    source: dir.join("m.json"),
+                    executable: false,
+                },
+                Member {
+                    path: "usr/bin/kiln-shim".into(),
+                    source: dir.join("shim"),
+                    executable: true,
+                },
             ];
             let out = dir.join("x.tar.zst");
             write_tarball(&out, &mut members, 1_700_000_000).unwrap();
@@ -247,10 +458,27 @@ mod tests {
         assert_eq!(outs[0], outs[1], "same inputs, same bytes");
         let list = listing(&a.path().join("x.tar.zst")).unwrap();
         let paths: Vec<_> = list.iter().map(|(p, ..)| p.as_str()).collect();
-        assert_eq!(paths, ["usr/", "usr/bin/", "usr/bin/kiln-shim", "usr/share/", "usr/share/kiln/", "usr/share/kiln/minimal/", "usr/share/kiln/minimal/manifest.json"]);
-        let shim = list.iter().find(|(p, ..)| p == "usr/bin/kiln-shim").unwrap();
+        assert_eq!(
+            paths,
+            [
+                "usr/",
+                "usr/bin/",
+                "usr/bin/kiln-shim",
+                "usr/share/",
+                "usr/share/kiln/",
+                "usr/share/kiln/minimal/",
+                "usr/share/kiln/minimal/manifest.json"
+            ]
+        );
+        let shim = list
+            .iter()
+            .find(|(p, ..)| p == "usr/bin/kiln-shim")
+            .unwrap();
         assert_eq!(shim.1, 0o755);
-        let m = list.iter().find(|(p, ..)| p.ends_with("manifest.json")).unwrap();
+        let m = list
+            .iter()
+            .find(|(p, ..)| p.ends_with("manifest.json"))
+            .unwrap();
         assert_eq!(m.1, 0o644);
     }
 
@@ -259,8 +487,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("f"), b"x").unwrap();
         let mut members = vec![
-            Member { path: "usr/bin/x".into(), source: d.path().join("f"), executable: true },
-            Member { path: "usr/bin/x".into(), source: d.path().join("f"), executable: true },
+            Member {
+                path: "usr/bin/x".into(),
+                source: d.path().join("f"),
+                executable: true,
+            },
+            Member {
+                path: "usr/bin/x".into(),
+                source: d.path().join("f"),
+                executable: true,
+            },
         ];
         assert!(write_tarball(&d.path().join("t.tar.zst"), &mut members, 0).is_err());
     }
@@ -271,84 +507,4 @@ mod tests {
         assert_eq!(v["hypervisor"]["qemu"]["accel"].as_str(), Some("auto"));
         assert_eq!(v["agent"]["port"].as_integer(), Some(1024));
     }
-}
-
-/// Builds the release twice, in two fresh clones of HEAD with different
-/// umask, TZ, locale and path, the second with an empty cache (so kernels are
-/// rebuilt too), and compares every artifact byte for byte.
-pub fn verify_reproducible(ctx: &Ctx, arch_arg: &str) -> anyhow::Result<()> {
-    let base = tempfile::Builder::new().prefix("kiln-repro-").tempdir_in(ctx.out.parent().unwrap_or(&ctx.out))?;
-    let variants = [
-        ("a", "0022", "UTC", "C.UTF-8", None),
-        ("b-other-path", "0077", "Pacific/Chatham", "POSIX", Some(base.path().join("cache-b"))),
-    ];
-    let mut dists = Vec::new();
-    for (name, umask, tz, lang, cache) in variants {
-        let checkout = base.path().join(name).join("kiln");
-        let step = ctx.ui.stage(&format!("repro clone {name}"));
-        cmd::run_logged(ctx, "release-repro", "git clone", duct::cmd!("git", "clone", "--quiet", "--no-hardlinks", &ctx.root, &checkout))?;
-        step.done(&checkout.display().to_string());
-        let step = ctx.ui.stage(&format!("repro build {name}"));
-        step.message(&format!("umask {umask}, TZ={tz}, LANG={lang}"));
-        // `sh -c` only to set the umask for the build; arguments are passed, not spliced.
-        let mut expr = duct::cmd!(
-            "sh", "-c", "umask \"$1\" && shift && exec \"$@\"", "sh", umask,
-            "cargo", "xtask", "--no-setup", "release", "--arch", arch_arg
-        )
-        .dir(&checkout)
-        .env("TZ", tz)
-        .env("LANG", lang)
-        .env("LC_ALL", lang)
-        .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string());
-        if let Some(c) = &cache {
-            expr = expr.env("KILN_CACHE_DIR", c);
-        }
-        cmd::run_logged(ctx, &format!("release-repro-{name}"), &format!("release build {name}"), expr)?;
-        step.done("");
-        dists.push(checkout.join("target").join("kiln").join(DIST));
-    }
-    compare_dists(&dists[0], &dists[1])
-}
-
-/// Compares two dist directories file by file; on a difference, names the
-/// artifact and shows diffoscope's report (when installed) or a listing diff.
-pub fn compare_dists(a: &Path, b: &Path) -> anyhow::Result<()> {
-    let names = |d: &Path| -> anyhow::Result<Vec<String>> {
-        let mut v: Vec<String> = std::fs::read_dir(d)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
-        v.sort();
-        Ok(v)
-    };
-    let (na, nb) = (names(a)?, names(b)?);
-    if na != nb {
-        anyhow::bail!("the two builds produced different file sets: {na:?} vs {nb:?}");
-    }
-    let mut differing = Vec::new();
-    for n in &na {
-        if sha256_file(&a.join(n))? != sha256_file(&b.join(n))? {
-            differing.push(n.clone());
-        }
-    }
-    if differing.is_empty() {
-        println!("reproducible: {} artifacts identical ({})", na.len(), na.join(", "));
-        return Ok(());
-    }
-    let mut report = String::new();
-    for n in &differing {
-        report.push_str(&format!("\n{n} differs:\n"));
-        if cmd::which("diffoscope").is_some() {
-            let out = duct::cmd!("diffoscope", "--text", "-", a.join(n), b.join(n)).stderr_to_stdout().stdout_capture().unchecked().run()?;
-            report.push_str(&String::from_utf8_lossy(&out.stdout).lines().take(80).collect::<Vec<_>>().join("\n"));
-        } else if n.ends_with(".tar.zst") {
-            let (la, lb) = (listing(&a.join(n))?, listing(&b.join(n))?);
-            for (x, y) in la.iter().zip(lb.iter()).filter(|(x, y)| x != y) {
-                report.push_str(&format!("  - {} mode {:o} size {} sha256 {}\n  + {} mode {:o} size {} sha256 {}\n", x.0, x.1, x.2, x.3, y.0, y.1, y.2, y.3));
-            }
-            if la.len() != lb.len() {
-                report.push_str(&format!("  member count {} vs {}\n", la.len(), lb.len()));
-            }
-        } else {
-            report.push_str(&format!("  sha256 {} vs {}\n", sha256_file(&a.join(n))?, sha256_file(&b.join(n))?));
-        }
-    }
-    anyhow::bail!("not reproducible: {} artifact(s) differ:{report}", differing.len())
 }

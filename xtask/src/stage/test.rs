@@ -75,22 +75,44 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
 /// Only meaningful for a clean tree (CI's fresh clone); skipped, saying so, when
 /// the tree has uncommitted changes.
 fn checkouts_agree(ctx: &Ctx, image: &ImageManifest) -> anyhow::Result<()> {
-    let dirty = crate::cmd::read("git status", duct::cmd!("git", "-C", &ctx.root, "status", "--porcelain"))?;
+    let dirty = crate::cmd::read(
+        "git status",
+        duct::cmd!("git", "-C", &ctx.root, "status", "--porcelain"),
+    )?;
     if !dirty.is_empty() {
-        ctx.ui.println("== reproducibility across checkouts: not checked, the tree has uncommitted changes");
+        ctx.ui.println(
+            "== reproducibility across checkouts: not checked, the tree has uncommitted changes",
+        );
         return Ok(());
     }
-    ctx.ui.println("== reproducibility across checkouts (second clone of HEAD, other path)");
-    let base = tempfile::Builder::new().prefix("kiln-second-checkout-").tempdir()?;
+    ctx.ui
+        .println("== reproducibility across checkouts (second clone of HEAD, other path)");
+    let base = tempfile::Builder::new()
+        .prefix("kiln-second-checkout-")
+        .tempdir()?;
     let other = base.path().join("kiln");
-    crate::cmd::run_logged(ctx, "test-repro", "git clone", duct::cmd!("git", "clone", "--quiet", &ctx.root, &other))?;
+    crate::cmd::run_logged(
+        ctx,
+        "test-repro",
+        "git clone",
+        duct::cmd!("git", "clone", "--quiet", &ctx.root, &other),
+    )?;
     crate::cmd::run_logged(
         ctx,
         "test-repro",
         "build-image in the second checkout",
-        duct::cmd!("cargo", "xtask", "--no-setup", "build-image", "--image", &image.name, "--arch", "x86_64")
-            .dir(&other)
-            .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string()),
+        duct::cmd!(
+            "cargo",
+            "xtask",
+            "--no-setup",
+            "build-image",
+            "--image",
+            &image.name,
+            "--arch",
+            "x86_64"
+        )
+        .dir(&other)
+        .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string()),
     )?;
     let mine = ctx.image_dir(&image.name, Arch::X86_64);
     let theirs = other.join("target/kiln").join(&image.name).join("x86_64");
@@ -107,7 +129,10 @@ fn checkouts_agree(ctx: &Ctx, image: &ImageManifest) -> anyhow::Result<()> {
     if !differ.is_empty() {
         anyhow::bail!("two checkouts of one commit built different {differ:?} (see target/kiln/logs/test-repro.log)");
     }
-    ctx.ui.println(&format!("reproducible across checkouts: {} identical", files.join(", ")));
+    ctx.ui.println(&format!(
+        "reproducible across checkouts: {} identical",
+        files.join(", ")
+    ));
     Ok(())
 }
 

@@ -39,9 +39,14 @@ impl PatchSeries {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(PatchSeries { dir: dir.to_path_buf(), patches })
+                return Ok(PatchSeries {
+                    dir: dir.to_path_buf(),
+                    patches,
+                })
             }
-            Err(e) => return Err(e).with_context(|| format!("reading patch series {}", dir.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading patch series {}", dir.display()))
+            }
         };
         let mut names: Vec<String> = Vec::new();
         for e in entries {
@@ -61,7 +66,10 @@ impl PatchSeries {
             let sha256 = sha256_file(&dir.join(&name))?;
             patches.push(PatchRecord { name, sha256 });
         }
-        Ok(PatchSeries { dir: dir.to_path_buf(), patches })
+        Ok(PatchSeries {
+            dir: dir.to_path_buf(),
+            patches,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -97,7 +105,10 @@ impl PatchSeries {
             return Ok(pristine.to_path_buf());
         }
         let parent = pristine.parent().context("pristine tree has no parent")?;
-        let base = pristine.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let base = pristine
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let dest = parent.join(format!("{base}-p{}", &self.hash()[..16]));
         if dest.join(DONE).is_file() {
             return Ok(dest);
@@ -107,15 +118,30 @@ impl PatchSeries {
             .tempdir_in(parent)
             .with_context(|| format!("creating a temp dir in {}", parent.display()))?;
         let work = tmp.path().join("linux");
-        cmd::run_logged(ctx, log, "copying the kernel tree (hard links)", duct::cmd!("cp", "-al", pristine, &work))?;
+        cmd::run_logged(
+            ctx,
+            log,
+            "copying the kernel tree (hard links)",
+            duct::cmd!("cp", "-al", pristine, &work),
+        )?;
         for p in &self.patches {
             let file = self.dir.join(&p.name);
-            let out = duct::cmd!("patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-d", &work, "-i", &file)
-                .stderr_to_stdout()
-                .stdout_capture()
-                .unchecked()
-                .run()
-                .context("running `patch` (apt-get install patch, or `cargo xtask setup`)")?;
+            let out = duct::cmd!(
+                "patch",
+                "-p1",
+                "--batch",
+                "--forward",
+                "--no-backup-if-mismatch",
+                "-d",
+                &work,
+                "-i",
+                &file
+            )
+            .stderr_to_stdout()
+            .stdout_capture()
+            .unchecked()
+            .run()
+            .context("running `patch` (apt-get install patch, or `cargo xtask setup`)")?;
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             if !out.status.success() {
                 anyhow::bail!("{}", rejection_message(&p.name, &text, &work));
@@ -124,7 +150,8 @@ impl PatchSeries {
         fs::write(work.join(DONE), self.hash())?;
         if let Err(e) = fs::rename(&work, &dest) {
             if !dest.join(DONE).is_file() {
-                return Err(e).with_context(|| format!("moving the patched tree to {}", dest.display()));
+                return Err(e)
+                    .with_context(|| format!("moving the patched tree to {}", dest.display()));
             }
         }
         Ok(dest)
@@ -134,7 +161,9 @@ impl PatchSeries {
 /// "patch X does not apply: <first failed hunk>", with the hunk's text from
 /// the .rej file when there is one.
 fn rejection_message(name: &str, output: &str, tree: &Path) -> String {
-    let failed = output.lines().find(|l| l.contains("FAILED") || l.contains("can't find file") || l.contains("malformed"));
+    let failed = output
+        .lines()
+        .find(|l| l.contains("FAILED") || l.contains("can't find file") || l.contains("malformed"));
     let file = output
         .lines()
         .rev()
@@ -144,17 +173,29 @@ fn rejection_message(name: &str, output: &str, tree: &Path) -> String {
     match (failed, &file) {
         (Some(h), Some(f)) => msg.push_str(&format!(": {f}: {}", h.trim())),
         (Some(h), None) => msg.push_str(&format!(": {}", h.trim())),
-        (None, _) => msg.push_str(&format!(": {}", output.lines().last().unwrap_or("patch failed").trim())),
+        (None, _) => msg.push_str(&format!(
+            ": {}",
+            output.lines().last().unwrap_or("patch failed").trim()
+        )),
     }
     if let Some(f) = file {
         if let Ok(rej) = fs::read_to_string(tree.join(format!("{f}.rej"))) {
-            let hunk: Vec<&str> = rej.lines().skip_while(|l| !l.starts_with("@@")).take(12).collect();
+            let hunk: Vec<&str> = rej
+                .lines()
+                .skip_while(|l| !l.starts_with("@@"))
+                .take(12)
+                .collect();
             if !hunk.is_empty() {
-                msg.push_str(&format!("\nfirst rejected hunk:\n    {}", hunk.join("\n    ")));
+                msg.push_str(&format!(
+                    "\nfirst rejected hunk:\n    {}",
+                    hunk.join("\n    ")
+                ));
             }
         }
     }
-    msg.push_str("\nRefresh the patch against this kernel, or build without patches (--no-patches).");
+    msg.push_str(
+        "\nRefresh the patch against this kernel, or build without patches (--no-patches).",
+    );
     msg
 }
 
@@ -180,7 +221,11 @@ mod tests {
         let h1 = s.hash();
         assert!(s.localversion().starts_with("+kiln."));
         fs::write(dir.path().join("0002-b.patch"), "b2").unwrap();
-        assert_ne!(PatchSeries::load(dir.path()).unwrap().hash(), h1, "content is part of the hash");
+        assert_ne!(
+            PatchSeries::load(dir.path()).unwrap().hash(),
+            h1,
+            "content is part of the hash"
+        );
     }
 
     #[test]
@@ -195,10 +240,19 @@ mod tests {
     fn rejection_names_patch_file_and_hunk() {
         let tree = tempfile::tempdir().unwrap();
         fs::create_dir_all(tree.path().join("init")).unwrap();
-        fs::write(tree.path().join("init/Kconfig.rej"), "--- init/Kconfig\n+++ init/Kconfig\n@@ -1,3 +1,4 @@\n-old\n+new\n").unwrap();
+        fs::write(
+            tree.path().join("init/Kconfig.rej"),
+            "--- init/Kconfig\n+++ init/Kconfig\n@@ -1,3 +1,4 @@\n-old\n+new\n",
+        )
+        .unwrap();
         let out = "patching file init/Kconfig\nHunk #1 FAILED at 1.\n1 out of 1 hunk FAILED -- saving rejects to file init/Kconfig.rej\n";
         let m = rejection_message("0001-x.patch", out, tree.path());
-        assert!(m.contains("0001-x.patch") && m.contains("init/Kconfig") && m.contains("Hunk #1 FAILED at 1"), "{m}");
+        assert!(
+            m.contains("0001-x.patch")
+                && m.contains("init/Kconfig")
+                && m.contains("Hunk #1 FAILED at 1"),
+            "{m}"
+        );
         assert!(m.contains("@@ -1,3 +1,4 @@") && m.contains("+new"), "{m}");
     }
 }
@@ -226,26 +280,54 @@ mod real_source_tests {
     #[test]
     #[ignore = "configures the real kernel source; run by `cargo xtask test`"]
     fn test_patch_is_applied_and_broken_patch_rejected() {
-        let ctx = Ctx::new(&crate::GlobalFlags { no_setup: true, offline: false, no_patches: false }).unwrap();
+        let ctx = Ctx::new(&crate::GlobalFlags {
+            no_setup: true,
+            offline: false,
+            no_patches: false,
+        })
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let frag = dir.path().join("test.conf");
-        std::fs::write(&frag, "CONFIG_KILN_TEST_PATCH=y   # exists only with the test patch\n").unwrap();
+        std::fs::write(
+            &frag,
+            "CONFIG_KILN_TEST_PATCH=y   # exists only with the test patch\n",
+        )
+        .unwrap();
 
         let good = dir.path().join("good");
         std::fs::create_dir(&good).unwrap();
         std::fs::write(good.join("0001-kiln-test-symbol.patch"), GOOD).unwrap();
-        kernel::check(&ctx, &request(&ctx, &good, &frag)).expect("the patched Kconfig symbol is in the configured kernel");
+        kernel::check(&ctx, &request(&ctx, &good, &frag))
+            .expect("the patched Kconfig symbol is in the configured kernel");
 
         // Without the patch the symbol does not exist, and the check says so.
         let none = dir.path().join("none");
-        let err = format!("{:#}", kernel::check(&ctx, &request(&ctx, &none, &frag)).unwrap_err());
+        let err = format!(
+            "{:#}",
+            kernel::check(&ctx, &request(&ctx, &none, &frag)).unwrap_err()
+        );
         assert!(err.contains("did not survive"), "{err}");
 
         let broken = dir.path().join("broken");
         std::fs::create_dir(&broken).unwrap();
-        std::fs::write(broken.join("0001-kiln-broken.patch"), GOOD.replace(" config CC_VERSION_TEXT", " config CC_VERSION_TXT")).unwrap();
-        let err = format!("{:#}", kernel::check(&ctx, &request(&ctx, &broken, &frag)).unwrap_err());
-        assert!(err.contains("0001-kiln-broken.patch") && err.contains("init/Kconfig") && err.contains("FAILED"), "{err}");
-        assert!(err.contains("config CC_VERSION_TXT"), "the rejected hunk is shown: {err}");
+        std::fs::write(
+            broken.join("0001-kiln-broken.patch"),
+            GOOD.replace(" config CC_VERSION_TEXT", " config CC_VERSION_TXT"),
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            kernel::check(&ctx, &request(&ctx, &broken, &frag)).unwrap_err()
+        );
+        assert!(
+            err.contains("0001-kiln-broken.patch")
+                && err.contains("init/Kconfig")
+                && err.contains("FAILED"),
+            "{err}"
+        );
+        assert!(
+            err.contains("config CC_VERSION_TXT"),
+            "the rejected hunk is shown: {err}"
+        );
     }
 }

@@ -740,7 +740,12 @@ mod real_source_tests {
     #[test]
     #[ignore = "configures the real kernel source; run by `cargo xtask test`"]
     fn misspelt_and_dependency_less_options_fail_by_name() {
-        let ctx = Ctx::new(&crate::GlobalFlags { no_setup: true, offline: false, no_patches: false }).unwrap();
+        let ctx = Ctx::new(&crate::GlobalFlags {
+            no_setup: true,
+            offline: false,
+            no_patches: false,
+        })
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let frag = dir.path().join("broken.conf");
         std::fs::write(
@@ -754,10 +759,25 @@ mod real_source_tests {
         req.fragments.push(frag);
         let err = format!("{:#}", kernel::build(&ctx, &req).unwrap_err());
         eprintln!("{err}");
-        assert!(err.contains("2 of") && err.contains("did not survive Kconfig"), "{err}");
-        assert!(err.contains("CONFIG_VIRTIO_FSS") && err.contains("not a Kconfig symbol"), "{err}");
-        assert!(err.contains("did you mean") && err.contains("CONFIG_VIRTIO_FS"), "{err}");
-        assert!(err.contains("CONFIG_USB_STORAGE") && err.contains("unmet dependency"), "{err}");
-        assert!(err.contains("drivers/usb/storage/Kconfig") && err.contains("`USB`"), "{err}");
+        assert!(
+            err.contains("2 of") && err.contains("did not survive Kconfig"),
+            "{err}"
+        );
+        assert!(
+            err.contains("CONFIG_VIRTIO_FSS") && err.contains("not a Kconfig symbol"),
+            "{err}"
+        );
+        assert!(
+            err.contains("did you mean") && err.contains("CONFIG_VIRTIO_FS"),
+            "{err}"
+        );
+        assert!(
+            err.contains("CONFIG_USB_STORAGE") && err.contains("unmet dependency"),
+            "{err}"
+        );
+        assert!(
+            err.contains("drivers/usb/storage/Kconfig") && err.contains("`USB`"),
+            "{err}"
+        );
     }
 }
