@@ -72,16 +72,23 @@ impl KeyHasher {
     }
 }
 
-/// Hash of the running xtask binary: the code that writes initrds and
-/// manifests is an input of those stages (a new compressor backend changes
-/// their bytes), so it belongs in their keys.
-pub fn xtask_self_hash() -> String {
+/// Hash of the code that writes initrds, disk images and manifests (xtask,
+/// kiln-initrd, kiln-disk sources and the lock file): a new compressor backend
+/// changes their bytes, so it belongs in those stages' keys. Sources, not the
+/// binary, so two checkouts of one commit agree.
+pub fn xtask_self_hash(root: &Path) -> String {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| sha256_file(&p).ok())
-            .unwrap_or_else(|| "unknown".into())
+        let mut h = KeyHasher::new("pipeline-code");
+        for dir in ["xtask", "initrd", "disk"] {
+            if h.tree(dir, &root.join(dir), &["target"]).is_err() {
+                return "unknown".into();
+            }
+        }
+        if h.file("Cargo.lock", &root.join("Cargo.lock")).is_err() {
+            return "unknown".into();
+        }
+        h.finish()
     })
     .clone()
 }

@@ -40,7 +40,7 @@ pub fn build(
             &format!("{:?}", image.compression_level),
         )
         .str("source_date_epoch", &ctx.source_date_epoch.to_string())
-        .str("xtask", &crate::hash::xtask_self_hash())
+        .str("xtask", &crate::hash::xtask_self_hash(&ctx.root))
         .finish();
     let dir = ctx.image_dir(&image.name, arch);
     let step = ctx.ui.stage(&format!("initrd {arch}"));
