@@ -192,6 +192,15 @@ mod tests {
             start_time: 1,
         };
         st.add("sleeper", Some(child.id())).unwrap();
+        // Between fork and exec the child's cmdline is still ours: wait for
+        // the exec, as a real stale child (long since started) would be.
+        let needle = stale.display().to_string();
+        for _ in 0..500 {
+            if process_mentions(child.id(), &needle) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let live = base.path().join("vm-live");
         std::fs::create_dir(&live).unwrap();
         RunState::new(&live).add("none", None).unwrap();
