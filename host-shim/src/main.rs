@@ -53,6 +53,38 @@ enum Cmd {
         /// hypervisor.qemu.rootfs.
         #[arg(long, value_name = "MODE")]
         rootfs: Option<String>,
+        /// Share this root filesystem directory over virtio-fs as container
+        /// `dev`'s rootfs (Kata's layout), for `--smoke` and `kiln-shim exec`.
+        #[arg(long, value_name = "DIR")]
+        share: Option<PathBuf>,
+        /// Once the agent answers, run the smoke sequence (Check,
+        /// GetGuestDetails and, with --share, a container and an exec in it),
+        /// timing each step; fail on the first step that fails.
+        #[arg(long)]
+        smoke: bool,
+        /// Extra guest kernel parameters, after the image's and the
+        /// configuration's (e.g. `agent.log=debug`).
+        #[arg(long, value_name = "PARAMS", allow_hyphen_values = true)]
+        kernel_params: Option<String>,
+    },
+    /// Run a process in a container of a VM started with `boot --stay`
+    /// (by default the smoke container `dev`); exits with its status.
+    Exec {
+        /// Run directory of the VM (printed by `boot --stay`).
+        #[arg(long)]
+        vm: PathBuf,
+        /// Container id.
+        #[arg(long, default_value = kiln_shim::smoke::CONTAINER)]
+        container: String,
+        /// Give the process a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Extra environment variables (KEY=VALUE), repeatable.
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Call any agent RPC by name with a JSON request; prints the JSON answer.
     Agent {
@@ -297,6 +329,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let status = kiln_shim::run::run(&cfg, req).await?;
             Ok(ExitCode::from(status.clamp(0, 255) as u8))
         }
+        Cmd::Exec {
+            vm,
+            container,
+            tty,
+            env,
+            command,
+        } => {
+            let status = kiln_shim::exec::exec(
+                &cfg,
+                kiln_shim::exec::ExecRequest {
+                    run_dir: &vm,
+                    container: &container,
+                    command: &command,
+                    env: &env,
+                    tty,
+                },
+            )
+            .await?;
+            Ok(ExitCode::from(status.clamp(0, 255) as u8))
+        }
         Cmd::Agent {
             vm,
             unix,
@@ -330,8 +382,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stay,
             until_console,
             rootfs,
+            share,
+            smoke,
+            kernel_params,
         } => {
             clean_stale();
+            let mut cfg = cfg.clone();
+            if let Some(extra) = kernel_params {
+                let q = &mut cfg.hypervisor.qemu;
+                q.kernel_params = format!("{} {}", q.kernel_params.trim(), extra.trim())
+                    .trim()
+                    .to_string();
+            }
+            let share = share
+                .map(|d| {
+                    d.canonicalize().map_err(|e| {
+                        anyhow::anyhow!(
+                            "--share {}: {e}; give a root filesystem directory",
+                            d.display()
+                        )
+                    })
+                })
+                .transpose()?;
             let image = BootImage::load(&image)?;
             if let Some(marker) = until_console {
                 let opts = BootOptions {
@@ -363,7 +435,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &BootOptions {
                     console,
                     rootfs,
-                    ..Default::default()
+                    share_rootfs: share
+                        .as_ref()
+                        .map(|d| (kiln_shim::smoke::CONTAINER.to_string(), d.clone())),
                 },
             )?;
             // Ctrl-C drops the VM (and with it QEMU, the backend and the run dir).
@@ -374,6 +448,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let version = ready.client.version().await?;
             let details = ready.client.guest_details().await?;
             let secs = ready.elapsed.as_secs_f64();
+            let smoke_steps = if smoke {
+                tokio::select! {
+                    r = kiln_shim::smoke::run(&ready.client, share.is_some()) => r?,
+                    _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+                }
+            } else {
+                Vec::new()
+            };
             if json {
                 let out = serde_json::json!({
                     "image": image.manifest.image,
@@ -386,6 +468,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "support_mem_hotplug_probe": details.support_mem_hotplug_probe,
                     "supports_seccomp": details.agent_details.supports_seccomp,
                     "rootfs": vm.rootfs_note.as_deref().unwrap_or("initrd"),
+                    "run_dir": stay.then(|| vm.run_dir.path().display().to_string()),
+                    "smoke": smoke_steps,
                 });
                 println!("{out}");
             } else {
@@ -409,12 +493,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     details.agent_details.supports_seccomp
                 );
                 println!("agent ready in:   {secs:.2} s from QEMU launch");
+                for s in &smoke_steps {
+                    println!("smoke {:<22}{:>8.1} ms  {}", s.step, s.ms, s.detail);
+                }
             }
             if stay {
                 eprintln!(
-                    "VM running; run directory {}\n  try: kiln-shim agent --vm {} GetGuestDetails\nCtrl-C stops it.",
+                    "VM running; run directory {}\n  try: kiln-shim agent --vm {} GetGuestDetails{}\nCtrl-C stops it.",
                     vm.run_dir.path().display(),
-                    vm.run_dir.path().display()
+                    vm.run_dir.path().display(),
+                    if smoke && share.is_some() {
+                        format!("\n       kiln-shim exec --vm {} -t -- sh", vm.run_dir.path().display())
+                    } else {
+                        String::new()
+                    }
                 );
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}

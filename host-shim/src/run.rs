@@ -164,12 +164,23 @@ async fn drive(
         .context("StartContainer")?;
 
     let _raw = if terminal { RawTerminal::enter() } else { None };
-    let stdout = tokio::spawn(copy_out(c.agent.clone(), cid.to_string(), false));
-    let stderr =
-        (!terminal).then(|| tokio::spawn(copy_out(c.agent.clone(), cid.to_string(), true)));
-    let stdin = tokio::spawn(copy_in(c.agent.clone(), cid.to_string()));
+    let stdout = tokio::spawn(copy_out(
+        c.agent.clone(),
+        cid.to_string(),
+        cid.to_string(),
+        false,
+    ));
+    let stderr = (!terminal).then(|| {
+        tokio::spawn(copy_out(
+            c.agent.clone(),
+            cid.to_string(),
+            cid.to_string(),
+            true,
+        ))
+    });
+    let stdin = tokio::spawn(copy_in(c.agent.clone(), cid.to_string(), cid.to_string()));
     if terminal {
-        resize(c, cid).await;
+        resize(c, cid, cid).await;
     }
 
     let mut wait_req = agent::WaitProcessRequest::new();
@@ -184,9 +195,9 @@ async fn drive(
     let status = loop {
         tokio::select! {
             r = &mut wait => break r.context("WaitProcess")?.status,
-            _ = sigint.recv() => forward(c, cid, libc::SIGINT).await,
-            _ = sigterm.recv() => forward(c, cid, libc::SIGTERM).await,
-            _ = sigwinch.recv(), if terminal => resize(c, cid).await,
+            _ = sigint.recv() => forward(c, cid, cid, libc::SIGINT).await,
+            _ = sigterm.recv() => forward(c, cid, cid, libc::SIGTERM).await,
+            _ = sigwinch.recv(), if terminal => resize(c, cid, cid).await,
             _ = health.tick() => {
                 if let Some(why) = vm.dead_helper() {
                     anyhow::bail!("the VM failed while the container ran: {why}");
@@ -232,27 +243,27 @@ pub fn share_storage() -> agent::Storage {
 }
 
 /// A context without deadline, for calls that block until the container acts.
-fn no_deadline() -> ttrpc::context::Context {
+pub(crate) fn no_deadline() -> ttrpc::context::Context {
     ttrpc::context::Context::default()
 }
 
-async fn forward(c: &AgentClient, cid: &str, sig: i32) {
+pub(crate) async fn forward(c: &AgentClient, cid: &str, exec_id: &str, sig: i32) {
     let mut r = agent::SignalProcessRequest::new();
     r.container_id = cid.to_string();
-    r.exec_id = cid.to_string();
+    r.exec_id = exec_id.to_string();
     r.signal = sig as u32;
     if let Err(e) = c.agent.signal_process(c.ctx(), &r).await {
         tracing::warn!("forwarding signal {sig}: {e}");
     }
 }
 
-async fn resize(c: &AgentClient, cid: &str) {
+pub(crate) async fn resize(c: &AgentClient, cid: &str, exec_id: &str) {
     let Some((rows, cols)) = terminal_size() else {
         return;
     };
     let mut r = agent::TtyWinResizeRequest::new();
     r.container_id = cid.to_string();
-    r.exec_id = cid.to_string();
+    r.exec_id = exec_id.to_string();
     r.row = rows.into();
     r.column = cols.into();
     let _ = c.agent.tty_win_resize(c.ctx(), &r).await;
@@ -267,10 +278,15 @@ fn terminal_size() -> Option<(u16, u16)> {
 
 /// Copies the container's stdout (or stderr) to ours until the agent says EOF
 /// (an empty answer) or the process is gone.
-async fn copy_out(agent: kiln_protocol::agent_ttrpc::AgentServiceClient, cid: String, err: bool) {
+pub(crate) async fn copy_out(
+    agent: kiln_protocol::agent_ttrpc::AgentServiceClient,
+    cid: String,
+    exec_id: String,
+    err: bool,
+) {
     let mut req = agent::ReadStreamRequest::new();
-    req.container_id = cid.clone();
-    req.exec_id = cid;
+    req.container_id = cid;
+    req.exec_id = exec_id;
     req.len = 64 * 1024;
     loop {
         let r = if err {
@@ -296,7 +312,11 @@ async fn copy_out(agent: kiln_protocol::agent_ttrpc::AgentServiceClient, cid: St
 }
 
 /// Copies our stdin to the container's until EOF, then closes it there.
-async fn copy_in(agent: kiln_protocol::agent_ttrpc::AgentServiceClient, cid: String) {
+pub(crate) async fn copy_in(
+    agent: kiln_protocol::agent_ttrpc::AgentServiceClient,
+    cid: String,
+    exec_id: String,
+) {
     let mut input = tokio::io::stdin();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -306,25 +326,25 @@ async fn copy_in(agent: kiln_protocol::agent_ttrpc::AgentServiceClient, cid: Str
         };
         let mut w = agent::WriteStreamRequest::new();
         w.container_id = cid.clone();
-        w.exec_id = cid.clone();
+        w.exec_id = exec_id.clone();
         w.data = buf[..n].to_vec();
         if agent.write_stdin(no_deadline(), &w).await.is_err() {
             return;
         }
     }
     let mut close = agent::CloseStdinRequest::new();
-    close.container_id = cid.clone();
-    close.exec_id = cid;
+    close.container_id = cid;
+    close.exec_id = exec_id;
     let _ = agent.close_stdin(no_deadline(), &close).await;
 }
 
 /// The host terminal in raw mode while a `-t` container runs; restored on drop.
-struct RawTerminal {
+pub(crate) struct RawTerminal {
     saved: nix::sys::termios::Termios,
 }
 
 impl RawTerminal {
-    fn enter() -> Option<RawTerminal> {
+    pub(crate) fn enter() -> Option<RawTerminal> {
         use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
         let stdin = std::io::stdin();
         let saved = tcgetattr(&stdin).ok()?;

@@ -23,7 +23,18 @@ pub struct Ctx {
     pub offline: bool,
     /// Build kernels without the kernel-configs/patches series.
     pub no_patches: bool,
+    /// Which cargo profile the agent stage builds: release for images,
+    /// `agent-dev` for `cargo xtask dev` (see [`Ctx::for_dev`]).
+    pub agent_profile: AgentProfile,
     pub ui: Ui,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentProfile {
+    /// `--release`: LTO, size-optimised; what images ship.
+    Release,
+    /// `--profile agent-dev`: unoptimised and incremental, compiles in seconds.
+    Dev,
 }
 
 impl Ctx {
@@ -41,8 +52,26 @@ impl Ctx {
             no_setup: flags.no_setup || flags.offline,
             offline: flags.offline,
             no_patches: flags.no_patches,
+            agent_profile: AgentProfile::Release,
             ui: Ui::new().with_timings(timings),
         })
+    }
+
+    /// The context of `cargo xtask dev`: outputs under `target/kiln/dev/`, so
+    /// the developer's images never replace the release ones, and the agent
+    /// built with `profile` (the kernel cache is shared).
+    pub fn for_dev(&self, profile: AgentProfile) -> Ctx {
+        Ctx {
+            root: self.root.clone(),
+            out: self.out.join("dev"),
+            cache: self.cache.clone(),
+            source_date_epoch: self.source_date_epoch,
+            no_setup: self.no_setup,
+            offline: self.offline,
+            no_patches: self.no_patches,
+            agent_profile: profile,
+            ui: Ui::new(),
+        }
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {

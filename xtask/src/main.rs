@@ -5,6 +5,7 @@
 //! image manifest. Data flows one way: manifest + recipe in, artifacts out.
 
 mod arch;
+mod busybox;
 mod cache;
 mod cmd;
 mod ctx;
@@ -72,6 +73,8 @@ enum Task {
     Release(ReleaseArgs),
     /// Install built artifacts into a staging root, as a distro package would.
     Install(InstallArgs),
+    /// Edit → boot loop for the agent: rebuild what changed, boot, smoke-test, keep the VM up.
+    Dev(DevArgs),
     /// Measure sizes, boot times, packing throughput and rebuild times (figures, never pass/fail).
     Bench(BenchArgs),
 }
@@ -135,6 +138,32 @@ pub struct BenchArgs {
     /// Skip the warm-rebuild measurement (it edits and restores agent/src/main.rs).
     #[arg(long)]
     pub skip_rebuild: bool,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct DevArgs {
+    #[arg(long, default_value = "x86_64")]
+    pub arch: arch::Arch,
+    #[arg(long, default_value = "minimal")]
+    pub image: String,
+    /// Rebuild and reboot on every save under agent/ (a failed build keeps the old VM).
+    #[arg(long)]
+    pub watch: bool,
+    /// The agent's log level in the guest: error, warn, info, debug, trace.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+    /// Build the agent with the release profile (real size, slow compile).
+    #[arg(long)]
+    pub release: bool,
+    /// Root filesystem mode for the shim: initrd (default), image, nvdimm, virtio-blk.
+    #[arg(long, value_name = "MODE")]
+    pub rootfs: Option<String>,
+    /// Build, boot, run the smoke sequence, shut down (no interactive VM).
+    #[arg(long, conflicts_with = "watch")]
+    pub once: bool,
+    /// Stop after N cycles that passed the smoke sequence (for scripts and tests).
+    #[arg(long, value_name = "N")]
+    pub cycles: Option<usize>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -232,6 +261,19 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
                 destdir: f.destdir,
                 prefix: f.prefix,
                 arch: f.arch,
+            },
+        ),
+        Task::Dev(f) => stage::dev::run(
+            ctx,
+            &stage::dev::DevFlags {
+                arch: f.arch,
+                image: f.image,
+                watch: f.watch,
+                log: f.log,
+                release: f.release,
+                rootfs: f.rootfs,
+                once: f.once,
+                cycles: f.cycles,
             },
         ),
         Task::Bench(f) => stage::bench::run(

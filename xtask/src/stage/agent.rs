@@ -10,7 +10,7 @@ use anyhow::Context;
 use crate::arch::Arch;
 use crate::cache::{copy_atomic, Stamp};
 use crate::cmd;
-use crate::ctx::Ctx;
+use crate::ctx::{AgentProfile, Ctx};
 use crate::elf;
 use crate::hash::KeyHasher;
 
@@ -35,7 +35,8 @@ pub fn build(ctx: &Ctx, arch: Arch) -> anyhow::Result<AgentArtifact> {
     }
     Stamp::invalidate(&dir, "agent");
     step.message(&format!(
-        "cargo build --release --target {}",
+        "cargo build --{} --target {}",
+        cargo_profile_flag(ctx),
         arch.rust_target()
     ));
     let cargo_start = std::time::Instant::now();
@@ -56,7 +57,7 @@ pub fn build(ctx: &Ctx, arch: Arch) -> anyhow::Result<AgentArtifact> {
         .root
         .join("target")
         .join(arch.rust_target())
-        .join("release")
+        .join(profile_dir(ctx))
         .join(BINARY);
     let bytes = std::fs::read(&built)
         .with_context(|| format!("cargo did not produce {}", built.display()))?;
@@ -64,7 +65,13 @@ pub fn build(ctx: &Ctx, arch: Arch) -> anyhow::Result<AgentArtifact> {
     copy_atomic(&built, &dir.join(BINARY))?;
     let stamp = Stamp::record(&dir, "agent", &key, &[BINARY])?;
     let art = artifact(&dir, &key, &stamp.outputs[BINARY])?;
-    step.done(&format!("{} KiB, static", art.size / 1024));
+    match ctx.agent_profile {
+        AgentProfile::Release => step.done(&format!("{} KiB, static", art.size / 1024)),
+        AgentProfile::Dev => step.done(&format!(
+            "{} KiB, static; an unoptimised dev build: sizes differ from release",
+            art.size / 1024
+        )),
+    }
     Ok(art)
 }
 
@@ -94,16 +101,36 @@ pub fn rustflags(ctx: &Ctx) -> String {
     .join("\x1f")
 }
 
+/// `release`, or `profile agent-dev` (for messages).
+fn cargo_profile_flag(ctx: &Ctx) -> &'static str {
+    match ctx.agent_profile {
+        AgentProfile::Release => "release",
+        AgentProfile::Dev => "profile agent-dev",
+    }
+}
+
+/// Cargo's output directory of the profile, under target/<triple>/.
+fn profile_dir(ctx: &Ctx) -> &'static str {
+    match ctx.agent_profile {
+        AgentProfile::Release => "release",
+        AgentProfile::Dev => "agent-dev",
+    }
+}
+
 fn cargo_build(ctx: &Ctx, arch: Arch) -> duct::Expression {
-    let mut args = vec![
-        "build",
-        "--release",
+    let profile: &[&str] = match ctx.agent_profile {
+        AgentProfile::Release => &["--release"],
+        AgentProfile::Dev => &["--profile", "agent-dev"],
+    };
+    let mut args = vec!["build"];
+    args.extend_from_slice(profile);
+    args.extend([
         "--locked",
         "--package",
         "kiln-agent",
         "--target",
         arch.rust_target(),
-    ];
+    ]);
     if ctx.offline {
         // Packagers' builds: crates must come from the local registry cache or `cargo vendor`.
         args.push("--offline");
@@ -120,6 +147,10 @@ fn input_key(ctx: &Ctx, arch: Arch) -> anyhow::Result<String> {
     h.str("arch", arch.name())
         .str("target", arch.rust_target())
         .str("rustc", &rustc);
+    if ctx.agent_profile == AgentProfile::Dev {
+        // Only dev builds name their profile, so release keys stay as they were.
+        h.str("profile", "agent-dev");
+    }
     // The flags minus the checkout path, which is remapped away and must not
     // make two checkouts' keys differ.
     h.str(

@@ -25,6 +25,18 @@ pub fn build(
     arch: Arch,
     kernel_src: Option<PathBuf>,
 ) -> anyhow::Result<PathBuf> {
+    build_with(ctx, image, arch, kernel_src, true)
+}
+
+/// [`build`], optionally without `rootfs.img`: `cargo xtask dev` boots from
+/// the initrd and should not pay for a filesystem image it never uses.
+pub fn build_with(
+    ctx: &Ctx,
+    image: &ImageManifest,
+    arch: Arch,
+    kernel_src: Option<PathBuf>,
+    with_disk: bool,
+) -> anyhow::Result<PathBuf> {
     let agent = agent::build(ctx, arch)?;
     let kernel = kernel::build(ctx, &image.kernel_request(ctx, arch, kernel_src)?)?;
     let dir = ctx.image_dir(&image.name, arch);
@@ -32,7 +44,11 @@ pub fn build(
     // Written out only if the initrd or the disk image is stale, then shared.
     let mut tree = rootfs::LazyTree::new(&plan, &dir);
     let initrd = initrd::build(ctx, image, arch, &plan, &mut tree)?;
-    let disk = disk::build(ctx, image, arch, &plan, &mut tree)?;
+    let disk = if with_disk {
+        Some(disk::build(ctx, image, arch, &plan, &mut tree)?)
+    } else {
+        None
+    };
     drop(tree);
     let kernel_file = kernel_file_name(arch);
 
@@ -62,7 +78,9 @@ pub fn build(
     inputs.insert("kernel".to_string(), kernel.key.clone());
     inputs.insert("initrd".to_string(), initrd.key.clone());
     inputs.insert("rootfs".to_string(), plan.key.clone());
-    inputs.insert("rootfs_image".to_string(), disk.key.clone());
+    if let Some(disk) = &disk {
+        inputs.insert("rootfs_image".to_string(), disk.key.clone());
+    }
     if let Some(b) = &plan.bootstrap {
         inputs.insert("debian_bootstrap".to_string(), b.key.clone());
         inputs.insert("debian_tarball".to_string(), b.tarball_sha256.clone());
@@ -90,10 +108,12 @@ pub fn build(
         "agent".to_string(),
         ArtifactRecord::of(&dir, agent::BINARY)?,
     );
-    artifacts.insert(
-        "rootfs_image".to_string(),
-        ArtifactRecord::of(&dir, disk::FILE)?,
-    );
+    if disk.is_some() {
+        artifacts.insert(
+            "rootfs_image".to_string(),
+            ArtifactRecord::of(&dir, disk::FILE)?,
+        );
+    }
 
     let manifest = BuiltManifest {
         kiln_manifest: 1,
@@ -105,7 +125,7 @@ pub fn build(
         source_date_epoch: ctx.source_date_epoch,
         artifacts,
         inputs,
-        rootfs: Some(disk.record.clone()),
+        rootfs: disk.map(|d| d.record),
         packages: plan.packages().to_vec(),
     };
     let mut text = serde_json::to_string_pretty(&manifest)?;

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod dev;
 pub mod disk;
 pub mod image;
 pub mod initrd;

@@ -33,7 +33,7 @@ pub struct BenchExec {
 /// Runs the measurement with `shim` against `manifest`; returns the rows.
 pub fn measure(ctx: &Ctx, shim: &Path, manifest: &Path) -> anyhow::Result<Vec<Row>> {
     let step = ctx.ui.stage("bench agent execs");
-    let rootfs = busybox_rootfs()?;
+    let rootfs = crate::busybox::tempdir()?;
     let args = [
         "bench-exec".to_string(),
         "--image".into(),
@@ -108,26 +108,6 @@ pub fn rows(b: &BenchExec) -> Vec<Row> {
             format!("min {:.1} ms, max {:.1} ms", b.exec_min_ms, b.exec_max_ms),
         ),
     ]
-}
-
-/// A root filesystem of the host's static busybox and its applets.
-fn busybox_rootfs() -> anyhow::Result<tempfile::TempDir> {
-    let busybox = Path::new("/bin/busybox");
-    if !busybox.exists() {
-        anyhow::bail!("/bin/busybox is missing: apt-get install busybox-static (cargo xtask setup installs it)");
-    }
-    let dir = tempfile::tempdir()?;
-    let root = dir.path();
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    std::fs::copy(busybox, root.join("bin/busybox"))?;
-    let list = duct::cmd!(busybox, "--list").read()?;
-    for applet in list.lines().filter(|a| !a.is_empty() && *a != "busybox") {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    Ok(dir)
 }
 
 #[cfg(test)]
