@@ -9,6 +9,7 @@ mod config;
 mod container;
 mod copy_file;
 mod debug_console;
+mod devices;
 mod error;
 mod facts;
 mod guest;

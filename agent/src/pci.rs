@@ -33,6 +33,21 @@ impl fmt::Display for GuestBdf {
     }
 }
 
+impl fmt::Display for PciPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, hop) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("/")?;
+            }
+            write!(f, "{:02x}", hop.slot)?;
+            if hop.function != 0 {
+                write!(f, ".{}", hop.function)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl FromStr for PciPath {
     type Err = AgentError;
 
@@ -188,6 +203,21 @@ pub(crate) mod tests {
             "03 is no bridge"
         );
         assert_eq!(resolve(&g, &"05".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn resolves_through_two_bridges_and_prints_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let devs = dir.path().join("sys/bus/pci/devices");
+        // Root port 00:18.0 → bus 03; a switch port 03:00.0 → bus 04; device 04:02.1.
+        fs::create_dir_all(devs.join("0000:00:18.0/pci_bus/0000:03")).unwrap();
+        fs::create_dir_all(devs.join("0000:03:00.0/pci_bus/0000:04")).unwrap();
+        fs::create_dir_all(devs.join("0000:04:02.1")).unwrap();
+        let g = GuestFs::new(dir.path());
+        let path: PciPath = "18/00/02.1".parse().unwrap();
+        assert_eq!(path.to_string(), "18/00/02.1");
+        assert_eq!(resolve(&g, &path), Some(GuestBdf("0000:04:02.1".into())));
+        assert_eq!(resolve(&g, &"18/00/02".parse().unwrap()), None);
     }
 
     #[test]

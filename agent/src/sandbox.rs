@@ -313,7 +313,8 @@ impl Sandbox {
             .OCI
             .as_ref()
             .ok_or_else(|| invalid("CreateContainer has no OCI spec"))?;
-        let spec = ContainerSpec::from_oci(oci_spec)?;
+        let mut oci_spec = oci_spec.clone();
+        let spec = ContainerSpec::from_oci(&oci_spec)?;
         if spec.has_seccomp {
             return Err(precondition(
                 "the OCI spec has a seccomp profile and kiln-agent does not apply seccomp yet; strip it (Kata: disable_guest_seccomp=true)",
@@ -341,6 +342,21 @@ impl Sandbox {
             id: cid.to_string(),
         };
 
+        // Devices: wait for them, bind them, rewrite the spec's nodes and env.
+        let pci_map = crate::devices::setup(
+            &self.guest,
+            self.config.hotplug_timeout,
+            &req.devices,
+            &mut oci_spec,
+        )
+        .await
+        .map_err(|e| e.context(format!("devices of container {cid}")))?;
+        let spec = if req.devices.is_empty() {
+            spec
+        } else {
+            ContainerSpec::from_oci(&oci_spec)?
+        };
+
         // Storages first: the rootfs may live on one of them.
         let mut held = Vec::new();
         {
@@ -366,7 +382,8 @@ impl Sandbox {
                 &sandbox_id,
                 pidns_owner,
                 spec,
-                oci_spec.clone(),
+                oci_spec,
+                pci_map,
                 &held,
             )
             .await;
@@ -395,6 +412,7 @@ impl Sandbox {
         pidns_owner: Option<i32>,
         spec: ContainerSpec,
         mut oci_spec: oci::Spec,
+        pci_map: crate::devices::PciMap,
         held: &[PathBuf],
     ) -> Result<Arc<Container>> {
         // Resolve the rootfs: relative paths are Kata bundle-relative.
@@ -436,12 +454,11 @@ impl Sandbox {
                 let _ = cg.remove(Duration::from_secs(2));
             }
         };
-        if !req.devices.is_empty() || !req.shared_mounts.is_empty() {
+        if !req.shared_mounts.is_empty() {
             tracing::warn!(
                 container = cid,
-                devices = req.devices.len(),
                 shared_mounts = req.shared_mounts.len(),
-                "CreateContainer devices/shared_mounts are not supported yet and were ignored"
+                "CreateContainer shared_mounts are not supported yet and were ignored"
             );
         }
         if req.stdin_port != 0 || req.stdout_port != 0 || req.stderr_port != 0 {
@@ -498,6 +515,7 @@ impl Sandbox {
             cgroup,
             storages: held.to_vec(),
             spec: oci_spec,
+            pci_map,
             state: Mutex::new(State::Created),
             control: tokio::sync::Mutex::new(Some(launched.control)),
             execs: Mutex::new(HashMap::new()),
@@ -656,7 +674,9 @@ impl Sandbox {
             )));
         }
         let mut spec = c.spec.clone();
-        spec.Process = MessageField::some(p.clone());
+        let mut p = p.clone();
+        crate::devices::rewrite_pci_env(&mut p.Env, &c.pci_map);
+        spec.Process = MessageField::some(p);
         let (parent, child) = if pspec.terminal {
             stdio::pty(pspec.console_size)?
         } else {

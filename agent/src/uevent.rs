@@ -103,6 +103,10 @@ pub async fn wait_for<T>(
     mut check: impl FnMut() -> Option<T>,
     relevant: impl Fn(&Uevent) -> bool,
 ) -> Result<T> {
+    // Already there: no subscription needed (nor possible without netlink).
+    if let Some(t) = check() {
+        return Ok(t);
+    }
     let listener = UeventListener::new()?;
     if let Some(t) = check() {
         return Ok(t);

@@ -15,6 +15,8 @@ pub mod run;
 pub mod smoke;
 pub mod spec;
 pub mod state;
+pub mod testsupport;
+pub mod vfio;
 pub mod virtiofs;
 pub mod vm;
 pub mod vsock;

@@ -123,6 +123,21 @@ enum Cmd {
         /// Hot-plug a disk image and mount it: FILE[:DEST[:FSTYPE]] (default /diskN, ext4).
         #[arg(long = "disk")]
         disks: Vec<String>,
+        /// Pass a host PCI device through with VFIO: vfio:ADDRESS (e.g.
+        /// vfio:0000:01:00.0), /dev/vfio/GROUP, or vfio-gk:... to keep the
+        /// guest kernel's driver. Repeatable; needs root and a host IOMMU.
+        #[arg(long = "device", value_name = "DEVICE")]
+        devices: Vec<String>,
+        /// Pass a device through even though the host uses it (a mounted
+        /// disk, an interface that is up).
+        #[arg(long)]
+        force: bool,
+        /// Test/demo facility: attach an emulated QEMU PCI device (edu,
+        /// e1000e, pci-testdev) and present it to the container as if it were
+        /// host device ADDRESS passed through with VFIO: DRIVER@ADDRESS, e.g.
+        /// edu@0000:ab:00.0. Needs no host IOMMU.
+        #[arg(long = "emulated-vfio", value_name = "DRIVER@ADDRESS")]
+        emulated_vfio: Vec<String>,
         /// The command (required with --rootfs; overrides the bundle's args).
         #[arg(last = true)]
         command: Vec<String>,
@@ -263,6 +278,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for m in &r.unmounted {
                 println!("unmounted {}", m.display());
             }
+            for d in &r.restored {
+                println!("gave {d} back to its driver (was bound to vfio-pci)");
+            }
             for d in &r.removed_dirs {
                 println!("removed {}", d.display());
             }
@@ -279,8 +297,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             env,
             console,
             disks,
+            devices,
+            force,
+            emulated_vfio,
             command,
         } => {
+            let mut vfio = kiln_shim::vfio::VfioOptions {
+                host: devices
+                    .iter()
+                    .map(|d| kiln_shim::vfio::parse_device_arg(d))
+                    .collect::<anyhow::Result<_>>()?,
+                emulated: emulated_vfio
+                    .iter()
+                    .map(|d| kiln_shim::vfio::parse_emulated(d))
+                    .collect::<anyhow::Result<_>>()?,
+                force,
+                viommu: false,
+            };
             let disks = disks
                 .iter()
                 .enumerate()
@@ -312,6 +345,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => anyhow::bail!("give either --bundle DIR or --rootfs DIR"),
             };
             kiln_shim::spec::override_process(&mut spec, &command, &env, tty)?;
+            // A bundle's /dev/vfio/<group> devices are groups to pass through.
+            for d in spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.devices().clone())
+                .unwrap_or_default()
+            {
+                let path = d.path().display().to_string();
+                if let Some(g) = kiln_shim::vfio::vfio_group_path(&path) {
+                    let arg = kiln_shim::vfio::DeviceArg::Group(g);
+                    if !vfio.host.iter().any(|(a, _)| *a == arg) {
+                        vfio.host.push((arg, kiln_shim::vfio::GuestMode::Vfio));
+                    }
+                }
+            }
             if !rootfs.is_dir() {
                 anyhow::bail!(
                     "the container's root filesystem {} is not a directory",
@@ -325,6 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 container_id: kiln_shim::run::new_container_id(),
                 console,
                 disks,
+                vfio,
             };
             let status = kiln_shim::run::run(&cfg, req).await?;
             Ok(ExitCode::from(status.clamp(0, 255) as u8))
@@ -438,6 +487,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     share_rootfs: share
                         .as_ref()
                         .map(|d| (kiln_shim::smoke::CONTAINER.to_string(), d.clone())),
+                    ..Default::default()
                 },
             )?;
             // Ctrl-C drops the VM (and with it QEMU, the backend and the run dir).

@@ -161,6 +161,12 @@ pub struct QemuLaunch<'a> {
     pub virtiofs_socket: Option<&'a Path>,
     /// The image's root filesystem as a disk; then `initrd` is not used.
     pub rootfs: Option<RootfsDisk<'a>>,
+    /// Devices passed through cold, each behind its own pcie-root-port
+    /// (`crate::vfio::cold_port_id(i)`).
+    pub passthrough: &'a [crate::vfio::PassedDevice],
+    /// Give the guest a virtual IOMMU (`intel-iommu`), so it can use
+    /// vfio-pci itself (devices passed as `vfio-pci`, cold or hot-plugged).
+    pub viommu: bool,
 }
 
 /// How the rootfs image is attached.
@@ -395,6 +401,26 @@ impl QemuLaunch<'_> {
             "-smp",
             &self.config.default_vcpus.to_string(),
         ]);
+        if (self.viommu || !self.passthrough.is_empty())
+            && (self.arch, machine) != ("x86_64", "q35")
+        {
+            anyhow::bail!(
+                "VFIO passthrough needs an x86_64 q35 machine (pcie-root-port, intel-iommu), not {} {machine}",
+                self.arch
+            );
+        }
+        if self.passthrough.len() > crate::vfio::MAX_COLD_DEVICES as usize {
+            anyhow::bail!(
+                "{} devices to pass through; kiln-shim attaches at most {} at boot",
+                self.passthrough.len(),
+                crate::vfio::MAX_COLD_DEVICES
+            );
+        }
+        if self.viommu {
+            // Before any PCI device, so it translates for all of them;
+            // caching-mode lets QEMU's vfio-pci follow the guest's mappings.
+            push(&["-device", "intel-iommu,caching-mode=on"]);
+        }
         if let Some(r) = nvdimm_root {
             // Read-only backing: guests share the image, none can change it.
             // A read-only NVDIMM must say it is "unarmed" (no persistence).
@@ -436,6 +462,10 @@ impl QemuLaunch<'_> {
         if !self.config.kernel_params.trim().is_empty() {
             cmdline.push(' ');
             cmdline.push_str(self.config.kernel_params.trim());
+        }
+        if self.viommu {
+            cmdline.push(' ');
+            cmdline.push_str(crate::vfio::GUEST_IOMMU_PARAMS);
         }
         if let Some(r) = &self.rootfs {
             cmdline.push(' ');
@@ -492,6 +522,21 @@ impl QemuLaunch<'_> {
                     ),
                 ]);
             }
+        }
+        for (i, d) in (0u32..).zip(self.passthrough) {
+            let port = crate::vfio::cold_port_id(i);
+            push(&[
+                "-device",
+                &format!(
+                    "pcie-root-port,id={port},chassis={},slot=1,bus=pcie.0,addr={:#x}",
+                    0x20 + i,
+                    crate::vfio::COLD_PORT_SLOT_BASE + i
+                ),
+            ]);
+            push(&[
+                "-device",
+                &format!("{},bus={port},id=kiln_vfio{i}", d.backend.qemu_device()),
+            ]);
         }
         push(&[
             "-qmp",
@@ -560,6 +605,8 @@ mod tests {
             console_log: Some(&c),
             virtiofs_socket: None,
             rootfs: None,
+            passthrough: &[],
+            viommu: false,
         };
         let args = launch.args().unwrap().join(" ");
         assert!(
@@ -598,6 +645,8 @@ mod tests {
             console_log: None,
             virtiofs_socket: None,
             rootfs: None,
+            passthrough: &[],
+            viommu: false,
         }
     }
 
@@ -804,6 +853,57 @@ mod tests {
     }
 
     #[test]
+    fn vfio_devices_get_root_ports_and_a_viommu() {
+        use crate::vfio::{Backend, GuestMode, PassedDevice};
+        let cfg = QemuSection::default();
+        let passed = [
+            PassedDevice {
+                backend: Backend::Host("0000:01:00.0".parse().unwrap()),
+                mode: GuestMode::Vfio,
+                host_group: 5,
+                pci_path: crate::vfio::cold_device_path(0),
+            },
+            PassedDevice {
+                backend: crate::vfio::parse_emulated("edu@0000:ab:00.0").unwrap(),
+                mode: GuestMode::Vfio,
+                host_group: 900,
+                pci_path: crate::vfio::cold_device_path(1),
+            },
+        ];
+        let mut l = launch_for("x86_64", &cfg, Accel::Tcg);
+        l.passthrough = &passed;
+        l.viommu = true;
+        let args = l.args().unwrap();
+        let line = args.join(" ");
+        let iommu = line.find("intel-iommu,caching-mode=on").expect(&line);
+        assert!(iommu < line.find("vhost-user-vsock-pci").unwrap(), "{line}");
+        assert!(
+            line.contains("-device pcie-root-port,id=kiln_vfio_rp0,chassis=32,slot=1,bus=pcie.0,addr=0x18 -device vfio-pci,host=0000:01:00.0,bus=kiln_vfio_rp0,id=kiln_vfio0"),
+            "{line}"
+        );
+        assert!(
+            line.contains("addr=0x19 -device edu,bus=kiln_vfio_rp1,id=kiln_vfio1"),
+            "{line}"
+        );
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(
+            append.ends_with(crate::vfio::GUEST_IOMMU_PARAMS),
+            "{append}"
+        );
+        assert_eq!(passed[1].pci_path, "19/00");
+
+        let mut arm = launch_for("aarch64", &cfg, Accel::Tcg);
+        arm.passthrough = &passed;
+        let err = arm.args().unwrap_err().to_string();
+        assert!(err.contains("x86_64 q35"), "{err}");
+        let plain = launch_for("x86_64", &cfg, Accel::Tcg)
+            .args()
+            .unwrap()
+            .join(" ");
+        assert!(!plain.contains("iommu"), "no vIOMMU unless asked: {plain}");
+    }
+
+    #[test]
     fn iothreads_and_virtiofs_when_configured() {
         let cfg = QemuSection {
             enable_iothreads: true,
@@ -829,6 +929,8 @@ mod tests {
             console_log: None,
             virtiofs_socket: Some(&f),
             rootfs: None,
+            passthrough: &[],
+            viommu: false,
         };
         let args = launch.args().unwrap().join(" ");
         assert!(

@@ -35,6 +35,8 @@ pub struct RunRequest {
     pub console: bool,
     /// Disks to hot-plug and mount in the container.
     pub disks: Vec<DiskSpec>,
+    /// Devices to pass through with VFIO.
+    pub vfio: crate::vfio::VfioOptions,
 }
 
 /// `--disk FILE[:DEST[:FSTYPE]]`.
@@ -85,6 +87,7 @@ pub async fn run(cfg: &ShimConfig, req: RunRequest) -> anyhow::Result<i32> {
     let opts = BootOptions {
         console: req.console,
         share_rootfs: Some((cid.clone(), req.rootfs.clone())),
+        vfio: req.vfio.clone(),
         ..Default::default()
     };
     let mut vm = Vm::launch(&req.image, cfg, &opts)?;
@@ -148,6 +151,15 @@ async fn drive(
         m.type_ = "bind".into();
         m.options = vec!["rbind".into(), "rw".into()];
         spec.Mounts.push(m);
+    }
+    for d in &vm.passed {
+        tracing::info!(
+            "{} passed through as {} at guest PCI path {}",
+            d.backend.host_bdf(),
+            d.mode.device_type(),
+            d.pci_path
+        );
+        create.devices.push(d.agent_device());
     }
     create.container_id = cid.to_string();
     create.exec_id = cid.to_string();

@@ -30,6 +30,9 @@ pub struct RunState {
     pub owner: Owner,
     pub children: Vec<Child>,
     pub mounts: Vec<PathBuf>,
+    /// Host devices bound to vfio-pci for this VM, to give back to their drivers.
+    #[serde(default)]
+    pub vfio: Vec<crate::vfio::BoundDevice>,
 }
 
 impl RunState {
@@ -43,6 +46,7 @@ impl RunState {
             },
             children: Vec::new(),
             mounts: Vec::new(),
+            vfio: Vec::new(),
         }
     }
 
@@ -58,6 +62,12 @@ impl RunState {
 
     pub fn add_mount(&mut self, path: &Path) -> anyhow::Result<()> {
         self.mounts.push(path.to_path_buf());
+        self.save()
+    }
+
+    /// Recorded before the device is touched, so a crash mid-bind is undone too.
+    pub fn add_vfio(&mut self, d: crate::vfio::BoundDevice) -> anyhow::Result<()> {
+        self.vfio.push(d);
         self.save()
     }
 
@@ -101,6 +111,8 @@ pub struct CleanupReport {
     pub removed_dirs: Vec<PathBuf>,
     pub killed: Vec<(String, u32)>,
     pub unmounted: Vec<PathBuf>,
+    /// Host PCI devices given back from vfio-pci to their drivers.
+    pub restored: Vec<crate::vfio::HostBdf>,
 }
 
 /// Cleans every run directory under `base` whose owning shim is gone.
@@ -140,6 +152,7 @@ pub fn cleanup_stale(base: &Path) -> anyhow::Result<CleanupReport> {
                 report.killed.push((c.name.clone(), c.pid));
             }
         }
+        restore_vfio(Path::new("/"), &state.vfio, &mut report);
         for m in state.mounts.iter().rev() {
             if nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH).is_ok() {
                 report.unmounted.push(m.clone());
@@ -150,6 +163,18 @@ pub fn cleanup_stale(base: &Path) -> anyhow::Result<CleanupReport> {
         }
     }
     Ok(report)
+}
+
+/// Gives devices a dead shim bound back to their drivers (QEMU was killed
+/// just before; vfio-pci's unbind waits until it has let go).
+fn restore_vfio(root: &Path, devices: &[crate::vfio::BoundDevice], report: &mut CleanupReport) {
+    let host = crate::vfio::Host::new(root, &crate::vfio::RealWriter);
+    for d in devices.iter().rev() {
+        match host.restore(d) {
+            Ok(()) => report.restored.push(d.bdf.clone()),
+            Err(e) => tracing::warn!("giving {} back to its driver: {e:#}", d.bdf),
+        }
+    }
 }
 
 #[cfg(test)]

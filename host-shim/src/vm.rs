@@ -29,11 +29,15 @@ pub struct BootOptions {
     /// Overrides `hypervisor.qemu.rootfs` ("initrd", "image", "nvdimm",
     /// "virtio-blk"), e.g. from `kiln-shim boot --rootfs`.
     pub rootfs: Option<String>,
+    /// Devices to pass through with VFIO, attached at boot.
+    pub vfio: crate::vfio::VfioOptions,
 }
 
 pub struct Vm {
     // Field order is drop order: QEMU first, then its backends, then the directory.
     qemu: ChildGuard,
+    /// Host devices bound to vfio-pci: given back once QEMU has let go.
+    _vfio: Option<crate::vfio::VfioBinding>,
     vsock: VsockBackend,
     virtiofs: Option<VirtioFs>,
     /// Bind mounts into the shared directory; detached before the run dir goes.
@@ -48,6 +52,8 @@ pub struct Vm {
     /// Hot-plug capacity: root ports exist only on PCIe machines.
     hotplug_ports: u32,
     iothread: Option<String>,
+    /// Devices passed through at boot, with their guest PCI paths.
+    pub passed: Vec<crate::vfio::PassedDevice>,
 }
 
 /// A disk hot-plugged through QMP, and where the guest finds it.
@@ -112,6 +118,12 @@ impl Vm {
             (None, _) => None,
         };
 
+        let (vfio, passed) = passthrough(&opts.vfio, &mut state)?;
+        let viommu = opts.vfio.viommu
+            || passed
+                .iter()
+                .any(|d| d.mode == crate::vfio::GuestMode::Vfio);
+
         let arch = image.manifest.arch.as_str();
         let (accel, accel_note) = qemu::choose_accel(
             &cfg.hypervisor.qemu.accel,
@@ -142,6 +154,8 @@ impl Vm {
                     filesystem: &img.layout.filesystem,
                     init: img.layout.init.as_deref(),
                 }),
+            passthrough: &passed,
+            viommu,
         };
         let hotplug_ports = if qemu::has_pcie_root_ports(arch, &launch.machine()?) {
             cfg.hypervisor.qemu.hotplug_root_ports
@@ -160,6 +174,7 @@ impl Vm {
         state.add("qemu", qemu.pid())?;
         Ok(Vm {
             qemu,
+            _vfio: vfio,
             vsock,
             virtiofs,
             _mounts: mounts,
@@ -171,6 +186,7 @@ impl Vm {
             rootfs_note,
             hotplug_ports,
             iothread,
+            passed,
         })
     }
 
@@ -309,6 +325,37 @@ impl Vm {
         })
     }
 
+    /// Hot-plugs a passed-through device into free root port `index`
+    /// (a host device must already be bound to vfio-pci; an emulated one
+    /// needs nothing); returns what to tell the agent.
+    pub fn hotplug_vfio(
+        &self,
+        index: u32,
+        backend: crate::vfio::Backend,
+        mode: crate::vfio::GuestMode,
+        host_group: u32,
+    ) -> anyhow::Result<crate::vfio::PassedDevice> {
+        if index >= self.hotplug_ports {
+            anyhow::bail!(
+                "no free PCIe root port {index} for a VFIO device: this VM has {} (hypervisor.qemu.hotplug_root_ports)",
+                self.hotplug_ports
+            );
+        }
+        let id = format!("kiln_hp_vfio{index}");
+        let (driver, props) = match &backend {
+            crate::vfio::Backend::Host(b) => ("vfio-pci", vec![("host", serde_json::json!(b.0))]),
+            crate::vfio::Backend::Emulated { driver, .. } => (driver.as_str(), vec![]),
+        };
+        self.qmp()?
+            .device_add(driver, &id, Some(&qemu::root_port_id(index)), &props)?;
+        Ok(crate::vfio::PassedDevice {
+            backend,
+            mode,
+            host_group,
+            pci_path: qemu::root_port_device_path(index),
+        })
+    }
+
     /// Waits until the guest console shows `marker` (or QEMU exits after
     /// printing it); returns the time from launch. For measuring boots of
     /// images without an agent, such as a trivial /init.
@@ -372,6 +419,45 @@ impl Vm {
             fs.guard.stop(Duration::from_secs(2));
         }
     }
+}
+
+/// Binds the requested host devices (recorded in the run state first) and
+/// lays out every passed device behind its own root port.
+#[allow(clippy::type_complexity)]
+fn passthrough(
+    opts: &crate::vfio::VfioOptions,
+    state: &mut RunState,
+) -> anyhow::Result<(
+    Option<crate::vfio::VfioBinding>,
+    Vec<crate::vfio::PassedDevice>,
+)> {
+    use crate::vfio::{Backend, GuestMode, Host, PassedDevice, RealWriter, VfioBinding};
+    let mut passed = Vec::new();
+    let mut binding = None;
+    if !opts.host.is_empty() {
+        let host = Host::new("/", &RealWriter);
+        let plans = host.plan(&opts.host)?;
+        host.check_not_in_use(&plans, opts.force)?;
+        binding = Some(VfioBinding::bind(Path::new("/"), &plans, state)?);
+        for p in &plans {
+            for d in &p.devices {
+                passed.push((Backend::Host(d.bdf.clone()), p.mode, p.group));
+            }
+        }
+    }
+    for (i, e) in (0u32..).zip(&opts.emulated) {
+        passed.push((e.clone(), GuestMode::Vfio, crate::vfio::emulated_group(i)));
+    }
+    let passed = (0u32..)
+        .zip(passed)
+        .map(|(i, (backend, mode, host_group))| PassedDevice {
+            backend,
+            mode,
+            host_group,
+            pci_path: crate::vfio::cold_device_path(i),
+        })
+        .collect();
+    Ok((binding, passed))
 }
 
 fn tail(path: &std::path::Path, lines: usize) -> String {

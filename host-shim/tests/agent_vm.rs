@@ -30,20 +30,12 @@ fn manifest() -> PathBuf {
 /// A root filesystem with static busybox and its applets as symlinks.
 fn busybox_rootfs() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root", "data"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("busybox-static is installed by `cargo xtask setup`");
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/kiln-rootfs"), "the shared busybox rootfs\n").unwrap();
+    kiln_shim::testsupport::busybox_rootfs(dir.path()).unwrap();
+    std::fs::write(
+        dir.path().join("etc/kiln-rootfs"),
+        "the shared busybox rootfs\n",
+    )
+    .unwrap();
     dir
 }
 

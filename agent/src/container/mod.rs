@@ -213,6 +213,9 @@ pub struct Container {
     pub storages: Vec<PathBuf>,
     /// The resolved spec it was created from (execs reuse it).
     pub spec: oci::Spec,
+    /// Host → guest PCI addresses of its passed-through devices, for the
+    /// `PCIDEVICE_*` variables of exec'd processes.
+    pub pci_map: crate::devices::PciMap,
     pub state: Mutex<State>,
     /// Until StartContainer: the channel to the waiting init.
     pub control: tokio::sync::Mutex<Option<UnixStream>>,

@@ -170,7 +170,8 @@ fn e2e(ctx: &Ctx, image: &ImageManifest, arch: Arch) -> anyhow::Result<()> {
         "boot",
     ];
     if arch == Arch::host() {
-        args.extend(["--test", "run", "--test", "agent_vm"]);
+        // vfio: x86_64 q35 only (intel-iommu, pcie-root-port), like the host.
+        args.extend(["--test", "run", "--test", "agent_vm", "--test", "vfio"]);
     } else {
         // The container tests share the host's busybox as the container rootfs
         // over virtio-fs; neither crosses arches (and virtiofsd does not
