@@ -87,7 +87,7 @@ pub async fn exec(cfg: &ShimConfig, req: ExecRequest<'_>) -> anyhow::Result<i32>
     let mut sigwinch = signal(SignalKind::window_change())?;
     let status = loop {
         tokio::select! {
-            r = &mut wait => break r.context("WaitProcess")?.status,
+            r = &mut wait => break r.context("WaitProcess (did the VM stop? `kiln-shim agent --vm DIR Check` tells)")?.status,
             _ = sigint.recv() => forward(&c, &cid, &exec_id, libc::SIGINT).await,
             _ = sigterm.recv() => forward(&c, &cid, &exec_id, libc::SIGTERM).await,
             _ = sigwinch.recv(), if req.tty => resize(&c, &cid, &exec_id).await,

@@ -206,7 +206,15 @@ async fn drive(
     let mut health = tokio::time::interval(Duration::from_millis(500));
     let status = loop {
         tokio::select! {
-            r = &mut wait => break r.context("WaitProcess")?.status,
+            r = &mut wait => match r {
+                Ok(resp) => break resp.status,
+                // A dying QEMU or backend shows up here first, as a broken
+                // connection: name the real cause when there is one.
+                Err(e) => match helper_death(vm).await {
+                    Some(why) => anyhow::bail!("the VM failed while the container ran: {why}"),
+                    None => return Err(anyhow::Error::new(e).context("WaitProcess")),
+                },
+            },
             _ = sigint.recv() => forward(c, cid, cid, libc::SIGINT).await,
             _ = sigterm.recv() => forward(c, cid, cid, libc::SIGTERM).await,
             _ = sigwinch.recv(), if terminal => resize(c, cid, cid).await,
@@ -224,6 +232,18 @@ async fn drive(
         let _ = tokio::time::timeout(Duration::from_secs(30), e).await;
     }
     Ok(status)
+}
+
+/// Which helper died, if one did: polled for a second, since the broken
+/// connection may be noticed before the process's exit is.
+async fn helper_death(vm: &mut Vm) -> Option<String> {
+    for _ in 0..10 {
+        if let Some(why) = vm.dead_helper() {
+            return Some(why);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 /// `spec` as the agent gets it: the protocol message, its root the rootfs

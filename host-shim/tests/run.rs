@@ -349,3 +349,131 @@ fn hotplugged_disk_on_an_independent_iothread() {
         leftovers(base.path())
     );
 }
+
+/// The pid of helper `name` ("qemu", "virtiofsd", ...) from the one run
+/// directory under `base`, as the shim recorded it in state.json.
+fn helper_pid(base: &Path, name: &str) -> u32 {
+    let dir = std::fs::read_dir(base)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().join("state.json").exists())
+        .expect("a run directory with state.json")
+        .path();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+    state["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .and_then(|c| c["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no {name} in {state}")) as u32
+}
+
+/// Starts a container that prints `ready` and sleeps, kills the helper
+/// `victim` with SIGKILL, and returns the shim's exit status, stderr and how
+/// long it took to exit after the kill. Fails the test on a hang (> 90 s).
+fn kill_helper_mid_run(victim: &str) -> (std::process::ExitStatus, String, Duration) {
+    let rootfs = busybox_rootfs();
+    let base = tempfile::tempdir().unwrap();
+    let mut child = shim(base.path())
+        .args(run_args(rootfs.path()))
+        .args(["--", "sh", "-c", "echo ready; sleep 600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("ready"));
+    let pid = helper_pid(base.path(), victim);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if killed.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            panic!("kiln-shim still running 90 s after {victim} was killed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = killed.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    // Whatever died, the shim tears the rest down itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !leftovers(base.path()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        leftovers(base.path()).is_empty(),
+        "after {victim} died: {:?}",
+        leftovers(base.path())
+    );
+    (status, stderr, took)
+}
+
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn qemu_killed_mid_run_is_a_clear_error_not_a_hang() {
+    let (status, stderr, took) = kill_helper_mid_run("qemu");
+    eprintln!("{stderr}\nexited {took:?} after QEMU was killed");
+    assert!(!status.success());
+    assert!(stderr.contains("QEMU exited"), "{stderr}");
+}
+
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn virtiofsd_killed_mid_run_is_a_clear_error_not_a_hang() {
+    let (status, stderr, took) = kill_helper_mid_run("virtiofsd");
+    eprintln!("{stderr}\nexited {took:?} after virtiofsd was killed");
+    assert!(!status.success());
+    assert!(stderr.contains("virtiofsd exited"), "{stderr}");
+}
+
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn agent_not_answering_times_out_with_a_clear_error() {
+    // The agent listens on another vsock port than the shim dials: the guest
+    // boots, nobody answers, and the shim must give up at agent.boot_timeout.
+    let base = tempfile::tempdir().unwrap();
+    let conf = tempfile::tempdir().unwrap();
+    let cfg = conf.path().join("kiln.toml");
+    std::fs::write(
+        &cfg,
+        "[hypervisor.qemu]\nkernel_params = \"agent.server_addr=vsock://-1:4444\"\n\n[agent]\nboot_timeout = 15\n",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = shim(base.path())
+        .args(["--config", &cfg.display().to_string(), "boot", "--image"])
+        .arg(manifest())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}\nexited after {took:?}");
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("the agent did not answer within 15s"),
+        "{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(120),
+        "bounded by the timeout, not hung"
+    );
+    assert!(
+        leftovers(base.path()).is_empty(),
+        "{:?}",
+        leftovers(base.path())
+    );
+}
