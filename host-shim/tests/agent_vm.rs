@@ -1097,6 +1097,36 @@ async fn hostile_input(g: &Guest) {
     );
     g.still_serving("unknown ids and an oversized env").await;
 
+    // Raw frames on a fresh connection: a header claiming a ~4 GiB message,
+    // then one claiming 64 MiB followed by garbage. The agent must neither
+    // allocate them nor stop serving others.
+    let rss = |m: &str| gauge(m, "kiln_agent_resident_memory_bytes");
+    let before = rss(&g.metrics().await);
+    for (len, tail) in [(0xffff_fff0u32, &b""[..]), (64 << 20, &[0xa5u8; 4096][..])] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let port = ShimConfig::load(None).unwrap().agent.port;
+        let mut raw = kiln_shim::vsock::connect(&g.vm.run_dir.path().join("vm.vsock"), port)
+            .await
+            .unwrap();
+        let mut frame = Vec::new();
+        frame.extend(len.to_be_bytes()); // length
+        frame.extend(1u32.to_be_bytes()); // stream id
+        frame.extend([1u8, 0]); // type request, no flags
+        frame.extend(tail);
+        raw.write_all(&frame).await.unwrap();
+        // An error answer or a closed connection are both fine; a hang of
+        // this one connection is too, as long as the agent serves others.
+        let mut buf = [0u8; 256];
+        let _ = tokio::time::timeout(Duration::from_secs(3), raw.read(&mut buf)).await;
+        g.still_serving(&format!("a frame header claiming {len} bytes"))
+            .await;
+    }
+    let after = rss(&g.metrics().await);
+    assert!(
+        after < before + 8.0 * 1024.0 * 1024.0,
+        "oversized frames were not buffered: RSS {before} → {after}"
+    );
+
     // And it still runs things.
     let (st, out, _) = g.sh("box", "after", &["echo", "still here"]).await;
     assert_eq!((st, out.as_str()), (0, "still here\n"));
