@@ -222,7 +222,7 @@ impl Vm {
                     self.diagnostics()
                 );
             }
-            match self.try_check(port, cfg.rpc_timeout()).await {
+            match self.try_check(port, cfg.rpc_timeout(), deadline).await {
                 Ok(client) => {
                     return Ok(Ready {
                         client,
@@ -235,13 +235,34 @@ impl Vm {
         }
     }
 
-    async fn try_check(&self, port: u32, rpc_timeout: Duration) -> anyhow::Result<AgentClient> {
-        let stream = tokio::time::timeout(
-            Duration::from_secs(2),
-            crate::vsock::connect(&self.vsock.uds_path, port),
-        )
-        .await
-        .context("vsock connect timed out")??;
+    /// One connection attempt. Before the guest's vsock driver is up, the
+    /// backend holds the CONNECT until it can deliver it, so the attempt is
+    /// kept open (up to 10 s) rather than abandoned and repeated: piling up
+    /// abandoned requests has left vhost-device-vsock answering none of them
+    /// after a slow boot. Returns early, with an error, when a helper dies.
+    async fn try_check(
+        &mut self,
+        port: u32,
+        rpc_timeout: Duration,
+        deadline: Instant,
+    ) -> anyhow::Result<AgentClient> {
+        let uds = self.vsock.uds_path.clone();
+        let attempt = crate::vsock::connect(&uds, port);
+        tokio::pin!(attempt);
+        let give_up = (Instant::now() + Duration::from_secs(10)).min(deadline);
+        let stream = loop {
+            tokio::select! {
+                r = &mut attempt => break r?,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if self.dead_helper().is_some() {
+                        anyhow::bail!("a helper process exited");
+                    }
+                    if Instant::now() >= give_up {
+                        anyhow::bail!("vsock connect got no answer within 10 s");
+                    }
+                }
+            }
+        };
         let client = AgentClient::from_stream(stream, rpc_timeout);
         let status = client.check().await?;
         if status != kiln_protocol::health::health_check_response::ServingStatus::SERVING {

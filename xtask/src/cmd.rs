@@ -33,7 +33,7 @@ pub fn run_logged_to(log: &Path, what: &str, expr: duct::Expression) -> anyhow::
         .append(true)
         .open(&log)
         .with_context(|| format!("opening log {}", log.display()))?;
-    let out = expr
+    let out = tied(expr)
         .stderr_to_stdout()
         .stdout_file(file)
         .unchecked()
@@ -52,7 +52,7 @@ pub fn run_logged_to(log: &Path, what: &str, expr: duct::Expression) -> anyhow::
 
 /// Runs `expr` and returns its trimmed stdout (for short queries such as versions).
 pub fn read(what: &str, expr: duct::Expression) -> anyhow::Result<String> {
-    let out = expr
+    let out = tied(expr)
         .stderr_capture()
         .stdout_capture()
         .unchecked()
@@ -116,4 +116,28 @@ mod tests {
         assert!(which("sh").is_some());
         assert!(which("kiln-no-such-tool-xyz").is_none());
     }
+}
+
+/// `expr` with its process tied to ours: if xtask dies, even by SIGKILL, the
+/// kernel kills the tool too (PR_SET_PDEATHSIG), so an interrupted build
+/// leaves no mke2fs or cargo running on into the next one.
+pub fn tied(expr: duct::Expression) -> duct::Expression {
+    expr.before_spawn(|cmd| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+        let parent = std::process::id() as libc::pid_t;
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before the prctl: then go now.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("xtask exited"));
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    })
 }

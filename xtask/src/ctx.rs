@@ -40,7 +40,12 @@ pub enum AgentProfile {
 impl Ctx {
     pub fn new(flags: &GlobalFlags) -> anyhow::Result<Ctx> {
         let root = workspace_root()?;
-        let out = root.join("target").join("kiln");
+        // KILN_OUT_DIR: outputs elsewhere (a packager's build tree; the
+        // build-fault tests, which must not disturb the checkout's images).
+        let out = match std::env::var_os("KILN_OUT_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => root.join("target").join("kiln"),
+        };
         let cache = cache_dir()?;
         let timings = out.join("timings.json");
         let source_date_epoch = source_date_epoch(&root)?;
