@@ -195,7 +195,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // tokio's stdin reader is a blocking read nobody can cancel: dropping the
+    // runtime would wait for it (a `run` on a terminal hung at exit until a
+    // key was pressed). Everything that matters has finished by now.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -196,6 +196,12 @@ impl Vm {
         let deadline = self.launched + cfg.boot_timeout();
         let port = cfg.agent.port;
         let mut last_err = String::from("no attempt yet");
+        // Connect only once the guest's vsock driver has set the device up:
+        // CONNECTs sent earlier, while the guest boots, have left
+        // vhost-device-vsock answering none at all after slow boots. QMP
+        // says when (DRIVER_OK); where it cannot, connect at once.
+        let mut driver_ok = false;
+        let mut qmp: Option<crate::qmp::QmpClient> = None;
         loop {
             if let Some(status) = self.qemu.exited() {
                 anyhow::bail!(
@@ -221,6 +227,30 @@ impl Vm {
                     cfg.boot_timeout(),
                     self.diagnostics()
                 );
+            }
+            if !driver_ok {
+                if qmp.is_none() {
+                    qmp = crate::qmp::QmpClient::connect(&self.qmp_socket, Duration::from_secs(5))
+                        .map_err(|e| tracing::debug!("QMP for the vsock status: {e:#}"))
+                        .ok();
+                }
+                match qmp.as_mut().and_then(|q| q.virtio_driver_ok("vhost-vsock")) {
+                    Some(false) => {
+                        last_err = "the guest's vsock driver is not up yet".into();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Some(true) => {
+                        tracing::debug!(
+                            "guest vsock driver ready after {:.2} s",
+                            self.launched.elapsed().as_secs_f64()
+                        );
+                        driver_ok = true;
+                    }
+                    None => driver_ok = true,
+                }
+                // QEMU serves one QMP client at a time: let go for others.
+                qmp = None;
             }
             match self.try_check(port, cfg.rpc_timeout(), deadline).await {
                 Ok(client) => {
