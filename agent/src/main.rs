@@ -4,40 +4,15 @@
 //! Invariant: as PID 1 this process never exits and never lets a panic
 //! escape; failures are logged and the server is restarted.
 
-mod command;
-mod config;
-mod container;
-mod copy_file;
-mod debug_console;
-mod devices;
-mod error;
-mod facts;
-mod guest;
-mod init;
-mod metrics;
-#[cfg(feature = "netlink")]
-mod network;
-#[cfg(not(feature = "netlink"))]
-#[path = "network_stub.rs"]
-mod network;
-mod oom;
-mod paths;
-mod pci;
-mod reaper;
-mod rpc;
-mod sandbox;
-mod server;
-mod storage;
-mod uevent;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::AgentConfig;
-use crate::guest::GuestFs;
-use crate::rpc::AgentState;
-use crate::sandbox::{AgentPaths, Sandbox};
+use kiln_agent::config::AgentConfig;
+use kiln_agent::guest::GuestFs;
+use kiln_agent::rpc::{self, AgentState};
+use kiln_agent::sandbox::{AgentPaths, Sandbox};
+use kiln_agent::{container, debug_console, init, reaper, server};
 
 fn main() {
     // The container helper is this binary re-executed; it must not touch

@@ -46,7 +46,8 @@ pub fn parse_mac(s: &str) -> Result<Vec<u8>> {
     let bytes: Option<Vec<u8>> = s
         .split(':')
         .map(|b| {
-            (b.len() == 2)
+            // Hex digits only: `from_str_radix` also takes a leading `+`.
+            (b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit()))
                 .then(|| u8::from_str_radix(b, 16).ok())
                 .flatten()
         })
@@ -609,6 +610,8 @@ mod tests {
             "zz:42:ac:11:00:02",
             "2:42:ac:11:00:02:00",
             "02-42-ac-11-00-02",
+            // Found by fuzzing (`fuzz/`, agent_requests): a sign is not a digit.
+            "+2:42:ac:11:00:02",
         ] {
             assert!(parse_mac(bad).is_err(), "{bad}");
         }

@@ -68,6 +68,12 @@ impl FromStr for PciPath {
                 Some((s, f)) => (s, f),
                 None => (part, "0"),
             };
+            // Digits only: Rust's integer parsers also take a leading `+`.
+            if !slot.bytes().all(|c| c.is_ascii_hexdigit())
+                || !func.bytes().all(|c| c.is_ascii_digit())
+            {
+                return Err(bad());
+            }
             let slot = u8::from_str_radix(slot, 16).map_err(|_| bad())?;
             let function = func.parse::<u8>().map_err(|_| bad())?;
             if slot > 0x1f || function > 7 || part.is_empty() {
@@ -176,6 +182,15 @@ pub(crate) mod tests {
             }]
         );
         for bad in ["", "02/", "/02", "20", "02.8", "zz", "02//00", "../00"] {
+            assert!(bad.parse::<PciPath>().is_err(), "{bad:?}");
+        }
+    }
+
+    /// Found by fuzzing (`fuzz/`, agent_requests): `u8::from_str_radix` and
+    /// `parse` take a sign, so `02/0/+0` was a valid path.
+    #[test]
+    fn signs_are_not_digits() {
+        for bad in ["02/0/+0", "+2/00", "02.+1", "-0/00"] {
             assert!(bad.parse::<PciPath>().is_err(), "{bad:?}");
         }
     }

@@ -83,8 +83,7 @@ impl AgentService {
         let mut details = agent::AgentDetails::new();
         details.version = AGENT_VERSION.to_string();
         details.init_daemon = self.state.init_daemon;
-        // Seccomp profiles are refused (not applied yet), whatever the kernel offers.
-        details.supports_seccomp = false;
+        details.supports_seccomp = crate::container::seccomp::kernel_supports_filters();
         details.storage_handlers = crate::storage::DRIVERS
             .iter()
             .map(|d| d.to_string())
@@ -502,7 +501,7 @@ fn read_response(data: Vec<u8>) -> agent::ReadStreamResponse {
 }
 
 /// Checks a wall-clock time from SetGuestDateTime.
-fn guest_timespec(sec: i64, usec: i64) -> Result<libc::timespec> {
+pub fn guest_timespec(sec: i64, usec: i64) -> Result<libc::timespec> {
     if sec < 0 || !(0..1_000_000).contains(&usec) {
         return Err(invalid(format!(
             "date/time {sec} s {usec} µs is not a valid time (seconds >= 0, 0 <= µs < 1e6)"

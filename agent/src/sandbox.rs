@@ -16,7 +16,7 @@ use crate::config::AgentConfig;
 use crate::container::cgroups::{Cgroup, CgroupTree};
 use crate::container::spec::{ContainerSpec, NamespaceKind, ProcessSpec, Resources};
 use crate::container::wire::{Config as LaunchConfig, LaunchKind};
-use crate::container::{launch, stdio, Container, Process, State};
+use crate::container::{launch, seccomp, stdio, Container, Process, State};
 use crate::error::{check_id, exists, invalid, not_found, os, precondition, timeout, Result};
 use crate::guest::GuestFs;
 use crate::reaper::Reaper;
@@ -79,6 +79,36 @@ impl Drop for Creating<'_> {
     fn drop(&mut self) {
         self.sandbox.lock().creating.remove(&self.id);
     }
+}
+
+/// A container's seccomp profile, checked where errors still reach the
+/// caller: the kernel takes filters, and the profile compiles for this
+/// architecture (the helper compiles it again before exec). Names this
+/// architecture does not have are skipped, and said so here.
+fn check_seccomp(cid: &str, profile: &seccomp::Profile) -> Result<()> {
+    let arch = seccomp::Arch::native().ok_or_else(|| {
+        precondition("seccomp profiles are supported on x86_64, aarch64, ppc64le and s390x only")
+    })?;
+    if !seccomp::kernel_supports_filters() {
+        return Err(precondition(
+            "the OCI spec has a seccomp profile and the guest kernel has no seccomp filters (CONFIG_SECCOMP_FILTER)",
+        ));
+    }
+    let filter = seccomp::compile(profile, arch)?;
+    if !filter.skipped.is_empty() {
+        tracing::info!(
+            container = cid,
+            "seccomp: syscalls unknown on {} skipped: {}",
+            arch.name(),
+            filter.skipped.join(", ")
+        );
+    }
+    tracing::debug!(
+        container = cid,
+        "seccomp filter of {} instructions",
+        filter.insns.len()
+    );
+    Ok(())
 }
 
 impl Sandbox {
@@ -315,10 +345,8 @@ impl Sandbox {
             .ok_or_else(|| invalid("CreateContainer has no OCI spec"))?;
         let mut oci_spec = oci_spec.clone();
         let spec = ContainerSpec::from_oci(&oci_spec)?;
-        if spec.has_seccomp {
-            return Err(precondition(
-                "the OCI spec has a seccomp profile and kiln-agent does not apply seccomp yet; strip it (Kata: disable_guest_seccomp=true)",
-            ));
+        if let Some(profile) = &spec.seccomp {
+            check_seccomp(cid, profile)?;
         }
         let (sandbox_id, pidns_owner) = {
             let mut st = self.lock();

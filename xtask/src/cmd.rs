@@ -94,30 +94,6 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tail_keeps_last_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("log");
-        fs::write(
-            &p,
-            (1..=40).map(|i| format!("line{i}\n")).collect::<String>(),
-        )
-        .unwrap();
-        let t = tail(&p, 3);
-        assert_eq!(t, "    line38\n    line39\n    line40");
-    }
-
-    #[test]
-    fn which_finds_sh_and_not_nonsense() {
-        assert!(which("sh").is_some());
-        assert!(which("kiln-no-such-tool-xyz").is_none());
-    }
-}
-
 /// `expr` with its process tied to ours: if xtask dies, even by SIGKILL, the
 /// kernel kills the tool too (PR_SET_PDEATHSIG), so an interrupted build
 /// leaves no mke2fs or cargo running on into the next one.
@@ -140,4 +116,28 @@ pub fn tied(expr: duct::Expression) -> duct::Expression {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        fs::write(
+            &p,
+            (1..=40).map(|i| format!("line{i}\n")).collect::<String>(),
+        )
+        .unwrap();
+        let t = tail(&p, 3);
+        assert_eq!(t, "    line38\n    line39\n    line40");
+    }
+
+    #[test]
+    fn which_finds_sh_and_not_nonsense() {
+        assert!(which("sh").is_some());
+        assert!(which("kiln-no-such-tool-xyz").is_none());
+    }
 }

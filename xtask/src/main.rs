@@ -4,25 +4,14 @@
 //! under `stage/` and turns typed inputs into artifacts plus a record for the
 //! image manifest. Data flows one way: manifest + recipe in, artifacts out.
 
-mod arch;
-mod busybox;
-mod cache;
-mod cmd;
-mod ctx;
-mod elf;
-mod hash;
-mod manifest;
-mod recipe;
-mod stage;
-mod ui;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::arch::ArchSel;
-use crate::ctx::Ctx;
+use xtask::arch::{self, ArchSel};
+use xtask::ctx::Ctx;
+use xtask::{manifest, stage, GlobalFlags, TestFlags};
 
 #[derive(Parser)]
 #[command(
@@ -35,20 +24,6 @@ struct Cli {
     global: GlobalFlags,
     #[command(subcommand)]
     task: Task,
-}
-
-/// Flags every task understands.
-#[derive(Args, Clone, Debug)]
-pub struct GlobalFlags {
-    /// Do not install missing host tools; only report what is missing.
-    #[arg(long, global = true)]
-    pub no_setup: bool,
-    /// Never reach the network (apt, cargo): fail naming the missing input instead.
-    #[arg(long, global = true)]
-    pub offline: bool,
-    /// Build kernels without the patch series in kernel-configs/patches/<series>/.
-    #[arg(long, global = true)]
-    pub no_patches: bool,
 }
 
 #[derive(Subcommand)]
@@ -77,6 +52,18 @@ enum Task {
     Dev(DevArgs),
     /// Measure sizes, boot times, packing throughput and rebuild times (figures, never pass/fail).
     Bench(BenchArgs),
+    /// Run the cargo-fuzz targets under fuzz/ for a bounded time each (nightly + cargo-fuzz).
+    Fuzz(FuzzArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct FuzzArgs {
+    /// Seconds per target.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// Only these targets (default: all; see fuzz/fuzz_targets/).
+    #[arg(long = "target", value_name = "NAME")]
+    pub targets: Vec<String>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -164,15 +151,6 @@ pub struct DevArgs {
     /// Stop after N cycles that passed the smoke sequence (for scripts and tests).
     #[arg(long, value_name = "N")]
     pub cycles: Option<usize>,
-}
-
-#[derive(Args, Clone, Debug)]
-pub struct TestFlags {
-    /// Only the unit tests (no image build, no VM).
-    #[arg(long)]
-    pub unit_only: bool,
-    #[arg(long, default_value = "x86_64")]
-    pub arch: ArchSel,
 }
 
 fn main() -> ExitCode {
@@ -276,6 +254,7 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
                 cycles: f.cycles,
             },
         ),
+        Task::Fuzz(f) => stage::fuzz::run(ctx, f.seconds.max(1), &f.targets),
         Task::Bench(f) => stage::bench::run(
             ctx,
             &stage::bench::BenchFlags {

@@ -18,6 +18,12 @@ pub struct Ui {
 /// Lets `cargo xtask test` prove that an unchanged tree re-runs nothing.
 type Outcomes = Arc<Mutex<Vec<(String, bool)>>>;
 
+impl Default for Ui {
+    fn default() -> Ui {
+        Ui::new()
+    }
+}
+
 impl Ui {
     pub fn new() -> Ui {
         let interactive = std::io::stderr().is_terminal();

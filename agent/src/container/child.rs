@@ -6,9 +6,10 @@
 //! The helper joins the container's cgroup, enters or creates the pid
 //! namespace (which only affects children), forks, reports the child's pid
 //! and exits. The child builds the container (or joins one, for exec), says
-//! Ready, waits for Start, drops to the spec's user and capabilities, and
-//! execs. A successful exec closes the close-on-exec control socket, which is
-//! how the agent learns it worked; a failure is reported as text.
+//! Ready, waits for Start, drops to the spec's user and capabilities,
+//! installs the spec's seccomp filter, and execs. A successful exec closes
+//! the close-on-exec control socket, which is how the agent learns it
+//! worked; a failure is reported as text.
 //!
 //! Nothing here writes to stdout/stderr: those are the container's streams.
 
@@ -25,6 +26,7 @@ use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal
 use nix::unistd::{ForkResult, Gid, Uid};
 
 use super::mounts;
+use super::seccomp;
 use super::spec::{CapabilitySpec, ContainerSpec, NamespaceKind, ProcessSpec};
 use super::wire::{self, Config, LaunchKind, Report};
 
@@ -156,7 +158,7 @@ fn child_main(ctl: &mut UnixStream, cfg: &Config, spec: &ContainerSpec) -> i32 {
         Ok(Some(b)) if b == wire::START => {}
         _ => return 1, // the agent gave up on us
     }
-    let err = exec_process(&spec.process);
+    let err = exec_process(&spec.process, spec.seccomp.as_ref());
     report(ctl, &Report::Error(err));
     127
 }
@@ -226,8 +228,8 @@ fn join_container(init_pid: i32) -> Res<()> {
 
 /// Drops into the process described by the spec and execs it. Returns only
 /// on failure, with the reason.
-fn exec_process(p: &ProcessSpec) -> String {
-    match prepare_and_exec(p) {
+fn exec_process(p: &ProcessSpec, seccomp: Option<&seccomp::Profile>) -> String {
+    match prepare_and_exec(p, seccomp) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -235,7 +237,15 @@ fn exec_process(p: &ProcessSpec) -> String {
 
 enum Never {}
 
-fn prepare_and_exec(p: &ProcessSpec) -> Res<Never> {
+fn prepare_and_exec(p: &ProcessSpec, seccomp: Option<&seccomp::Profile>) -> Res<Never> {
+    let filter = match seccomp {
+        Some(profile) => {
+            let arch = seccomp::Arch::native()
+                .ok_or("seccomp profiles are not supported on this architecture")?;
+            Some(seccomp::compile(profile, arch).map_err(|e| e.message)?)
+        }
+        None => None,
+    };
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     if p.terminal {
         // SAFETY: TIOCSCTTY on our stdin, which is the pty slave.
@@ -268,6 +278,12 @@ fn prepare_and_exec(p: &ProcessSpec) -> Res<Never> {
     let exe_c = CString::new(exe.as_os_str().as_encoded_bytes())
         .map_err(|_| "executable path contains NUL".to_string())?;
 
+    // Without no_new_privs the kernel takes a filter only from a process with
+    // CAP_SYS_ADMIN, which the switch below may drop: then the filter goes in
+    // first (as runc does), and the profile must allow the switch's syscalls.
+    if let Some(f) = filter.as_ref().filter(|_| !p.no_new_privileges) {
+        seccomp::install(f)?;
+    }
     switch_user(uid, gid, &p.user.additional_gids, p.capabilities.as_ref())?;
     if p.no_new_privileges {
         // SAFETY: prctl with plain integer arguments.
@@ -280,6 +296,10 @@ fn prepare_and_exec(p: &ProcessSpec) -> Res<Never> {
     }
     reset_signals();
     close_other_fds();
+    // With no_new_privs: as late as possible, so only execve runs under it.
+    if let Some(f) = filter.as_ref().filter(|_| p.no_new_privileges) {
+        seccomp::install(f)?;
+    }
     let e = nix::unistd::execve(&exe_c, &argv, &envp)
         .err()
         .map(|e| e.to_string())

@@ -6,6 +6,7 @@
 //!   container or exec process, talking over `wire`.
 //! * `mounts` — the container's filesystem view (runs in the helper).
 //! * `cgroups` — `<root>/kiln/<sandbox>/<container>` limits, stats, freeze.
+//! * `seccomp` — OCI seccomp profiles compiled to BPF, installed before exec.
 //! * `stdio` — loss-free pipes and ptys.
 //!
 //! This module holds the per-process and per-container records the RPCs use.
@@ -14,6 +15,7 @@ pub mod cgroups;
 pub mod child;
 pub mod launch;
 pub mod mounts;
+pub mod seccomp;
 pub mod spec;
 pub mod stdio;
 pub mod wire;

@@ -9,6 +9,7 @@ use kiln_protocol::oci;
 use nix::mount::MsFlags;
 use nix::sys::resource::Resource;
 
+use super::seccomp::Profile;
 use crate::error::{invalid, Result};
 
 /// Upper bounds on list sizes; the ttrpc frame limit bounds bytes, these bound work.
@@ -35,7 +36,8 @@ pub struct ContainerSpec {
     /// The path the runtime asked for; kiln places containers under its own
     /// cgroup tree and uses this only when the helper is told where to go.
     pub cgroups_path: String,
-    pub has_seccomp: bool,
+    /// `Linux.Seccomp`, validated; compiled per architecture by `seccomp`.
+    pub seccomp: Option<Profile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,10 +327,10 @@ impl ContainerSpec {
                 )))
             }
         };
-        let has_seccomp = linux
-            .Seccomp
-            .as_ref()
-            .is_some_and(|s| !s.DefaultAction.is_empty() || !s.Syscalls.is_empty());
+        let seccomp = match linux.Seccomp.as_ref() {
+            Some(s) => Profile::from_oci(s)?,
+            None => None,
+        };
         Ok(ContainerSpec {
             root,
             hostname,
@@ -342,7 +344,7 @@ impl ContainerSpec {
             readonly_paths,
             rootfs_propagation,
             cgroups_path: linux.CgroupsPath.clone(),
-            has_seccomp,
+            seccomp,
         })
     }
 

@@ -35,8 +35,8 @@
 //!   kernel's bytes depend on which commit happened to fill the cache. Same
 //!   source + same key ⇒ same bytes.
 
-mod dotconfig;
-mod kconfig;
+pub mod dotconfig;
+pub mod kconfig;
 mod patches;
 mod verify;
 

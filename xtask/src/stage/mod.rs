@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 pub mod dev;
 pub mod disk;
+pub mod fuzz;
 pub mod image;
 pub mod initrd;
 pub mod install;

@@ -44,8 +44,13 @@ const COMMON_PACKAGES: &[&str] = &[
 
 /// Tools installed with `cargo install` (name of the crate = name of the binary).
 /// vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock here);
-/// virtiofsd: the virtio-fs backend for container rootfs sharing.
-const CARGO_TOOLS: &[&str] = &["vhost-device-vsock", "virtiofsd"];
+/// virtiofsd: the virtio-fs backend for container rootfs sharing;
+/// cargo-fuzz: `cargo xtask fuzz` (the last step of `cargo xtask test`).
+const CARGO_TOOLS: &[&str] = &["vhost-device-vsock", "virtiofsd", "cargo-fuzz"];
+
+/// Toolchains besides the default one: nightly for cargo-fuzz's sanitizer and
+/// coverage flags (the fuzz/ workspace only; everything else builds on stable).
+const TOOLCHAINS: &[&str] = &["nightly"];
 
 pub fn packages_for(arches: &[Arch]) -> BTreeSet<&'static str> {
     let mut set: BTreeSet<&str> = COMMON_PACKAGES.iter().copied().collect();
@@ -66,7 +71,12 @@ pub fn run(ctx: &Ctx, arches: &[Arch], mode: Mode) -> anyhow::Result<()> {
         .copied()
         .filter(|t| cmd::which(t).is_none())
         .collect();
-    if missing_pkgs.is_empty() && missing_targets.is_empty() && missing_tools.is_empty() {
+    let missing_toolchains = missing_toolchains()?;
+    if missing_pkgs.is_empty()
+        && missing_targets.is_empty()
+        && missing_tools.is_empty()
+        && missing_toolchains.is_empty()
+    {
         return Ok(());
     }
     if mode == Mode::CheckOnly {
@@ -89,6 +99,11 @@ pub fn run(ctx: &Ctx, arches: &[Arch], mode: Mode) -> anyhow::Result<()> {
                 missing_tools.join(" ")
             ));
         }
+        for t in &missing_toolchains {
+            lines.push(format!(
+                "  Rust toolchain: rustup toolchain install {t} --profile minimal"
+            ));
+        }
         anyhow::bail!(
             "missing host tools (setup is off with --no-setup/--offline):\n{}\nor run `cargo xtask setup`",
             lines.join("\n")
@@ -108,6 +123,15 @@ pub fn run(ctx: &Ctx, arches: &[Arch], mode: Mode) -> anyhow::Result<()> {
             duct::cmd!("rustup", "target", "add", t),
         )?;
     }
+    for t in &missing_toolchains {
+        step.message(&format!("rustup toolchain install {t}"));
+        cmd::run_logged(
+            ctx,
+            "setup",
+            "rustup toolchain install",
+            duct::cmd!("rustup", "toolchain", "install", t, "--profile", "minimal"),
+        )?;
+    }
     for t in &missing_tools {
         step.message(&format!("cargo install {t}"));
         cmd::run_logged(
@@ -118,12 +142,27 @@ pub fn run(ctx: &Ctx, arches: &[Arch], mode: Mode) -> anyhow::Result<()> {
         )?;
     }
     step.done(&format!(
-        "installed {} package(s), {} target(s), {} tool(s)",
+        "installed {} package(s), {} target(s), {} toolchain(s), {} tool(s)",
         missing_pkgs.len(),
         missing_targets.len(),
+        missing_toolchains.len(),
         missing_tools.len()
     ));
     Ok(())
+}
+
+/// Toolchains from [`TOOLCHAINS`] that rustup does not have.
+pub fn missing_toolchains() -> anyhow::Result<Vec<String>> {
+    let installed = cmd::read(
+        "rustup toolchain list",
+        duct::cmd!("rustup", "toolchain", "list"),
+    )
+    .context("rustup is needed to install the nightly toolchain cargo-fuzz uses")?;
+    Ok(TOOLCHAINS
+        .iter()
+        .filter(|t| !installed.lines().any(|l| l.starts_with(&format!("{t}-"))))
+        .map(|t| t.to_string())
+        .collect())
 }
 
 fn missing_packages(wanted: &BTreeSet<&str>) -> anyhow::Result<Vec<String>> {

@@ -289,7 +289,8 @@ fn parse_quoted(s: &str) -> Option<(String, &str)> {
 /// Kconfig numbers: decimal with optional sign, or `0x` hex.
 pub fn parse_num(s: &str) -> Option<i128> {
     if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        if hex.is_empty() || hex.len() > 30 {
+        // Digits only: `from_str_radix` also takes a sign (`0x+1`).
+        if hex.is_empty() || hex.len() > 30 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
             return None;
         }
         return i128::from_str_radix(hex, 16).ok();
@@ -442,6 +443,16 @@ mod tests {
         let top = ConfigFile::parse("CONFIG_64BIT=y\n", "x86_64/base.conf").unwrap();
         let all = base.overlay(&top);
         assert_eq!(all.render(), "CONFIG_64BIT=y\nCONFIG_X=y\n");
+    }
+
+    /// Found while fuzzing (`fuzz/`, kernel_config): `0x+1` was a number.
+    #[test]
+    fn hex_numbers_are_hex_digits_only() {
+        for bad in ["0x+1", "0x-1", "0X+ff"] {
+            assert_eq!(parse_num(bad), None, "{bad}");
+            assert!(parse(&format!("CONFIG_A={bad}\n")).is_err(), "{bad}");
+        }
+        assert_eq!(parse_num("0xfF"), Some(255));
     }
 
     #[test]

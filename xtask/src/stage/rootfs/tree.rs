@@ -179,6 +179,10 @@ impl Tree {
         self.entries.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Host path of a relative path.
     pub fn host(&self, path: &str) -> PathBuf {
         if path.is_empty() {
