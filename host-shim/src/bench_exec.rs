@@ -114,28 +114,7 @@ async fn measure(
 ) -> anyhow::Result<BenchExecReport> {
     let idle = usage(c).await?;
 
-    let mut sandbox = agent::CreateSandboxRequest::new();
-    sandbox.sandbox_id = CONTAINER.into();
-    sandbox.hostname = "kiln-bench".into();
-    sandbox.storages.push(crate::run::share_storage());
-    c.agent
-        .create_sandbox(c.ctx(), &sandbox)
-        .await
-        .context("CreateSandbox")?;
-    let spec = crate::spec::default_spec(&["sleep".into(), "1000000".into()], &[], false)?;
-    let mut create = agent::CreateContainerRequest::new();
-    create.container_id = CONTAINER.into();
-    create.OCI = MessageField::some(crate::run::protocol_spec(&spec, CONTAINER)?);
-    c.agent
-        .create_container(c.ctx(), &create)
-        .await
-        .context("CreateContainer")?;
-    let mut start = agent::StartContainerRequest::new();
-    start.container_id = CONTAINER.into();
-    c.agent
-        .start_container(c.ctx(), &start)
-        .await
-        .context("StartContainer")?;
+    crate::run::start_idle_container(c, CONTAINER, "kiln-bench").await?;
     let with_container = usage(c).await?;
 
     let mut times = Vec::with_capacity(count);

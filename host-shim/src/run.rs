@@ -264,6 +264,36 @@ pub fn protocol_spec(
     Ok(p)
 }
 
+/// A sandbox on the virtio-fs share, then container `id` (its rootfs the
+/// tree shared as `id`) sleeping in it, ready for execs: what the smoke
+/// sequence and the exec bench start from.
+pub async fn start_idle_container(c: &AgentClient, id: &str, hostname: &str) -> anyhow::Result<()> {
+    let mut sandbox = agent::CreateSandboxRequest::new();
+    sandbox.sandbox_id = id.into();
+    sandbox.hostname = hostname.into();
+    sandbox.storages.push(share_storage());
+    c.agent
+        .create_sandbox(c.ctx(), &sandbox)
+        .await
+        .context("CreateSandbox")?;
+    let spec = crate::spec::default_spec(&["sleep".into(), "1000000000".into()], &[], false)?;
+    let mut create = agent::CreateContainerRequest::new();
+    create.container_id = id.into();
+    create.exec_id = id.into();
+    create.OCI = MessageField::some(protocol_spec(&spec, id)?);
+    c.agent
+        .create_container(c.ctx(), &create)
+        .await
+        .context("CreateContainer")?;
+    let mut start = agent::StartContainerRequest::new();
+    start.container_id = id.into();
+    c.agent
+        .start_container(c.ctx(), &start)
+        .await
+        .context("StartContainer")?;
+    Ok(())
+}
+
 /// The sandbox storage that mounts the virtio-fs share (`kataShared`).
 pub fn share_storage() -> agent::Storage {
     let mut s = agent::Storage::new();

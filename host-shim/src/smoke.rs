@@ -68,7 +68,9 @@ pub async fn run(c: &AgentClient, shared: bool) -> anyhow::Result<Vec<Step>> {
     }
 
     let t = Instant::now();
-    start_container(c).await?;
+    crate::run::start_idle_container(c, CONTAINER, "kiln-dev")
+        .await
+        .context("smoke step: starting container dev")?;
     step("CreateContainer+Start", t, format!("container {CONTAINER}"));
 
     let t = Instant::now();
@@ -78,34 +80,6 @@ pub async fn run(c: &AgentClient, shared: bool) -> anyhow::Result<Vec<Step>> {
     }
     step("Exec", t, out.lines().collect::<Vec<_>>().join(" "));
     Ok(steps)
-}
-
-/// Sandbox on the virtio-fs share, then container `dev` sleeping in it.
-async fn start_container(c: &AgentClient) -> anyhow::Result<()> {
-    let mut sandbox = agent::CreateSandboxRequest::new();
-    sandbox.sandbox_id = CONTAINER.into();
-    sandbox.hostname = "kiln-dev".into();
-    sandbox.storages.push(crate::run::share_storage());
-    c.agent
-        .create_sandbox(c.ctx(), &sandbox)
-        .await
-        .context("smoke step CreateSandbox")?;
-    let spec = crate::spec::default_spec(&["sleep".into(), "1000000000".into()], &[], false)?;
-    let mut create = agent::CreateContainerRequest::new();
-    create.container_id = CONTAINER.into();
-    create.exec_id = CONTAINER.into();
-    create.OCI = MessageField::some(crate::run::protocol_spec(&spec, CONTAINER)?);
-    c.agent
-        .create_container(c.ctx(), &create)
-        .await
-        .context("smoke step CreateContainer")?;
-    let mut start = agent::StartContainerRequest::new();
-    start.container_id = CONTAINER.into();
-    c.agent
-        .start_container(c.ctx(), &start)
-        .await
-        .context("smoke step StartContainer")?;
-    Ok(())
 }
 
 /// Execs `args` in the smoke container, returns its stdout; fails on a
