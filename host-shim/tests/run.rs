@@ -202,18 +202,7 @@ fn sigint_reaches_the_container() {
 fn sigkilled_shim_is_cleaned_up_by_the_next_run() {
     let rootfs = busybox_rootfs();
     let base = tempfile::tempdir().unwrap();
-    let mut child = shim(base.path())
-        .args(run_args(rootfs.path()))
-        .args(["--", "sh", "-c", "echo ready; sleep 600"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut buf = [0u8; 64];
-    let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("ready"));
+    let mut child = sleeping_container(base.path(), rootfs.path(), Stdio::null());
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
@@ -350,6 +339,23 @@ fn hotplugged_disk_on_an_independent_iothread() {
     );
 }
 
+/// `kiln-shim run` of a container that prints `ready` and sleeps; returns
+/// once it printed (the VM is up and the container runs).
+fn sleeping_container(base: &Path, rootfs: &Path, stderr: Stdio) -> std::process::Child {
+    let mut child = shim(base)
+        .args(run_args(rootfs))
+        .args(["--", "sh", "-c", "echo ready; sleep 600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(child.stdout.as_mut().unwrap(), &mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("ready"));
+    child
+}
+
 /// The pid of helper `name` ("qemu", "virtiofsd", ...) from the one run
 /// directory under `base`, as the shim recorded it in state.json.
 fn helper_pid(base: &Path, name: &str) -> u32 {
@@ -376,18 +382,7 @@ fn helper_pid(base: &Path, name: &str) -> u32 {
 fn kill_helper_mid_run(victim: &str) -> (std::process::ExitStatus, String, Duration) {
     let rootfs = busybox_rootfs();
     let base = tempfile::tempdir().unwrap();
-    let mut child = shim(base.path())
-        .args(run_args(rootfs.path()))
-        .args(["--", "sh", "-c", "echo ready; sleep 600"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut buf = [0u8; 64];
-    let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("ready"));
+    let mut child = sleeping_container(base.path(), rootfs.path(), Stdio::piped());
     let pid = helper_pid(base.path(), victim);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
