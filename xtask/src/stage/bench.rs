@@ -359,16 +359,7 @@ fn build_times(ctx: &Ctx, report: &mut Report) {
 /// A one-line change to the agent, then `build-image`: time outside cargo's
 /// compile (hashing, initrd, manifest) and in all.
 fn warm_rebuild(ctx: &Ctx, image: &ImageManifest, report: &mut Report) -> anyhow::Result<()> {
-    let file = ctx.root.join("agent").join("src").join("main.rs");
-    let original = std::fs::read_to_string(&file)?;
-    let restore = Restore {
-        path: file.clone(),
-        text: original.clone(),
-    };
-    std::fs::write(
-        &file,
-        format!("{original}// bench edit {}\n", std::process::id()),
-    )?;
+    let restore = Restore::edit_agent(ctx, "bench edit")?;
     ctx.ui.take_outcomes();
     let t = Instant::now();
     image::build(ctx, image, Arch::X86_64, None)?;
@@ -403,16 +394,7 @@ fn warm_rebuild(ctx: &Ctx, image: &ImageManifest, report: &mut Report) -> anyhow
 /// `cargo xtask dev --once` after a one-line agent change: edit → agent
 /// ready without cargo's compile, against the VM's own boot time.
 fn dev_cycle(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
-    let file = ctx.root.join("agent").join("src").join("main.rs");
-    let original = std::fs::read_to_string(&file)?;
-    let restore = Restore {
-        path: file.clone(),
-        text: original.clone(),
-    };
-    std::fs::write(
-        &file,
-        format!("{original}// bench dev edit {}\n", std::process::id()),
-    )?;
+    let restore = Restore::edit_agent(ctx, "bench dev edit")?;
     let out = duct::cmd(std::env::current_exe()?, ["dev", "--once"])
         .dir(&ctx.root)
         .stdin_null()
@@ -461,6 +443,21 @@ fn read_cargo_seconds(ctx: &Ctx) -> Option<f64> {
 struct Restore {
     path: PathBuf,
     text: String,
+}
+
+impl Restore {
+    /// Appends a comment naming `tag` to agent/src/main.rs (a one-line
+    /// change for the rebuild figures); the file is put back on drop.
+    fn edit_agent(ctx: &Ctx, tag: &str) -> anyhow::Result<Restore> {
+        let path = ctx.root.join("agent").join("src").join("main.rs");
+        let text = std::fs::read_to_string(&path)?;
+        let restore = Restore {
+            path: path.clone(),
+            text: text.clone(),
+        };
+        std::fs::write(&path, format!("{text}// {tag} {}\n", std::process::id()))?;
+        Ok(restore)
+    }
 }
 
 impl Drop for Restore {
