@@ -57,6 +57,7 @@ pub fn collect(guest: &GuestFs, req: &GuestFactsRequest) -> GuestFacts {
     f.vsock_device = guest.path("/dev/vsock").exists();
     f.vsock_transports = vsock_transports(guest);
     f.pmem = pmem_devices(guest);
+    f.modules = loaded_modules(&read_string(guest, "/proc/modules"));
     if !req.config_options.is_empty() {
         match kernel_config(guest) {
             Ok(config) => {
@@ -87,6 +88,14 @@ fn read_string(guest: &GuestFs, path: &str) -> String {
 
 fn read_trimmed(guest: &GuestFs, path: &str) -> String {
     read_string(guest, path).trim().to_string()
+}
+
+/// Names from `/proc/modules` ("bridge 155648 0 - Live 0x0000000000000000").
+fn loaded_modules(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Names from `/proc/filesystems` ("nodev\tproc", "\text4").

@@ -12,6 +12,7 @@ pub mod error;
 pub mod facts;
 pub mod guest;
 pub mod init;
+pub mod kmod;
 pub mod metrics;
 #[cfg(feature = "netlink")]
 pub mod network;

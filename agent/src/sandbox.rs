@@ -274,21 +274,19 @@ impl Sandbox {
                 m.name
             )));
         }
-        let mut args: Vec<&str> = vec!["-v", m.name.as_str()];
-        args.extend(m.parameters.iter().map(String::as_str));
-        let (code, out) =
-            crate::command::run(&self.reaper, "modprobe", &args, Duration::from_secs(60))
-                .await
-                .map_err(|e| {
-                    precondition(format!("loading kernel module {}: {}", m.name, e.message))
-                })?;
-        if code != 0 {
-            return Err(precondition(format!(
-                "modprobe {} failed ({code}): {}",
-                m.name,
-                out.trim()
-            )));
-        }
+        let release = nix::sys::utsname::uname()
+            .map_err(|e| os("uname", e))?
+            .release()
+            .to_string_lossy()
+            .into_owned();
+        let (guest, name, params) = (self.guest.clone(), m.name.clone(), m.parameters.clone());
+        // Reading and inserting a module is blocking file I/O.
+        let loaded = tokio::task::spawn_blocking(move || {
+            crate::kmod::load(&guest, &release, &name, &params)
+        })
+        .await
+        .map_err(|e| precondition(format!("loading kernel module {}: {e}", m.name)))??;
+        tracing::info!(module = %m.name, ?loaded, "kernel module");
         Ok(())
     }
 

@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod exec;
 pub mod image;
+pub mod installed;
 pub mod process;
 pub mod qemu;
 pub mod qmp;

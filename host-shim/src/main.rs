@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use kiln_shim::config::ShimConfig;
 use kiln_shim::image::BootImage;
+use kiln_shim::installed;
 use kiln_shim::vm::{BootOptions, Vm};
 
 #[derive(Parser)]
@@ -32,9 +33,10 @@ struct Cli {
 enum Cmd {
     /// Boot an image until its agent answers, print guest details, shut down.
     Boot {
-        /// The image's manifest.json (from `cargo xtask build-image`).
+        /// The image's manifest.json (from `cargo xtask build-image`); default:
+        /// the installed minimal image (`<prefix>/share/kiln/minimal/manifest.json`).
         #[arg(long)]
-        image: PathBuf,
+        image: Option<PathBuf>,
         /// Show the guest console on stdout.
         #[arg(long)]
         console: bool,
@@ -102,9 +104,9 @@ enum Cmd {
     },
     /// Run a command in a container in a fresh VM; exits with its status.
     Run {
-        /// The image's manifest.json.
+        /// The image's manifest.json; default: the installed minimal image.
         #[arg(long)]
-        image: PathBuf,
+        image: Option<PathBuf>,
         /// An OCI bundle: config.json plus its root filesystem.
         #[arg(long, conflicts_with = "rootfs", required_unless_present = "rootfs")]
         bundle: Option<PathBuf>,
@@ -225,7 +227,7 @@ fn clean_stale() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let cfg = ShimConfig::load(cli.config.as_deref())?;
+    let cfg = ShimConfig::load(installed::config(cli.config).as_deref())?;
     match cli.cmd {
         Cmd::Config => {
             print!("{}", toml::to_string_pretty(&cfg)?);
@@ -325,7 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|(i, d)| kiln_shim::run::DiskSpec::parse(d, i))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             clean_stale();
-            let image = BootImage::load(&image)?;
+            let image = BootImage::load(&installed::image(image)?)?;
             let (mut spec, rootfs) = match (bundle, rootfs) {
                 (Some(b), None) => {
                     let spec = kiln_shim::spec::load_bundle(&b)?;
@@ -458,7 +460,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     })
                 })
                 .transpose()?;
-            let image = BootImage::load(&image)?;
+            let image = BootImage::load(&installed::image(image)?)?;
             if let Some(marker) = until_console {
                 let opts = BootOptions {
                     rootfs: rootfs.clone(),

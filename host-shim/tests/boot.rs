@@ -203,6 +203,7 @@ fn check_reports_a_runnable_host_with_a_bounded_kvm_probe() {
 /// (IKCONFIG_PROC proves itself by being readable at all).
 const FEATURE_OPTIONS: &[&str] = &[
     "IKCONFIG_PROC",
+    "MODULES",
     "VIRTIO_PCI",
     "VIRTIO_VSOCKETS",
     "VIRTIO_FS",
@@ -260,7 +261,7 @@ async fn guest_facts_prove_the_kernel_features() {
     );
     let facts = ready
         .client
-        .guest_facts(FEATURE_OPTIONS, &["/init"])
+        .guest_facts(&[FEATURE_OPTIONS, &["BRIDGE"]].concat(), &["/init"])
         .await
         .unwrap();
     eprintln!("{arch}: {facts:?}");
@@ -303,6 +304,74 @@ async fn guest_facts_prove_the_kernel_features() {
         "statx /init: {}",
         facts.paths[0].error
     );
+
+    // Modules from the image manifest's `rootfs.modules`, loaded the Kata way
+    // (CreateSandbox.kernel_modules): bridge brings stp and llc first.
+    assert_eq!(
+        facts.config.get("BRIDGE").map(String::as_str),
+        Some("m"),
+        "CONFIG_BRIDGE=m"
+    );
+    assert!(
+        !facts.modules.iter().any(|m| m == "bridge"),
+        "nothing loaded before asked: {:?}",
+        facts.modules
+    );
+    let mut sandbox = agent::CreateSandboxRequest::new();
+    sandbox.sandbox_id = "modules".into();
+    for (name, params) in [
+        ("bridge", vec![]),
+        ("dummy", vec!["numdummies=2".to_string()]),
+    ] {
+        let mut m = agent::KernelModule::new();
+        m.name = name.into();
+        m.parameters = params;
+        sandbox.kernel_modules.push(m);
+    }
+    let c = &ready.client;
+    c.agent
+        .create_sandbox(c.ctx(), &sandbox)
+        .await
+        .expect("CreateSandbox loads bridge and dummy");
+    let loaded = c.guest_facts(&[], &[]).await.unwrap().modules;
+    for m in ["llc", "stp", "bridge", "dummy"] {
+        assert!(
+            loaded.iter().any(|l| l == m),
+            "{m} in /proc/modules: {loaded:?}"
+        );
+    }
+    eprintln!("{arch}: modules loaded: {loaded:?}");
+    // Asking again is fine (modprobe's behaviour); an unknown module is named.
+    let mut again = agent::CreateSandboxRequest::new();
+    again.sandbox_id = "modules-2".into();
+    let mut m = agent::KernelModule::new();
+    m.name = "bridge".into();
+    again.kernel_modules.push(m.clone());
+    c.agent
+        .destroy_sandbox(c.ctx(), &agent::DestroySandboxRequest::new())
+        .await
+        .unwrap();
+    c.agent
+        .create_sandbox(c.ctx(), &again)
+        .await
+        .expect("a loaded module loads again");
+    c.agent
+        .destroy_sandbox(c.ctx(), &agent::DestroySandboxRequest::new())
+        .await
+        .unwrap();
+    m.name = "nosuch".into();
+    again.kernel_modules = vec![m];
+    match c.agent.create_sandbox(c.ctx(), &again).await {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::NOT_FOUND, "{s:?}");
+            assert!(
+                s.message().contains("nosuch") && s.message().contains("rootfs.modules"),
+                "{}",
+                s.message()
+            );
+        }
+        other => panic!("expected NOT_FOUND for an unknown module, got {other:?}"),
+    }
 
     if with_pmem {
         // The device registers asynchronously; give it a moment after agent-ready.

@@ -20,12 +20,14 @@ fn manifest(var: &str) -> PathBuf {
     }))
 }
 
-/// Boots `image` with its rootfs attached as `mode`; returns the agent's
-/// init_daemon flag, the guest facts for `paths`, and the shim's note.
+/// Boots `image` with its rootfs attached as `mode`, loads `modules` through
+/// CreateSandbox.kernel_modules; returns the agent's init_daemon flag, the
+/// guest facts for `paths` (loaded modules included), and the shim's note.
 async fn boot_and_look(
     image: &BootImage,
     mode: &str,
     paths: &[&str],
+    modules: &[&str],
 ) -> (bool, kiln_protocol::kiln::GuestFacts, String) {
     let run_base = tempfile::tempdir().unwrap();
     std::env::set_var("KILN_RUN_DIR", run_base.path());
@@ -49,6 +51,19 @@ async fn boot_and_look(
         ready.elapsed.as_secs_f64()
     );
     let details = ready.client.guest_details().await.unwrap();
+    if !modules.is_empty() {
+        let mut req = kiln_protocol::agent::CreateSandboxRequest::new();
+        req.sandbox_id = "modules".into();
+        for name in modules {
+            let mut m = kiln_protocol::agent::KernelModule::new();
+            m.name = name.to_string();
+            req.kernel_modules.push(m);
+        }
+        let c = &ready.client;
+        if let Err(e) = c.agent.create_sandbox(c.ctx(), &req).await {
+            panic!("loading {modules:?} from the image's rootfs={mode}: {e:?}");
+        }
+    }
     // pmem registers asynchronously; it is the root here, so it is there, but
     // sysfs attributes may lag a moment behind the mount.
     let mut facts = ready.client.guest_facts(&[], paths).await.unwrap();
@@ -63,6 +78,16 @@ async fn boot_and_look(
     drop(ready);
     vm.shutdown();
     (details.agent_details.init_daemon, facts, note)
+}
+
+fn assert_modules(facts: &kiln_protocol::kiln::GuestFacts, want: &[&str]) {
+    for m in want {
+        assert!(
+            facts.modules.iter().any(|l| l == m),
+            "{m} in /proc/modules: {:?}",
+            facts.modules
+        );
+    }
 }
 
 fn assert_dax_root(facts: &kiln_protocol::kiln::GuestFacts, fs: &str) {
@@ -102,13 +127,14 @@ async fn minimal_boots_from_its_rootfs_image() {
         "the agent is PID 1 of the image too"
     );
     if arch == "x86_64" {
-        let (init, facts, note) = boot_and_look(&image, "nvdimm", &["/init"]).await;
+        let (init, facts, note) = boot_and_look(&image, "nvdimm", &["/init"], &[]).await;
         assert!(init, "the agent is PID 1");
         assert!(note.contains("DAX"), "{note}");
         assert_dax_root(&facts, &layout.filesystem);
     }
-    let (init, facts, note) = boot_and_look(&image, "virtio-blk", &["/init"]).await;
+    let (init, facts, note) = boot_and_look(&image, "virtio-blk", &["/init"], &["bridge"]).await;
     assert!(init);
+    assert_modules(&facts, &["llc", "stp", "bridge"]);
     assert!(note.contains("virtio-blk"), "{note}");
     let root = facts.root_mount.as_ref().expect("a mount on /");
     assert_eq!(root.fstype, layout.filesystem);
@@ -129,7 +155,7 @@ async fn erofs_image_boots_with_dax() {
         .clone()
         .expect("manifest.json describes rootfs_image");
     assert_eq!(layout.filesystem, "erofs");
-    let (init, facts, _) = boot_and_look(&image, "nvdimm", &["/init", "/etc/hostname"]).await;
+    let (init, facts, _) = boot_and_look(&image, "nvdimm", &["/init", "/etc/hostname"], &[]).await;
     assert!(init);
     // Every file is DAX-mapped: erofs without tail packing stores no inline data.
     assert_dax_root(&facts, "erofs");
@@ -150,8 +176,10 @@ async fn debian_boots_systemd_and_the_agent_service_from_dax() {
         .expect("manifest.json describes rootfs_image");
     let paths = ["/usr/bin/kiln-agent", "/usr/lib/systemd/systemd"];
     // "image": DAX on an NVDIMM where the machine has one, virtio-blk elsewhere.
-    let (init, facts, note) = boot_and_look(&image, "image", &paths).await;
+    // Modules sit under /usr/lib/modules (merged /usr) here.
+    let (init, facts, note) = boot_and_look(&image, "image", &paths, &["dummy", "bridge"]).await;
     assert!(!init, "systemd is PID 1; the agent runs as its service");
+    assert_modules(&facts, &["dummy", "llc", "stp", "bridge"]);
     if image.manifest.arch == "x86_64" {
         assert!(note.contains("NVDIMM"), "{note}");
         assert_dax_root(&facts, &layout.filesystem);

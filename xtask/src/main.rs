@@ -196,7 +196,10 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             for arch in f.arch.arches_for(&image)? {
                 ctx.ensure_setup(&[arch])?;
                 let agent = stage::agent::build(ctx, arch)?;
-                let plan = stage::rootfs::plan(ctx, &image, arch, &agent)?;
+                let mut plan = stage::rootfs::plan(ctx, &image, arch, &agent)?;
+                if let Some(kernel) = image.modules_kernel(ctx, arch)? {
+                    plan = plan.with_modules(&image, &kernel)?;
+                }
                 let dir = ctx.image_dir(&image.name, arch);
                 let mut tree = stage::rootfs::LazyTree::new(&plan, &dir);
                 stage::initrd::build(ctx, &image, arch, &plan, &mut tree)?;
@@ -209,7 +212,10 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
                 ctx.ensure_setup(&[arch])?;
                 let image = manifest::ImageManifest::load(ctx, &f.image)?;
                 let agent = stage::agent::build(ctx, arch)?;
-                let plan = stage::rootfs::plan(ctx, &image, arch, &agent)?;
+                let mut plan = stage::rootfs::plan(ctx, &image, arch, &agent)?;
+                if let Some(kernel) = image.modules_kernel(ctx, arch)? {
+                    plan = plan.with_modules(&image, &kernel)?;
+                }
                 let dir = ctx.image_dir(&image.name, arch);
                 let mut tree = stage::rootfs::LazyTree::new(&plan, &dir);
                 stage::initrd::build(ctx, &image, arch, &plan, &mut tree)?;

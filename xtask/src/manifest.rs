@@ -52,6 +52,10 @@ pub struct RootfsSection {
     /// Small literal files on top of the recipe's.
     #[serde(default)]
     pub files: Vec<crate::recipe::LiteralFile>,
+    /// Kernel modules (by name, e.g. "bridge") to put into the image with
+    /// their dependencies; the kernel must build them (`=m` in a fragment).
+    #[serde(default)]
+    pub modules: Vec<String>,
 }
 
 impl Default for RootfsSection {
@@ -61,6 +65,7 @@ impl Default for RootfsSection {
             margin_mib: default_margin_mib(),
             packages: Vec::new(),
             files: Vec::new(),
+            modules: Vec::new(),
         }
     }
 }
@@ -175,6 +180,19 @@ impl ImageManifest {
         format!("console={} {}", arch.console(), self.boot.cmdline.trim())
     }
 
+    /// The kernel, built (or found in the cache) only when the image asks for
+    /// modules: stages that make the tree alone need it for nothing else.
+    pub fn modules_kernel(
+        &self,
+        ctx: &Ctx,
+        arch: Arch,
+    ) -> anyhow::Result<Option<crate::stage::kernel::KernelArtifact>> {
+        if self.rootfs.modules.is_empty() {
+            return Ok(None);
+        }
+        crate::stage::kernel::build(ctx, &self.kernel_request(ctx, arch, None)?).map(Some)
+    }
+
     /// Ordered fragment list for `arch`: common base, arch base, then each
     /// feature's common and arch-specific parts. Later fragments win.
     pub fn kernel_request(
@@ -243,6 +261,22 @@ pub struct BuiltManifest {
     /// Debian packages in the image, with versions (empty for non-Debian recipes).
     #[serde(default)]
     pub packages: Vec<crate::stage::rootfs::debian::Package>,
+    /// Kernel modules in the image (requested ones and their dependencies),
+    /// in load order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_modules: Vec<ModuleRecord>,
+}
+
+/// One kernel module inside an image's initrd and rootfs.img.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ModuleRecord {
+    pub name: String,
+    /// Path inside the image, e.g. `lib/modules/6.12.57/kernel/net/llc/llc.ko`.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    /// Direct dependencies, by name.
+    pub depends: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -38,9 +38,11 @@ pub fn build_with(
     with_disk: bool,
 ) -> anyhow::Result<PathBuf> {
     let agent = agent::build(ctx, arch)?;
-    let kernel = kernel::build(ctx, &image.kernel_request(ctx, arch, kernel_src)?)?;
-    let dir = ctx.image_dir(&image.name, arch);
+    // The recipe's base first: a missing Debian mirror should not wait for a kernel build.
     let plan = rootfs::plan(ctx, image, arch, &agent)?;
+    let kernel = kernel::build(ctx, &image.kernel_request(ctx, arch, kernel_src)?)?;
+    let plan = plan.with_modules(image, &kernel)?;
+    let dir = ctx.image_dir(&image.name, arch);
     // Written out only if the initrd or the disk image is stale, then shared.
     let mut tree = rootfs::LazyTree::new(&plan, &dir);
     let initrd = initrd::build(ctx, image, arch, &plan, &mut tree)?;
@@ -127,6 +129,7 @@ pub fn build_with(
         inputs,
         rootfs: disk.map(|d| d.record),
         packages: plan.packages().to_vec(),
+        kernel_modules: plan.module_records()?,
     };
     let mut text = serde_json::to_string_pretty(&manifest)?;
     text.push('\n');

@@ -37,6 +37,7 @@
 
 pub mod dotconfig;
 pub mod kconfig;
+pub mod modules;
 mod patches;
 mod verify;
 
@@ -93,6 +94,9 @@ pub struct KernelArtifact {
     pub key: String,
     /// Patches applied to the source, in order.
     pub patches: Vec<PatchRecord>,
+    /// The loadable modules (`modules.dep`, `modules.builtin`, `kernel/**.ko`)
+    /// when the config has CONFIG_MODULES.
+    pub modules: Option<PathBuf>,
 }
 
 /// Builds (or finds in the cache) the kernel for `req`.
@@ -120,12 +124,17 @@ pub fn build(ctx: &Ctx, req: &KernelRequest) -> anyhow::Result<KernelArtifact> {
     let jobs = std::thread::available_parallelism()
         .map(usize::from)
         .unwrap_or(1);
-    step.message(&format!("make -j{jobs} {target}"));
+    let with_modules = actual.get("MODULES") == Some(&dotconfig::Value::Yes);
+    let mut targets = vec![format!("-j{jobs}"), target.to_string()];
+    if with_modules {
+        targets.push("modules".into());
+    }
+    step.message(&format!("make {}", targets.join(" ")));
     cmd::run_logged(
         ctx,
         &plan.log_name(),
         &format!("make {target} for {}", req.arch),
-        plan.make(&tree, &[format!("-j{jobs}"), target.to_string()])?,
+        plan.make(&tree, &targets)?,
     )?;
 
     let release_file = plan.build_dir.join("include/config/kernel.release");
@@ -145,12 +154,42 @@ pub fn build(ctx: &Ctx, req: &KernelRequest) -> anyhow::Result<KernelArtifact> {
         &plan.out_dir.join("release"),
         format!("{release}\n").as_bytes(),
     )?;
-    Stamp::record(
-        &plan.out_dir,
-        STAMP,
-        &plan.key,
-        &[plan.image_name(), "config", "release"],
-    )?;
+    let mut outputs = vec![
+        plan.image_name().to_string(),
+        "config".into(),
+        "release".into(),
+    ];
+    if with_modules {
+        step.message("make modules_install");
+        let staging = tempfile::Builder::new()
+            .prefix(".modules-")
+            .tempdir_in(&plan.build_dir)?;
+        cmd::run_logged(
+            ctx,
+            &plan.log_name(),
+            &format!("make modules_install for {}", req.arch),
+            plan.make(
+                &tree,
+                &[
+                    "modules_install".into(),
+                    format!("INSTALL_MOD_PATH={}", staging.path().display()),
+                    "INSTALL_MOD_STRIP=1".into(),
+                    // kiln writes modules.dep itself (modules::collect).
+                    "DEPMOD=true".into(),
+                ],
+            )?,
+        )?;
+        let installed = staging.path().join("lib/modules").join(&release);
+        outputs.extend(modules::collect(
+            &plan.build_dir,
+            &installed,
+            &plan.out_dir.join(modules::DIR),
+        )?);
+    } else {
+        let _ = fs::remove_dir_all(plan.out_dir.join(modules::DIR));
+    }
+    let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    Stamp::record(&plan.out_dir, STAMP, &plan.key, &outputs)?;
     let art = plan.artifact(release);
     let size = fs::metadata(&art.image).map(|m| m.len()).unwrap_or(0);
     step.done(&format!(
@@ -318,6 +357,8 @@ impl Plan {
             version,
             key: self.key.clone(),
             patches: self.patches.patches.clone(),
+            modules: Some(self.out_dir.join(modules::DIR))
+                .filter(|d| d.join(modules::DEP).exists()),
         }
     }
 

@@ -19,6 +19,8 @@ use crate::hash::KeyHasher;
 use crate::manifest::ImageManifest;
 use crate::recipe::{LiteralFile, Recipe};
 use crate::stage::agent::AgentArtifact;
+use crate::stage::kernel::modules::{self, ModuleIndex};
+use crate::stage::kernel::KernelArtifact;
 use debian::{Bootstrap, Package};
 use tree::{Kind, Tree};
 
@@ -35,12 +37,49 @@ pub struct RootfsPlan {
     pub agent: AgentArtifact,
     busybox: Option<PathBuf>,
     extra_files: Vec<LiteralFile>,
+    modules: Option<ModulePick>,
+}
+
+/// Kernel modules the image manifest asks for, resolved against the kernel.
+pub struct ModulePick {
+    /// The kernel's modules directory (cache) and release.
+    dir: PathBuf,
+    release: String,
+    index: ModuleIndex,
+    /// Requested modules and their dependencies, in load order.
+    names: Vec<String>,
 }
 
 impl RootfsPlan {
     /// Installed Debian packages (empty for recipes without `[debian]`).
     pub fn packages(&self) -> &[Package] {
         self.bootstrap.as_ref().map_or(&[], |b| &b.packages)
+    }
+
+    /// The image's kernel modules (path inside the tree for `lib_is_symlink`
+    /// as in Debian's merged /usr), in load order.
+    pub fn module_records(&self) -> anyhow::Result<Vec<crate::manifest::ModuleRecord>> {
+        let Some(p) = &self.modules else {
+            return Ok(Vec::new());
+        };
+        let merged = self.recipe.debian.as_ref().is_some_and(|d| d.merged_usr);
+        let base = modules::tree_dir(merged, &p.release);
+        p.names
+            .iter()
+            .map(|n| {
+                let m = &p.index.modules[n];
+                let src = p.dir.join(&m.path);
+                Ok(crate::manifest::ModuleRecord {
+                    name: n.clone(),
+                    path: base.join(&m.path).display().to_string(),
+                    size: std::fs::metadata(&src)
+                        .with_context(|| format!("reading {}", src.display()))?
+                        .len(),
+                    sha256: crate::hash::sha256_file(&src)?,
+                    depends: m.depends.clone(),
+                })
+            })
+            .collect()
     }
 
     /// `init=` for booting the image, if the recipe names one.
@@ -85,6 +124,28 @@ impl RootfsPlan {
         for s in &r.symlinks {
             t.add_symlink(&s.path, &s.target)
                 .with_context(|| ctx("symlinks", &s.path))?;
+        }
+        if let Some(p) = &self.modules {
+            let lib_link = matches!(t.get("lib").map(|e| &e.kind), Some(Kind::Symlink(_)));
+            let base = modules::tree_dir(lib_link, &p.release);
+            let base = base.to_str().context("module paths are UTF-8")?;
+            let what = |f: &str| format!("image manifest key `rootfs.modules`: `{base}/{f}`");
+            for n in &p.names {
+                let m = &p.index.modules[n];
+                let bytes = std::fs::read(p.dir.join(&m.path))
+                    .with_context(|| format!("reading {}", p.dir.join(&m.path).display()))?;
+                t.add_file(&format!("{base}/{}", m.path), 0o644, &bytes)
+                    .with_context(|| what(&m.path))?;
+            }
+            t.add_file(
+                &format!("{base}/{}", modules::DEP),
+                0o644,
+                p.index.render_dep(&p.names)?.as_bytes(),
+            )
+            .with_context(|| what(modules::DEP))?;
+            let builtin = std::fs::read(p.dir.join(modules::BUILTIN)).unwrap_or_default();
+            t.add_file(&format!("{base}/{}", modules::BUILTIN), 0o644, &builtin)
+                .with_context(|| what(modules::BUILTIN))?;
         }
         let agent = std::fs::read(&self.agent.path)
             .with_context(|| format!("reading {}", self.agent.path.display()))?;
@@ -206,7 +267,58 @@ pub fn plan(
         agent: agent.clone(),
         busybox,
         extra_files: extra.files.clone(),
+        modules: None,
     })
+}
+
+impl RootfsPlan {
+    /// Adds the kernel modules the image manifest asks for (`rootfs.modules`),
+    /// resolved against `kernel`. A separate step so the Debian base (which
+    /// may need the network) is settled before a kernel build starts.
+    pub fn with_modules(
+        mut self,
+        image: &ImageManifest,
+        kernel: &KernelArtifact,
+    ) -> anyhow::Result<RootfsPlan> {
+        let Some(pick) = pick_modules(image, kernel)? else {
+            return Ok(self);
+        };
+        // The kernel key covers the modules' bytes.
+        self.key = KeyHasher::new("rootfs-modules")
+            .str("rootfs", &self.key)
+            .str("kernel", &kernel.key)
+            .str("modules", &pick.names.join(","))
+            .finish();
+        self.modules = Some(pick);
+        Ok(self)
+    }
+}
+
+fn pick_modules(
+    image: &ImageManifest,
+    kernel: &KernelArtifact,
+) -> anyhow::Result<Option<ModulePick>> {
+    let wanted = &image.rootfs.modules;
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let Some(dir) = &kernel.modules else {
+        anyhow::bail!(
+            "image `{}`: key `rootfs.modules` asks for {:?}, but its kernel has no module support; add \"modules\" to [kernel] features",
+            image.name,
+            wanted
+        );
+    };
+    let index = ModuleIndex::load(dir)?;
+    let names = index
+        .closure(wanted)
+        .with_context(|| format!("image `{}`: key `rootfs.modules`", image.name))?;
+    Ok(Some(ModulePick {
+        dir: dir.clone(),
+        release: kernel.version.clone(),
+        index,
+        names,
+    }))
 }
 
 /// The tree as an initrd archive (for recipes with a Debian base; the
@@ -267,6 +379,7 @@ mod tests {
                 content: "from the manifest".into(),
                 mode: 0o600,
             }],
+            modules: None,
         }
     }
 

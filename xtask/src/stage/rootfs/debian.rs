@@ -97,8 +97,8 @@ pub fn bootstrap(
     .context("mmdebstrap is needed for Debian recipes (`cargo xtask setup` installs it)")?;
     let extracted = arch != Arch::host();
     let step = ctx.ui.stage(&format!("debian {arch}"));
-    loop {
-        let key = KeyHasher::new("debian-bootstrap")
+    let key_of = |sources: &[String]| {
+        KeyHasher::new("debian-bootstrap")
             .str("arch", arch.debian_arch())
             .str("extracted", &extracted.to_string())
             .str("variant", &debian.variant)
@@ -109,8 +109,35 @@ pub fn bootstrap(
             .str("epoch", &debian.bootstrap_epoch.to_string())
             .str("merged_usr", &debian.merged_usr.to_string())
             .str("mmdebstrap", &mmdebstrap_version)
-            .finish();
-        let dir = ctx.cache.join("rootfs").join(&key[..16]);
+            .finish()
+    };
+    let dir_of = |key: &str| ctx.cache.join("rootfs").join(&key[..16]);
+    if ctx.offline {
+        // No mirror: a cached base with every extra suite the host carries,
+        // or one built without the suites a broken mirror could not serve.
+        for candidate in without_extra_suites(&sources, &debian.extra_suites) {
+            let key = key_of(&candidate);
+            let dir = dir_of(&key);
+            if let Some(stamp) = Stamp::fresh(&dir, "bootstrap", &key) {
+                step.cached(&format!("{}", dir.display()));
+                return cached(&dir, &stamp, key, extracted, debian);
+            }
+        }
+        let key = key_of(&sources);
+        anyhow::bail!(
+            "--offline: the Debian base for {arch} (recipe `[debian]`, suite {}, {} packages, key {}) is not in \
+             the cache {} and building it needs the mirror ({}); build it once without --offline, or copy \
+             that cache directory from a machine that has it",
+            debian.suite,
+            packages.len(),
+            &key[..16],
+            dir_of(&key).display(),
+            sources.first().map_or("", String::as_str)
+        );
+    }
+    loop {
+        let key = key_of(&sources);
+        let dir = dir_of(&key);
         if let Some(stamp) = Stamp::fresh(&dir, "bootstrap", &key) {
             step.cached(&format!("{}", dir.display()));
             return cached(&dir, &stamp, key, extracted, debian);
@@ -169,6 +196,32 @@ pub fn bootstrap(
         ));
         return cached(&dir, &stamp, key, extracted, debian);
     }
+}
+
+/// `sources` with each subset of the extra suites left out, fewest first
+/// (the full list first): the keys an online build may have cached under.
+fn without_extra_suites(sources: &[String], extra: &[String]) -> Vec<Vec<String>> {
+    let present: Vec<&String> = extra
+        .iter()
+        .filter(|s| sources.iter().any(|l| l.contains(&format!(" {s} "))))
+        .collect();
+    let mut masks: Vec<u32> = (0..1u32 << present.len().min(8)).collect();
+    masks.sort_by_key(|m| m.count_ones());
+    masks
+        .into_iter()
+        .map(|m| {
+            sources
+                .iter()
+                .filter(|l| {
+                    !present
+                        .iter()
+                        .enumerate()
+                        .any(|(i, s)| m & (1 << i) != 0 && l.contains(&format!(" {s} ")))
+                })
+                .cloned()
+                .collect()
+        })
+        .collect()
 }
 
 /// The bootstrap recorded in `dir`.
@@ -485,6 +538,27 @@ pub fn parse_deb822(text: &str) -> Vec<AptSource> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offline_candidates_drop_extra_suites_fewest_first() {
+        let src: Vec<String> = [
+            "deb M bookworm main",
+            "deb M bookworm-updates main",
+            "deb S bookworm-security main",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let extra = vec![
+            "bookworm-updates".to_string(),
+            "bookworm-security".to_string(),
+        ];
+        let c = without_extra_suites(&src, &extra);
+        assert_eq!(c.len(), 4);
+        assert_eq!(c[0], src);
+        assert!(c[1..3].iter().all(|l| l.len() == 2));
+        assert_eq!(c[3], vec!["deb M bookworm main".to_string()]);
+    }
 
     #[test]
     fn one_line_sources() {

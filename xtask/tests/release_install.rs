@@ -1,0 +1,160 @@
+//! What a packager gets: `cargo xtask release --arch x86_64` writes a
+//! tarball whose SHA256SUMS and release.json hold, whose entries are an FHS
+//! tree under usr/ with root owners, fixed modes and SOURCE_DATE_EPOCH
+//! mtimes; `cargo xtask install --destdir` puts the very same tree into a
+//! staging root; and the installed kiln-shim boots the installed image with
+//! no flags at all (paths relative to its own executable).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn xtask(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("--no-setup")
+        .args(args)
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo xtask {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
+}
+
+/// Every file under `dir`, relative path → (mode, bytes' sha256).
+fn tree(dir: &Path) -> BTreeMap<String, (u32, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut m = BTreeMap::new();
+    for e in walkdir::WalkDir::new(dir) {
+        let e = e.unwrap();
+        if e.file_type().is_file() {
+            let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+            let mode = e.metadata().unwrap().permissions().mode() & 0o7777;
+            m.insert(rel, (mode, sha256(&std::fs::read(e.path()).unwrap())));
+        }
+    }
+    m
+}
+
+#[test]
+#[ignore = "builds a release and boots it; run by `cargo xtask test`"]
+fn release_tarball_and_destdir_install_give_one_bootable_tree() {
+    xtask(&["release", "--arch", "x86_64"]);
+    let dist = root().join("target/kiln/dist");
+    let version = env!("CARGO_PKG_VERSION");
+    let name = format!("kiln-{version}-x86_64.tar.zst");
+    let bytes = std::fs::read(dist.join(&name)).unwrap();
+
+    let sums = std::fs::read_to_string(dist.join("SHA256SUMS")).unwrap();
+    assert!(
+        sums.lines()
+            .any(|l| l == format!("{}  {name}", sha256(&bytes))),
+        "SHA256SUMS covers {name}:\n{sums}"
+    );
+    let release: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dist.join("release.json")).unwrap()).unwrap();
+    assert_eq!(release["version"], version);
+    assert_eq!(release["artifacts"][&name]["sha256"], sha256(&bytes));
+    let epoch = release["source_date_epoch"].as_u64().unwrap();
+
+    // Unpack as a packager's tooling would, checking every header on the way.
+    let unpacked = tempfile::tempdir().unwrap();
+    let mut archive = tar::Archive::new(zstd::Decoder::new(&bytes[..]).unwrap());
+    let mut from_tar = BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().display().to_string();
+        let h = entry.header();
+        assert!(path.starts_with("usr/"), "{path} is under usr/");
+        assert_eq!(
+            (h.uid().unwrap(), h.gid().unwrap()),
+            (0, 0),
+            "{path} owned by root"
+        );
+        assert_eq!(h.mtime().unwrap(), epoch, "{path} dated SOURCE_DATE_EPOCH");
+        let mode = h.mode().unwrap();
+        if h.entry_type().is_file() {
+            assert!(mode == 0o644 || mode == 0o755, "{path}: mode {mode:o}");
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).unwrap();
+            from_tar.insert(path.clone(), (mode, sha256(&data)));
+            let dest = unpacked.path().join(&path);
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::write(dest, data).unwrap();
+        }
+    }
+    for must in [
+        "usr/bin/kiln-shim",
+        "usr/share/kiln/configuration.toml",
+        "usr/share/doc/kiln/README.md",
+        "usr/share/kiln/minimal/manifest.json",
+        "usr/share/kiln/debian/manifest.json",
+    ] {
+        assert!(from_tar.contains_key(must), "{must} in the tarball");
+    }
+    // Each image's files are the ones its manifest lists, with those hashes.
+    for image in ["minimal", "minimal-erofs", "debian"] {
+        let dir = format!("usr/share/kiln/{image}");
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(unpacked.path().join(&dir).join("manifest.json")).unwrap(),
+        )
+        .unwrap();
+        for (role, art) in manifest["artifacts"].as_object().unwrap() {
+            let file = format!("{dir}/{}", art["file"].as_str().unwrap());
+            let (_, sha) = from_tar
+                .get(&file)
+                .unwrap_or_else(|| panic!("{image}'s {role} ({file}) is in the tarball"));
+            assert_eq!(art["sha256"].as_str().unwrap(), sha, "{file}");
+        }
+    }
+
+    // `install --destdir` gives the same files, modes and bytes.
+    let destdir = tempfile::tempdir().unwrap();
+    let d = destdir.path().display().to_string();
+    xtask(&[
+        "install",
+        "--destdir",
+        &d,
+        "--prefix",
+        "/usr",
+        "--arch",
+        "x86_64",
+    ]);
+    assert_eq!(
+        tree(destdir.path()),
+        from_tar,
+        "install --destdir == the tarball's tree"
+    );
+
+    // The installed shim finds the installed minimal image and its config itself.
+    let out = Command::new(destdir.path().join("usr/bin/kiln-shim"))
+        .args(["boot", "--json"])
+        .env("KILN_RUN_DIR", destdir.path().join("run"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "installed kiln-shim boot:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("installed boot: {answer}");
+    assert_eq!(answer["image"], "minimal", "{answer}");
+    assert_eq!(answer["agent_version"], version, "{answer}");
+}
