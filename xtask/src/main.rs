@@ -113,7 +113,8 @@ pub struct InstallArgs {
     pub destdir: PathBuf,
     #[arg(long, default_value = "/usr")]
     pub prefix: PathBuf,
-    #[arg(long, default_value = "x86_64")]
+    /// Which arch's artifacts (default: the build machine's).
+    #[arg(long, default_value_t = arch::Arch::host())]
     pub arch: arch::Arch,
 }
 

@@ -14,9 +14,49 @@ const E2E_EROFS_IMAGE: &str = "minimal-erofs";
 /// The image the systemd/DAX end-to-end test boots from its rootfs image.
 const E2E_DEBIAN_IMAGE: &str = "debian";
 
+/// Wall time of each part of the run, printed when the run ends (also when
+/// it fails), so a CI log shows where the minutes went.
+struct Clock {
+    parts: Vec<(String, std::time::Duration)>,
+    current: Option<(String, std::time::Instant)>,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            parts: Vec::new(),
+            current: None,
+        }
+    }
+
+    fn part(&mut self, name: &str) {
+        self.stop();
+        self.current = Some((name.to_string(), std::time::Instant::now()));
+    }
+
+    fn stop(&mut self) {
+        if let Some((n, t)) = self.current.take() {
+            self.parts.push((n, t.elapsed()));
+        }
+    }
+}
+
+impl Drop for Clock {
+    fn drop(&mut self) {
+        self.stop();
+        let total: f64 = self.parts.iter().map(|(_, d)| d.as_secs_f64()).sum();
+        eprintln!("== test stage times ({total:.0} s in all)");
+        for (n, d) in &self.parts {
+            eprintln!("   {:>6.0} s  {n}", d.as_secs_f64());
+        }
+    }
+}
+
 pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
+    let mut clock = Clock::new();
     // Output goes straight to the terminal/CI log: the test runner's own summary
     // lines are what CI reads.
+    clock.part("unit tests");
     ctx.ui.println("== unit tests (cargo test --workspace)");
     let status = duct::cmd!("cargo", "test", "--workspace", "--locked")
         .dir(&ctx.root)
@@ -37,6 +77,10 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
     // The host's arch first: its tests are the broadest, and fail fastest.
     arches.sort_by_key(|a| *a != Arch::host());
     for arch in &arches {
+        clock.part(&format!(
+            "{} {arch}: build and end-to-end tests",
+            image.name
+        ));
         e2e(ctx, &image, *arch)?;
     }
     // The heavier flavours on the host's arch (or the one arch asked for):
@@ -47,6 +91,7 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
     };
     let erofs = ImageManifest::load(ctx, E2E_EROFS_IMAGE)?;
     for arch in arches.iter().filter(|a| erofs.arches.contains(a)) {
+        clock.part(&format!("{} {arch}", erofs.name));
         ctx.ensure_setup(&[*arch])?;
         let manifest = image::build(ctx, &erofs, *arch, None)?;
         ctx.ui.println(&format!(
@@ -57,10 +102,12 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
     }
     let debian = ImageManifest::load(ctx, E2E_DEBIAN_IMAGE)?;
     for arch in arches.iter().filter(|a| debian.arches.contains(a)) {
+        clock.part(&format!("{} {arch}", debian.name));
         e2e_debian(ctx, &debian, *arch)?;
     }
     // Pipeline tests against real inputs (the kernel source the builds above
     // extracted): kernel patch series applied and rejected.
+    clock.part("pipeline tests");
     ctx.ui
         .println("== pipeline tests against the real kernel source");
     let status = duct::cmd!(
@@ -79,8 +126,10 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
     if !status.status.success() {
         anyhow::bail!("pipeline tests failed");
     }
+    clock.part("second checkout");
     checkouts_agree(ctx, &image)?;
     if flags.fuzz_seconds > 0 {
+        clock.part("fuzzing");
         ctx.ui
             .println(&format!("== fuzzing ({} s per target)", flags.fuzz_seconds));
         crate::stage::fuzz::run(ctx, flags.fuzz_seconds, &[])?;
