@@ -483,6 +483,40 @@ mod tests {
     }
 
     #[test]
+    fn a_differing_artifact_is_named_with_the_member_that_differs() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let src = tempfile::tempdir().unwrap();
+        for (dir, agent) in [(a.path(), &b"agent one"[..]), (b.path(), &b"agent two"[..])] {
+            std::fs::write(src.path().join("agent"), agent).unwrap();
+            std::fs::write(src.path().join("readme"), b"same").unwrap();
+            let mut members = vec![
+                Member {
+                    path: "usr/share/kiln/minimal/kiln-agent".into(),
+                    source: src.path().join("agent"),
+                    executable: true,
+                },
+                Member {
+                    path: "usr/share/doc/kiln/README.md".into(),
+                    source: src.path().join("readme"),
+                    executable: false,
+                },
+            ];
+            write_tarball(&dir.join("kiln-0-x86_64.tar.zst"), &mut members, 1).unwrap();
+            std::fs::write(dir.join("SHA256SUMS"), b"same").unwrap();
+        }
+        let e = compare_dists(a.path(), b.path()).unwrap_err().to_string();
+        assert!(e.contains("1 artifact(s) differ"), "{e}");
+        assert!(e.contains("kiln-0-x86_64.tar.zst differs"), "{e}");
+        assert!(
+            e.contains("usr/share/kiln/minimal/kiln-agent"),
+            "the member is named: {e}"
+        );
+        assert!(!e.contains("SHA256SUMS differs"), "{e}");
+        // Identical dists pass.
+        compare_dists(a.path(), a.path()).unwrap();
+    }
+
+    #[test]
     fn duplicate_member_paths_are_refused() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("f"), b"x").unwrap();
