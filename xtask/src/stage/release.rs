@@ -516,6 +516,32 @@ mod tests {
         compare_dists(a.path(), a.path()).unwrap();
     }
 
+    /// The hosted workflow stays a thin wrapper over what `.ci/run` runs here:
+    /// the same test entry point, `ci/release` per arch, every arch kiln knows.
+    #[test]
+    fn hosted_workflow_calls_the_same_scripts_for_every_arch() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let wf = std::fs::read_to_string(root.join(".github/workflows/release.yml")).unwrap();
+        let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+        assert!(
+            wf.contains("run: bash .ci/run"),
+            "the test job runs .ci/run"
+        );
+        assert!(wf.contains("run: ci/release --arch ${{ matrix.arch }}"));
+        assert!(wf.contains("path: target/kiln/dist/"), "dist/ is uploaded");
+        let names: Vec<&str> = crate::arch::ALL.iter().map(|a| a.name()).collect();
+        assert!(
+            wf.contains(&format!("arch: [{}]", names.join(", "))),
+            "the matrix lists {names:?}"
+        );
+        assert!(ci.contains("cargo xtask setup --arch all") && ci.contains("cargo xtask test"));
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        assert!(
+            readme.contains("cargo xtask test"),
+            "README names the test command .ci/run calls"
+        );
+    }
+
     #[test]
     fn duplicate_member_paths_are_refused() {
         let d = tempfile::tempdir().unwrap();
