@@ -85,7 +85,7 @@ pub fn build_with(
     }
     if let Some(b) = &plan.bootstrap {
         inputs.insert("debian_bootstrap".to_string(), b.key.clone());
-        inputs.insert("debian_tarball".to_string(), b.tarball_sha256.clone());
+        inputs.insert("debian_base".to_string(), b.identity.clone());
     }
     inputs.insert(
         format!("image-manifests/{}.toml", image.name),

@@ -254,7 +254,7 @@ pub fn plan(
         .str("extra_files", &format!("{:?}", extra.files))
         .str("tree-format", "1");
     if let Some(b) = &bootstrap {
-        key.str("bootstrap", &b.tarball_sha256);
+        key.str("bootstrap", &b.identity);
     }
     if let Some(bb) = &busybox {
         key.file("busybox", bb)?;

@@ -44,6 +44,13 @@ pub struct Package {
 pub struct Bootstrap {
     pub tarball: PathBuf,
     pub tarball_sha256: String,
+    /// What the base is, for downstream keys and manifest.json: the bootstrap
+    /// key plus the installed package list (names, versions, arches). Not the
+    /// tarball's hash: two mmdebstrap runs of one package set give tarballs
+    /// that differ in noise the recipe removes (the owner of apt's `partial`
+    /// directories is root in one run and `_apt` in the next), and that noise
+    /// must not reach the keys recorded in a reproducible manifest.
+    pub identity: String,
     pub packages: Vec<Package>,
     /// Input key: section, packages, arch, mirrors, mmdebstrap version.
     pub key: String,
@@ -224,6 +231,15 @@ fn without_extra_suites(sources: &[String], extra: &[String]) -> Vec<Vec<String>
         .collect()
 }
 
+fn identity(key: &str, packages: &[Package]) -> String {
+    let mut h = KeyHasher::new("debian-base");
+    h.str("key", key);
+    for p in packages {
+        h.str("package", &format!("{p:?}"));
+    }
+    h.finish()
+}
+
 /// The bootstrap recorded in `dir`.
 fn cached(
     dir: &Path,
@@ -232,11 +248,12 @@ fn cached(
     extracted: bool,
     debian: &DebianSection,
 ) -> anyhow::Result<Bootstrap> {
-    let packages: Vec<Package> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(PACKAGES))?)?;
+    let list = std::fs::read_to_string(dir.join(PACKAGES))?;
+    let packages: Vec<Package> = serde_json::from_str(&list)?;
     Ok(Bootstrap {
         tarball: dir.join(TARBALL),
         tarball_sha256: stamp.outputs[TARBALL].clone(),
+        identity: identity(&key, &packages),
         packages,
         key,
         extracted,
@@ -538,6 +555,23 @@ pub fn parse_deb822(text: &str) -> Vec<AptSource> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_follows_key_and_package_versions_only() {
+        let pkg = |v: &str| Package {
+            name: "systemd".into(),
+            version: v.into(),
+            architecture: "s390x".into(),
+        };
+        let a = identity("k", &[pkg("252.33-1~deb12u1")]);
+        assert_eq!(a, identity("k", &[pkg("252.33-1~deb12u1")]));
+        assert_ne!(
+            a,
+            identity("k", &[pkg("252.34-1~deb12u1")]),
+            "a new version is a new base"
+        );
+        assert_ne!(a, identity("other key", &[pkg("252.33-1~deb12u1")]));
+    }
 
     #[test]
     fn offline_candidates_drop_extra_suites_fewest_first() {
