@@ -131,12 +131,20 @@ pub fn block_device(guest: &GuestFs, bdf: &GuestBdf) -> Option<String> {
             .next()
         {
             let devname = block.file_name().to_str()?.to_string();
-            if guest.path("/dev").join(&devname).exists() {
+            if block_node_ready(&guest.path("/dev").join(&devname)) {
                 return Some(devname);
             }
         }
     }
     None
+}
+
+/// The disk behind a block device node is live. devtmpfs makes the node
+/// (and sysfs the `block/` entry) when the disk is registered, a moment before
+/// the kernel adds its block device and sends the block "add" uevent; opened
+/// (or mounted) in between, it gives ENXIO. So ready means openable.
+pub fn block_node_ready(node: &std::path::Path) -> bool {
+    std::fs::File::open(node).is_ok()
 }
 
 #[cfg(test)]

@@ -195,7 +195,7 @@ async fn setup(env: &StorageEnv<'_>, s: &agent::Storage, mount_point: &Path) -> 
             uevent::wait_for(
                 &format!("persistent-memory device {}", s.source),
                 env.hotplug_timeout,
-                || dev_path.exists().then_some(()),
+                || crate::pci::block_node_ready(&dev_path).then_some(()),
                 |ev| ev.get("SUBSYSTEM") == "block" && ev.get("DEVNAME") == name,
             )
             .await?;
