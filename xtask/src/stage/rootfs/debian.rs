@@ -43,7 +43,6 @@ pub struct Package {
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
     pub tarball: PathBuf,
-    pub tarball_sha256: String,
     /// What the base is, for downstream keys and manifest.json: the bootstrap
     /// key plus the installed package list (names, versions, arches). Not the
     /// tarball's hash: two mmdebstrap runs of one package set give tarballs
@@ -125,9 +124,9 @@ pub fn bootstrap(
         for candidate in without_extra_suites(&sources, &debian.extra_suites) {
             let key = key_of(&candidate);
             let dir = dir_of(&key);
-            if let Some(stamp) = Stamp::fresh(&dir, "bootstrap", &key) {
+            if Stamp::fresh(&dir, "bootstrap", &key).is_some() {
                 step.cached(&format!("{}", dir.display()));
-                return cached(&dir, &stamp, key, extracted, debian);
+                return cached(&dir, key, extracted, debian);
             }
         }
         let key = key_of(&sources);
@@ -145,9 +144,9 @@ pub fn bootstrap(
     loop {
         let key = key_of(&sources);
         let dir = dir_of(&key);
-        if let Some(stamp) = Stamp::fresh(&dir, "bootstrap", &key) {
+        if Stamp::fresh(&dir, "bootstrap", &key).is_some() {
             step.cached(&format!("{}", dir.display()));
-            return cached(&dir, &stamp, key, extracted, debian);
+            return cached(&dir, key, extracted, debian);
         }
         Stamp::invalidate(&dir, "bootstrap");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -201,7 +200,7 @@ pub fn bootstrap(
             list.len(),
             short(&stamp.outputs[TARBALL])
         ));
-        return cached(&dir, &stamp, key, extracted, debian);
+        return cached(&dir, key, extracted, debian);
     }
 }
 
@@ -243,7 +242,6 @@ fn identity(key: &str, packages: &[Package]) -> String {
 /// The bootstrap recorded in `dir`.
 fn cached(
     dir: &Path,
-    stamp: &Stamp,
     key: String,
     extracted: bool,
     debian: &DebianSection,
@@ -252,7 +250,6 @@ fn cached(
     let packages: Vec<Package> = serde_json::from_str(&list)?;
     Ok(Bootstrap {
         tarball: dir.join(TARBALL),
-        tarball_sha256: stamp.outputs[TARBALL].clone(),
         identity: identity(&key, &packages),
         packages,
         key,
