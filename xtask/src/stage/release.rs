@@ -46,8 +46,15 @@ pub struct ReleaseManifest {
 struct Member {
     /// Path inside the tarball, e.g. `usr/bin/kiln-shim`.
     path: String,
-    source: PathBuf,
+    source: Source,
     executable: bool,
+}
+
+/// Where a member's bytes come from: a built file, or text kiln carries
+/// (so nothing scratch is written beside the tarballs in dist/).
+enum Source {
+    File(PathBuf),
+    Text(&'static str),
 }
 
 pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
@@ -74,13 +81,13 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
             let prefix = format!("usr/share/kiln/{}", img.name);
             members.push(Member {
                 path: format!("{prefix}/{}", image::MANIFEST),
-                source: manifest_path.clone(),
+                source: Source::File(manifest_path.clone()),
                 executable: false,
             });
             for art in built.artifacts.values() {
                 members.push(Member {
                     path: format!("{prefix}/{}", art.file),
-                    source: dir.join(&art.file),
+                    source: Source::File(dir.join(&art.file)),
                     executable: art.file == "kiln-agent",
                 });
             }
@@ -91,19 +98,17 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
         let shim = build_shim(ctx, *arch)?;
         members.push(Member {
             path: format!("usr/bin/{SHIM}"),
-            source: shim,
+            source: Source::File(shim),
             executable: true,
         });
-        let config = dist.join(format!(".configuration-{arch}.toml"));
-        write_atomic(&config, default_shim_config().as_bytes())?;
         members.push(Member {
             path: "usr/share/kiln/configuration.toml".into(),
-            source: config,
+            source: Source::Text(default_shim_config()),
             executable: false,
         });
         members.push(Member {
             path: "usr/share/doc/kiln/README.md".into(),
-            source: ctx.root.join("README.md"),
+            source: Source::File(ctx.root.join("README.md")),
             executable: false,
         });
 
@@ -124,6 +129,9 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
     let mut json = serde_json::to_string_pretty(&release)?;
     json.push('\n');
     write_atomic(&dist.join("release.json"), json.as_bytes())?;
+    for name in ["SHA256SUMS", "release.json"] {
+        world_readable(&dist.join(name))?;
+    }
     ctx.ui
         .println(&format!("release written to {}", ctx.rel(&dist).display()));
     Ok(dist)
@@ -218,8 +226,12 @@ fn write_tarball(dest: &Path, members: &mut [Member], mtime: u64) -> anyhow::Res
                     tar.append_data(&mut h, format!("{d}/"), std::io::empty())?;
                 }
             }
-            let data = std::fs::read(&m.source)
-                .with_context(|| format!("reading {}", m.source.display()))?;
+            let data = match &m.source {
+                Source::File(f) => {
+                    std::fs::read(f).with_context(|| format!("reading {}", f.display()))?
+                }
+                Source::Text(t) => t.as_bytes().to_vec(),
+            };
             let mode = if m.executable { 0o755 } else { 0o644 };
             let mut h = header(tar::EntryType::Regular, mode, data.len() as u64, mtime);
             tar.append_data(&mut h, &m.path, data.as_slice())?;
@@ -229,9 +241,18 @@ fn write_tarball(dest: &Path, members: &mut [Member], mtime: u64) -> anyhow::Res
         file.flush()?;
     }
     tmp.as_file().sync_all()?;
+    world_readable(tmp.path())?;
     tmp.persist(dest)
         .with_context(|| format!("renaming into {}", dest.display()))?;
     Ok(())
+}
+
+/// dist/ is published (uploaded, served, packaged by another user): 0644,
+/// not the 0600 a temp file starts with.
+fn world_readable(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("making {} readable", path.display()))
 }
 
 fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> tar::Header {
@@ -442,12 +463,12 @@ mod tests {
             let mut members = vec![
                 Member {
                     path: "usr/share/kiln/minimal/manifest.json".into(),
-                    source: dir.join("m.json"),
+                    source: Source::File(dir.join("m.json")),
                     executable: false,
                 },
                 Member {
                     path: "usr/bin/kiln-shim".into(),
-                    source: dir.join("shim"),
+                    source: Source::File(dir.join("shim")),
                     executable: true,
                 },
             ];
@@ -456,6 +477,13 @@ mod tests {
             outs.push(std::fs::read(&out).unwrap());
         }
         assert_eq!(outs[0], outs[1], "same inputs, same bytes");
+        use std::os::unix::fs::PermissionsExt;
+        let on_disk = std::fs::metadata(a.path().join("x.tar.zst")).unwrap();
+        assert_eq!(
+            on_disk.permissions().mode() & 0o777,
+            0o644,
+            "dist is readable"
+        );
         let list = listing(&a.path().join("x.tar.zst")).unwrap();
         let paths: Vec<_> = list.iter().map(|(p, ..)| p.as_str()).collect();
         assert_eq!(
@@ -492,12 +520,12 @@ mod tests {
             let mut members = vec![
                 Member {
                     path: "usr/share/kiln/minimal/kiln-agent".into(),
-                    source: src.path().join("agent"),
+                    source: Source::File(src.path().join("agent")),
                     executable: true,
                 },
                 Member {
                     path: "usr/share/doc/kiln/README.md".into(),
-                    source: src.path().join("readme"),
+                    source: Source::File(src.path().join("readme")),
                     executable: false,
                 },
             ];
@@ -549,12 +577,12 @@ mod tests {
         let mut members = vec![
             Member {
                 path: "usr/bin/x".into(),
-                source: d.path().join("f"),
+                source: Source::File(d.path().join("f")),
                 executable: true,
             },
             Member {
                 path: "usr/bin/x".into(),
-                source: d.path().join("f"),
+                source: Source::File(d.path().join("f")),
                 executable: true,
             },
         ];
