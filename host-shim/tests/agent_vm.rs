@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use kiln_protocol::{agent, oci, types};
 use kiln_shim::client::AgentClient;
 use kiln_shim::config::ShimConfig;
-use kiln_shim::image::BootImage;
 use kiln_shim::run::{SANDBOX_STORAGE, SHARE_MOUNT_POINT};
-use kiln_shim::vm::{BootOptions, Vm};
+use kiln_shim::vm::Vm;
 use protobuf::MessageField;
 use sha2::Digest;
 
@@ -49,44 +48,19 @@ struct Guest {
 
 impl Guest {
     async fn boot(cfg: &ShimConfig) -> Guest {
-        let run_base = tempfile::tempdir().unwrap();
-        std::env::set_var("KILN_RUN_DIR", run_base.path());
-        let rootfs = busybox_rootfs();
-        let image = BootImage::load(&manifest()).unwrap();
-        let opts = BootOptions {
-            share_rootfs: Some((SHARE.into(), rootfs.path().to_path_buf())),
-            ..Default::default()
-        };
-        let mut vm = Vm::launch(&image, cfg, &opts).unwrap();
-        let ready = match vm.wait_ready(cfg).await {
-            Ok(r) => r,
-            Err(e) => panic!("the agent never answered: {e:#}"),
-        };
-        eprintln!(
-            "agent ready after {:.2} s ({})",
-            ready.elapsed.as_secs_f64(),
-            vm.accel_note
-        );
-        let g = Guest {
-            vm,
-            c: ready.client,
-            rootfs,
-            _run_base: run_base,
-        };
         let mut sb = agent::CreateSandboxRequest::new();
         sb.sandbox_id = "sb".into();
         sb.hostname = "kiln-sandbox".into();
-        let mut share = agent::Storage::new();
-        share.driver = "virtio-fs".into();
-        share.source = "kataShared".into();
-        share.fstype = "virtiofs".into();
-        share.mount_point = SHARE_MOUNT_POINT.into();
-        sb.storages.push(share);
-        g.c.agent
-            .create_sandbox(g.c.ctx(), &sb)
-            .await
-            .unwrap_or_else(|e| panic!("CreateSandbox: {e:?}{}", g.vm.diagnostics()));
-        g
+        let booted =
+            kiln_shim::testsupport::boot_sandbox(cfg, &manifest(), busybox_rootfs(), SHARE, sb)
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+        Guest {
+            vm: booted.vm,
+            c: booted.client,
+            rootfs: booted.rootfs,
+            _run_base: booted.run_base,
+        }
     }
 
     fn ag(&self) -> &kiln_protocol::agent_ttrpc::AgentServiceClient {

@@ -15,7 +15,6 @@ use kiln_shim::bench_exec::AgentUsage;
 use kiln_shim::client::AgentClient;
 use kiln_shim::config::ShimConfig;
 use kiln_shim::image::BootImage;
-use kiln_shim::vm::{BootOptions, Vm};
 use protobuf::MessageField;
 
 fn manifest() -> PathBuf {
@@ -105,19 +104,12 @@ async fn execs_and_container_cycles_leave_fds_and_rss_flat() {
     );
 
     // Container cycles: create, start, wait, remove, in one sandbox.
-    let opts = BootOptions {
-        share_rootfs: Some(("share".into(), rootfs.path().to_path_buf())),
-        ..Default::default()
-    };
-    let mut vm = Vm::launch(&image, &cfg, &opts).unwrap();
-    let c = vm.wait_ready(&cfg).await.unwrap().client;
     let mut sandbox = agent::CreateSandboxRequest::new();
     sandbox.sandbox_id = "stress".into();
-    sandbox.storages.push(kiln_shim::run::share_storage());
-    c.agent
-        .create_sandbox(c.ctx(), &sandbox)
+    let booted = kiln_shim::testsupport::boot_sandbox(&cfg, &manifest(), rootfs, "share", sandbox)
         .await
-        .expect("CreateSandbox");
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let (vm, c) = (booted.vm, booted.client);
     let spec = kiln_shim::spec::default_spec(&["true".into()], &[], false).unwrap();
     let proto = kiln_shim::run::protocol_spec(&spec, "share").unwrap();
     // One cycle first, so lazily created state (cgroup parents, the share's
