@@ -10,10 +10,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{agent, oci, types};
-use kiln_shim::client::AgentClient;
 use kiln_shim::config::ShimConfig;
 use kiln_shim::run::{SANDBOX_STORAGE, SHARE_MOUNT_POINT};
-use kiln_shim::vm::Vm;
+use kiln_shim::testsupport::{long, SandboxVm};
 use protobuf::MessageField;
 use sha2::Digest;
 
@@ -38,12 +37,15 @@ fn busybox_rootfs() -> tempfile::TempDir {
     dir
 }
 
-/// One booted VM with a sandbox, and the client to its agent.
-struct Guest {
-    vm: Vm,
-    c: AgentClient,
-    rootfs: tempfile::TempDir,
-    _run_base: tempfile::TempDir,
+/// One booted VM with a sandbox, and the client to its agent; the shared
+/// container calls come from [`SandboxVm`], this file's own below.
+struct Guest(SandboxVm);
+
+impl std::ops::Deref for Guest {
+    type Target = SandboxVm;
+    fn deref(&self) -> &SandboxVm {
+        &self.0
+    }
 }
 
 impl Guest {
@@ -55,92 +57,11 @@ impl Guest {
             kiln_shim::testsupport::boot_sandbox(cfg, &manifest(), busybox_rootfs(), SHARE, sb)
                 .await
                 .unwrap_or_else(|e| panic!("{e:#}"));
-        Guest {
-            vm: booted.vm,
-            c: booted.client,
-            rootfs: booted.rootfs,
-            _run_base: booted.run_base,
-        }
+        Guest(booted)
     }
 
     fn ag(&self) -> &kiln_protocol::agent_ttrpc::AgentServiceClient {
-        &self.c.agent
-    }
-
-    /// The host path of a file in the shared rootfs.
-    fn host(&self, rel: &str) -> PathBuf {
-        self.rootfs.path().join(rel)
-    }
-
-    async fn create(
-        &self,
-        id: &str,
-        spec: oci::Spec,
-        storages: Vec<agent::Storage>,
-    ) -> ttrpc::Result<()> {
-        self.ag()
-            .create_container(self.c.ctx(), &create_request(id, spec, storages))
-            .await
-            .map(|_| ())
-    }
-
-    async fn start(&self, id: &str) {
-        let mut req = agent::StartContainerRequest::new();
-        req.container_id = id.into();
-        self.ag()
-            .start_container(self.c.ctx(), &req)
-            .await
-            .unwrap_or_else(|e| panic!("StartContainer {id}: {e:?}"));
-    }
-
-    async fn run(&self, id: &str, spec: oci::Spec) {
-        self.create(id, spec, vec![])
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer {id}: {e:?}{}", self.vm.diagnostics()));
-        self.start(id).await;
-    }
-
-    async fn wait(&self, id: &str, exec: &str) -> i32 {
-        let mut req = agent::WaitProcessRequest::new();
-        req.container_id = id.into();
-        req.exec_id = exec.into();
-        self.ag()
-            .wait_process(long(), &req)
-            .await
-            .unwrap_or_else(|e| panic!("WaitProcess {id}/{exec}: {e:?}"))
-            .status
-    }
-
-    async fn read(&self, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
-        let mut req = agent::ReadStreamRequest::new();
-        req.container_id = id.into();
-        req.exec_id = exec.into();
-        req.len = 64 * 1024;
-        let r = if stderr {
-            self.ag().read_stderr(long(), &req).await
-        } else {
-            self.ag().read_stdout(long(), &req).await
-        };
-        r.unwrap_or_else(|e| {
-            panic!(
-                "Read{} {id}/{exec}: {e:?}{}",
-                if stderr { "Stderr" } else { "Stdout" },
-                self.vm.diagnostics()
-            )
-        })
-        .data
-    }
-
-    /// Everything until EOF (an empty answer).
-    async fn read_all(&self, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let d = self.read(id, exec, stderr).await;
-            if d.is_empty() {
-                return out;
-            }
-            out.extend(d);
-        }
+        self.agent()
     }
 
     async fn read_text(&self, id: &str, exec: &str) -> String {
@@ -152,14 +73,17 @@ impl Guest {
         req.container_id = id.into();
         req.exec_id = exec.into();
         req.data = data.to_vec();
-        let n = self.ag().write_stdin(self.c.ctx(), &req).await.unwrap().len;
+        let n = self
+            .ag()
+            .write_stdin(self.client.ctx(), &req)
+            .await
+            .unwrap()
+            .len;
         assert_eq!(n as usize, data.len(), "WriteStdin takes all it is given");
     }
 
+    /// ExecProcess of `args`, on a terminal of `tty` (rows, columns) if given.
     async fn exec(&self, id: &str, exec: &str, args: &[&str], tty: Option<(u32, u32)>) {
-        let mut req = agent::ExecProcessRequest::new();
-        req.container_id = id.into();
-        req.exec_id = exec.into();
         let mut p = process(args);
         if let Some((h, w)) = tty {
             p.Terminal = true;
@@ -168,19 +92,13 @@ impl Guest {
             b.Width = w;
             p.ConsoleSize = MessageField::some(b);
         }
-        req.process = MessageField::some(p);
-        self.ag()
-            .exec_process(self.c.ctx(), &req)
-            .await
-            .unwrap_or_else(|e| panic!("ExecProcess {id}/{exec} {args:?}: {e:?}"));
+        self.exec_process(id, exec, p).await;
     }
 
     /// Runs `args` in container `id`; returns (status, stdout, stderr).
     async fn sh(&self, id: &str, exec: &str, args: &[&str]) -> (i32, String, String) {
         self.exec(id, exec, args, None).await;
-        let out = self.read_text(id, exec).await;
-        let err = String::from_utf8_lossy(&self.read_all(id, exec, true).await).into_owned();
-        (self.wait(id, exec).await, out, err)
+        self.outcome(id, exec).await
     }
 
     async fn signal(&self, id: &str, exec: &str, sig: u32) {
@@ -189,31 +107,21 @@ impl Guest {
         req.exec_id = exec.into();
         req.signal = sig;
         self.ag()
-            .signal_process(self.c.ctx(), &req)
+            .signal_process(self.client.ctx(), &req)
             .await
             .unwrap_or_else(|e| panic!("SignalProcess {id}/{exec} {sig}: {e:?}"));
     }
 
-    async fn remove(&self, id: &str) {
-        let mut req = agent::RemoveContainerRequest::new();
-        req.container_id = id.into();
-        req.timeout = 30;
-        self.ag()
-            .remove_container(long(), &req)
-            .await
-            .unwrap_or_else(|e| panic!("RemoveContainer {id}: {e:?}"));
-    }
-
     async fn metrics(&self) -> String {
         self.ag()
-            .get_metrics(self.c.ctx(), &agent::GetMetricsRequest::new())
+            .get_metrics(self.client.ctx(), &agent::GetMetricsRequest::new())
             .await
             .unwrap()
             .metrics
     }
 
     async fn still_serving(&self, after: &str) {
-        let status = self.c.check().await;
+        let status = self.client.check().await;
         assert!(
             matches!(
                 status,
@@ -224,19 +132,8 @@ impl Guest {
     }
 
     async fn shutdown(self) {
-        let r = self
-            .ag()
-            .destroy_sandbox(self.c.ctx(), &agent::DestroySandboxRequest::new())
-            .await;
-        assert!(r.is_ok(), "DestroySandbox: {r:?}");
-        drop(self.c);
-        self.vm.shutdown();
+        self.0.shutdown().await;
     }
-}
-
-/// A context for calls that wait on the guest (WaitProcess, reads, OOM).
-fn long() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(180).as_nanos() as i64)
 }
 
 fn create_request(
@@ -394,7 +291,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     let mut res = oci::LinuxResources::new();
     res.Memory.mut_or_insert_default().Limit = 96 << 20;
     up.resources = MessageField::some(res);
-    g.ag().update_container(g.c.ctx(), &up).await.unwrap();
+    g.ag().update_container(g.client.ctx(), &up).await.unwrap();
     let (_, out, _) = g
         .sh("box", "max2", &["cat", "/sys/fs/cgroup/memory.max"])
         .await;
@@ -407,7 +304,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     // StatsContainer from the container's cgroup.
     let mut sreq = agent::StatsContainerRequest::new();
     sreq.container_id = "box".into();
-    let stats = g.ag().stats_container(g.c.ctx(), &sreq).await.unwrap();
+    let stats = g.ag().stats_container(g.client.ctx(), &sreq).await.unwrap();
     let cg = stats.cgroup_stats.as_ref().expect("cgroup stats");
     assert!(
         cg.memory_stats.usage.usage > 0,
@@ -436,7 +333,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     let mut close = agent::CloseStdinRequest::new();
     close.container_id = "box".into();
     close.exec_id = "cat".into();
-    g.ag().close_stdin(g.c.ctx(), &close).await.unwrap();
+    g.ag().close_stdin(g.client.ctx(), &close).await.unwrap();
     let out = g.read_all("box", "cat", false).await;
     assert_eq!(out.len(), input.len(), "cat gave back what stdin got");
     assert!(out == input, "stdin round-trips through cat byte for byte");
@@ -476,7 +373,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     rs.exec_id = "tty".into();
     rs.row = 30;
     rs.column = 100;
-    g.ag().tty_win_resize(g.c.ctx(), &rs).await.unwrap();
+    g.ag().tty_win_resize(g.client.ctx(), &rs).await.unwrap();
     g.write("box", "tty", b"\n").await;
     let rest = g.read_text("box", "tty").await;
     assert!(
@@ -556,7 +453,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     }
     let mut p = agent::PauseContainerRequest::new();
     p.container_id = "tick".into();
-    g.ag().pause_container(g.c.ctx(), &p).await.unwrap();
+    g.ag().pause_container(g.client.ctx(), &p).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let frozen = ticks(&g, "tmp/ticks");
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -567,7 +464,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     );
     let mut r = agent::ResumeContainerRequest::new();
     r.container_id = "tick".into();
-    g.ag().resume_container(g.c.ctx(), &r).await.unwrap();
+    g.ag().resume_container(g.client.ctx(), &r).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while ticks(&g, "tmp/ticks") <= frozen {
         assert!(Instant::now() < deadline, "the ticker did not resume");
@@ -670,7 +567,10 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
     // SetGuestDateTime: the guest clock (seen from the container) follows.
     let mut dt = agent::SetGuestDateTimeRequest::new();
     dt.Sec = 2_000_000_000;
-    g.ag().set_guest_date_time(g.c.ctx(), &dt).await.unwrap();
+    g.ag()
+        .set_guest_date_time(g.client.ctx(), &dt)
+        .await
+        .unwrap();
     let (_, out, _) = g.sh("box", "date", &["date", "+%s"]).await;
     let guest_now: i64 = out.trim().parse().unwrap();
     assert!(
@@ -682,12 +582,15 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
         .unwrap();
     dt.Sec = now.as_secs() as i64;
     dt.Usec = i64::from(now.subsec_micros());
-    g.ag().set_guest_date_time(g.c.ctx(), &dt).await.unwrap();
+    g.ag()
+        .set_guest_date_time(g.client.ctx(), &dt)
+        .await
+        .unwrap();
     dt.Usec = 2_000_000;
     assert_eq!(
         code(
             "SetGuestDateTime usec 2e6",
-            g.ag().set_guest_date_time(g.c.ctx(), &dt).await
+            g.ag().set_guest_date_time(g.client.ctx(), &dt).await
         ),
         ttrpc::Code::INVALID_ARGUMENT
     );
@@ -699,7 +602,7 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
     cf.file_size = cf.data.len() as i64;
     cf.file_mode = 0o100640;
     cf.dir_mode = 0o750;
-    g.ag().copy_file(g.c.ctx(), &cf).await.unwrap();
+    g.ag().copy_file(g.client.ctx(), &cf).await.unwrap();
     let host_copy = g.host("etc/copied/hosts");
     assert_eq!(
         std::fs::read(&host_copy).unwrap(),
@@ -731,7 +634,7 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
     let mut oc = agent::OnlineCPUMemRequest::new();
     oc.nb_cpus = 1;
     oc.wait = true;
-    g.ag().online_cpu_mem(g.c.ctx(), &oc).await.unwrap();
+    g.ag().online_cpu_mem(g.client.ctx(), &oc).await.unwrap();
     let (_, out, _) = g
         .sh("box", "on", &["cat", "/sys/devices/system/cpu/online"])
         .await;
@@ -766,7 +669,7 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
 async fn network(g: &Guest) {
     let list = g
         .ag()
-        .list_interfaces(g.c.ctx(), &agent::ListInterfacesRequest::new())
+        .list_interfaces(g.client.ctx(), &agent::ListInterfacesRequest::new())
         .await
         .unwrap();
     assert!(
@@ -784,7 +687,7 @@ async fn network(g: &Guest) {
     lo.IPAddresses = vec![addr];
     let mut req = agent::UpdateInterfaceRequest::new();
     req.interface = MessageField::some(lo);
-    let lo = g.ag().update_interface(g.c.ctx(), &req).await.unwrap();
+    let lo = g.ag().update_interface(g.client.ctx(), &req).await.unwrap();
     assert!(lo.raw_flags & 1 == 1, "lo is up: {lo:?}");
     assert!(
         lo.IPAddresses
@@ -793,7 +696,7 @@ async fn network(g: &Guest) {
         "lo has 127.0.0.1/8: {lo:?}"
     );
     g.ag()
-        .list_routes(g.c.ctx(), &agent::ListRoutesRequest::new())
+        .list_routes(g.client.ctx(), &agent::ListRoutesRequest::new())
         .await
         .unwrap();
 
@@ -811,7 +714,7 @@ async fn network(g: &Guest) {
     loop {
         let list = g
             .ag()
-            .list_interfaces(g.c.ctx(), &agent::ListInterfacesRequest::new())
+            .list_interfaces(g.client.ctx(), &agent::ListInterfacesRequest::new())
             .await
             .unwrap();
         if list.Interfaces.iter().any(|i| i.hwAddr == mac) {
@@ -834,7 +737,7 @@ async fn network(g: &Guest) {
     want.IPAddresses = vec![addr];
     let mut req = agent::UpdateInterfaceRequest::new();
     req.interface = MessageField::some(want.clone());
-    let got = g.ag().update_interface(g.c.ctx(), &req).await.unwrap();
+    let got = g.ag().update_interface(g.client.ctx(), &req).await.unwrap();
     assert_eq!(
         (got.name.as_str(), got.mtu),
         ("kiln0", 1400),
@@ -862,10 +765,10 @@ async fn network(g: &Guest) {
     ];
     let mut ur = agent::UpdateRoutesRequest::new();
     ur.routes = MessageField::some(routes);
-    g.ag().update_routes(g.c.ctx(), &ur).await.unwrap();
+    g.ag().update_routes(g.client.ctx(), &ur).await.unwrap();
     let listed = g
         .ag()
-        .list_routes(g.c.ctx(), &agent::ListRoutesRequest::new())
+        .list_routes(g.client.ctx(), &agent::ListRoutesRequest::new())
         .await
         .unwrap();
     let shown: Vec<(String, String)> = listed
@@ -890,7 +793,7 @@ async fn network(g: &Guest) {
     neighbors.ARPNeighbors = vec![n];
     let mut an = agent::AddARPNeighborsRequest::new();
     an.neighbors = MessageField::some(neighbors);
-    g.ag().add_arp_neighbors(g.c.ctx(), &an).await.unwrap();
+    g.ag().add_arp_neighbors(g.client.ctx(), &an).await.unwrap();
 
     // The container shares the sandbox's network: it sees all of it.
     let (st, out, err) = g
@@ -922,7 +825,7 @@ async fn network(g: &Guest) {
     assert_eq!(
         code(
             "UpdateInterface bad MAC",
-            g.ag().update_interface(g.c.ctx(), &req).await
+            g.ag().update_interface(g.client.ctx(), &req).await
         ),
         ttrpc::Code::INVALID_ARGUMENT
     );
@@ -931,7 +834,7 @@ async fn network(g: &Guest) {
     assert_eq!(
         code(
             "UpdateInterface unknown MAC",
-            g.ag().update_interface(g.c.ctx(), &req).await
+            g.ag().update_interface(g.client.ctx(), &req).await
         ),
         ttrpc::Code::NOT_FOUND
     );
@@ -946,7 +849,7 @@ async fn hostile_input(g: &Guest) {
         assert_eq!(
             code(
                 &format!("StartContainer {bad:?}"),
-                g.ag().start_container(g.c.ctx(), &st).await
+                g.ag().start_container(g.client.ctx(), &st).await
             ),
             ttrpc::Code::INVALID_ARGUMENT,
             "container id {bad:?}"
@@ -969,7 +872,7 @@ async fn hostile_input(g: &Guest) {
     link.file_size = link.data.len() as i64;
     link.file_mode = 0o120777;
     link.dir_mode = 0o755;
-    g.ag().copy_file(g.c.ctx(), &link).await.unwrap();
+    g.ag().copy_file(g.client.ctx(), &link).await.unwrap();
     for path in [
         "/etc/kiln-escape".to_string(),
         "/run/kata-containers/../../etc/kiln-escape".to_string(),
@@ -985,7 +888,7 @@ async fn hostile_input(g: &Guest) {
         assert_eq!(
             code(
                 &format!("CopyFile {path}"),
-                g.ag().copy_file(g.c.ctx(), &cf).await
+                g.ag().copy_file(g.client.ctx(), &cf).await
             ),
             ttrpc::Code::INVALID_ARGUMENT,
             "CopyFile {path}"
@@ -1017,7 +920,7 @@ async fn hostile_input(g: &Guest) {
     assert_eq!(
         code(
             "WaitProcess unknown container",
-            g.ag().wait_process(g.c.ctx(), &w).await
+            g.ag().wait_process(g.client.ctx(), &w).await
         ),
         ttrpc::Code::NOT_FOUND
     );
@@ -1026,7 +929,7 @@ async fn hostile_input(g: &Guest) {
     assert_eq!(
         code(
             "WaitProcess unknown exec",
-            g.ag().wait_process(g.c.ctx(), &w).await
+            g.ag().wait_process(g.client.ctx(), &w).await
         ),
         ttrpc::Code::NOT_FOUND
     );
@@ -1037,7 +940,7 @@ async fn hostile_input(g: &Guest) {
     assert_eq!(
         code(
             "ReadStdout unknown exec",
-            g.ag().read_stdout(g.c.ctx(), &rd).await
+            g.ag().read_stdout(g.client.ctx(), &rd).await
         ),
         ttrpc::Code::NOT_FOUND
     );
@@ -1048,7 +951,7 @@ async fn hostile_input(g: &Guest) {
     assert_eq!(
         code(
             "SignalProcess unknown exec",
-            g.ag().signal_process(g.c.ctx(), &sig).await
+            g.ag().signal_process(g.client.ctx(), &sig).await
         ),
         ttrpc::Code::NOT_FOUND
     );
@@ -1059,7 +962,7 @@ async fn hostile_input(g: &Guest) {
     assert_eq!(
         code(
             "WriteStdin unknown exec",
-            g.ag().write_stdin(g.c.ctx(), &wr).await
+            g.ag().write_stdin(g.client.ctx(), &wr).await
         ),
         ttrpc::Code::NOT_FOUND
     );

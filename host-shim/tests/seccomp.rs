@@ -5,12 +5,11 @@
 //! `cargo xtask test` builds the image and runs this with KILN_E2E_MANIFEST.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kiln_protocol::{agent, oci};
-use kiln_shim::client::AgentClient;
 use kiln_shim::config::ShimConfig;
-use kiln_shim::vm::Vm;
+use kiln_shim::testsupport::SandboxVm;
 use protobuf::MessageField;
 
 /// The container id under which the rootfs is shared (its directory in the share).
@@ -24,16 +23,14 @@ fn manifest() -> PathBuf {
     ))
 }
 
-/// A context for calls that wait on the guest.
-fn long() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(180).as_nanos() as i64)
-}
+/// The booted VM with its sandbox; the container calls come from [`SandboxVm`].
+struct Guest(SandboxVm);
 
-struct Guest {
-    vm: Vm,
-    c: AgentClient,
-    _rootfs: tempfile::TempDir,
-    _run_base: tempfile::TempDir,
+impl std::ops::Deref for Guest {
+    type Target = SandboxVm;
+    fn deref(&self) -> &SandboxVm {
+        &self.0
+    }
 }
 
 impl Guest {
@@ -51,116 +48,19 @@ impl Guest {
         )
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-        Guest {
-            vm: booted.vm,
-            c: booted.client,
-            _rootfs: booted.rootfs,
-            _run_base: booted.run_base,
-        }
+        Guest(booted)
     }
 
-    fn ag(&self) -> &kiln_protocol::agent_ttrpc::AgentServiceClient {
-        &self.c.agent
-    }
-
-    async fn create(&self, id: &str, spec: oci::Spec) -> ttrpc::Result<()> {
-        let mut req = agent::CreateContainerRequest::new();
-        req.container_id = id.into();
-        req.OCI = MessageField::some(spec);
-        self.ag()
-            .create_container(self.c.ctx(), &req)
-            .await
-            .map(|_| ())
-    }
-
-    async fn run(&self, id: &str, spec: oci::Spec) {
-        self.create(id, spec)
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer {id}: {e:?}{}", self.vm.diagnostics()));
-        let mut req = agent::StartContainerRequest::new();
-        req.container_id = id.into();
-        self.ag()
-            .start_container(self.c.ctx(), &req)
-            .await
-            .unwrap_or_else(|e| panic!("StartContainer {id}: {e:?}{}", self.vm.diagnostics()));
-    }
-
-    async fn exec(&self, id: &str, exec: &str, p: oci::Process) {
-        let mut req = agent::ExecProcessRequest::new();
-        req.container_id = id.into();
-        req.exec_id = exec.into();
-        req.process = MessageField::some(p);
-        self.ag()
-            .exec_process(self.c.ctx(), &req)
-            .await
-            .unwrap_or_else(|e| panic!("ExecProcess {id}/{exec}: {e:?}{}", self.vm.diagnostics()));
-    }
-
-    async fn read_all(&self, id: &str, exec: &str, stderr: bool) -> String {
-        let mut out = Vec::new();
-        loop {
-            let mut req = agent::ReadStreamRequest::new();
-            req.container_id = id.into();
-            req.exec_id = exec.into();
-            req.len = 64 * 1024;
-            let r = if stderr {
-                self.ag().read_stderr(long(), &req).await
-            } else {
-                self.ag().read_stdout(long(), &req).await
-            };
-            let d = r
-                .unwrap_or_else(|e| panic!("reading {id}/{exec}: {e:?}"))
-                .data;
-            if d.is_empty() {
-                return String::from_utf8_lossy(&out).into_owned();
-            }
-            out.extend(d);
-        }
-    }
-
-    async fn wait(&self, id: &str, exec: &str) -> i32 {
-        let mut req = agent::WaitProcessRequest::new();
-        req.container_id = id.into();
-        req.exec_id = exec.into();
-        self.ag()
-            .wait_process(long(), &req)
-            .await
-            .unwrap_or_else(|e| panic!("WaitProcess {id}/{exec}: {e:?}"))
-            .status
-    }
-
-    /// (status, stdout, stderr) of a process that runs to its end.
-    async fn outcome(&self, id: &str, exec: &str) -> (i32, String, String) {
-        let out = self.read_all(id, exec, false).await;
-        let err = self.read_all(id, exec, true).await;
-        (self.wait(id, exec).await, out, err)
-    }
-
+    /// `sh -c script` exec'd in `id`, with or without noNewPrivileges.
     async fn sh(&self, id: &str, exec: &str, script: &str, nnp: bool) -> (i32, String, String) {
         let mut p = process(&["sh", "-c", script]);
         p.NoNewPrivileges = nnp;
-        self.exec(id, exec, p).await;
+        self.exec_process(id, exec, p).await;
         self.outcome(id, exec).await
     }
 
-    async fn remove(&self, id: &str) {
-        let mut req = agent::RemoveContainerRequest::new();
-        req.container_id = id.into();
-        req.timeout = 30;
-        self.ag()
-            .remove_container(long(), &req)
-            .await
-            .unwrap_or_else(|e| panic!("RemoveContainer {id}: {e:?}"));
-    }
-
     async fn shutdown(self) {
-        let r = self
-            .ag()
-            .destroy_sandbox(self.c.ctx(), &agent::DestroySandboxRequest::new())
-            .await;
-        assert!(r.is_ok(), "DestroySandbox: {r:?}");
-        drop(self.c);
-        self.vm.shutdown();
+        self.0.shutdown().await;
     }
 }
 
@@ -224,7 +124,7 @@ async fn seccomp_profiles_in_one_vm() {
     let g = Guest::boot().await;
     let t = Instant::now();
 
-    let details = g.c.guest_details().await.unwrap();
+    let details = g.client.guest_details().await.unwrap();
     assert!(
         details.agent_details.supports_seccomp,
         "GetGuestDetails says the guest kernel takes seccomp filters"
@@ -284,7 +184,7 @@ async fn seccomp_profiles_in_one_vm() {
         "SCMP_ACT_ALLOW",
         vec![rule(&["mkdir"], "SCMP_ACT_EXPLODE", None)],
     );
-    match g.create("bad", spec(&["true"], bad)).await {
+    match g.create("bad", spec(&["true"], bad), vec![]).await {
         Err(ttrpc::Error::RpcStatus(s)) => {
             assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT, "{s:?}");
             assert!(s.message.contains("SCMP_ACT_EXPLODE"), "{}", s.message);
