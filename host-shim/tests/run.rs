@@ -170,16 +170,7 @@ fn sigint_reaches_the_container() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("ready") {
-        assert!(Instant::now() < deadline, "container never said ready");
-        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
-        assert!(n > 0, "stdout closed early");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let (mut stdout, mut seen) = until_ready(&mut child);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -212,16 +203,7 @@ fn sigkilled_shim_is_cleaned_up_by_the_next_run() {
     let out = shim(base.path()).arg("cleanup").output().unwrap();
     assert!(out.status.success());
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    // Killed processes are reparented to init and reaped there; give it a moment.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !leftovers(base.path()).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        leftovers(base.path()).is_empty(),
-        "{:?}",
-        leftovers(base.path())
-    );
+    assert_no_leftovers(base.path(), "cleanup");
     assert!(
         rootfs.path().join("bin/busybox").exists(),
         "cleanup unmounted, never deleted, the rootfs"
@@ -275,23 +257,7 @@ fn hotplugged_disk_on_an_independent_iothread() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while !String::from_utf8_lossy(&seen).contains("ready") {
-        assert!(Instant::now() < deadline, "container never said ready");
-        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
-        if n == 0 {
-            let mut err = String::new();
-            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            panic!(
-                "stdout closed early: {} / {err}",
-                String::from_utf8_lossy(&seen)
-            );
-        }
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let (_stdout, seen) = until_ready(&mut child);
     assert!(
         String::from_utf8_lossy(&seen).contains("hello from the disk"),
         "{}",
@@ -404,15 +370,7 @@ fn kill_helper_mid_run(victim: &str) -> (std::process::ExitStatus, String, Durat
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     // Whatever died, the shim tears the rest down itself.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !leftovers(base.path()).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        leftovers(base.path()).is_empty(),
-        "after {victim} died: {:?}",
-        leftovers(base.path())
-    );
+    assert_no_leftovers(base.path(), &format!("{victim} died"));
     (status, stderr, took)
 }
 
@@ -470,5 +428,45 @@ fn agent_not_answering_times_out_with_a_clear_error() {
         leftovers(base.path()).is_empty(),
         "{:?}",
         leftovers(base.path())
+    );
+}
+
+/// Reads the container's stdout until it says "ready" (240 s at most, for
+/// TCG); returns the pipe and what was read. A pipe closed first fails the
+/// test with the shim's stderr.
+fn until_ready(child: &mut std::process::Child) -> (std::process::ChildStdout, Vec<u8>) {
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        assert!(Instant::now() < deadline, "container never said ready");
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        if n == 0 {
+            let mut err = String::new();
+            if let Some(e) = child.stderr.as_mut() {
+                let _ = std::io::Read::read_to_string(e, &mut err);
+            }
+            panic!(
+                "stdout closed early: {} / {err}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    (stdout, seen)
+}
+
+/// The run directories under `base` are gone within 10 s (killed processes
+/// are reparented to init and reaped there; give it a moment).
+fn assert_no_leftovers(base: &Path, after: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !leftovers(base).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        leftovers(base).is_empty(),
+        "after {after}: {:?}",
+        leftovers(base)
     );
 }
