@@ -367,7 +367,42 @@ pub fn verify_reproducible(ctx: &Ctx, arch_arg: &str) -> anyhow::Result<()> {
         step.done("");
         dists.push(checkout.join("target").join("kiln").join(DIST));
     }
-    compare_dists(&dists[0], &dists[1])
+    compare_dists(&dists[0], &dists[1])?;
+    // The checked artifacts are the release: publish them where `release`
+    // puts its own (CI uploads dist/), before the scratch builds go away.
+    let dist = ctx.out.join(DIST);
+    publish_dist(&dists[0], &dist)?;
+    ctx.ui
+        .println(&format!("release written to {}", ctx.rel(&dist).display()));
+    Ok(())
+}
+
+/// Replaces `dest` with the files of `src` (0644): copied into a sibling
+/// temp directory first, so `dest` is never half-written.
+fn publish_dist(src: &Path, dest: &Path) -> anyhow::Result<()> {
+    let parent = dest.parent().context("dist has a parent directory")?;
+    std::fs::create_dir_all(parent)?;
+    let staged = tempfile::Builder::new()
+        .prefix(".dist-")
+        .tempdir_in(parent)?;
+    for e in std::fs::read_dir(src)?.flatten() {
+        let name = e.file_name();
+        if e.file_type()?.is_file() && !name.to_string_lossy().starts_with('.') {
+            std::fs::copy(e.path(), staged.path().join(&name))
+                .with_context(|| format!("copying {}", e.path().display()))?;
+            world_readable(&staged.path().join(&name))?;
+        }
+    }
+    let old = parent.join(".dist-old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dest.exists() {
+        std::fs::rename(dest, &old)?;
+    }
+    // The TempDir, renamed away, finds nothing to remove when dropped.
+    std::fs::rename(staged.path(), dest)
+        .with_context(|| format!("renaming into {}", dest.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
 /// Compares two dist directories file by file; on a difference, names the
@@ -568,6 +603,36 @@ mod tests {
             readme.contains("cargo xtask test"),
             "README names the test command .ci/run calls"
         );
+    }
+
+    #[test]
+    fn a_verified_dist_replaces_the_old_one_whole() {
+        let src = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join(DIST);
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("kiln-old-x86_64.tar.zst"), b"stale").unwrap();
+        std::fs::write(src.path().join("kiln-0-x86_64.tar.zst"), b"tar").unwrap();
+        std::fs::write(src.path().join("SHA256SUMS"), b"sums").unwrap();
+        std::fs::write(src.path().join(".scratch"), b"x").unwrap();
+        publish_dist(src.path(), &dest).unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(&dest)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["SHA256SUMS", "kiln-0-x86_64.tar.zst"]);
+        assert_eq!(std::fs::read(dest.join("SHA256SUMS")).unwrap(), b"sums");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dest.join("SHA256SUMS"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
+        // Nothing staged is left beside it.
+        let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
     }
 
     #[test]
