@@ -90,6 +90,19 @@ pub fn long() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(std::time::Duration::from_secs(180).as_nanos() as i64)
 }
 
+/// CreateContainer of `spec` as `id`, with extra `storages` (e.g. a disk).
+pub fn create_request(
+    id: &str,
+    spec: kiln_protocol::oci::Spec,
+    storages: Vec<agent::Storage>,
+) -> agent::CreateContainerRequest {
+    let mut req = agent::CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.OCI = protobuf::MessageField::some(spec);
+    req.storages = storages;
+    req
+}
+
 /// The container calls the end-to-end tests make over and over; each panics
 /// with what failed (and, where the guest may explain it, its diagnostics).
 impl SandboxVm {
@@ -108,12 +121,8 @@ impl SandboxVm {
         spec: kiln_protocol::oci::Spec,
         storages: Vec<agent::Storage>,
     ) -> ttrpc::Result<()> {
-        let mut req = agent::CreateContainerRequest::new();
-        req.container_id = id.into();
-        req.OCI = protobuf::MessageField::some(spec);
-        req.storages = storages;
         self.agent()
-            .create_container(self.client.ctx(), &req)
+            .create_container(self.client.ctx(), &create_request(id, spec, storages))
             .await
             .map(|_| ())
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use kiln_protocol::{agent, oci, types};
 use kiln_shim::config::ShimConfig;
 use kiln_shim::run::{SANDBOX_STORAGE, SHARE_MOUNT_POINT};
-use kiln_shim::testsupport::{long, SandboxVm};
+use kiln_shim::testsupport::{create_request, long, SandboxVm};
 use protobuf::MessageField;
 use sha2::Digest;
 
@@ -60,10 +60,6 @@ impl Guest {
         Guest(booted)
     }
 
-    fn ag(&self) -> &kiln_protocol::agent_ttrpc::AgentServiceClient {
-        self.agent()
-    }
-
     async fn read_text(&self, id: &str, exec: &str) -> String {
         String::from_utf8_lossy(&self.read_all(id, exec, false).await).into_owned()
     }
@@ -74,7 +70,7 @@ impl Guest {
         req.exec_id = exec.into();
         req.data = data.to_vec();
         let n = self
-            .ag()
+            .agent()
             .write_stdin(self.client.ctx(), &req)
             .await
             .unwrap()
@@ -106,14 +102,14 @@ impl Guest {
         req.container_id = id.into();
         req.exec_id = exec.into();
         req.signal = sig;
-        self.ag()
+        self.agent()
             .signal_process(self.client.ctx(), &req)
             .await
             .unwrap_or_else(|e| panic!("SignalProcess {id}/{exec} {sig}: {e:?}"));
     }
 
     async fn metrics(&self) -> String {
-        self.ag()
+        self.agent()
             .get_metrics(self.client.ctx(), &agent::GetMetricsRequest::new())
             .await
             .unwrap()
@@ -134,18 +130,6 @@ impl Guest {
     async fn shutdown(self) {
         self.0.shutdown().await;
     }
-}
-
-fn create_request(
-    id: &str,
-    spec: oci::Spec,
-    storages: Vec<agent::Storage>,
-) -> agent::CreateContainerRequest {
-    let mut req = agent::CreateContainerRequest::new();
-    req.container_id = id.into();
-    req.OCI = MessageField::some(spec);
-    req.storages = storages;
-    req
 }
 
 fn code<T: std::fmt::Debug>(what: &str, r: ttrpc::Result<T>) -> ttrpc::Code {
@@ -291,7 +275,10 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     let mut res = oci::LinuxResources::new();
     res.Memory.mut_or_insert_default().Limit = 96 << 20;
     up.resources = MessageField::some(res);
-    g.ag().update_container(g.client.ctx(), &up).await.unwrap();
+    g.agent()
+        .update_container(g.client.ctx(), &up)
+        .await
+        .unwrap();
     let (_, out, _) = g
         .sh("box", "max2", &["cat", "/sys/fs/cgroup/memory.max"])
         .await;
@@ -304,7 +291,11 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     // StatsContainer from the container's cgroup.
     let mut sreq = agent::StatsContainerRequest::new();
     sreq.container_id = "box".into();
-    let stats = g.ag().stats_container(g.client.ctx(), &sreq).await.unwrap();
+    let stats = g
+        .agent()
+        .stats_container(g.client.ctx(), &sreq)
+        .await
+        .unwrap();
     let cg = stats.cgroup_stats.as_ref().expect("cgroup stats");
     assert!(
         cg.memory_stats.usage.usage > 0,
@@ -333,7 +324,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     let mut close = agent::CloseStdinRequest::new();
     close.container_id = "box".into();
     close.exec_id = "cat".into();
-    g.ag().close_stdin(g.client.ctx(), &close).await.unwrap();
+    g.agent().close_stdin(g.client.ctx(), &close).await.unwrap();
     let out = g.read_all("box", "cat", false).await;
     assert_eq!(out.len(), input.len(), "cat gave back what stdin got");
     assert!(out == input, "stdin round-trips through cat byte for byte");
@@ -373,7 +364,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     rs.exec_id = "tty".into();
     rs.row = 30;
     rs.column = 100;
-    g.ag().tty_win_resize(g.client.ctx(), &rs).await.unwrap();
+    g.agent().tty_win_resize(g.client.ctx(), &rs).await.unwrap();
     g.write("box", "tty", b"\n").await;
     let rest = g.read_text("box", "tty").await;
     assert!(
@@ -453,7 +444,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     }
     let mut p = agent::PauseContainerRequest::new();
     p.container_id = "tick".into();
-    g.ag().pause_container(g.client.ctx(), &p).await.unwrap();
+    g.agent().pause_container(g.client.ctx(), &p).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let frozen = ticks(&g, "tmp/ticks");
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -464,7 +455,10 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     );
     let mut r = agent::ResumeContainerRequest::new();
     r.container_id = "tick".into();
-    g.ag().resume_container(g.client.ctx(), &r).await.unwrap();
+    g.agent()
+        .resume_container(g.client.ctx(), &r)
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while ticks(&g, "tmp/ticks") <= frozen {
         assert!(Instant::now() < deadline, "the ticker did not resume");
@@ -483,7 +477,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     .await;
     let ev = tokio::time::timeout(
         Duration::from_secs(90),
-        g.ag()
+        g.agent()
             .get_oom_event(long(), &agent::GetOOMEventRequest::new()),
     )
     .await
@@ -510,7 +504,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
     let mut s = spec(&["sh", "-c", "cat /data/hello.txt"]);
     s.Mounts.push(bind("/data", &mount_point, &["rbind", "rw"]));
     let req = create_request("disk", s, vec![blk]);
-    let client = g.ag().clone();
+    let client = g.agent().clone();
     let waiting = tokio::spawn(async move { client.create_container(long(), &req).await });
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -567,7 +561,7 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
     // SetGuestDateTime: the guest clock (seen from the container) follows.
     let mut dt = agent::SetGuestDateTimeRequest::new();
     dt.Sec = 2_000_000_000;
-    g.ag()
+    g.agent()
         .set_guest_date_time(g.client.ctx(), &dt)
         .await
         .unwrap();
@@ -582,7 +576,7 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
         .unwrap();
     dt.Sec = now.as_secs() as i64;
     dt.Usec = i64::from(now.subsec_micros());
-    g.ag()
+    g.agent()
         .set_guest_date_time(g.client.ctx(), &dt)
         .await
         .unwrap();
@@ -590,7 +584,7 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
     assert_eq!(
         code(
             "SetGuestDateTime usec 2e6",
-            g.ag().set_guest_date_time(g.client.ctx(), &dt).await
+            g.agent().set_guest_date_time(g.client.ctx(), &dt).await
         ),
         ttrpc::Code::INVALID_ARGUMENT
     );
@@ -602,7 +596,7 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
     cf.file_size = cf.data.len() as i64;
     cf.file_mode = 0o100640;
     cf.dir_mode = 0o750;
-    g.ag().copy_file(g.client.ctx(), &cf).await.unwrap();
+    g.agent().copy_file(g.client.ctx(), &cf).await.unwrap();
     let host_copy = g.host("etc/copied/hosts");
     assert_eq!(
         std::fs::read(&host_copy).unwrap(),
@@ -634,7 +628,7 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
     let mut oc = agent::OnlineCPUMemRequest::new();
     oc.nb_cpus = 1;
     oc.wait = true;
-    g.ag().online_cpu_mem(g.client.ctx(), &oc).await.unwrap();
+    g.agent().online_cpu_mem(g.client.ctx(), &oc).await.unwrap();
     let (_, out, _) = g
         .sh("box", "on", &["cat", "/sys/devices/system/cpu/online"])
         .await;
@@ -668,7 +662,7 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
 /// (identified by its MAC, as Kata does).
 async fn network(g: &Guest) {
     let list = g
-        .ag()
+        .agent()
         .list_interfaces(g.client.ctx(), &agent::ListInterfacesRequest::new())
         .await
         .unwrap();
@@ -687,7 +681,11 @@ async fn network(g: &Guest) {
     lo.IPAddresses = vec![addr];
     let mut req = agent::UpdateInterfaceRequest::new();
     req.interface = MessageField::some(lo);
-    let lo = g.ag().update_interface(g.client.ctx(), &req).await.unwrap();
+    let lo = g
+        .agent()
+        .update_interface(g.client.ctx(), &req)
+        .await
+        .unwrap();
     assert!(lo.raw_flags & 1 == 1, "lo is up: {lo:?}");
     assert!(
         lo.IPAddresses
@@ -695,7 +693,7 @@ async fn network(g: &Guest) {
             .any(|a| a.address == "127.0.0.1" && a.mask == "8"),
         "lo has 127.0.0.1/8: {lo:?}"
     );
-    g.ag()
+    g.agent()
         .list_routes(g.client.ctx(), &agent::ListRoutesRequest::new())
         .await
         .unwrap();
@@ -713,7 +711,7 @@ async fn network(g: &Guest) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let list = g
-            .ag()
+            .agent()
             .list_interfaces(g.client.ctx(), &agent::ListInterfacesRequest::new())
             .await
             .unwrap();
@@ -737,7 +735,11 @@ async fn network(g: &Guest) {
     want.IPAddresses = vec![addr];
     let mut req = agent::UpdateInterfaceRequest::new();
     req.interface = MessageField::some(want.clone());
-    let got = g.ag().update_interface(g.client.ctx(), &req).await.unwrap();
+    let got = g
+        .agent()
+        .update_interface(g.client.ctx(), &req)
+        .await
+        .unwrap();
     assert_eq!(
         (got.name.as_str(), got.mtu),
         ("kiln0", 1400),
@@ -765,9 +767,9 @@ async fn network(g: &Guest) {
     ];
     let mut ur = agent::UpdateRoutesRequest::new();
     ur.routes = MessageField::some(routes);
-    g.ag().update_routes(g.client.ctx(), &ur).await.unwrap();
+    g.agent().update_routes(g.client.ctx(), &ur).await.unwrap();
     let listed = g
-        .ag()
+        .agent()
         .list_routes(g.client.ctx(), &agent::ListRoutesRequest::new())
         .await
         .unwrap();
@@ -793,7 +795,10 @@ async fn network(g: &Guest) {
     neighbors.ARPNeighbors = vec![n];
     let mut an = agent::AddARPNeighborsRequest::new();
     an.neighbors = MessageField::some(neighbors);
-    g.ag().add_arp_neighbors(g.client.ctx(), &an).await.unwrap();
+    g.agent()
+        .add_arp_neighbors(g.client.ctx(), &an)
+        .await
+        .unwrap();
 
     // The container shares the sandbox's network: it sees all of it.
     let (st, out, err) = g
@@ -825,7 +830,7 @@ async fn network(g: &Guest) {
     assert_eq!(
         code(
             "UpdateInterface bad MAC",
-            g.ag().update_interface(g.client.ctx(), &req).await
+            g.agent().update_interface(g.client.ctx(), &req).await
         ),
         ttrpc::Code::INVALID_ARGUMENT
     );
@@ -834,7 +839,7 @@ async fn network(g: &Guest) {
     assert_eq!(
         code(
             "UpdateInterface unknown MAC",
-            g.ag().update_interface(g.client.ctx(), &req).await
+            g.agent().update_interface(g.client.ctx(), &req).await
         ),
         ttrpc::Code::NOT_FOUND
     );
@@ -849,7 +854,7 @@ async fn hostile_input(g: &Guest) {
         assert_eq!(
             code(
                 &format!("StartContainer {bad:?}"),
-                g.ag().start_container(g.client.ctx(), &st).await
+                g.agent().start_container(g.client.ctx(), &st).await
             ),
             ttrpc::Code::INVALID_ARGUMENT,
             "container id {bad:?}"
@@ -872,7 +877,7 @@ async fn hostile_input(g: &Guest) {
     link.file_size = link.data.len() as i64;
     link.file_mode = 0o120777;
     link.dir_mode = 0o755;
-    g.ag().copy_file(g.client.ctx(), &link).await.unwrap();
+    g.agent().copy_file(g.client.ctx(), &link).await.unwrap();
     for path in [
         "/etc/kiln-escape".to_string(),
         "/run/kata-containers/../../etc/kiln-escape".to_string(),
@@ -888,7 +893,7 @@ async fn hostile_input(g: &Guest) {
         assert_eq!(
             code(
                 &format!("CopyFile {path}"),
-                g.ag().copy_file(g.client.ctx(), &cf).await
+                g.agent().copy_file(g.client.ctx(), &cf).await
             ),
             ttrpc::Code::INVALID_ARGUMENT,
             "CopyFile {path}"
@@ -920,7 +925,7 @@ async fn hostile_input(g: &Guest) {
     assert_eq!(
         code(
             "WaitProcess unknown container",
-            g.ag().wait_process(g.client.ctx(), &w).await
+            g.agent().wait_process(g.client.ctx(), &w).await
         ),
         ttrpc::Code::NOT_FOUND
     );
@@ -929,7 +934,7 @@ async fn hostile_input(g: &Guest) {
     assert_eq!(
         code(
             "WaitProcess unknown exec",
-            g.ag().wait_process(g.client.ctx(), &w).await
+            g.agent().wait_process(g.client.ctx(), &w).await
         ),
         ttrpc::Code::NOT_FOUND
     );
@@ -940,7 +945,7 @@ async fn hostile_input(g: &Guest) {
     assert_eq!(
         code(
             "ReadStdout unknown exec",
-            g.ag().read_stdout(g.client.ctx(), &rd).await
+            g.agent().read_stdout(g.client.ctx(), &rd).await
         ),
         ttrpc::Code::NOT_FOUND
     );
@@ -951,7 +956,7 @@ async fn hostile_input(g: &Guest) {
     assert_eq!(
         code(
             "SignalProcess unknown exec",
-            g.ag().signal_process(g.client.ctx(), &sig).await
+            g.agent().signal_process(g.client.ctx(), &sig).await
         ),
         ttrpc::Code::NOT_FOUND
     );
@@ -962,7 +967,7 @@ async fn hostile_input(g: &Guest) {
     assert_eq!(
         code(
             "WriteStdin unknown exec",
-            g.ag().write_stdin(g.client.ctx(), &wr).await
+            g.agent().write_stdin(g.client.ctx(), &wr).await
         ),
         ttrpc::Code::NOT_FOUND
     );
