@@ -40,9 +40,20 @@ pub struct QemuSection {
     pub accel: String,
     #[serde(default = "default_vcpus")]
     pub default_vcpus: u32,
+    /// vCPUs the VM may have after hot-plugging (`-smp N,maxcpus=M`); 0
+    /// means `default_vcpus` (no room to hot-plug).
+    #[serde(default)]
+    pub default_maxvcpus: u32,
     /// Guest memory in MiB.
     #[serde(default = "default_memory")]
     pub default_memory: u32,
+    /// Memory in MiB the VM may have after hot-plugging DIMMs (`-m
+    /// N,slots=S,maxmem=M`); 0 means `default_memory` (no room). x86_64 q35 only.
+    #[serde(default)]
+    pub default_maxmemory: u32,
+    /// DIMM slots for memory hot-plug when `default_maxmemory` leaves room.
+    #[serde(default = "default_memory_slots")]
+    pub memory_slots: u32,
     /// Extra kernel parameters appended to the image's command line.
     #[serde(default)]
     pub kernel_params: String,
@@ -138,6 +149,9 @@ fn default_vcpus() -> u32 {
 fn default_memory() -> u32 {
     512
 }
+fn default_memory_slots() -> u32 {
+    10
+}
 fn default_agent_port() -> u32 {
     1024
 }
@@ -199,6 +213,28 @@ impl ShimConfig {
             anyhow::bail!(
                 "hypervisor.qemu.default_vcpus = {}: use 1 to 256",
                 q.default_vcpus
+            );
+        }
+        if q.default_maxvcpus != 0
+            && (q.default_maxvcpus < q.default_vcpus || q.default_maxvcpus > 256)
+        {
+            anyhow::bail!(
+                "hypervisor.qemu.default_maxvcpus = {}: use 0 (no hot-plug) or {} (default_vcpus) to 256",
+                q.default_maxvcpus,
+                q.default_vcpus
+            );
+        }
+        if q.default_maxmemory != 0 && q.default_maxmemory < q.default_memory {
+            anyhow::bail!(
+                "hypervisor.qemu.default_maxmemory = {} MiB is below default_memory = {} MiB: use 0 (no hot-plug) or at least default_memory",
+                q.default_maxmemory,
+                q.default_memory
+            );
+        }
+        if q.memory_slots == 0 || q.memory_slots > 256 {
+            anyhow::bail!(
+                "hypervisor.qemu.memory_slots = {}: use 1 to 256",
+                q.memory_slots
             );
         }
         if q.default_memory < 64 {
@@ -306,6 +342,33 @@ mod tests {
         assert!(
             e.contains("hypervisor.qemu.rootfs") && e.contains("nvdimm"),
             "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            ShimConfig::parse("[hypervisor.qemu]\ndefault_vcpus = 2\ndefault_maxvcpus = 1\n")
+                .unwrap_err()
+        );
+        assert!(e.contains("default_maxvcpus = 1"), "{e}");
+        let e = format!(
+            "{:#}",
+            ShimConfig::parse("[hypervisor.qemu]\ndefault_maxmemory = 256\n").unwrap_err()
+        );
+        assert!(e.contains("default_maxmemory = 256"), "{e}");
+        let e = format!(
+            "{:#}",
+            ShimConfig::parse("[hypervisor.qemu]\nmemory_slots = 0\n").unwrap_err()
+        );
+        assert!(e.contains("memory_slots"), "{e}");
+        let c = ShimConfig::parse(
+            "[hypervisor.qemu]\ndefault_maxvcpus = 4\ndefault_maxmemory = 2048\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.hypervisor.qemu.default_maxvcpus,
+                c.hypervisor.qemu.default_maxmemory
+            ),
+            (4, 2048)
         );
         let c = ShimConfig::parse("[hypervisor.qemu]\nrootfs = \"virtio-blk\"\n").unwrap();
         assert_eq!(c.hypervisor.qemu.rootfs, "virtio-blk");

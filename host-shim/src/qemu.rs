@@ -290,6 +290,41 @@ pub fn has_pcie_root_ports(arch: &str, machine: &str) -> bool {
     matches!((arch, machine), ("x86_64", "q35") | ("aarch64", "virt"))
 }
 
+/// Whether DIMMs can be hot-plugged (`-m ...,slots,maxmem` and `pc-dimm`).
+pub fn supports_memory_hotplug(arch: &str, machine: &str) -> bool {
+    (arch, machine) == ("x86_64", "q35")
+}
+
+/// `-m`: the boot memory, plus the hot-plug area when NVDIMMs (given in
+/// bytes) or DIMM hot-plug (`hotplug_mib`, in `slots` DIMMs) need one.
+pub fn memory_arg(mem_mib: u32, nvdimm_bytes: u64, hotplug_mib: u32, slots: u32) -> String {
+    if nvdimm_bytes == 0 && hotplug_mib == 0 {
+        return format!("{mem_mib}M");
+    }
+    let mut total_slots = 0;
+    let mut maxmem = u64::from(mem_mib);
+    if nvdimm_bytes > 0 {
+        // An nvdimm lives in the hotplug area: give it a slot and room.
+        total_slots += 2;
+        maxmem += nvdimm_bytes.div_ceil(1 << 20) + 1024;
+    }
+    if hotplug_mib > 0 {
+        total_slots += slots;
+        maxmem += u64::from(hotplug_mib);
+    }
+    format!("{mem_mib}M,slots={total_slots},maxmem={maxmem}M")
+}
+
+/// `-smp`: the boot vCPUs, and with `maxcpus` room to hot-plug up to
+/// `max_vcpus` (0 or not above `vcpus`: none).
+pub fn smp_arg(vcpus: u32, max_vcpus: u32) -> String {
+    if max_vcpus > vcpus {
+        format!("{vcpus},maxcpus={max_vcpus}")
+    } else {
+        vcpus.to_string()
+    }
+}
+
 impl QemuLaunch<'_> {
     pub fn binary(&self) -> anyhow::Result<String> {
         if !self.config.path.is_empty() {
@@ -386,20 +421,22 @@ impl QemuLaunch<'_> {
         }
         let nvdimm_bytes =
             pmem.as_ref().map_or(0, |(_, size)| *size) + nvdimm_root.map_or(0, |r| r.size);
-        let memory = if nvdimm_bytes > 0 {
-            // An nvdimm lives in the hotplug area: give it a slot and room.
-            format!(
-                "{mem}M,slots=2,maxmem={}M",
-                u64::from(mem) + nvdimm_bytes.div_ceil(1 << 20) + 1024
-            )
-        } else {
-            format!("{mem}M")
-        };
+        let hotplug_mib = self.config.default_maxmemory.saturating_sub(mem);
+        if hotplug_mib > 0 && !supports_memory_hotplug(self.arch, machine) {
+            anyhow::bail!(
+                "hypervisor.qemu.default_maxmemory = {} leaves room for DIMM hot-plug, which kiln-shim offers \
+                 only on x86_64 q35 (pc-dimm with ACPI), not {} {machine}",
+                self.config.default_maxmemory,
+                self.arch
+            );
+        }
         push(&[
             "-m",
-            &memory,
+            &memory_arg(mem, nvdimm_bytes, hotplug_mib, self.config.memory_slots),
+        ]);
+        push(&[
             "-smp",
-            &self.config.default_vcpus.to_string(),
+            &smp_arg(self.config.default_vcpus, self.config.default_maxvcpus),
         ]);
         if (self.viommu || !self.passthrough.is_empty())
             && (self.arch, machine) != ("x86_64", "q35")
@@ -581,6 +618,47 @@ mod tests {
             choose_accel("tcg", std::env::consts::ARCH, &good).0,
             Accel::Tcg
         );
+    }
+
+    #[test]
+    fn hotplug_room_for_vcpus_and_memory() {
+        assert_eq!(smp_arg(1, 0), "1");
+        assert_eq!(smp_arg(2, 2), "2");
+        assert_eq!(smp_arg(1, 4), "1,maxcpus=4");
+        assert_eq!(memory_arg(512, 0, 0, 10), "512M");
+        assert_eq!(memory_arg(512, 0, 1536, 10), "512M,slots=10,maxmem=2048M");
+        assert_eq!(memory_arg(512, 4 << 20, 0, 10), "512M,slots=2,maxmem=1540M");
+        assert_eq!(
+            memory_arg(512, 4 << 20, 512, 4),
+            "512M,slots=6,maxmem=2052M",
+            "NVDIMMs and DIMMs share the hot-plug area"
+        );
+
+        let mut cfg = QemuSection::default();
+        cfg.default_vcpus = 1;
+        cfg.default_maxvcpus = 2;
+        cfg.default_maxmemory = 1024;
+        cfg.memory_slots = 4;
+        let args = launch_for("x86_64", &cfg, Accel::Tcg)
+            .args()
+            .unwrap()
+            .join(" ");
+        assert!(args.contains("-m 512M,slots=4,maxmem=1024M"), "{args}");
+        assert!(args.contains("-smp 1,maxcpus=2"), "{args}");
+        let e = launch_for("aarch64", &cfg, Accel::Tcg)
+            .args()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("default_maxmemory") && e.contains("aarch64"),
+            "{e}"
+        );
+        cfg.default_maxmemory = 0;
+        let arm = launch_for("aarch64", &cfg, Accel::Tcg)
+            .args()
+            .unwrap()
+            .join(" ");
+        assert!(arm.contains("-m 512M -smp 1,maxcpus=2"), "{arm}");
     }
 
     #[test]

@@ -128,8 +128,9 @@ async fn drive(
         .await
         .context("CreateSandbox")?;
 
-    let mut spec = protocol_spec(&req.spec, cid)?;
+    let (mut spec, sandbox_pidns) = agent_spec(&req.spec, cid)?;
     let mut create = agent::CreateContainerRequest::new();
+    create.sandbox_pidns = sandbox_pidns;
     for (i, disk) in req.disks.iter().enumerate() {
         let plugged = vm.hotplug_disk(i as u32, &disk.file)?;
         tracing::info!(
@@ -247,21 +248,29 @@ async fn helper_death(vm: &mut Vm) -> Option<String> {
 }
 
 /// `spec` as the agent gets it: the protocol message, its root the rootfs
-/// shared as `share_id` (Kata's layout), in the sandbox's network namespace.
+/// shared as `share_id` (Kata's layout), rewritten as Kata's runtime does
+/// (see [`crate::spec::constrain_for_agent`]: among others no pid namespace,
+/// the agent makes one; the sandbox's network namespace).
 pub fn protocol_spec(
     spec: &oci_spec::runtime::Spec,
     share_id: &str,
 ) -> anyhow::Result<kiln_protocol::oci::Spec> {
+    Ok(agent_spec(spec, share_id)?.0)
+}
+
+/// [`protocol_spec`] and the CreateContainer `sandbox_pidns` Kata's runtime
+/// derives from the spec (true when its pid namespace had a path).
+pub fn agent_spec(
+    spec: &oci_spec::runtime::Spec,
+    share_id: &str,
+) -> anyhow::Result<(kiln_protocol::oci::Spec, bool)> {
     let (mut p, dropped) = crate::spec::to_protocol(spec)?;
     if !dropped.is_empty() {
         tracing::debug!("OCI keys without a protocol field: {dropped:?}");
     }
     p.Root.mut_or_insert_default().Path = format!("{SHARE_MOUNT_POINT}/{share_id}/rootfs");
-    // The container shares the sandbox's network namespace, as in Kata.
-    if let Some(linux) = p.Linux.as_mut() {
-        linux.Namespaces.retain(|n| n.Type != "network");
-    }
-    Ok(p)
+    let sandbox_pidns = crate::spec::constrain_for_agent(&mut p);
+    Ok((p, sandbox_pidns))
 }
 
 /// A sandbox on the virtio-fs share, then container `id` (its rootfs the

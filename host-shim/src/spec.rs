@@ -79,6 +79,54 @@ pub fn to_protocol(spec: &oci_spec::runtime::Spec) -> anyhow::Result<(oci::Spec,
     Ok((msg, dropped))
 }
 
+/// Rewrites a translated spec the way Kata's Go runtime does before
+/// CreateContainer (kata_agent.go: `constrainGRPCSpec`, then
+/// `handlePidNamespace`), so the agent receives what it would from Kata:
+/// - hooks removed (they run on the host);
+/// - the device, pids, block-IO and network cgroup resources removed, and the
+///   CPU/memory-node pinning cleared (host numbers mean nothing in the guest);
+/// - the network and time namespaces removed (the sandbox owns them), and
+///   every other namespace's path cleared (host paths). The cgroup namespace
+///   is kept, as runtime-rs does (the Go runtime drops it, and Kata's agent
+///   unshares one anyway on cgroup v2), so a container sees its own cgroup
+///   at /sys/fs/cgroup;
+/// - the pid namespace removed: the agent gives every container its own,
+///   and shares the sandbox's when CreateContainer says `sandbox_pidns`,
+///   which Kata sets when the spec's pid namespace had a path (joining a
+///   pod's shared pid namespace).
+///
+/// Returns that `sandbox_pidns`. Seccomp is kept, as Kata does with
+/// `disable_guest_seccomp = false` (kiln's guests enforce it).
+pub fn constrain_for_agent(p: &mut oci::Spec) -> bool {
+    p.Hooks = protobuf::MessageField::none();
+    let Some(linux) = p.Linux.as_mut() else {
+        return false;
+    };
+    if let Some(res) = linux.Resources.as_mut() {
+        res.Devices.clear();
+        res.Pids = protobuf::MessageField::none();
+        res.BlockIO = protobuf::MessageField::none();
+        res.Network = protobuf::MessageField::none();
+        if let Some(cpu) = res.CPU.as_mut() {
+            cpu.Cpus.clear();
+            cpu.Mems.clear();
+        }
+    }
+    let mut sandbox_pidns = false;
+    linux.Namespaces.retain_mut(|ns| match ns.Type.as_str() {
+        "network" | "time" => false,
+        "pid" => {
+            sandbox_pidns |= !ns.Path.is_empty();
+            false
+        }
+        _ => {
+            ns.Path.clear();
+            true
+        }
+    });
+    sandbox_pidns
+}
+
 fn map_message(
     v: &Value,
     desc: &MessageDescriptor,
@@ -163,6 +211,63 @@ mod tests {
             .iter()
             .any(|m| m.destination == "/proc" && m.type_ == "proc"));
         assert!(p.Process.NoNewPrivileges);
+    }
+
+    #[test]
+    fn constrained_like_katas_runtime() {
+        let json = r#"{
+          "ociVersion": "1.0.2",
+          "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+          "root": {"path": "rootfs"},
+          "hooks": {"prestart": [{"path": "/usr/bin/hook"}]},
+          "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/proc/1/ns/net"},
+                                   {"type": "ipc", "path": "/proc/7/ns/ipc"}, {"type": "uts"},
+                                   {"type": "mount"}, {"type": "cgroup"}],
+                    "resources": {"devices": [{"allow": false, "access": "rwm"}],
+                                  "memory": {"limit": 67108864, "swap": 67108864},
+                                  "pids": {"limit": 64},
+                                  "blockIO": {"weight": 10},
+                                  "cpu": {"quota": 50000, "period": 100000, "cpus": "0-3", "mems": "0"}},
+                    "seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}
+        }"#;
+        let spec: oci_spec::runtime::Spec = serde_json::from_str(json).unwrap();
+        let (mut p, _) = to_protocol(&spec).unwrap();
+        assert!(p.Hooks.is_some());
+        assert!(
+            !constrain_for_agent(&mut p),
+            "a pid ns without a path: not shared"
+        );
+        assert!(p.Hooks.is_none());
+        let ns: Vec<_> = p
+            .Linux
+            .Namespaces
+            .iter()
+            .map(|n| (n.Type.as_str(), n.Path.as_str()))
+            .collect();
+        assert_eq!(
+            ns,
+            vec![("ipc", ""), ("uts", ""), ("mount", ""), ("cgroup", "")]
+        );
+        let res = &p.Linux.Resources;
+        assert!(res.Devices.is_empty() && res.Pids.is_none() && res.BlockIO.is_none());
+        assert_eq!(res.Memory.Limit, 64 << 20, "memory limits stay");
+        assert_eq!(res.Memory.Swap, 64 << 20, "swap stays");
+        assert_eq!(
+            (res.CPU.Quota, res.CPU.Cpus.as_str(), res.CPU.Mems.as_str()),
+            (50000, "", "")
+        );
+        assert!(
+            p.Linux.Seccomp.is_some(),
+            "seccomp passes (disable_guest_seccomp=false)"
+        );
+
+        // A pid namespace with a path (a pod sharing its pid ns) asks for the sandbox's.
+        let json = r#"{"ociVersion": "1.0.2", "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+                       "linux": {"namespaces": [{"type": "pid", "path": "/proc/42/ns/pid"}]}}"#;
+        let spec: oci_spec::runtime::Spec = serde_json::from_str(json).unwrap();
+        let (mut p, _) = to_protocol(&spec).unwrap();
+        assert!(constrain_for_agent(&mut p));
+        assert!(p.Linux.Namespaces.is_empty());
     }
 
     #[test]

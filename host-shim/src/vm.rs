@@ -451,6 +451,17 @@ impl Vm {
     }
 
     /// A QMP connection to this VM's QEMU.
+    /// Hot-plugs the next vCPU (needs `default_maxvcpus` room).
+    pub fn hotplug_vcpu(&self, index: u32) -> anyhow::Result<crate::qmp::CpuSlot> {
+        self.qmp()?.hotplug_vcpu(&format!("kiln_cpu{index}"))
+    }
+
+    /// Hot-plugs a DIMM of `size_mib` (needs `default_maxmemory` room).
+    pub fn hotplug_memory(&self, index: u32, size_mib: u64) -> anyhow::Result<()> {
+        self.qmp()?
+            .hotplug_memory(&format!("kiln_dimm{index}"), size_mib)
+    }
+
     pub fn qmp(&self) -> anyhow::Result<QmpClient> {
         QmpClient::connect(&self.qmp_socket, Duration::from_secs(5))
     }

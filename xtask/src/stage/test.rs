@@ -241,13 +241,16 @@ fn e2e(ctx: &Ctx, image: &ImageManifest, arch: Arch) -> anyhow::Result<()> {
         args.extend([
             "--test", "run", "--test", "agent_vm", "--test", "vfio", "--test", "seccomp",
         ]);
+        // kata_replay: a pod's life as Kata's runtimes drive the agent, with
+        // vCPU and DIMM hot-plug (x86_64 q35 only).
+        args.extend(["--test", "kata_replay"]);
         args.extend(["--test", "stress"]);
     } else {
         // The container tests share the host's busybox as the container rootfs
         // over virtio-fs; neither crosses arches (and virtiofsd does not
         // byte-swap FUSE for big-endian s390x guests).
         ctx.ui.println(&format!(
-            "note: container tests (run, agent_vm) need a {} guest; {arch} runs the boot tests only",
+            "note: container tests (run, agent_vm, kata_replay) need a {} guest; {arch} runs the boot tests only",
             Arch::host()
         ));
     }
