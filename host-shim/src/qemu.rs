@@ -634,11 +634,13 @@ mod tests {
             "NVDIMMs and DIMMs share the hot-plug area"
         );
 
-        let mut cfg = QemuSection::default();
-        cfg.default_vcpus = 1;
-        cfg.default_maxvcpus = 2;
-        cfg.default_maxmemory = 1024;
-        cfg.memory_slots = 4;
+        let mut cfg = QemuSection {
+            default_vcpus: 1,
+            default_maxvcpus: 2,
+            default_maxmemory: 1024,
+            memory_slots: 4,
+            ..Default::default()
+        };
         let args = launch_for("x86_64", &cfg, Accel::Tcg)
             .args()
             .unwrap()
