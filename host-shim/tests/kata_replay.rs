@@ -413,8 +413,10 @@ fn go_spec(cid: &str, args: &[&str], container_type: &str, go: bool) -> oci::Spe
         "io.kubernetes.cri.container-type".into(),
         container_type.into(),
     );
-    p.Annotations
-        .insert("io.kubernetes.cri.sandbox-id".into(), POD.into());
+    p.Annotations.insert(
+        "io.kubernetes.cri.sandbox-id".into(),
+        if go { POD } else { RS_POD }.into(),
+    );
     p.Annotations.insert(
         "io.kubernetes.cri.sandbox-namespace".into(),
         "default".into(),
@@ -812,7 +814,7 @@ async fn go_replay(g: &Guest, s: &mut Steps) -> GoOutcome {
             .push(bind(dest, &src, &["rbind", "rprivate", "rw"]));
     }
     // configMap `game-config` at /etc/config: shared, then watchable-bind.
-    let cm_source = share_config_map(g, APP, "7d865e959b2466918", "config");
+    let cm_source = share_config_map(g, APP, "7d865e959b246691", "config");
     let cm_mount = format!("{SHARED}/watchable/{}", base(&cm_source));
     let mut watchable = agent::Storage::new();
     watchable.driver = "watchable-bind".into();
@@ -1076,7 +1078,7 @@ async fn go_replay(g: &Guest, s: &mut Steps) -> GoOutcome {
                     "mtu 1450",
                     "10.88.0.5/16",
                     "default via 169.254.1.1 dev eth0 onlink",
-                    "198.51.100.0/24 dev eth0 scope link  mtu 1400",
+                    "198.51.100.0/24 dev eth0 scope link",
                     "169.254.1.1 lladdr ee:ee:ee:ee:ee:ee PERMANENT",
                 ] {
                     anyhow::ensure!(
@@ -1085,7 +1087,25 @@ async fn go_replay(g: &Guest, s: &mut Steps) -> GoOutcome {
                         "no `{want}` in:\n{out}"
                     );
                 }
-                Ok("NOARP, mtu, address, onlink default, route mtu, neighbour")
+                // busybox's ip prints no route metrics: the route MTU (and
+                // the onlink flag again) as the agent lists them.
+                let listed = rpc(
+                    "ListRoutes",
+                    g.agent()
+                        .list_routes(g.ctx(), &agent::ListRoutesRequest::new())
+                        .await,
+                )?;
+                let mtu = listed
+                    .Routes
+                    .iter()
+                    .find(|r| r.dest == "198.51.100.0/24")
+                    .map(|r| r.mtu);
+                anyhow::ensure!(
+                    mtu == Some(1400),
+                    "ListRoutes gives the 198.51.100.0/24 route mtu {mtu:?}, not 1400: {:?}",
+                    listed.Routes
+                );
+                Ok("NOARP, link mtu, address, onlink default, route mtu, neighbour")
             }
             .await,
         );
