@@ -15,7 +15,8 @@ pub mod cgroups;
 pub mod child;
 pub mod launch;
 pub mod mounts;
-pub mod seccomp;
+/// The seccomp compiler lives in its own crate (`agent/seccomp`).
+pub use kiln_seccomp as seccomp;
 pub mod spec;
 pub mod stdio;
 pub mod wire;
