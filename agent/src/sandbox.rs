@@ -558,7 +558,7 @@ impl Sandbox {
         let spec = ContainerSpec::from_oci(&oci_spec)?;
         let pidns_init = !matches!(pidns, PidNs::Join(_));
 
-        let cgroup = self.container_cgroup(sandbox_id, cid, &spec.resources)?;
+        let cgroup = self.container_cgroup(sandbox_id, cid, &spec.resources, &spec.device_rules)?;
         let cleanup_cgroup = |cg: &Option<Cgroup>| {
             if let Some(cg) = cg {
                 cg.kill_all();
@@ -661,11 +661,12 @@ impl Sandbox {
         sandbox_id: &str,
         cid: &str,
         r: &Resources,
+        devices: &[crate::container::devcg::DeviceRule],
     ) -> Result<Option<Cgroup>> {
         let tree = self.cgroups();
         if !tree.root().join("cgroup.controllers").exists() {
             if r.is_empty() {
-                tracing::warn!(root = %tree.root().display(), "no cgroup v2 mounted; container runs without a cgroup");
+                tracing::warn!(root = %tree.root().display(), "no cgroup v2 mounted; container runs without a cgroup, and without device confinement");
                 return Ok(None);
             }
             return Err(precondition(format!(
@@ -674,7 +675,10 @@ impl Sandbox {
             )));
         }
         let cg = tree.create(sandbox_id, cid)?;
-        if let Err(e) = cg.apply(r) {
+        if let Err(e) = cg
+            .apply(r)
+            .and_then(|_| crate::container::devcg::attach(cg.path(), devices))
+        {
             let _ = cg.remove(Duration::from_secs(1));
             return Err(e);
         }

@@ -1103,3 +1103,64 @@ async fn kata_runtime_shapes_namespaces_signal_all_and_pod_storages() {
     a.remove("p2").await;
     a.destroy().await;
 }
+
+/// The attack: root in the container with CAP_MKNOD makes nodes for the
+/// kernel log and the host's first disk and reads them. The device cgroup
+/// program denies both (EPERM, not the EACCES of a nodev mount), while the
+/// default devices work and a device the spec lists can be opened.
+#[tokio::test]
+async fn devices_the_spec_does_not_allow_cannot_be_opened() {
+    require_root_and_cgroup2!();
+    let disk = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("loop"))
+        .find_map(|e| std::fs::read_to_string(e.path().join("dev")).ok())
+        .map(|s| s.trim().replace(':', " "))
+        .unwrap_or_else(|| "7 0".into());
+    let a = start_agent(&[]).await;
+    a.create_sandbox().await;
+    let root = a.rootfs("rootfs");
+    let script = format!(
+        "mknod /tmp/kmsg c 1 11 && mknod /tmp/disk b {disk} && echo made; \
+         head -c 16 /tmp/kmsg >/dev/null && echo KMSG-READ; \
+         head -c 512 /tmp/disk >/dev/null && echo DISK-READ; \
+         head -c 4 /dev/zero | wc -c; rm -f /tmp/kmsg /tmp/disk"
+    );
+    a.run("attack", spec(&root, &["sh", "-c", &script])).await;
+    assert_eq!(a.wait("attack", "").await, 0);
+    let out = String::from_utf8(a.read_all("attack", "", false).await).unwrap();
+    let err = String::from_utf8(a.read_all("attack", "", true).await).unwrap();
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["made", "4"],
+        "stderr: {err}"
+    );
+    assert_eq!(
+        err.matches("Operation not permitted").count(),
+        2,
+        "both opens refused by the device program: {err}"
+    );
+    a.remove("attack").await;
+
+    // A device the spec lists is allowed (as runc does).
+    let mut s = spec(&root, &["sh", "-c", "head -c 1 /dev/kmsg | wc -c"]);
+    let mut d = oci::LinuxDevice::new();
+    d.Path = "/dev/kmsg".into();
+    d.Type = "c".into();
+    d.Major = 1;
+    d.Minor = 11;
+    d.FileMode = 0o600;
+    s.Linux.as_mut().unwrap().Devices.push(d);
+    a.run("granted", s).await;
+    assert_eq!(a.wait("granted", "").await, 0);
+    let out = String::from_utf8(a.read_all("granted", "", false).await).unwrap();
+    assert_eq!(
+        out.trim(),
+        "1",
+        "{}",
+        String::from_utf8_lossy(&a.read_all("granted", "", true).await)
+    );
+    a.remove("granted").await;
+    a.destroy().await;
+}
