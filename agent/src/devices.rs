@@ -1,4 +1,11 @@
-//! CreateContainer's `devices`: PCI devices the host passed through with VFIO.
+//! CreateContainer's `devices`: PCI devices the host passed through with
+//! VFIO, and block devices (`--device`, raw-block volumes).
+//!
+//! Block devices, Kata's form: `Device{type: "blk" | "virtio-blk" |
+//! "virtio-blk-pci", vm_path: "<guest PCI path>"}` or `Device{type: "scsi",
+//! vm_path: "<target>:<lun>"}`, with `container_path` naming the spec's
+//! `linux.devices` entry. The disk is awaited, and that entry and the
+//! cgroup rules that named the host's device numbers get the guest's.
 //!
 //! Kata's form: `Device{type: "vfio-pci" | "vfio-pci-gk", options:
 //! ["<host BDF>=<guest PCI path>", ...], container_path: "/dev/vfio/<host group>"}`.
@@ -23,6 +30,8 @@ use crate::pci::{self, GuestBdf, PciPath};
 use crate::uevent;
 
 pub const VFIO_PCI: &str = "vfio-pci";
+/// Block device types (virtio-blk by PCI path, virtio-scsi by address).
+pub const BLOCK_TYPES: &[&str] = &["blk", "virtio-blk", "virtio-blk-pci", "scsi"];
 pub const VFIO_PCI_GK: &str = "vfio-pci-gk";
 const MAX_DEVICES: usize = 64;
 /// `/dev/vfio/vfio` is misc device 196.
@@ -100,11 +109,18 @@ pub async fn setup(
     }
     // Validate everything before waiting on anything.
     let mut parsed = Vec::new();
+    let mut blocks = Vec::new();
     for d in devices {
+        if BLOCK_TYPES.contains(&d.type_.as_str()) {
+            blocks.push((d, BlockAt::parse(d)?));
+            continue;
+        }
         if d.type_ != VFIO_PCI && d.type_ != VFIO_PCI_GK {
             return Err(invalid(format!(
-                "device {:?} has type {:?}; kiln-agent supports {VFIO_PCI:?} and {VFIO_PCI_GK:?}",
-                d.container_path, d.type_
+                "device {:?} has type {:?}; kiln-agent supports {VFIO_PCI:?}, {VFIO_PCI_GK:?} and {}",
+                d.container_path,
+                d.type_,
+                BLOCK_TYPES.join(", ")
             )));
         }
         if d.options.is_empty() {
@@ -121,6 +137,17 @@ pub async fn setup(
         parsed.push((d, opts));
     }
     let _ = std::fs::write(guest.path("/sys/bus/pci/rescan"), "1");
+    for (d, at) in blocks {
+        let name = at.wait(guest, hotplug_timeout).await?;
+        let numbers = dev_numbers(
+            guest,
+            &format!("/sys/class/block/{name}/dev"),
+            &format!("/dev/{name}"),
+        )
+        .ok_or_else(|| precondition(format!("cannot read the device numbers of /dev/{name}")))?;
+        tracing::info!(device = %name, container_path = %d.container_path, "block device present");
+        point_spec_at(spec, &d.container_path, "b", numbers)?;
+    }
     for (d, opts) in parsed {
         let mut groups = Vec::new();
         for o in &opts {
@@ -149,6 +176,103 @@ pub async fn setup(
         rewrite_pci_env(&mut p.Env, &map);
     }
     Ok(map)
+}
+
+/// Where a block device is, by type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BlockAt {
+    Pci(PciPath),
+    Scsi(crate::storage::ScsiAddr),
+}
+
+impl BlockAt {
+    fn parse(d: &agent::Device) -> Result<BlockAt> {
+        if d.container_path.is_empty() {
+            return Err(invalid(format!(
+                "{} device {:?} has no container_path",
+                d.type_, d.vm_path
+            )));
+        }
+        Ok(if d.type_ == "scsi" {
+            BlockAt::Scsi(crate::storage::ScsiAddr::parse(&d.vm_path)?)
+        } else {
+            BlockAt::Pci(d.vm_path.parse()?)
+        })
+    }
+
+    async fn wait(&self, guest: &GuestFs, limit: Duration) -> Result<String> {
+        let g = guest.clone();
+        match self {
+            BlockAt::Pci(path) => {
+                let path = path.clone();
+                uevent::wait_for(
+                    &format!("virtio-blk disk at PCI path {path}"),
+                    limit,
+                    move || pci::resolve(&g, &path).and_then(|bdf| pci::block_device(&g, &bdf)),
+                    |ev| ev.get("SUBSYSTEM") == "block" || ev.get("SUBSYSTEM") == "pci",
+                )
+                .await
+            }
+            BlockAt::Scsi(addr) => {
+                let addr = *addr;
+                let _ = std::fs::write(guest.path("/sys/class/scsi_host/host0/scan"), "- - -");
+                uevent::wait_for(
+                    &format!("virtio-scsi disk {}:{}", addr.target, addr.lun),
+                    limit,
+                    move || addr.block_device(&g),
+                    |ev| ev.get("SUBSYSTEM") == "block" || ev.get("SUBSYSTEM") == "scsi",
+                )
+                .await
+            }
+        }
+    }
+}
+
+/// Makes the spec's device entry at `container_path` the guest device
+/// `numbers`, and rewrites the cgroup rules that allowed the host's numbers
+/// (the runtime wrote the host's) to allow the guest's instead.
+fn point_spec_at(
+    spec: &mut oci::Spec,
+    container_path: &str,
+    kind: &str,
+    numbers: (i64, i64),
+) -> Result<()> {
+    let linux = spec.Linux.mut_or_insert_default();
+    let host = match linux.Devices.iter_mut().find(|d| d.Path == container_path) {
+        Some(d) => {
+            let host = (d.Major, d.Minor);
+            d.Type = kind.into();
+            (d.Major, d.Minor) = numbers;
+            Some(host)
+        }
+        None => {
+            let mut d = oci::LinuxDevice::new();
+            d.Path = container_path.into();
+            d.Type = kind.into();
+            (d.Major, d.Minor) = numbers;
+            d.FileMode = 0o660;
+            linux.Devices.push(d);
+            None
+        }
+    };
+    if let Some(r) = linux.Resources.as_mut() {
+        let mut allowed = false;
+        for rule in r.Devices.iter_mut() {
+            if Some((rule.Major, rule.Minor)) == host && (rule.Type == kind || rule.Type == "a") {
+                (rule.Major, rule.Minor) = numbers;
+                allowed |= rule.Allow;
+            }
+        }
+        if host.is_none() || !allowed {
+            let mut rule = oci::LinuxDeviceCgroup::new();
+            rule.Allow = true;
+            rule.Type = kind.into();
+            (rule.Major, rule.Minor) = numbers;
+            rule.Access = "rwm".into();
+            r.Devices.push(rule);
+        }
+    }
+    Ok(())
 }
 
 async fn wait_for_device(guest: &GuestFs, limit: Duration, o: &VfioOption) -> Result<GuestBdf> {
@@ -602,7 +726,8 @@ mod tests {
         let g = GuestFs::new(dir.path());
         let mut spec = oci::Spec::new();
         for (d, needle) in [
-            (device("virtio-blk", &["x"], "/dev/vda"), "supports"),
+            (device("nvme", &["x"], "/dev/vda"), "supports"),
+            (device("virtio-blk", &[], "/dev/vda"), "PCI path"),
             (device(VFIO_PCI, &[], "/dev/vfio/1"), "no <host BDF>"),
             (
                 device(VFIO_PCI, &["10/00"], "/dev/vfio/1"),
@@ -637,5 +762,59 @@ mod tests {
         .await
         .unwrap_err();
         assert!(e.message.contains("virtual IOMMU"), "{}", e.message);
+    }
+
+    #[test]
+    fn block_device_entries_and_rules_take_the_guest_numbers() {
+        let mut spec = oci::Spec::new();
+        let linux = spec.Linux.mut_or_insert_default();
+        let mut d = oci::LinuxDevice::new();
+        d.Path = "/dev/xvda".into();
+        d.Type = "b".into();
+        (d.Major, d.Minor) = (8, 16);
+        linux.Devices.push(d);
+        let r = linux.Resources.mut_or_insert_default();
+        let mut deny = oci::LinuxDeviceCgroup::new();
+        deny.Type = "a".into();
+        (deny.Major, deny.Minor) = (-1, -1);
+        r.Devices.push(deny);
+        let mut allow = oci::LinuxDeviceCgroup::new();
+        allow.Allow = true;
+        allow.Type = "b".into();
+        (allow.Major, allow.Minor) = (8, 16);
+        allow.Access = "rw".into();
+        r.Devices.push(allow);
+        point_spec_at(&mut spec, "/dev/xvda", "b", (254, 32)).unwrap();
+        let linux = spec.Linux.as_ref().unwrap();
+        assert_eq!((linux.Devices[0].Major, linux.Devices[0].Minor), (254, 32));
+        let rules = &linux.Resources.as_ref().unwrap().Devices;
+        assert_eq!(rules.len(), 2, "the host rule was rewritten, not added to");
+        assert_eq!(
+            (rules[1].Major, rules[1].Minor, rules[1].Allow),
+            (254, 32, true)
+        );
+        // A path the spec does not list gets an entry and an allow rule.
+        point_spec_at(&mut spec, "/dev/sdz", "b", (8, 0)).unwrap();
+        let linux = spec.Linux.as_ref().unwrap();
+        assert!(linux
+            .Devices
+            .iter()
+            .any(|d| d.Path == "/dev/sdz" && d.Major == 8));
+        assert!(linux
+            .Resources
+            .as_ref()
+            .unwrap()
+            .Devices
+            .iter()
+            .any(|r| r.Allow && r.Major == 8 && r.Minor == 0));
+        let mut bad = agent::Device::new();
+        bad.type_ = "scsi".into();
+        bad.vm_path = "0:1".into();
+        assert!(BlockAt::parse(&bad).is_err(), "no container_path");
+        bad.container_path = "/dev/sdb".into();
+        assert_eq!(
+            BlockAt::parse(&bad).unwrap(),
+            BlockAt::Scsi(crate::storage::ScsiAddr { target: 0, lun: 1 })
+        );
     }
 }

@@ -67,6 +67,13 @@ impl From<AgentError> for ttrpc::Error {
     }
 }
 
+/// A refused seccomp profile is the request's fault.
+impl From<kiln_seccomp::Error> for AgentError {
+    fn from(e: kiln_seccomp::Error) -> Self {
+        invalid(e.message)
+    }
+}
+
 pub fn invalid(msg: impl Into<String>) -> AgentError {
     AgentError::new(ErrorKind::InvalidArgument, msg)
 }

@@ -31,12 +31,15 @@ impl GuestFs {
         self.path("/sys/devices/system/memory/probe").exists()
     }
 
-    /// Brings offline CPUs online; returns how many it onlined.
+    /// Brings offline CPUs online; returns how many it onlined. A CPU whose
+    /// `online` file refuses the write is skipped (as Kata's agent does): the
+    /// caller counts what is online afterwards.
     pub fn online_cpus(&self) -> std::io::Result<u32> {
         self.online_all("/sys/devices/system/cpu", "cpu", "online", "0", "1")
     }
 
-    /// Brings offline memory blocks online; returns how many it onlined.
+    /// Brings offline memory blocks online; returns how many it onlined
+    /// (blocks the kernel refuses to online are skipped, as Kata's agent does).
     pub fn online_memory(&self) -> std::io::Result<u32> {
         self.online_all(
             "/sys/devices/system/memory",
@@ -86,8 +89,10 @@ impl GuestFs {
                 .map(|s| s.trim() == off)
                 .unwrap_or(false)
             {
-                std::fs::write(&f, on)?;
-                n += 1;
+                match std::fs::write(&f, on) {
+                    Ok(()) => n += 1,
+                    Err(e) => tracing::debug!(file = %f.display(), "not onlined: {e}"),
+                }
             }
         }
         Ok(n)

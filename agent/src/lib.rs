@@ -12,8 +12,11 @@ pub mod error;
 pub mod facts;
 pub mod guest;
 pub mod init;
+pub mod iptables;
 pub mod kmod;
+pub mod mem_agent;
 pub mod metrics;
+pub mod namespaces;
 #[cfg(feature = "netlink")]
 pub mod network;
 #[cfg(not(feature = "netlink"))]
@@ -22,9 +25,13 @@ pub mod network;
 pub mod oom;
 pub mod paths;
 pub mod pci;
+pub mod random;
 pub mod reaper;
 pub mod rpc;
 pub mod sandbox;
 pub mod server;
 pub mod storage;
+pub mod swap;
 pub mod uevent;
+pub mod volume;
+pub mod watchable;

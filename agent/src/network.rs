@@ -277,6 +277,13 @@ fn route_of(m: &RouteMessage, names: &HashMap<u32, String>) -> types::Route {
                 r.source = route_ip(s).map(|i| i.to_string()).unwrap_or_default()
             }
             RouteAttribute::Oif(i) => r.device = names.get(i).cloned().unwrap_or_default(),
+            RouteAttribute::Metrics(ms) => {
+                for mt in ms {
+                    if let rtnetlink::packet_route::route::RouteMetric::Mtu(v) = mt {
+                        r.mtu = *v;
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -328,8 +335,10 @@ pub async fn update_interface(req: Option<&types::Interface>) -> Result<types::I
         all.iter().find(|l| &l.name == name)
     }
     .ok_or_else(|| {
+        // Kata's Go runtime retries UpdateInterface while the error says
+        // "Link not found" (a hot-plugged NIC may not have appeared yet).
         not_found(format!(
-            "no interface with hwAddr {:?} / name {:?}",
+            "Link not found: no interface with hwAddr {:?} / name {:?}",
             want.hwAddr, want.name
         ))
     })?;
@@ -392,8 +401,11 @@ pub async fn update_interface(req: Option<&types::Interface>) -> Result<types::I
             Err(e) => return Err(nl(&format!("adding {ip}/{len}"), e)),
         }
     }
+    // raw_flags carries the interface flags the runtime wants; of those only
+    // NOARP is not implied by bringing the link up (Kata's agent sets it too).
+    let noarp = want.raw_flags & libc::IFF_NOARP as u32 != 0;
     h.link()
-        .set(LinkUnspec::new_with_index(index).up().build())
+        .set(LinkUnspec::new_with_index(index).arp(!noarp).up().build())
         .execute()
         .await
         .map_err(|e| nl("setting link up", e))?;
@@ -416,7 +428,15 @@ struct NewRoute {
     source: Option<IpAddr>,
     index: u32,
     scope: u8,
+    /// RTNH_F_ONLINK: the gateway is on the link even if no address's
+    /// subnet covers it (CNI plugins use it for /32 pod addresses).
+    onlink: bool,
+    /// Route MTU (0: none).
+    mtu: u32,
 }
+
+/// Route.flags bit for on-link next hops (RTNH_F_ONLINK).
+const RTNH_F_ONLINK: u32 = 4;
 
 fn route_message(r: &NewRoute) -> Result<RouteMessage> {
     let scope = RouteScope::from(r.scope);
@@ -442,6 +462,9 @@ fn route_message(r: &NewRoute) -> Result<RouteMessage> {
             if let Some(IpAddr::V4(s)) = r.source {
                 b = b.pref_source(s);
             }
+            if r.onlink {
+                b = b.onlink();
+            }
             b.build()
         }
         IpAddr::V6(_) => {
@@ -460,9 +483,19 @@ fn route_message(r: &NewRoute) -> Result<RouteMessage> {
             if let Some(IpAddr::V6(s)) = r.source {
                 b = b.pref_source(s);
             }
+            if r.onlink {
+                b = b.onlink();
+            }
             b.build()
         }
     };
+    let mut m = m;
+    if r.mtu > 0 {
+        m.attributes
+            .push(rtnetlink::packet_route::route::RouteAttribute::Metrics(
+                vec![rtnetlink::packet_route::route::RouteMetric::Mtu(r.mtu)],
+            ));
+    }
     Ok(m)
 }
 
@@ -481,7 +514,7 @@ pub async fn update_routes(req: Option<&agent::Routes>) -> Result<agent::Routes>
     for r in wanted {
         let index = *by_name.get(&r.device).ok_or_else(|| {
             not_found(format!(
-                "route to {:?}: no interface {:?}",
+                "Link not found: route to {:?} names no interface {:?}",
                 r.dest, r.device
             ))
         })?;
@@ -514,6 +547,8 @@ pub async fn update_routes(req: Option<&agent::Routes>) -> Result<agent::Routes>
             source,
             index,
             scope,
+            onlink: r.flags & RTNH_F_ONLINK != 0,
+            mtu: r.mtu,
         });
     }
     // Link routes first: a gateway must be reachable before a route uses it.

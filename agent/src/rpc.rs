@@ -478,20 +478,185 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         )
     }
 
+    async fn update_ephemeral_mounts(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateEphemeralMountsRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "UpdateEphemeralMounts",
+            self.sb()
+                .update_ephemeral_mounts(&req.storages)
+                .await
+                .map(|_| Empty::new()),
+        )
+    }
+
+    async fn remove_stale_virtiofs_share_mounts(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::RemoveStaleVirtiofsShareMountsRequest,
+    ) -> ttrpc::Result<Empty> {
+        let shared = self.sb().run_dir().join("shared");
+        reply(
+            "RemoveStaleVirtiofsShareMounts",
+            touch_share_mounts(&shared).map(|_| Empty::new()),
+        )
+    }
+
+    async fn get_diagnostic_data(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::GetDiagnosticDataRequest,
+    ) -> ttrpc::Result<agent::GetDiagnosticDataResponse> {
+        reply(
+            "GetDiagnosticData",
+            self.sb().diagnostic_data(&req).await.map(|data| {
+                let mut r = agent::GetDiagnosticDataResponse::new();
+                r.data = data;
+                r
+            }),
+        )
+    }
+
+    async fn get_ip_tables(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::GetIPTablesRequest,
+    ) -> ttrpc::Result<agent::GetIPTablesResponse> {
+        reply(
+            "GetIPTables",
+            crate::iptables::get(&self.state.guest, &self.sb().reaper, req.is_ipv6)
+                .await
+                .map(|data| {
+                    let mut r = agent::GetIPTablesResponse::new();
+                    r.data = data;
+                    r
+                }),
+        )
+    }
+
+    async fn set_ip_tables(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::SetIPTablesRequest,
+    ) -> ttrpc::Result<agent::SetIPTablesResponse> {
+        reply(
+            "SetIPTables",
+            crate::iptables::set(&self.state.guest, &self.sb().reaper, req.is_ipv6, &req.data)
+                .await
+                .map(|data| {
+                    let mut r = agent::SetIPTablesResponse::new();
+                    r.data = data;
+                    r
+                }),
+        )
+    }
+
+    async fn mem_agent_memcg_set(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::MemAgentMemcgConfig,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "MemAgentMemcgSet",
+            self.sb().mem_agent().set_memcg(&req).map(|_| Empty::new()),
+        )
+    }
+
+    async fn mem_agent_compact_set(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::MemAgentCompactConfig,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "MemAgentCompactSet",
+            self.sb()
+                .mem_agent()
+                .set_compact(&req)
+                .map(|_| Empty::new()),
+        )
+    }
+
+    async fn reseed_random_dev(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReseedRandomDevRequest,
+    ) -> ttrpc::Result<Empty> {
+        let dev = self.state.guest.path("/dev/random");
+        reply(
+            "ReseedRandomDev",
+            crate::random::reseed(&dev, &req.data).map(|_| Empty::new()),
+        )
+    }
+
+    async fn add_swap(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::AddSwapRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "AddSwap",
+            crate::swap::add_disk(
+                &self.state.guest,
+                self.state.config.hotplug_timeout,
+                &req.PCIPath,
+            )
+            .await
+            .map(|_| Empty::new()),
+        )
+    }
+
+    async fn add_swap_path(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::AddSwapPathRequest,
+    ) -> ttrpc::Result<Empty> {
+        reply(
+            "AddSwapPath",
+            crate::swap::add_path(&req.path).map(|_| Empty::new()),
+        )
+    }
+
+    async fn resize_volume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ResizeVolumeRequest,
+    ) -> ttrpc::Result<Empty> {
+        let (path, size) = (req.volume_guest_path.clone(), req.size);
+        let r = tokio::task::spawn_blocking(move || crate::volume::resize(&path, size))
+            .await
+            .unwrap_or_else(|e| Err(crate::error::internal(format!("resize task: {e}"))));
+        reply("ResizeVolume", r.map(|_| Empty::new()))
+    }
+
     unimplemented_rpcs! {
-        update_ephemeral_mounts(agent::UpdateEphemeralMountsRequest) -> Empty = "UpdateEphemeralMounts";
-        remove_stale_virtiofs_share_mounts(agent::RemoveStaleVirtiofsShareMountsRequest) -> Empty = "RemoveStaleVirtiofsShareMounts";
-        get_diagnostic_data(agent::GetDiagnosticDataRequest) -> agent::GetDiagnosticDataResponse = "GetDiagnosticData";
-        get_ip_tables(agent::GetIPTablesRequest) -> agent::GetIPTablesResponse = "GetIPTables";
-        set_ip_tables(agent::SetIPTablesRequest) -> agent::SetIPTablesResponse = "SetIPTables";
-        mem_agent_memcg_set(agent::MemAgentMemcgConfig) -> Empty = "MemAgentMemcgSet";
-        mem_agent_compact_set(agent::MemAgentCompactConfig) -> Empty = "MemAgentCompactSet";
-        reseed_random_dev(agent::ReseedRandomDevRequest) -> Empty = "ReseedRandomDev";
-        add_swap(agent::AddSwapRequest) -> Empty = "AddSwap";
-        add_swap_path(agent::AddSwapPathRequest) -> Empty = "AddSwapPath";
-        resize_volume(agent::ResizeVolumeRequest) -> Empty = "ResizeVolume";
         set_policy(agent::SetPolicyRequest) -> Empty = "SetPolicy";
     }
+}
+
+/// RemoveStaleVirtiofsShareMounts: stats every mount under the shared
+/// directory, so virtiofsd drops its cached inodes of files the host removed
+/// (what Kata's agent does; the Go runtime sends it on every container stop
+/// and fails a non-forced stop on any error, so nothing here fails but an
+/// unreadable mount table).
+fn touch_share_mounts(shared: &std::path::Path) -> Result<usize> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| os("reading /proc/self/mountinfo", e))?;
+    let mut n = 0;
+    for line in mountinfo.lines() {
+        let Some(mp) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let mp = std::path::Path::new(mp);
+        if mp.starts_with(shared) {
+            if let Err(e) = std::fs::metadata(mp) {
+                tracing::info!(mount = %mp.display(), "stale share mount: {e}");
+            }
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 fn read_response(data: Vec<u8>) -> agent::ReadStreamResponse {
@@ -525,22 +690,36 @@ fn set_guest_time(sec: i64, usec: i64) -> Result<()> {
     Ok(())
 }
 
+/// How long OnlineCPUMem waits for hot-plugged vCPUs to appear (Kata's
+/// agent: 100 tries, 50 ms apart).
+const ONLINE_TRIES: u32 = 100;
+const ONLINE_PAUSE: Duration = Duration::from_millis(50);
+
+/// `nb_cpus` is the total number of vCPUs the runtime expects online after
+/// a hot-plug (0: no CPU work), not a number to add: the agent onlines offline
+/// CPUs until that many are online, as Kata's agent does.
 async fn online_cpu_mem(guest: &GuestFs, req: &agent::OnlineCPUMemRequest) -> Result<()> {
-    // Hot-plugged CPUs show up in sysfs shortly after the request: retry a
-    // while until the expected number came online.
-    let mut onlined = 0u32;
-    for attempt in 0..50 {
-        onlined += guest.online_cpus().map_err(|e| os("onlining CPUs", e))?;
-        if onlined >= req.nb_cpus {
-            break;
+    if req.nb_cpus > 0 {
+        let want = req.nb_cpus;
+        let mut online = guest.online_cpu_count();
+        let mut tries = 0;
+        while online < want {
+            if tries == ONLINE_TRIES {
+                return Err(precondition(format!(
+                    "{online} vCPUs are online and the runtime expects {want}: the hot-plugged \
+                     vCPUs did not appear within {} ms (is CONFIG_HOTPLUG_CPU in the guest \
+                     kernel, and did the VMM add them?)",
+                    ONLINE_TRIES * ONLINE_PAUSE.as_millis() as u32
+                )));
+            }
+            if tries > 0 {
+                tokio::time::sleep(ONLINE_PAUSE).await;
+            }
+            guest.online_cpus().map_err(|e| os("onlining CPUs", e))?;
+            online = guest.online_cpu_count();
+            tries += 1;
         }
-        if attempt == 49 {
-            return Err(precondition(format!(
-                "only {onlined} of {} CPUs came online",
-                req.nb_cpus
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tracing::info!(online, want, "vCPUs online");
     }
     if !req.cpu_only {
         guest
@@ -634,28 +813,91 @@ mod tests {
         assert!(guest_timespec(0, -1).is_err());
     }
 
-    #[tokio::test]
-    async fn online_cpu_mem_and_probe_through_the_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let cpu = dir.path().join("sys/devices/system/cpu/cpu1");
+    /// A fake sysfs with cpu0 online and `offline` more CPUs present.
+    fn fake_cpus(root: &std::path::Path, offline: u32) {
+        let cpu = root.join("sys/devices/system/cpu");
         std::fs::create_dir_all(&cpu).unwrap();
-        std::fs::write(cpu.join("online"), "0").unwrap();
+        for n in 1..=offline {
+            std::fs::create_dir_all(cpu.join(format!("cpu{n}"))).unwrap();
+            std::fs::write(cpu.join(format!("cpu{n}/online")), "0").unwrap();
+        }
+        std::fs::write(cpu.join("online"), "0\n").unwrap();
+    }
+
+    /// The kernel updates `cpu/online` when a CPU comes up; the fake does it
+    /// by hand from the per-CPU files.
+    fn sync_online(root: &std::path::Path) {
+        let cpu = root.join("sys/devices/system/cpu");
+        let mut up = vec!["0".to_string()];
+        for n in 1..8 {
+            if std::fs::read_to_string(cpu.join(format!("cpu{n}/online"))).is_ok_and(|s| s == "1") {
+                up.push(n.to_string());
+            }
+        }
+        std::fs::write(cpu.join("online"), up.join(",")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn online_cpu_mem_takes_the_total_and_onlines_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_cpus(dir.path(), 1);
         let mem = dir.path().join("sys/devices/system/memory/memory7");
         std::fs::create_dir_all(&mem).unwrap();
         std::fs::write(mem.join("state"), "offline").unwrap();
         let g = GuestFs::new(dir.path());
+        let cpu1 = dir.path().join("sys/devices/system/cpu/cpu1/online");
+        // Going from 1 to 2 vCPUs: Kata's runtime sends the total, 2.
         let mut req = agent::OnlineCPUMemRequest::new();
-        req.nb_cpus = 1;
+        req.nb_cpus = 2;
+        req.cpu_only = true;
+        let root = dir.path().to_path_buf();
+        let kernel = tokio::spawn(async move {
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                sync_online(&root);
+            }
+        });
         online_cpu_mem(&g, &req).await.unwrap();
-        assert_eq!(std::fs::read_to_string(cpu.join("online")).unwrap(), "1");
+        kernel.abort();
+        assert_eq!(std::fs::read_to_string(&cpu1).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(mem.join("state")).unwrap(),
+            "offline",
+            "cpu_only leaves memory alone"
+        );
+        // Already enough online: nothing to do; memory onlined.
+        sync_online(dir.path());
+        req.nb_cpus = 2;
+        req.cpu_only = false;
+        online_cpu_mem(&g, &req).await.unwrap();
         assert_eq!(
             std::fs::read_to_string(mem.join("state")).unwrap(),
             "online"
         );
+        // nb_cpus = 0: no CPU work at all.
+        req.nb_cpus = 0;
+        online_cpu_mem(&g, &req).await.unwrap();
         mem_hotplug_by_probe(&g, &[0x1_0000_0000]).unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.path().join("sys/devices/system/memory/probe")).unwrap(),
             "0x100000000"
+        );
+    }
+
+    #[tokio::test]
+    async fn online_cpu_mem_names_both_counts_when_cpus_never_appear() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_cpus(dir.path(), 0);
+        let g = GuestFs::new(dir.path());
+        let mut req = agent::OnlineCPUMemRequest::new();
+        req.nb_cpus = 2;
+        req.cpu_only = true;
+        let e = online_cpu_mem(&g, &req).await.unwrap_err();
+        assert!(
+            e.message
+                .contains("1 vCPUs are online and the runtime expects 2"),
+            "{}",
+            e.message
         );
     }
 
@@ -666,6 +908,16 @@ mod tests {
         assert_eq!(r.usage.len(), 2);
         assert!(r.usage[0].total > 0);
         assert!(volume_stats("relative").is_err());
+    }
+
+    #[test]
+    fn share_mounts_are_touched_without_failing() {
+        // Nothing mounted under this path: zero touched, and no error.
+        assert_eq!(
+            touch_share_mounts(std::path::Path::new("/nonexistent/kiln")).unwrap(),
+            0
+        );
+        assert!(touch_share_mounts(std::path::Path::new("/")).unwrap() >= 1);
     }
 
     #[test]

@@ -14,13 +14,24 @@ use tokio::sync::mpsc;
 
 use crate::config::AgentConfig;
 use crate::container::cgroups::{Cgroup, CgroupTree};
-use crate::container::spec::{ContainerSpec, NamespaceKind, ProcessSpec, Resources};
+use crate::container::spec::{ContainerSpec, ProcessSpec, Resources};
 use crate::container::wire::{Config as LaunchConfig, LaunchKind};
 use crate::container::{launch, seccomp, stdio, Container, Process, State};
 use crate::error::{check_id, exists, invalid, not_found, os, precondition, timeout, Result};
 use crate::guest::GuestFs;
 use crate::reaper::Reaper;
 use crate::storage::{StorageEnv, Storages};
+
+/// Which pid namespace a new container's init gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PidNs {
+    /// Its own.
+    New,
+    /// Its own, which later `sandbox_pidns` containers join.
+    NewShared,
+    /// That of this (sandbox pid namespace owner) init.
+    Join(i32),
+}
 
 /// Most live exec processes per container.
 const MAX_EXECS: usize = 1024;
@@ -50,6 +61,11 @@ impl Default for AgentPaths {
 struct SandboxState {
     id: Option<String>,
     sandbox_pidns: bool,
+    /// The init whose pid namespace containers share with `sandbox_pidns`
+    /// (the first container created with it, as in Kata's agent).
+    pidns_owner: Option<i32>,
+    /// The sandbox's IPC and UTS namespaces (see `namespaces.rs`).
+    shared_ns: Option<Arc<crate::namespaces::SharedNamespaces>>,
     containers: HashMap<String, Arc<Container>>,
     /// Ids being created right now (so two creates cannot race).
     creating: HashSet<String>,
@@ -67,6 +83,10 @@ pub struct Sandbox {
     storages: tokio::sync::Mutex<Storages>,
     oom_tx: mpsc::Sender<String>,
     oom_rx: tokio::sync::Mutex<mpsc::Receiver<String>>,
+    mem_agent: Arc<crate::mem_agent::MemAgent>,
+    mem_agent_started: std::sync::Once,
+    /// The cgroup holding the current sandbox's containers (mem-agent reads it).
+    sandbox_cgroup: Arc<Mutex<Option<PathBuf>>>,
 }
 
 /// Removes an id from `creating` however creation ends.
@@ -130,11 +150,25 @@ impl Sandbox {
             storages: tokio::sync::Mutex::new(Storages::default()),
             oom_tx,
             oom_rx: tokio::sync::Mutex::new(oom_rx),
+            mem_agent: Arc::default(),
+            mem_agent_started: std::sync::Once::new(),
+            sandbox_cgroup: Arc::default(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SandboxState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The mem-agent, its loops started on first use.
+    pub fn mem_agent(&self) -> &crate::mem_agent::MemAgent {
+        self.mem_agent_started.call_once(|| {
+            let cg = self.sandbox_cgroup.clone();
+            tokio::spawn(self.mem_agent.clone().run(self.guest.clone(), move || {
+                cg.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            }));
+        });
+        &self.mem_agent
     }
 
     fn storage_env(&self) -> StorageEnv<'_> {
@@ -201,11 +235,9 @@ impl Sandbox {
     async fn setup_sandbox(&self, req: &agent::CreateSandboxRequest) -> Result<()> {
         if !req.hostname.is_empty() {
             let h = &req.hostname;
-            if h.len() > 64
-                || !h
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-            {
+            // Kata accepts what the kernel does (64 bytes); kiln also keeps
+            // out what could not be a name: separators, spaces and control bytes.
+            if h.len() > 64 || !h.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
                 return Err(invalid(format!("hostname {h:?} is not a valid hostname")));
             }
             if self.init_daemon {
@@ -258,9 +290,30 @@ impl Sandbox {
                 }
             }
         }
+        // One IPC and one UTS namespace for the sandbox's containers.
+        let hostname = (!req.hostname.is_empty()).then_some(req.hostname.as_str());
+        let shared_ns = match crate::namespaces::SharedNamespaces::create(
+            &self.paths.run_dir.join("sandbox/ns"),
+            hostname,
+        ) {
+            Ok(ns) => Some(Arc::new(ns)),
+            Err(e) => {
+                tracing::warn!(
+                    "no shared IPC/UTS namespaces for the sandbox ({}); each container gets its own",
+                    e.message
+                );
+                None
+            }
+        };
+        let sid = self.lock().id.clone().unwrap_or_default();
+        *self
+            .sandbox_cgroup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(self.cgroups().sandbox_path(&sid));
         let mut st = self.lock();
         st.storages = added;
         st.sandbox_pidns = req.sandbox_pidns;
+        st.shared_ns = shared_ns;
         Ok(())
     }
 
@@ -322,6 +375,14 @@ impl Sandbox {
         if st.containers.is_empty() {
             st.id = None;
             st.sandbox_pidns = false;
+            st.pidns_owner = None;
+            if let Some(ns) = st.shared_ns.take() {
+                ns.release();
+            }
+            *self
+                .sandbox_cgroup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = None;
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -346,7 +407,7 @@ impl Sandbox {
         if let Some(profile) = &spec.seccomp {
             check_seccomp(cid, profile)?;
         }
-        let (sandbox_id, pidns_owner) = {
+        let (sandbox_id, pidns, shared_ns) = {
             let mut st = self.lock();
             let sid = st
                 .id
@@ -355,13 +416,22 @@ impl Sandbox {
             if st.containers.contains_key(cid) || st.creating.contains(cid) {
                 return Err(exists(format!("container {cid:?} already exists")));
             }
-            let owner = if req.sandbox_pidns && st.sandbox_pidns {
-                st.containers.get(&sid).map(|c| c.init.pid)
+            // Every container gets a pid namespace (Kata's runtimes strip it
+            // from the spec, and Kata's agent adds one back): a new one, or,
+            // with sandbox_pidns on the sandbox or the container, the one of
+            // the first container that asked for sharing.
+            let pidns = if req.sandbox_pidns || st.sandbox_pidns {
+                match st.pidns_owner {
+                    Some(pid) if st.containers.values().any(|c| c.init.pid == pid) => {
+                        PidNs::Join(pid)
+                    }
+                    _ => PidNs::NewShared,
+                }
             } else {
-                None
+                PidNs::New
             };
             st.creating.insert(cid.to_string());
-            (sid, owner)
+            (sid, pidns, st.shared_ns.clone())
         };
         let _creating = Creating {
             sandbox: self,
@@ -406,7 +476,8 @@ impl Sandbox {
                 cid,
                 &exec_id,
                 &sandbox_id,
-                pidns_owner,
+                pidns,
+                shared_ns.as_deref(),
                 spec,
                 oci_spec,
                 pci_map,
@@ -415,7 +486,11 @@ impl Sandbox {
             .await;
         match created {
             Ok(c) => {
-                self.lock().containers.insert(cid.to_string(), c);
+                let mut st = self.lock();
+                if pidns == PidNs::NewShared {
+                    st.pidns_owner = Some(c.init.pid);
+                }
+                st.containers.insert(cid.to_string(), c);
                 Ok(())
             }
             Err(e) => {
@@ -435,7 +510,8 @@ impl Sandbox {
         cid: &str,
         exec_id: &str,
         sandbox_id: &str,
-        pidns_owner: Option<i32>,
+        pidns: PidNs,
+        shared_ns: Option<&crate::namespaces::SharedNamespaces>,
         spec: ContainerSpec,
         mut oci_spec: oci::Spec,
         pci_map: crate::devices::PciMap,
@@ -461,19 +537,28 @@ impl Sandbox {
             r.Path = root.to_string_lossy().into_owned();
         }
         let linux = oci_spec.Linux.mut_or_insert_default();
-        if let Some(pid) = pidns_owner {
-            linux.Namespaces.retain(|n| n.Type != "pid");
-            let mut ns = oci::LinuxNamespace::new();
-            ns.Type = "pid".into();
+        // A pid namespace path in the request would name a namespace of the
+        // guest (the agent's own, at worst): the agent decides, not the spec.
+        linux.Namespaces.retain(|n| n.Type != "pid");
+        let mut ns = oci::LinuxNamespace::new();
+        ns.Type = "pid".into();
+        if let PidNs::Join(pid) = pidns {
             ns.Path = format!("/proc/{pid}/ns/pid");
-            linux.Namespaces.push(ns);
         }
-        let pidns_init = pidns_owner.is_none()
-            && spec
-                .namespace(NamespaceKind::Pid)
-                .is_some_and(|n| n.path.is_none());
+        linux.Namespaces.push(ns);
+        if let Some(shared) = shared_ns {
+            for n in linux.Namespaces.iter_mut() {
+                match n.Type.as_str() {
+                    "ipc" => n.Path = shared.ipc.to_string_lossy().into_owned(),
+                    "uts" => n.Path = shared.uts.to_string_lossy().into_owned(),
+                    _ => {}
+                }
+            }
+        }
+        let spec = ContainerSpec::from_oci(&oci_spec)?;
+        let pidns_init = !matches!(pidns, PidNs::Join(_));
 
-        let cgroup = self.container_cgroup(sandbox_id, cid, &spec.resources)?;
+        let cgroup = self.container_cgroup(sandbox_id, cid, &spec.resources, &spec.device_rules)?;
         let cleanup_cgroup = |cg: &Option<Cgroup>| {
             if let Some(cg) = cg {
                 cg.kill_all();
@@ -576,11 +661,12 @@ impl Sandbox {
         sandbox_id: &str,
         cid: &str,
         r: &Resources,
+        devices: &[crate::container::devcg::DeviceRule],
     ) -> Result<Option<Cgroup>> {
         let tree = self.cgroups();
         if !tree.root().join("cgroup.controllers").exists() {
             if r.is_empty() {
-                tracing::warn!(root = %tree.root().display(), "no cgroup v2 mounted; container runs without a cgroup");
+                tracing::warn!(root = %tree.root().display(), "no cgroup v2 mounted; container runs without a cgroup, and without device confinement");
                 return Ok(None);
             }
             return Err(precondition(format!(
@@ -589,7 +675,10 @@ impl Sandbox {
             )));
         }
         let cg = tree.create(sandbox_id, cid)?;
-        if let Err(e) = cg.apply(r) {
+        if let Err(e) = cg
+            .apply(r)
+            .and_then(|_| crate::container::devcg::attach(cg.path(), devices))
+        {
             let _ = cg.remove(Duration::from_secs(1));
             return Err(e);
         }
@@ -737,7 +826,7 @@ impl Sandbox {
     }
 
     pub fn signal_process(&self, req: &agent::SignalProcessRequest) -> Result<()> {
-        let (_, p) = self.process(&req.container_id, &req.exec_id)?;
+        let (c, p) = self.process(&req.container_id, &req.exec_id)?;
         let sig = i32::try_from(req.signal)
             .ok()
             .and_then(|s| Signal::try_from(s).ok())
@@ -747,7 +836,68 @@ impl Sandbox {
                     req.signal
                 ))
             })?;
+        // Kata's runtimes say "every process of the container" with an empty
+        // exec id and SIGKILL (containerd sends SIGTERM with an empty id for
+        // the init alone).
+        if req.exec_id.is_empty() && sig == Signal::SIGKILL {
+            let _ = p.signal(sig);
+            if let Some(cg) = &c.cgroup {
+                cg.kill_all();
+            }
+            for e in c.execs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+                let _ = e.signal(sig);
+            }
+            return Ok(());
+        }
         p.signal(sig)
+    }
+
+    /// GetDiagnosticData: `termination_log` is the container's Kubernetes
+    /// termination message, read from the guest side of the mount at the
+    /// path its annotation names (at most 4 KiB, as Kubernetes keeps).
+    pub async fn diagnostic_data(&self, req: &agent::GetDiagnosticDataRequest) -> Result<String> {
+        match req.log_type.as_str() {
+            "termination_log" => {}
+            other => {
+                return Err(invalid(format!(
+                    "diagnostic log_type {other:?} is not supported (termination_log)"
+                )))
+            }
+        }
+        let c = self.container(&req.container_id)?;
+        let dest = c
+            .spec
+            .Annotations
+            .get("io.kubernetes.container.terminationMessagePath")
+            .ok_or_else(|| {
+                not_found(format!(
+                    "container {:?} has no io.kubernetes.container.terminationMessagePath annotation",
+                    c.id
+                ))
+            })?;
+        let source = c
+            .spec
+            .Mounts
+            .iter()
+            .find(|m| &m.destination == dest)
+            .map(|m| m.source.clone())
+            .ok_or_else(|| not_found(format!("no mount at the termination message path {dest}")))?;
+        let src =
+            crate::paths::confined("termination log mount source", &self.paths.run_dir, &source)?;
+        match tokio::fs::read(&src).await {
+            Ok(mut b) => {
+                b.truncate(4096);
+                Ok(String::from_utf8_lossy(&b).into_owned())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(os(format!("reading {}", src.display()), e)),
+        }
+    }
+
+    /// UpdateEphemeralMounts.
+    pub async fn update_ephemeral_mounts(&self, list: &[agent::Storage]) -> Result<()> {
+        let env = self.storage_env();
+        self.storages.lock().await.update_ephemeral(&env, list)
     }
 
     pub async fn wait_process(&self, req: &agent::WaitProcessRequest) -> Result<i32> {

@@ -413,7 +413,9 @@ async fn echo_hi_exit_3_and_big_output_read_after_exit() {
     assert_eq!(a.wait("hi", "").await, 3);
     assert_eq!(
         String::from_utf8(a.read_all("hi", "", false).await).unwrap(),
-        "hi\nkiln-box\n"
+        // The sandbox's shared UTS namespace carries its hostname; a
+        // container joining it does not rename it (as in Kata's agent).
+        "hi\nkiln-sandbox\n"
     );
     assert!(a.read("hi", "", false).await.is_empty(), "EOF stays EOF");
     a.remove("hi").await;
@@ -929,10 +931,236 @@ async fn networking_in_a_private_network_namespace() {
         code(a.ag().update_interface(ctx(), &req).await),
         ttrpc::Code::INVALID_ARGUMENT
     );
+    // NOARP in raw_flags, as Kata's runtime sends for tap/macvtap NICs.
+    let mut noarp = want.clone();
+    noarp.hwAddr = "02:00:00:00:00:01".into();
+    noarp.raw_flags = libc::IFF_NOARP as u32;
+    req.interface = MessageField::some(noarp);
+    a.ag().update_interface(ctx(), &req).await.unwrap();
+    let link = ip(&["link", "show", "kiln0"]);
+    assert!(link.contains("NOARP"), "{link}");
+
+    // A gateway outside every subnet, reachable only as onlink, with a route MTU.
+    let mut onlink = route("", "203.0.113.1");
+    onlink.flags = 4; // RTNH_F_ONLINK
+    onlink.mtu = 1300;
+    let mut routes = agent::Routes::new();
+    routes.Routes = vec![onlink];
+    ur.routes = MessageField::some(routes);
+    a.ag().update_routes(ctx(), &ur).await.unwrap();
+    let shown = ip(&["route"]);
+    assert!(
+        shown.contains("default via 203.0.113.1 dev kiln0") && shown.contains("onlink"),
+        "{shown}"
+    );
+    assert!(shown.contains("mtu 1300"), "{shown}");
+
+    // A NIC that is not there (yet): the wording Kata's Go runtime retries on.
     want.hwAddr = "02:00:00:00:00:77".into();
     req.interface = MessageField::some(want);
+    match a.ag().update_interface(ctx(), &req).await {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::NOT_FOUND);
+            assert!(s.message().contains("Link not found"), "{}", s.message());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+impl Agent {
+    /// Reads stdout until it holds `lines` lines (the process keeps running).
+    async fn read_lines(&self, id: &str, lines: usize) -> Vec<String> {
+        let mut out = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while out.lines().count() < lines {
+            assert!(Instant::now() < deadline, "{id} printed only {out:?}");
+            out.push_str(&String::from_utf8_lossy(&self.read(id, "", false).await));
+        }
+        out.lines().map(str::to_string).collect()
+    }
+}
+
+/// What Kata's runtimes send, on the host: the pid namespace stripped from
+/// the spec (the agent gives each container one), IPC and UTS shared by the
+/// sandbox, SIGKILL with an empty exec id for the whole container, and the
+/// pod storages they use for configMaps and fsGroup emptyDirs.
+#[tokio::test]
+async fn kata_runtime_shapes_namespaces_signal_all_and_pod_storages() {
+    require_root_and_cgroup2!();
+    let a = start_agent(&[]).await;
+    a.create_sandbox().await;
+    let root = a.rootfs("rootfs");
+    let kata_spec = |args: &[&str]| {
+        let mut s = spec(&root, args);
+        s.Linux
+            .as_mut()
+            .unwrap()
+            .Namespaces
+            .retain(|n| n.Type != "pid");
+        s
+    };
+    let show =
+        "echo pid=$$; for n in ipc uts pid; do readlink /proc/self/ns/$n; done; exec sleep 1000";
+    a.run("p1", kata_spec(&["sh", "-c", show])).await;
+    a.run("p2", kata_spec(&["sh", "-c", show])).await;
+    let (l1, l2) = (a.read_lines("p1", 4).await, a.read_lines("p2", 4).await);
     assert_eq!(
-        code(a.ag().update_interface(ctx(), &req).await),
-        ttrpc::Code::NOT_FOUND
+        l1[0], "pid=1",
+        "the container's init is PID 1 of its own namespace"
     );
+    assert_eq!(l2[0], "pid=1");
+    assert_eq!(l1[1], l2[1], "one IPC namespace per sandbox");
+    assert_eq!(l1[2], l2[2], "one UTS namespace per sandbox");
+    assert_ne!(l1[3], l2[3], "a pid namespace per container");
+    let agent_ns = |n: &str| {
+        std::fs::read_link(format!("/proc/{}/ns/{n}", a.child.id()))
+            .unwrap()
+            .display()
+            .to_string()
+    };
+    assert_ne!(l1[3], agent_ns("pid"), "not the agent's pid namespace");
+    assert_ne!(l1[1], agent_ns("ipc"), "not the agent's IPC namespace");
+
+    // SIGKILL with an empty exec id reaches every process, execs included.
+    a.exec("p1", "e1", &["sleep", "1000"], None).await;
+    a.signal("p1", "", 9).await;
+    assert_eq!(a.wait("p1", "").await, 137);
+    assert_eq!(a.wait("p1", "e1").await, 137, "the exec was killed too");
+    a.remove("p1").await;
+    // What the Go runtime sends after every stop.
+    a.ag()
+        .remove_stale_virtiofs_share_mounts(
+            ctx(),
+            &agent::RemoveStaleVirtiofsShareMountsRequest::new(),
+        )
+        .await
+        .unwrap();
+
+    // A configMap (watchable-bind) and an fsGroup memory emptyDir.
+    let run = a.run_dir();
+    let src = run.join("shared/containers/p3-0123456789abcdef-config");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("app.conf"), "v1\n").unwrap();
+    let watch_mp = run.join("shared/containers/watchable/p3-0123456789abcdef-config");
+    let mut cm = agent::Storage::new();
+    cm.driver = "watchable-bind".into();
+    cm.source = src.display().to_string();
+    cm.mount_point = watch_mp.display().to_string();
+    let cache_mp = run.join("sandbox/ephemeral/cache");
+    let mut ed = agent::Storage::new();
+    ed.driver = "ephemeral".into();
+    ed.source = "tmpfs".into();
+    ed.fstype = "tmpfs".into();
+    ed.options = vec!["fsgid=2000".into()];
+    ed.mount_point = cache_mp.display().to_string();
+    let mut s = kata_spec(&["sh", "-c", "stat -c '%g %a' /cache; exec sleep 1000"]);
+    s.Mounts.push(mount(
+        "/etc/config",
+        "bind",
+        &watch_mp.display().to_string(),
+        &["rbind", "ro"],
+    ));
+    s.Mounts.push(mount(
+        "/cache",
+        "bind",
+        &cache_mp.display().to_string(),
+        &["rbind"],
+    ));
+    a.create("p3", s, vec![cm, ed]).await.unwrap();
+    a.start("p3").await;
+    assert_eq!(
+        a.read_lines("p3", 1).await[0],
+        "2000 3777",
+        "fsGroup owns the emptyDir, setgid (tmpfs is 1777)"
+    );
+    // A host-side update of the configMap reaches the container.
+    std::fs::write(src.join("app.conf"), "version two\n").unwrap();
+    let mut seen = String::new();
+    for i in 0..30 {
+        let id = format!("cat{i}");
+        a.exec("p3", &id, &["cat", "/etc/config/app.conf"], None)
+            .await;
+        a.wait("p3", &id).await;
+        seen = String::from_utf8(a.read_all("p3", &id, false).await).unwrap();
+        if seen == "version two\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        seen, "version two\n",
+        "configMap update not seen in the container"
+    );
+    a.signal("p3", "", 9).await;
+    a.wait("p3", "").await;
+    a.remove("p3").await;
+    assert!(
+        !watch_mp.exists(),
+        "the copy goes with the last container holding it"
+    );
+    a.signal("p2", "", 9).await;
+    a.wait("p2", "").await;
+    a.remove("p2").await;
+    a.destroy().await;
+}
+
+/// The attack: root in the container with CAP_MKNOD makes nodes for the
+/// kernel log and the host's first disk and reads them. The device cgroup
+/// program denies both (EPERM, not the EACCES of a nodev mount), while the
+/// default devices work and a device the spec lists can be opened.
+#[tokio::test]
+async fn devices_the_spec_does_not_allow_cannot_be_opened() {
+    require_root_and_cgroup2!();
+    let disk = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("loop"))
+        .find_map(|e| std::fs::read_to_string(e.path().join("dev")).ok())
+        .map(|s| s.trim().replace(':', " "))
+        .unwrap_or_else(|| "7 0".into());
+    let a = start_agent(&[]).await;
+    a.create_sandbox().await;
+    let root = a.rootfs("rootfs");
+    let script = format!(
+        "mknod /tmp/kmsg c 1 11 && mknod /tmp/disk b {disk} && echo made; \
+         head -c 16 /tmp/kmsg >/dev/null && echo KMSG-READ; \
+         head -c 512 /tmp/disk >/dev/null && echo DISK-READ; \
+         head -c 4 /dev/zero | wc -c; rm -f /tmp/kmsg /tmp/disk"
+    );
+    a.run("attack", spec(&root, &["sh", "-c", &script])).await;
+    assert_eq!(a.wait("attack", "").await, 0);
+    let out = String::from_utf8(a.read_all("attack", "", false).await).unwrap();
+    let err = String::from_utf8(a.read_all("attack", "", true).await).unwrap();
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["made", "4"],
+        "stderr: {err}"
+    );
+    assert_eq!(
+        err.matches("Operation not permitted").count(),
+        2,
+        "both opens refused by the device program: {err}"
+    );
+    a.remove("attack").await;
+
+    // A device the spec lists is allowed (as runc does).
+    let mut s = spec(&root, &["sh", "-c", "head -c 1 /dev/kmsg | wc -c"]);
+    let mut d = oci::LinuxDevice::new();
+    d.Path = "/dev/kmsg".into();
+    d.Type = "c".into();
+    d.Major = 1;
+    d.Minor = 11;
+    d.FileMode = 0o600;
+    s.Linux.as_mut().unwrap().Devices.push(d);
+    a.run("granted", s).await;
+    assert_eq!(a.wait("granted", "").await, 0);
+    let out = String::from_utf8(a.read_all("granted", "", false).await).unwrap();
+    assert_eq!(
+        out.trim(),
+        "1",
+        "{}",
+        String::from_utf8_lossy(&a.read_all("granted", "", true).await)
+    );
+    a.remove("granted").await;
+    a.destroy().await;
 }

@@ -69,6 +69,41 @@ impl Stamp {
 }
 
 /// Writes `bytes` to `dest` through a temp file in the same directory.
+/// An exclusive lock on one cache entry, held until dropped. Two kiln
+/// processes that need the same entry (two checkouts, CI beside a developer)
+/// take turns: one builds, the other then finds the result. Without it two
+/// `make`s shared one build directory and broke each other's dependency files.
+#[derive(Debug)]
+pub struct EntryLock {
+    _file: fs::File,
+}
+
+/// Locks `path` (a `<entry>.lock` file beside the entry, never inside an
+/// output directory); `waiting` runs once if another process holds it.
+pub fn lock_entry(path: &Path, waiting: impl FnOnce()) -> anyhow::Result<EntryLock> {
+    use std::os::fd::AsRawFd;
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening lock {}", path.display()))?;
+    let fd = file.as_raw_fd();
+    // SAFETY: flock on a descriptor we own; released when the file closes.
+    if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        waiting();
+        // SAFETY: as above, blocking this time.
+        if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    Ok(EntryLock { _file: file })
+}
+
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = parent_dir(dest)?;
     let mut tmp = tempfile::NamedTempFile::new_in(&dir)
@@ -143,5 +178,24 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out")]);
+    }
+
+    #[test]
+    fn entry_lock_makes_a_second_taker_wait() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.lock");
+        let first = lock_entry(&p, || panic!("nobody holds it yet")).unwrap();
+        let p2 = p.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let mut waited = false;
+            let _second = lock_entry(&p2, || waited = true).unwrap();
+            tx.send(waited).unwrap();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(rx.try_recv().is_err(), "the second taker must still wait");
+        drop(first);
+        assert!(rx.recv().unwrap(), "it was told it had to wait");
+        t.join().unwrap();
     }
 }

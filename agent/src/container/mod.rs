@@ -6,6 +6,7 @@
 //!   container or exec process, talking over `wire`.
 //! * `mounts` — the container's filesystem view (runs in the helper).
 //! * `cgroups` — `<root>/kiln/<sandbox>/<container>` limits, stats, freeze.
+//! * `devcg` — which devices the container may open (a cgroup device program).
 //! * `seccomp` — OCI seccomp profiles compiled to BPF, installed before exec.
 //! * `stdio` — loss-free pipes and ptys.
 //!
@@ -13,9 +14,11 @@
 
 pub mod cgroups;
 pub mod child;
+pub mod devcg;
 pub mod launch;
 pub mod mounts;
-pub mod seccomp;
+/// The seccomp compiler lives in its own crate (`agent/seccomp`).
+pub use kiln_seccomp as seccomp;
 pub mod spec;
 pub mod stdio;
 pub mod wire;

@@ -28,6 +28,8 @@ pub struct ContainerSpec {
     pub namespaces: Vec<NamespaceSpec>,
     pub resources: Resources,
     pub devices: Vec<DeviceSpec>,
+    /// `linux.resources.devices` (or the default list) plus the spec's devices.
+    pub device_rules: Vec<super::devcg::DeviceRule>,
     pub sysctl: BTreeMap<String, String>,
     pub masked_paths: Vec<PathBuf>,
     pub readonly_paths: Vec<PathBuf>,
@@ -292,6 +294,14 @@ impl ContainerSpec {
             .iter()
             .map(DeviceSpec::from_oci)
             .collect::<Result<Vec<_>>>()?;
+        let device_rules = super::devcg::rules_for(
+            linux
+                .Resources
+                .as_ref()
+                .map(|r| r.Devices.as_slice())
+                .unwrap_or(&[]),
+            &devices,
+        )?;
         let mut sysctl = BTreeMap::new();
         for (k, v) in &linux.Sysctl {
             let ok = !k.is_empty()
@@ -339,6 +349,7 @@ impl ContainerSpec {
             namespaces,
             resources,
             devices,
+            device_rules,
             sysctl,
             masked_paths,
             readonly_paths,

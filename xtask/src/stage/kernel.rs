@@ -103,6 +103,9 @@ pub struct KernelArtifact {
 pub fn build(ctx: &Ctx, req: &KernelRequest) -> anyhow::Result<KernelArtifact> {
     let step = ctx.ui.stage(&format!("kernel {}", req.arch));
     let plan = Plan::new(ctx, req)?;
+    let _lock = crate::cache::lock_entry(&plan.build_dir.with_extension("lock"), || {
+        step.message("waiting for another kiln process building this kernel")
+    })?;
     if let Some(art) = plan.cached()? {
         step.cached(&format!("{} {}", art.version, plan.image_name()));
         return Ok(art);
