@@ -196,7 +196,8 @@ impl Storages {
                 s.fstype.as_str()
             };
             let o = parse_mount_options(&opts)?;
-            let flags = o.flags & !MsFlags::MS_BIND;
+            // A remount sets every flag anew: keep nodev,nosuid.
+            let flags = hardened(&opts, o.flags & !MsFlags::MS_BIND);
             mount(Some("tmpfs"), &mp, Some(fstype), flags, o.data())
                 .map_err(|e| os(format!("remounting {} with {opts:?}", mp.display()), e))?;
             tracing::info!(mount_point = %mp.display(), ?opts, "ephemeral storage updated");
@@ -246,9 +247,24 @@ fn mkdirs(p: &Path) -> Result<()> {
     fs::create_dir_all(p).map_err(|e| os(format!("creating {}", p.display()), e))
 }
 
+/// Storage mounts are `nodev,nosuid` unless the request says `dev` or
+/// `suid`: a device node or setuid file a workload left on a shared or
+/// block volume (its image is untrusted) must not work as one in the guest.
+fn hardened(options: &[String], flags: MsFlags) -> MsFlags {
+    let has = |o: &str| options.iter().flat_map(|x| x.split(',')).any(|x| x == o);
+    let mut f = flags;
+    if !has("dev") {
+        f |= MsFlags::MS_NODEV;
+    }
+    if !has("suid") {
+        f |= MsFlags::MS_NOSUID;
+    }
+    f
+}
+
 fn do_mount(source: &str, target: &Path, fstype: &str, options: &[String]) -> Result<()> {
     let o = parse_mount_options(options)?;
-    let flags = o.flags & !MsFlags::MS_BIND;
+    let flags = hardened(options, o.flags & !MsFlags::MS_BIND);
     mount(Some(source), target, Some(fstype), flags, o.data()).map_err(|e| {
         os(
             format!(
@@ -623,6 +639,16 @@ mod tests {
     }
 
     #[test]
+    fn storage_mounts_are_nodev_nosuid_unless_asked() {
+        let f = hardened(&[], MsFlags::empty());
+        assert!(f.contains(MsFlags::MS_NODEV | MsFlags::MS_NOSUID));
+        let f = hardened(&["rw,dev".into()], MsFlags::empty());
+        assert!(!f.contains(MsFlags::MS_NODEV) && f.contains(MsFlags::MS_NOSUID));
+        let f = hardened(&["suid".into(), "dev".into()], MsFlags::MS_RDONLY);
+        assert_eq!(f, MsFlags::MS_RDONLY);
+    }
+
+    #[test]
     fn fsgid_is_split_out_of_the_options() {
         let (rest, gid) = take_fsgid(&[
             "nodev".into(),
@@ -706,6 +732,11 @@ mod tests {
         assert_eq!(
             total.blocks() as u64 * total.fragment_size() as u64,
             2 << 20
+        );
+        let mnt = nix::sys::statvfs::FsFlags::ST_NODEV | nix::sys::statvfs::FsFlags::ST_NOSUID;
+        assert!(
+            total.flags().contains(mnt),
+            "still nodev,nosuid after the remount"
         );
         let mut bad = s.clone();
         bad.driver = "local".into();

@@ -1162,5 +1162,38 @@ async fn devices_the_spec_does_not_allow_cannot_be_opened() {
         String::from_utf8_lossy(&a.read_all("granted", "", true).await)
     );
     a.remove("granted").await;
+
+    // A node on a storage volume is not a device, even one the device
+    // program allows: storages are nodev (and nosuid) unless asked otherwise.
+    let vol = a.run_dir().join("sandbox/ephemeral/vol");
+    let mut st = agent::Storage::new();
+    st.driver = "ephemeral".into();
+    st.source = "tmpfs".into();
+    st.fstype = "tmpfs".into();
+    st.mount_point = vol.display().to_string();
+    let mut s = spec(
+        &root,
+        &[
+            "sh",
+            "-c",
+            "mknod /vol/null c 1 3 && echo x > /vol/null && echo WROTE",
+        ],
+    );
+    s.Mounts.push(mount(
+        "/vol",
+        "bind",
+        &vol.display().to_string(),
+        &["rbind"],
+    ));
+    a.create("nodev", s, vec![st]).await.unwrap();
+    a.start("nodev").await;
+    assert_ne!(a.wait("nodev", "").await, 0);
+    let out = String::from_utf8(a.read_all("nodev", "", false).await).unwrap();
+    let err = String::from_utf8(a.read_all("nodev", "", true).await).unwrap();
+    assert!(
+        !out.contains("WROTE") && err.contains("Permission denied"),
+        "{out} / {err}"
+    );
+    a.remove("nodev").await;
     a.destroy().await;
 }

@@ -10,6 +10,15 @@ use crate::process::{wait_for_path, ChildGuard};
 /// The tag Kata's runtime and agent agree on.
 pub const TAG: &str = "kataShared";
 
+/// virtiofsd runs as root on the host for a guest whose workload is
+/// untrusted. So: its own mount namespace rooted at the shared directory
+/// (`--sandbox namespace`) and no `CAP_MKNOD` (a device node made in the
+/// guest is refused, never a host device). Not done: mapping guest root to
+/// an unprivileged host uid (`--translate-uid`): virtiofsd then creates files
+/// with that uid's rights, and container roots prepared by the host's root
+/// become read-only to the container's root.
+pub const HARDENING: &[&str] = &["--sandbox", "namespace", "--modcaps=-mknod"];
+
 pub struct VirtioFs {
     pub guard: ChildGuard,
     pub socket: PathBuf,
@@ -29,7 +38,8 @@ impl VirtioFs {
         // tag is set on the QEMU device instead.
         cmd.arg(format!("--socket-path={}", socket.display()))
             .arg(format!("--shared-dir={}", shared_dir.display()))
-            .args(["--sandbox", "none", "--cache", "auto"])
+            .args(HARDENING)
+            .args(["--cache", "auto"])
             .args(extra_args)
             .env("RUST_LOG", "warn")
             .stdout(log.try_clone()?)

@@ -1009,6 +1009,48 @@ async fn hostile_input(g: &Guest) {
         "oversized frames were not buffered: RSS {before} → {after}"
     );
 
+    // A hostile image and workload (root with CAP_MKNOD, as containerd's
+    // default spec grants): a world-writable block node shipped in the image
+    // and one made in the container. Neither opens in the guest (device
+    // program and nodev), and virtiofsd (no CAP_MKNOD) makes no device on the host.
+    let shipped = g.host("shipped-disk");
+    let made = std::process::Command::new("mknod")
+        .args(["-m", "666"])
+        .arg(&shipped)
+        .args(["b", "8", "0"])
+        .status()
+        .unwrap();
+    assert!(
+        made.success(),
+        "mknod on the host (root) for the shipped node"
+    );
+    let (_, out, err) = g
+        .sh(
+            "box",
+            "devices",
+            &[
+                "sh",
+                "-c",
+                "mknod /made-disk b 8 0; echo mknod=$?; head -c 1 /shipped-disk >/dev/null; echo read=$?",
+            ],
+        )
+        .await;
+    assert!(
+        out.contains("read=1"),
+        "the shipped block node was read: {out} {err}"
+    );
+    assert!(
+        !out.contains("mknod=0"),
+        "mknod of a block device on the share worked: {out} {err}"
+    );
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::symlink_metadata(g.host("made-disk"))
+            .map_or(true, |m| !m.file_type().is_block_device()),
+        "a block device appeared on the host"
+    );
+    let _ = std::fs::remove_file(&shipped);
+
     // And it still runs things.
     let (st, out, _) = g.sh("box", "after", &["echo", "still here"]).await;
     assert_eq!((st, out.as_str()), (0, "still here\n"));
