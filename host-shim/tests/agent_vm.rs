@@ -626,7 +626,8 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
         .await;
     assert_eq!((st, out.trim()), (0, "0"), "cpu1 offlined: {err}");
     let mut oc = agent::OnlineCPUMemRequest::new();
-    oc.nb_cpus = 1;
+    // nb_cpus is the total that must be online (Kata's runtimes send that).
+    oc.nb_cpus = 2;
     oc.wait = true;
     g.agent().online_cpu_mem(g.client.ctx(), &oc).await.unwrap();
     let (_, out, _) = g
