@@ -22,6 +22,7 @@ pub mod network;
 pub mod oom;
 pub mod paths;
 pub mod pci;
+pub mod policy;
 pub mod reaper;
 pub mod rpc;
 pub mod sandbox;

@@ -116,7 +116,7 @@ macro_rules! unimplemented_rpcs {
                 'life1: 'async_trait,
                 Self: 'async_trait,
             {
-                Box::pin(async move { Err(unimplemented_status($name)) })
+                Box::pin(async move { crate::policy::check(&_req)?; Err(unimplemented_status($name)) })
             }
         )*
     };
@@ -129,6 +129,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::GuestDetailsRequest,
     ) -> ttrpc::Result<agent::GuestDetailsResponse> {
+        crate::policy::check(&req)?;
         Ok(self.guest_details(&req))
     }
 
@@ -137,6 +138,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "CreateSandbox",
             self.sb().create_sandbox(&req).await.map(|_| Empty::new()),
@@ -148,6 +150,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::DestroySandboxRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&_req)?;
         reply(
             "DestroySandbox",
             self.sb().destroy_sandbox().await.map(|_| Empty::new()),
@@ -159,6 +162,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::CreateContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "CreateContainer",
             self.sb().create_container(&req).await.map(|_| Empty::new()),
@@ -170,6 +174,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::StartContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "StartContainer",
             self.sb()
@@ -184,6 +189,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::RemoveContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "RemoveContainer",
             self.sb()
@@ -198,6 +204,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ExecProcessRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "ExecProcess",
             self.sb().exec_process(&req).await.map(|_| Empty::new()),
@@ -209,6 +216,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "SignalProcess",
             self.sb().signal_process(&req).map(|_| Empty::new()),
@@ -220,6 +228,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::WaitProcessRequest,
     ) -> ttrpc::Result<agent::WaitProcessResponse> {
+        crate::policy::check(&req)?;
         reply(
             "WaitProcess",
             self.sb().wait_process(&req).await.map(|status| {
@@ -235,10 +244,8 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ReadStreamRequest,
     ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        reply(
-            "ReadStdout",
-            self.sb().read_stream(&req, false).await.map(read_response),
-        )
+        let resp = reply("ReadStdout", self.sb().read_stream(&req, false).await.map(read_response));
+        crate::policy::redact_read(&req, resp)
     }
 
     async fn read_stderr(
@@ -246,10 +253,8 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ReadStreamRequest,
     ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        reply(
-            "ReadStderr",
-            self.sb().read_stream(&req, true).await.map(read_response),
-        )
+        let resp = reply("ReadStderr", self.sb().read_stream(&req, true).await.map(read_response));
+        crate::policy::redact_read(&req, resp)
     }
 
     async fn write_stdin(
@@ -257,6 +262,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::WriteStreamRequest,
     ) -> ttrpc::Result<agent::WriteStreamResponse> {
+        crate::policy::check(&req)?;
         reply(
             "WriteStdin",
             self.sb().write_stdin(&req).await.map(|len| {
@@ -272,6 +278,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::CloseStdinRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "CloseStdin",
             self.sb().close_stdin(&req).await.map(|_| Empty::new()),
@@ -283,6 +290,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::TtyWinResizeRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "TtyWinResize",
             self.sb().tty_win_resize(&req).map(|_| Empty::new()),
@@ -294,6 +302,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::UpdateContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "UpdateContainer",
             self.sb().update_container(&req).map(|_| Empty::new()),
@@ -305,6 +314,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::StatsContainerRequest,
     ) -> ttrpc::Result<agent::StatsContainerResponse> {
+        crate::policy::check(&req)?;
         reply(
             "StatsContainer",
             self.sb().stats_container(&req.container_id),
@@ -316,6 +326,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::PauseContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "PauseContainer",
             self.sb()
@@ -330,6 +341,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ResumeContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "ResumeContainer",
             self.sb()
@@ -344,6 +356,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::GetOOMEventRequest,
     ) -> ttrpc::Result<agent::OOMEvent> {
+        crate::policy::check(&_req)?;
         reply(
             "GetOOMEvent",
             self.sb().next_oom_event().await.map(|id| {
@@ -359,6 +372,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::CopyFileRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check_copy_file(&req)?;
         let run_dir = self.sb().run_dir().to_path_buf();
         let r = tokio::task::spawn_blocking(move || crate::copy_file::copy_file(&run_dir, &req))
             .await
@@ -371,6 +385,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::SetGuestDateTimeRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "SetGuestDateTime",
             set_guest_time(req.Sec, req.Usec).map(|_| Empty::new()),
@@ -382,6 +397,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::OnlineCPUMemRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "OnlineCPUMem",
             online_cpu_mem(&self.state.guest, &req)
@@ -395,6 +411,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::MemHotplugByProbeRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "MemHotplugByProbe",
             mem_hotplug_by_probe(&self.state.guest, &req.memHotplugProbeAddr).map(|_| Empty::new()),
@@ -406,6 +423,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::GetMetricsRequest,
     ) -> ttrpc::Result<agent::Metrics> {
+        crate::policy::check(&_req)?;
         let counts = crate::metrics::AgentCounts {
             containers: self.sb().container_count(),
             processes: self.sb().process_count(),
@@ -424,6 +442,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::VolumeStatsRequest,
     ) -> ttrpc::Result<csi::VolumeStatsResponse> {
+        crate::policy::check(&req)?;
         reply("GetVolumeStats", volume_stats(&req.volume_guest_path))
     }
 
@@ -432,6 +451,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::UpdateInterfaceRequest,
     ) -> ttrpc::Result<types::Interface> {
+        crate::policy::check(&req)?;
         reply(
             "UpdateInterface",
             crate::network::update_interface(req.interface.as_ref()).await,
@@ -443,6 +463,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::UpdateRoutesRequest,
     ) -> ttrpc::Result<agent::Routes> {
+        crate::policy::check(&req)?;
         reply(
             "UpdateRoutes",
             crate::network::update_routes(req.routes.as_ref()).await,
@@ -454,6 +475,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::ListInterfacesRequest,
     ) -> ttrpc::Result<agent::Interfaces> {
+        crate::policy::check(&_req)?;
         reply("ListInterfaces", crate::network::list_interfaces().await)
     }
 
@@ -462,6 +484,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::ListRoutesRequest,
     ) -> ttrpc::Result<agent::Routes> {
+        crate::policy::check(&_req)?;
         reply("ListRoutes", crate::network::list_routes().await)
     }
 
@@ -470,12 +493,21 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::AddARPNeighborsRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "AddARPNeighbors",
             crate::network::add_arp_neighbors(req.neighbors.as_ref())
                 .await
                 .map(|_| Empty::new()),
         )
+    }
+
+    async fn set_policy(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::SetPolicyRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::policy::set_policy(&req).map(|_| Empty::new())
     }
 
     unimplemented_rpcs! {
@@ -490,7 +522,6 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         add_swap(agent::AddSwapRequest) -> Empty = "AddSwap";
         add_swap_path(agent::AddSwapPathRequest) -> Empty = "AddSwapPath";
         resize_volume(agent::ResizeVolumeRequest) -> Empty = "ResizeVolume";
-        set_policy(agent::SetPolicyRequest) -> Empty = "SetPolicy";
     }
 }
 
