@@ -30,9 +30,14 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use kiln_protocol::agent;
+#[cfg(feature = "policy")]
 use protobuf::reflect::{ReflectFieldRef, ReflectValueRef, RuntimeFieldType, RuntimeType};
-use protobuf::{MessageDyn, MessageFull};
-use serde_json::{json, Map, Value};
+#[cfg(feature = "policy")]
+use protobuf::MessageDyn;
+use protobuf::MessageFull;
+use serde_json::Value;
+#[cfg(feature = "policy")]
+use serde_json::{json, Map};
 
 /// Where Kata's guest images keep the policy the agent starts with.
 pub const DEFAULT_POLICY_FILE: &str = "/etc/kata-opa/default-policy.rego";
@@ -117,7 +122,7 @@ enum State {
     /// No policy: every request is allowed.
     AllowAll,
     #[cfg(feature = "policy")]
-    Rego(engine::RegoPolicy),
+    Rego(Box<engine::RegoPolicy>),
     /// The initial policy could not be loaded: fail closed.
     Unusable(String),
 }
@@ -162,7 +167,7 @@ impl AgentPolicy {
             if new.allow_failures() {
                 tracing::warn!("policy: AllowRequestsFailingPolicy is set: requests the policy refuses are served anyway");
             }
-            *self.lock() = State::Rego(new);
+            *self.lock() = State::Rego(Box::new(new));
             Ok(())
         }
         #[cfg(not(feature = "policy"))]
@@ -191,6 +196,8 @@ impl AgentPolicy {
 
     /// Evaluates `data.agent_policy.<rule>` with `input`.
     pub fn verdict(&self, rule: &str, input: Value) -> Verdict {
+        #[cfg(not(feature = "policy"))]
+        let _ = (rule, input);
         let mut state = self.lock();
         match &mut *state {
             State::AllowAll => Verdict::Allow,
@@ -204,7 +211,11 @@ impl AgentPolicy {
                 match v {
                     Verdict::Allow => Verdict::Allow,
                     _ if p.allow_failures() => {
-                        tracing::warn!(rule, ?v, "policy: AllowRequestsFailingPolicy: served anyway");
+                        tracing::warn!(
+                            rule,
+                            ?v,
+                            "policy: AllowRequestsFailingPolicy: served anyway"
+                        );
                         Verdict::Allow
                     }
                     v => v,
@@ -238,19 +249,39 @@ impl AgentPolicy {
         if matches!(*self.lock(), State::AllowAll) {
             return Ok(()); // skip building the input
         }
-        self.check_as(M::descriptor().name(), message_json(req))
+        #[cfg(feature = "policy")]
+        return self.check_as(M::descriptor().name(), message_json(req));
+        // Without the engine only the fail-closed state gets here; naming the
+        // request from its type keeps protobuf's reflection tables (about
+        // 1.3 MB) out of the binary.
+        #[cfg(not(feature = "policy"))]
+        let _ = req;
+        #[cfg(not(feature = "policy"))]
+        self.check_as(
+            std::any::type_name::<M>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("request"),
+            Value::Null,
+        )
     }
 
     pub fn check_copy_file(&self, req: &agent::CopyFileRequest) -> ttrpc::Result<()> {
         if matches!(*self.lock(), State::AllowAll) {
             return Ok(());
         }
+        #[cfg(feature = "policy")]
         let input = copy_file_input(req).map_err(|e| {
             status(
                 ttrpc::Code::INVALID_ARGUMENT,
                 format!("CopyFileRequest for {}: {e}", req.path),
             )
         })?;
+        #[cfg(not(feature = "policy"))]
+        let input = {
+            let _ = req;
+            Value::Null
+        };
         self.check_as("CopyFileRequest", input)
     }
 
@@ -295,6 +326,7 @@ fn status(code: ttrpc::Code, msg: String) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
 }
 
+#[cfg(feature = "policy")]
 /// The policy input for CopyFile, as Kata derives it: the file's type from the
 /// mode and a symlink's target instead of the raw bytes.
 fn copy_file_input(req: &agent::CopyFileRequest) -> Result<Value, String> {
@@ -324,6 +356,7 @@ fn copy_file_input(req: &agent::CopyFileRequest) -> Result<Value, String> {
     }))
 }
 
+#[cfg(feature = "policy")]
 /// A request as JSON in the shape Kata's policies read (see the module doc).
 pub fn message_json(m: &dyn MessageDyn) -> Value {
     let desc = m.descriptor_dyn();
@@ -362,6 +395,7 @@ pub fn message_json(m: &dyn MessageDyn) -> Value {
     Value::Object(obj)
 }
 
+#[cfg(feature = "policy")]
 fn value_json(v: ReflectValueRef<'_>) -> Value {
     match v {
         ReflectValueRef::U32(n) => n.into(),
@@ -378,6 +412,7 @@ fn value_json(v: ReflectValueRef<'_>) -> Value {
     }
 }
 
+#[cfg(feature = "policy")]
 fn map_key(k: ReflectValueRef<'_>) -> String {
     match k {
         ReflectValueRef::String(s) => s.to_string(),
@@ -388,6 +423,7 @@ fn map_key(k: ReflectValueRef<'_>) -> String {
     }
 }
 
+#[cfg(feature = "policy")]
 /// rust-protobuf's field name for a proto field: keywords get a `_` suffix,
 /// and serde writes that name.
 fn rust_ident(name: &str) -> String {
@@ -406,6 +442,7 @@ fn rust_ident(name: &str) -> String {
     }
 }
 
+#[cfg(feature = "policy")]
 /// rust-protobuf's enum variant name for a oneof field.
 fn camel_case(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
@@ -490,7 +527,11 @@ mod engine {
             self.eval_path(&format!("data.{PACKAGE}.{rule}"), input)
         }
 
-        fn eval_path(&mut self, path: &str, input: Value) -> Result<Option<regorus::Value>, String> {
+        fn eval_path(
+            &mut self,
+            path: &str,
+            input: Value,
+        ) -> Result<Option<regorus::Value>, String> {
             self.engine.set_input(regorus::Value::from(input));
             let results = self
                 .engine
@@ -525,7 +566,12 @@ mod engine {
 
         /// `{"allowed": bool, "ops": [JSON patch]}`: when allowed, the ops
         /// update the policy's state for the requests that follow.
-        fn metadata_verdict(&mut self, rule: &str, obj: &regorus::Value, prints: String) -> Verdict {
+        fn metadata_verdict(
+            &mut self,
+            rule: &str,
+            obj: &regorus::Value,
+            prints: String,
+        ) -> Verdict {
             let obj = match serde_json::to_value(obj) {
                 Ok(v) => v,
                 Err(e) => return Verdict::Error(e.to_string()),
@@ -549,7 +595,8 @@ mod engine {
 
         fn apply_ops(&mut self, ops: &Value) -> Result<(), String> {
             let ops = ops.as_array().ok_or("\"ops\" is not an array")?;
-            let mut data = serde_json::to_value(self.engine.get_data()).map_err(|e| e.to_string())?;
+            let mut data =
+                serde_json::to_value(self.engine.get_data()).map_err(|e| e.to_string())?;
             for op in ops {
                 super::json_patch(&mut data, op)?;
             }
@@ -561,11 +608,18 @@ mod engine {
     }
 }
 
+#[cfg(feature = "policy")]
 /// One RFC 6902 operation (add, remove, replace) on `doc`: what Kata's
 /// policies use to keep state between requests.
 fn json_patch(doc: &mut Value, op: &Value) -> Result<(), String> {
-    let kind = op.get("op").and_then(Value::as_str).ok_or("op without \"op\"")?;
-    let path = op.get("path").and_then(Value::as_str).ok_or("op without \"path\"")?;
+    let kind = op
+        .get("op")
+        .and_then(Value::as_str)
+        .ok_or("op without \"op\"")?;
+    let path = op
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or("op without \"path\"")?;
     let tokens: Vec<String> = match path.strip_prefix('/') {
         Some(rest) => rest
             .split('/')
@@ -691,7 +745,10 @@ ExecProcessRequest if {
             msg.starts_with("ExecProcessRequest is blocked by policy: "),
             "{msg}"
         );
-        assert!(msg.contains("exec of exec-9 in ctr-1 is not allowed"), "{msg}");
+        assert!(
+            msg.contains("exec of exec-9 in ctr-1 is not allowed"),
+            "{msg}"
+        );
         p.check(&agent::CreateContainerRequest::new()).unwrap();
     }
 
@@ -700,7 +757,10 @@ ExecProcessRequest if {
         let p = AgentPolicy::from_rego(ALLOW_ALL_BUT_EXEC).unwrap();
         let (code, msg) = code_and_message(p.check(&agent::StatsContainerRequest::new()));
         assert_eq!(code, ttrpc::Code::INTERNAL);
-        assert!(msg.starts_with("StatsContainerRequest: internal error"), "{msg}");
+        assert!(
+            msg.starts_with("StatsContainerRequest: internal error"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -775,7 +835,10 @@ CreateContainerRequest if {
         req.data = vec![0xff, 0xfe];
         assert!(copy_file_input(&req).is_err());
         req.file_mode = libc::S_IFDIR | 0o755;
-        assert_eq!(copy_file_input(&req).unwrap()["symlink_target"], Value::Null);
+        assert_eq!(
+            copy_file_input(&req).unwrap()["symlink_target"],
+            Value::Null
+        );
     }
 
     #[test]
@@ -796,7 +859,9 @@ CreateContainerRequest if {
             Err(PolicyError::Package { .. })
         ));
         assert!(matches!(
-            AgentPolicy::from_rego("package agent_policy\nExecProcessRequest := no_such_builtin(1)\n"),
+            AgentPolicy::from_rego(
+                "package agent_policy\nExecProcessRequest := no_such_builtin(1)\n"
+            ),
             Err(PolicyError::Parse(_) | PolicyError::Eval(_))
         ));
     }
@@ -840,7 +905,10 @@ SetPolicyRequest if {
             msg.starts_with("SetPolicyRequest is blocked by policy"),
             "{msg}"
         );
-        assert!(p.check(&exec("c", "e")).is_err(), "old policy still in force");
+        assert!(
+            p.check(&exec("c", "e")).is_err(),
+            "old policy still in force"
+        );
         set.policy = "package agent_policy\ndefault ExecProcessRequest := false\ndefault GuestDetailsRequest := true\n".into();
         p.set_policy(&set).unwrap();
         p.check(&agent::GuestDetailsRequest::new()).unwrap();
@@ -848,8 +916,9 @@ SetPolicyRequest if {
 
     #[test]
     fn read_streams_are_redacted_not_refused() {
-        let p = AgentPolicy::from_rego("package agent_policy\ndefault ReadStreamRequest := false\n")
-            .unwrap();
+        let p =
+            AgentPolicy::from_rego("package agent_policy\ndefault ReadStreamRequest := false\n")
+                .unwrap();
         let mut resp = agent::ReadStreamResponse::new();
         resp.data = b"secret".to_vec();
         let r = p
@@ -894,7 +963,11 @@ CreateContainerRequest := {"allowed": true, "ops": []} if {
         assert_eq!(code, ttrpc::Code::INTERNAL);
         assert!(msg.contains("none.rego"), "{msg}");
         let good = dir.path().join("p.rego");
-        std::fs::write(&good, "package agent_policy\ndefault GuestDetailsRequest := true\n").unwrap();
+        std::fs::write(
+            &good,
+            "package agent_policy\ndefault GuestDetailsRequest := true\n",
+        )
+        .unwrap();
         p.load_file(&good).unwrap();
         p.check(&agent::GuestDetailsRequest::new()).unwrap();
     }
@@ -902,10 +975,22 @@ CreateContainerRequest := {"allowed": true, "ops": []} if {
     #[test]
     fn json_patch_ops() {
         let mut d = json!({"pstate": {}});
-        json_patch(&mut d, &json!({"op": "add", "path": "/pstate/a~1b", "value": 1})).unwrap();
+        json_patch(
+            &mut d,
+            &json!({"op": "add", "path": "/pstate/a~1b", "value": 1}),
+        )
+        .unwrap();
         assert_eq!(d, json!({"pstate": {"a/b": 1}}));
-        json_patch(&mut d, &json!({"op": "replace", "path": "/pstate/a~1b", "value": [2]})).unwrap();
-        json_patch(&mut d, &json!({"op": "add", "path": "/pstate/a~1b/-", "value": 3})).unwrap();
+        json_patch(
+            &mut d,
+            &json!({"op": "replace", "path": "/pstate/a~1b", "value": [2]}),
+        )
+        .unwrap();
+        json_patch(
+            &mut d,
+            &json!({"op": "add", "path": "/pstate/a~1b/-", "value": 3}),
+        )
+        .unwrap();
         assert_eq!(d, json!({"pstate": {"a/b": [2, 3]}}));
         json_patch(&mut d, &json!({"op": "remove", "path": "/pstate/a~1b"})).unwrap();
         assert_eq!(d, json!({"pstate": {}}));

@@ -100,7 +100,7 @@ impl AgentService {
     }
 }
 
-/// Expands to trait methods that answer UNIMPLEMENTED.
+/// Expands to trait methods that answer UNIMPLEMENTED (after the policy check).
 macro_rules! unimplemented_rpcs {
     ($($method:ident($req:ty) -> $resp:ty = $name:literal;)*) => {
         $(
@@ -116,7 +116,11 @@ macro_rules! unimplemented_rpcs {
                 'life1: 'async_trait,
                 Self: 'async_trait,
             {
-                Box::pin(async move { crate::policy::check(&_req)?; Err(unimplemented_status($name)) })
+                // The policy first, as Kata does: a refused call says so.
+                Box::pin(async move {
+                    crate::policy::check(&_req)?;
+                    Err(unimplemented_status($name))
+                })
             }
         )*
     };
@@ -244,7 +248,10 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ReadStreamRequest,
     ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        let resp = reply("ReadStdout", self.sb().read_stream(&req, false).await.map(read_response));
+        let resp = reply(
+            "ReadStdout",
+            self.sb().read_stream(&req, false).await.map(read_response),
+        );
         crate::policy::redact_read(&req, resp)
     }
 
@@ -253,7 +260,10 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ReadStreamRequest,
     ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        let resp = reply("ReadStderr", self.sb().read_stream(&req, true).await.map(read_response));
+        let resp = reply(
+            "ReadStderr",
+            self.sb().read_stream(&req, true).await.map(read_response),
+        );
         crate::policy::redact_read(&req, resp)
     }
 

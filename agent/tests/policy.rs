@@ -133,7 +133,10 @@ async fn set_policy_denies_exec_process_with_katas_code_and_message() {
             .await,
     );
     assert_eq!(code, ttrpc::Code::INTERNAL, "{msg}");
-    assert!(msg.starts_with("StatsContainerRequest: internal error"), "{msg}");
+    assert!(
+        msg.starts_with("StatsContainerRequest: internal error"),
+        "{msg}"
+    );
 
     // A policy that does not parse is refused; the one in force stays.
     set.policy = "package agent_policy\ndefault ExecProcessRequest := \n".into();
@@ -165,5 +168,8 @@ async fn the_initial_policy_file_is_enforced_and_guards_set_policy() {
     set.policy = "package agent_policy\ndefault ExecProcessRequest := true\n".into();
     let (code, msg) = status("SetPolicy", ag.set_policy(ctx(), &set).await);
     assert_eq!(code, ttrpc::Code::PERMISSION_DENIED, "{msg}");
-    assert!(msg.starts_with("SetPolicyRequest is blocked by policy"), "{msg}");
+    assert!(
+        msg.starts_with("SetPolicyRequest is blocked by policy"),
+        "{msg}"
+    );
 }

@@ -99,10 +99,6 @@ async fn every_unimplemented_method_says_unimplemented_and_agent_survives() {
         "ReseedRandomDev",
     );
     expect_unimplemented(
-        ag.set_policy(ctx(), &agent::SetPolicyRequest::new()).await,
-        "SetPolicy",
-    );
-    expect_unimplemented(
         ag.add_swap(ctx(), &agent::AddSwapRequest::new()).await,
         "AddSwap",
     );
