@@ -129,6 +129,10 @@ enum State {
 
 pub struct AgentPolicy {
     state: Mutex<State>,
+    /// Held by SetPolicy from its check to its install, so two of them
+    /// cannot interleave; requests are not held up by a policy compiling.
+    #[cfg_attr(not(feature = "policy"), allow(dead_code))]
+    update: Mutex<()>,
 }
 
 impl Default for AgentPolicy {
@@ -142,6 +146,7 @@ impl AgentPolicy {
     pub const fn new() -> Self {
         AgentPolicy {
             state: Mutex::new(State::AllowAll),
+            update: Mutex::new(()),
         }
     }
 
@@ -308,6 +313,7 @@ impl AgentPolicy {
         }
         #[cfg(feature = "policy")]
         {
+            let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
             self.check(req)?;
             self.install(&req.policy).map_err(|e| {
                 tracing::warn!("SetPolicy refused: {e}");
