@@ -31,13 +31,8 @@ use std::sync::Mutex;
 
 use kiln_protocol::agent;
 #[cfg(feature = "policy")]
-use protobuf::reflect::{ReflectFieldRef, ReflectValueRef, RuntimeFieldType, RuntimeType};
-#[cfg(feature = "policy")]
-use protobuf::MessageDyn;
-use protobuf::MessageFull;
+use serde_json::json;
 use serde_json::Value;
-#[cfg(feature = "policy")]
-use serde_json::{json, Map};
 
 /// Where Kata's guest images keep the policy the agent starts with.
 pub const DEFAULT_POLICY_FILE: &str = "/etc/kata-opa/default-policy.rego";
@@ -56,7 +51,7 @@ pub fn agent_policy() -> &'static AgentPolicy {
 
 /// Checks an AgentService request against the agent's policy: one call at
 /// the top of each handler.
-pub fn check<M: MessageFull>(req: &M) -> ttrpc::Result<()> {
+pub fn check<M: Request>(req: &M) -> ttrpc::Result<()> {
     AGENT_POLICY.check(req)
 }
 
@@ -250,25 +245,11 @@ impl AgentPolicy {
         }
     }
 
-    pub fn check<M: MessageFull>(&self, req: &M) -> ttrpc::Result<()> {
+    pub fn check<M: Request>(&self, req: &M) -> ttrpc::Result<()> {
         if matches!(*self.lock(), State::AllowAll) {
             return Ok(()); // skip building the input
         }
-        #[cfg(feature = "policy")]
-        return self.check_as(M::descriptor().name(), message_json(req));
-        // Without the engine only the fail-closed state gets here; naming the
-        // request from its type keeps protobuf's reflection tables (about
-        // 1.3 MB) out of the binary.
-        #[cfg(not(feature = "policy"))]
-        let _ = req;
-        #[cfg(not(feature = "policy"))]
-        self.check_as(
-            std::any::type_name::<M>()
-                .rsplit("::")
-                .next()
-                .unwrap_or("request"),
-            Value::Null,
-        )
+        self.check_as(request_name::<M>(), req.policy_input())
     }
 
     pub fn check_copy_file(&self, req: &agent::CopyFileRequest) -> ttrpc::Result<()> {
@@ -332,6 +313,34 @@ fn status(code: ttrpc::Code, msg: String) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
 }
 
+/// The rule for a request: its message name (`ExecProcessRequest`), which
+/// the generated type carries. Taken from the type rather than protobuf's
+/// descriptors, whose reflection tables would add about 1.3 MB to the agent.
+fn request_name<M>() -> &'static str {
+    let path = std::any::type_name::<M>();
+    path.rsplit("::").next().unwrap_or(path)
+}
+
+/// A request the policy can check: with the engine, anything that
+/// serialises (kiln-protocol's `serde` feature, Kata's JSON shape).
+#[cfg(feature = "policy")]
+pub trait Request: serde::Serialize {
+    fn policy_input(&self) -> Value {
+        serde_json::to_value(self).unwrap_or_else(|e| json!({ "unserialisable": e.to_string() }))
+    }
+}
+#[cfg(feature = "policy")]
+impl<T: serde::Serialize> Request for T {}
+
+#[cfg(not(feature = "policy"))]
+pub trait Request {
+    fn policy_input(&self) -> Value {
+        Value::Null
+    }
+}
+#[cfg(not(feature = "policy"))]
+impl<T> Request for T {}
+
 #[cfg(feature = "policy")]
 /// The policy input for CopyFile, as Kata derives it: the file's type from the
 /// mode and a symlink's target instead of the raw bytes.
@@ -360,110 +369,6 @@ fn copy_file_input(req: &agent::CopyFileRequest) -> Result<Value, String> {
         "gid": req.gid,
         "offset": req.offset,
     }))
-}
-
-#[cfg(feature = "policy")]
-/// A request as JSON in the shape Kata's policies read (see the module doc).
-pub fn message_json(m: &dyn MessageDyn) -> Value {
-    let desc = m.descriptor_dyn();
-    let mut obj = Map::new();
-    for field in desc.fields() {
-        if let Some(oneof) = field.containing_oneof() {
-            // A real oneof is one Rust enum field named after the oneof:
-            // `null`, or `{"<CamelCaseField>": value}` for the field that is set.
-            let key = rust_ident(oneof.name());
-            let slot = obj.entry(key).or_insert(Value::Null);
-            if let Some(v) = field.get_singular(m) {
-                *slot = json!({ camel_case(field.name()): value_json(v) });
-            }
-            continue;
-        }
-        let v = match field.get_reflect(m) {
-            ReflectFieldRef::Optional(o) => match field.runtime_field_type() {
-                // Messages and proto3 `optional` scalars are Options: null when unset.
-                RuntimeFieldType::Singular(RuntimeType::Message(_)) => {
-                    o.value().map(value_json).unwrap_or(Value::Null)
-                }
-                _ if field.containing_oneof_including_synthetic().is_some() => {
-                    o.value().map(value_json).unwrap_or(Value::Null)
-                }
-                _ => value_json(field.get_singular_field_or_default(m)),
-            },
-            ReflectFieldRef::Repeated(r) => Value::Array(r.into_iter().map(value_json).collect()),
-            ReflectFieldRef::Map(map) => Value::Object(
-                map.into_iter()
-                    .map(|(k, v)| (map_key(k), value_json(v)))
-                    .collect(),
-            ),
-        };
-        obj.insert(rust_ident(field.name()), v);
-    }
-    Value::Object(obj)
-}
-
-#[cfg(feature = "policy")]
-fn value_json(v: ReflectValueRef<'_>) -> Value {
-    match v {
-        ReflectValueRef::U32(n) => n.into(),
-        ReflectValueRef::U64(n) => n.into(),
-        ReflectValueRef::I32(n) => n.into(),
-        ReflectValueRef::I64(n) => n.into(),
-        ReflectValueRef::F32(n) => Value::from(f64::from(n)),
-        ReflectValueRef::F64(n) => Value::from(n),
-        ReflectValueRef::Bool(b) => b.into(),
-        ReflectValueRef::String(s) => s.into(),
-        ReflectValueRef::Bytes(b) => Value::Array(b.iter().map(|&x| x.into()).collect()),
-        ReflectValueRef::Enum(_, n) => n.into(),
-        ReflectValueRef::Message(m) => message_json(&*m),
-    }
-}
-
-#[cfg(feature = "policy")]
-fn map_key(k: ReflectValueRef<'_>) -> String {
-    match k {
-        ReflectValueRef::String(s) => s.to_string(),
-        other => match value_json(other) {
-            Value::String(s) => s,
-            v => v.to_string(),
-        },
-    }
-}
-
-#[cfg(feature = "policy")]
-/// rust-protobuf's field name for a proto field: keywords get a `_` suffix,
-/// and serde writes that name.
-fn rust_ident(name: &str) -> String {
-    const KEYWORDS: &[&str] = &[
-        "_", "as", "async", "await", "break", "crate", "dyn", "else", "enum", "extern", "false",
-        "fn", "for", "if", "impl", "in", "let", "loop", "match", "mod", "move", "mut", "pub",
-        "ref", "return", "static", "self", "Self", "struct", "super", "true", "trait", "type",
-        "unsafe", "use", "while", "continue", "box", "const", "where", "virtual", "proc",
-        "alignof", "become", "offsetof", "priv", "pure", "sizeof", "typeof", "unsized", "yield",
-        "do", "abstract", "final", "override", "macro",
-    ];
-    if KEYWORDS.contains(&name) {
-        format!("{name}_")
-    } else {
-        name.to_string()
-    }
-}
-
-#[cfg(feature = "policy")]
-/// rust-protobuf's enum variant name for a oneof field.
-fn camel_case(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    let mut upper = true;
-    for c in name.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.push(c.to_ascii_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(feature = "policy")]
@@ -818,12 +723,12 @@ CreateContainerRequest if {
         req.path = "/run/x".into();
         req.file_size = 1 << 40;
         req.data = vec![1, 2];
-        let v = message_json(&req);
+        let v = req.policy_input();
         assert_eq!(v["path"], "/run/x");
         assert_eq!(v["file_size"], 1u64 << 40, "int64 as a number");
         assert_eq!(v["data"], json!([1, 2]), "bytes as numbers");
         assert_eq!(v["uid"], 0, "defaults are present");
-        let e = message_json(&exec("c", "e"));
+        let e = exec("c", "e").policy_input();
         assert_eq!(e["string_user"], Value::Null);
         assert_eq!(e["process"], Value::Null);
     }
