@@ -83,12 +83,12 @@ async fn agent_answers_health_details_and_unimplemented() {
     );
 
     // A method kiln-agent does not implement answers UNIMPLEMENTED (not NOT_FOUND).
-    let mut req = agent::SetPolicyRequest::new();
-    req.policy = "package agent_policy".into();
-    match c.agent.set_policy(c.ctx(), &req).await {
+    let mut req = agent::ResizeVolumeRequest::new();
+    req.volume_guest_path = "/run/kiln/none".into();
+    match c.agent.resize_volume(c.ctx(), &req).await {
         Err(ttrpc::Error::RpcStatus(s)) => {
             assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED, "{s:?}");
-            assert!(s.message().contains("SetPolicy"), "{}", s.message());
+            assert!(s.message().contains("ResizeVolume"), "{}", s.message());
         }
         other => panic!("expected UNIMPLEMENTED, got {other:?}"),
     }
@@ -116,7 +116,7 @@ async fn agent_answers_health_details_and_unimplemented() {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln-shim"))
         .args(["agent", "--vm"])
         .arg(vm.run_dir.path())
-        .args(["SetPolicy", "{}"])
+        .args(["ResizeVolume", "{}"])
         .output()
         .unwrap();
     assert!(!out.status.success());
