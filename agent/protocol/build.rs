@@ -25,6 +25,53 @@ const MODULES: &[&str] = &[
     "types",
 ];
 
+/// With the crate's `serde` feature, every message serialises the way Kata's
+/// `with-serde` protocols crate does (its agent policy reads that JSON):
+/// Rust field names, enums as numbers, an unset message as `null`.
+struct SerdeDerive;
+
+impl ttrpc_codegen::ProtobufCustomizeCallback for SerdeDerive {
+    fn message(
+        &self,
+        _: &protobuf::reflect::MessageDescriptor,
+    ) -> ttrpc_codegen::ProtobufCustomize {
+        derive()
+    }
+
+    fn oneof(&self, _: &protobuf::reflect::OneofDescriptor) -> ttrpc_codegen::ProtobufCustomize {
+        derive()
+    }
+
+    fn field(
+        &self,
+        field: &protobuf::reflect::FieldDescriptor,
+    ) -> ttrpc_codegen::ProtobufCustomize {
+        use protobuf::descriptor::field_descriptor_proto::Type;
+        let with = match field.proto().type_() {
+            Type::TYPE_ENUM if field.is_singular() => "crate::serde_enum",
+            Type::TYPE_MESSAGE if field.is_singular() => "crate::serde_message_field",
+            _ => return ttrpc_codegen::ProtobufCustomize::default(),
+        };
+        ttrpc_codegen::ProtobufCustomize::default().before(&format!(
+            "#[cfg_attr(feature = \"serde\", serde(serialize_with = \"{with}\"))]"
+        ))
+    }
+
+    fn special_field(
+        &self,
+        _: &protobuf::reflect::MessageDescriptor,
+        _: &str,
+    ) -> ttrpc_codegen::ProtobufCustomize {
+        ttrpc_codegen::ProtobufCustomize::default()
+            .before("#[cfg_attr(feature = \"serde\", serde(skip))]")
+    }
+}
+
+fn derive() -> ttrpc_codegen::ProtobufCustomize {
+    ttrpc_codegen::ProtobufCustomize::default()
+        .before("#[cfg_attr(feature = \"serde\", derive(::serde::Serialize))]")
+}
+
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let inputs: Vec<String> = PROTOS.iter().map(|p| format!("protos/{p}")).collect();
@@ -36,6 +83,7 @@ fn main() {
         .inputs(&inputs)
         .include("protos")
         .rust_protobuf()
+        .rust_protobuf_customize_callback(SerdeDerive)
         .customize(ttrpc_codegen::Customize {
             async_all: true,
             ..Default::default()

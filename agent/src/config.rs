@@ -21,6 +21,9 @@ pub struct AgentConfig {
     pub debug_console_vport: u32,
     /// Developer mode: more permissive, more verbose.
     pub devmode: bool,
+    /// Kata's agent policy to start with (`agent.policy_file`); without it
+    /// the agent uses `/etc/kata-opa/default-policy.rego` if the image has one.
+    pub policy_file: Option<std::path::PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -33,6 +36,7 @@ impl Default for AgentConfig {
             debug_console: false,
             debug_console_vport: 1026,
             devmode: false,
+            policy_file: None,
         }
     }
 }
@@ -97,6 +101,10 @@ impl AgentConfig {
                     Some(b) => cfg.devmode = b,
                     None => bad("expected a boolean"),
                 },
+                ("policy_file", Some(v)) if v.starts_with('/') => {
+                    cfg.policy_file = Some(v.into());
+                }
+                ("policy_file", _) => bad("expected an absolute path"),
                 _ => warnings.push(format!("unknown kernel parameter agent.{rest} (ignored)")),
             }
         }
@@ -128,6 +136,7 @@ fn valid_server_addr(v: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn defaults_without_agent_params() {
@@ -139,7 +148,7 @@ mod tests {
     #[test]
     fn parses_known_params() {
         let (cfg, warns) = AgentConfig::from_cmdline(
-            "agent.log=DEBUG agent.server_addr=vsock://-1:2048 agent.hotplug_timeout=10 agent.container_pipe_size=65536 agent.debug_console agent.debug_console_vport=1030 agent.devmode=1",
+            "agent.log=DEBUG agent.server_addr=vsock://-1:2048 agent.hotplug_timeout=10 agent.container_pipe_size=65536 agent.debug_console agent.debug_console_vport=1030 agent.devmode=1 agent.policy_file=/etc/p.rego",
         );
         assert!(warns.is_empty(), "{warns:?}");
         assert_eq!(cfg.log_level, "debug");
@@ -148,6 +157,7 @@ mod tests {
         assert_eq!(cfg.container_pipe_size, 65536);
         assert!(cfg.debug_console && cfg.devmode);
         assert_eq!(cfg.debug_console_vport, 1030);
+        assert_eq!(cfg.policy_file.as_deref(), Some(Path::new("/etc/p.rego")));
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod network;
 pub mod oom;
 pub mod paths;
 pub mod pci;
+pub mod policy;
 pub mod random;
 pub mod reaper;
 pub mod rpc;

@@ -38,6 +38,9 @@ fn main() {
     if let Some(addr) = flag("--server-addr") {
         config.server_addr = addr;
     }
+    if let Some(p) = flag("--policy-file") {
+        config.policy_file = Some(p.into());
+    }
     // Development and host tests: where runtime state and cgroups live.
     let mut paths = AgentPaths::default();
     if let Some(d) = flag("--run-dir") {
@@ -70,6 +73,9 @@ fn main() {
         tracing::warn!("{w}");
     }
     tracing::info!(version = rpc::AGENT_VERSION, pid1, addr = %config.server_addr, "kiln-agent starting");
+    // Before the server: no request is served without the policy in force.
+    let policy = kiln_agent::policy::install_initial(config.policy_file.as_deref());
+    tracing::info!("agent policy: {policy}");
 
     loop {
         let cfg = config.clone();

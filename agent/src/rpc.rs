@@ -1,8 +1,7 @@
 //! The ttrpc services: `grpc.Health` and `grpc.AgentService`.
 //!
-//! Every AgentService method the agent does not implement yet answers
-//! UNIMPLEMENTED (the generated defaults would say NOT_FOUND, which Kata's
-//! runtime reads as "no such agent" rather than "not supported").
+//! Every AgentService method is implemented; each handler asks the agent
+//! policy first (`policy.rs`), as Kata's agent does.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,28 +99,6 @@ impl AgentService {
     }
 }
 
-/// Expands to trait methods that answer UNIMPLEMENTED.
-macro_rules! unimplemented_rpcs {
-    ($($method:ident($req:ty) -> $resp:ty = $name:literal;)*) => {
-        $(
-            // Written in async-trait's expanded form: attribute macros run
-            // before this macro, so `async fn` here would not be rewritten.
-            fn $method<'life0, 'life1, 'async_trait>(
-                &'life0 self,
-                _ctx: &'life1 TtrpcContext,
-                _req: $req,
-            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ttrpc::Result<$resp>> + Send + 'async_trait>>
-            where
-                'life0: 'async_trait,
-                'life1: 'async_trait,
-                Self: 'async_trait,
-            {
-                Box::pin(async move { Err(unimplemented_status($name)) })
-            }
-        )*
-    };
-}
-
 #[async_trait::async_trait]
 impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
     async fn get_guest_details(
@@ -129,6 +106,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::GuestDetailsRequest,
     ) -> ttrpc::Result<agent::GuestDetailsResponse> {
+        crate::policy::check(&req)?;
         Ok(self.guest_details(&req))
     }
 
@@ -137,6 +115,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "CreateSandbox",
             self.sb().create_sandbox(&req).await.map(|_| Empty::new()),
@@ -148,6 +127,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::DestroySandboxRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&_req)?;
         reply(
             "DestroySandbox",
             self.sb().destroy_sandbox().await.map(|_| Empty::new()),
@@ -159,6 +139,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::CreateContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "CreateContainer",
             self.sb().create_container(&req).await.map(|_| Empty::new()),
@@ -170,6 +151,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::StartContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "StartContainer",
             self.sb()
@@ -184,6 +166,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::RemoveContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "RemoveContainer",
             self.sb()
@@ -198,6 +181,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ExecProcessRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "ExecProcess",
             self.sb().exec_process(&req).await.map(|_| Empty::new()),
@@ -209,6 +193,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "SignalProcess",
             self.sb().signal_process(&req).map(|_| Empty::new()),
@@ -220,6 +205,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::WaitProcessRequest,
     ) -> ttrpc::Result<agent::WaitProcessResponse> {
+        crate::policy::check(&req)?;
         reply(
             "WaitProcess",
             self.sb().wait_process(&req).await.map(|status| {
@@ -235,10 +221,11 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ReadStreamRequest,
     ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        reply(
+        let resp = reply(
             "ReadStdout",
             self.sb().read_stream(&req, false).await.map(read_response),
-        )
+        );
+        crate::policy::redact_read(&req, resp)
     }
 
     async fn read_stderr(
@@ -246,10 +233,11 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ReadStreamRequest,
     ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        reply(
+        let resp = reply(
             "ReadStderr",
             self.sb().read_stream(&req, true).await.map(read_response),
-        )
+        );
+        crate::policy::redact_read(&req, resp)
     }
 
     async fn write_stdin(
@@ -257,6 +245,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::WriteStreamRequest,
     ) -> ttrpc::Result<agent::WriteStreamResponse> {
+        crate::policy::check(&req)?;
         reply(
             "WriteStdin",
             self.sb().write_stdin(&req).await.map(|len| {
@@ -272,6 +261,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::CloseStdinRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "CloseStdin",
             self.sb().close_stdin(&req).await.map(|_| Empty::new()),
@@ -283,6 +273,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::TtyWinResizeRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "TtyWinResize",
             self.sb().tty_win_resize(&req).map(|_| Empty::new()),
@@ -294,6 +285,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::UpdateContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "UpdateContainer",
             self.sb().update_container(&req).map(|_| Empty::new()),
@@ -305,6 +297,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::StatsContainerRequest,
     ) -> ttrpc::Result<agent::StatsContainerResponse> {
+        crate::policy::check(&req)?;
         reply(
             "StatsContainer",
             self.sb().stats_container(&req.container_id),
@@ -316,6 +309,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::PauseContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "PauseContainer",
             self.sb()
@@ -330,6 +324,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ResumeContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "ResumeContainer",
             self.sb()
@@ -344,6 +339,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::GetOOMEventRequest,
     ) -> ttrpc::Result<agent::OOMEvent> {
+        crate::policy::check(&_req)?;
         reply(
             "GetOOMEvent",
             self.sb().next_oom_event().await.map(|id| {
@@ -359,6 +355,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::CopyFileRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check_copy_file(&req)?;
         let run_dir = self.sb().run_dir().to_path_buf();
         let r = tokio::task::spawn_blocking(move || crate::copy_file::copy_file(&run_dir, &req))
             .await
@@ -371,6 +368,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::SetGuestDateTimeRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "SetGuestDateTime",
             set_guest_time(req.Sec, req.Usec).map(|_| Empty::new()),
@@ -382,6 +380,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::OnlineCPUMemRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "OnlineCPUMem",
             online_cpu_mem(&self.state.guest, &req)
@@ -395,6 +394,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::MemHotplugByProbeRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "MemHotplugByProbe",
             mem_hotplug_by_probe(&self.state.guest, &req.memHotplugProbeAddr).map(|_| Empty::new()),
@@ -406,6 +406,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::GetMetricsRequest,
     ) -> ttrpc::Result<agent::Metrics> {
+        crate::policy::check(&_req)?;
         let counts = crate::metrics::AgentCounts {
             containers: self.sb().container_count(),
             processes: self.sb().process_count(),
@@ -424,6 +425,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::VolumeStatsRequest,
     ) -> ttrpc::Result<csi::VolumeStatsResponse> {
+        crate::policy::check(&req)?;
         reply("GetVolumeStats", volume_stats(&req.volume_guest_path))
     }
 
@@ -432,6 +434,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::UpdateInterfaceRequest,
     ) -> ttrpc::Result<types::Interface> {
+        crate::policy::check(&req)?;
         reply(
             "UpdateInterface",
             crate::network::update_interface(req.interface.as_ref()).await,
@@ -443,6 +446,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::UpdateRoutesRequest,
     ) -> ttrpc::Result<agent::Routes> {
+        crate::policy::check(&req)?;
         reply(
             "UpdateRoutes",
             crate::network::update_routes(req.routes.as_ref()).await,
@@ -454,6 +458,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::ListInterfacesRequest,
     ) -> ttrpc::Result<agent::Interfaces> {
+        crate::policy::check(&_req)?;
         reply("ListInterfaces", crate::network::list_interfaces().await)
     }
 
@@ -462,6 +467,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::ListRoutesRequest,
     ) -> ttrpc::Result<agent::Routes> {
+        crate::policy::check(&_req)?;
         reply("ListRoutes", crate::network::list_routes().await)
     }
 
@@ -470,6 +476,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::AddARPNeighborsRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "AddARPNeighbors",
             crate::network::add_arp_neighbors(req.neighbors.as_ref())
@@ -483,6 +490,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::UpdateEphemeralMountsRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "UpdateEphemeralMounts",
             self.sb()
@@ -495,8 +503,9 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
     async fn remove_stale_virtiofs_share_mounts(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::RemoveStaleVirtiofsShareMountsRequest,
+        req: agent::RemoveStaleVirtiofsShareMountsRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         let shared = self.sb().run_dir().join("shared");
         reply(
             "RemoveStaleVirtiofsShareMounts",
@@ -509,6 +518,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::GetDiagnosticDataRequest,
     ) -> ttrpc::Result<agent::GetDiagnosticDataResponse> {
+        crate::policy::check(&req)?;
         reply(
             "GetDiagnosticData",
             self.sb().diagnostic_data(&req).await.map(|data| {
@@ -524,6 +534,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::GetIPTablesRequest,
     ) -> ttrpc::Result<agent::GetIPTablesResponse> {
+        crate::policy::check(&req)?;
         reply(
             "GetIPTables",
             crate::iptables::get(&self.state.guest, &self.sb().reaper, req.is_ipv6)
@@ -541,6 +552,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::SetIPTablesRequest,
     ) -> ttrpc::Result<agent::SetIPTablesResponse> {
+        crate::policy::check(&req)?;
         reply(
             "SetIPTables",
             crate::iptables::set(&self.state.guest, &self.sb().reaper, req.is_ipv6, &req.data)
@@ -558,6 +570,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::MemAgentMemcgConfig,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "MemAgentMemcgSet",
             self.sb().mem_agent().set_memcg(&req).map(|_| Empty::new()),
@@ -569,6 +582,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::MemAgentCompactConfig,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "MemAgentCompactSet",
             self.sb()
@@ -583,6 +597,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ReseedRandomDevRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         let dev = self.state.guest.path("/dev/random");
         reply(
             "ReseedRandomDev",
@@ -595,6 +610,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::AddSwapRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "AddSwap",
             crate::swap::add_disk(
@@ -612,6 +628,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::AddSwapPathRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         reply(
             "AddSwapPath",
             crate::swap::add_path(&req.path).map(|_| Empty::new()),
@@ -623,6 +640,7 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ResizeVolumeRequest,
     ) -> ttrpc::Result<Empty> {
+        crate::policy::check(&req)?;
         let (path, size) = (req.volume_guest_path.clone(), req.size);
         let r = tokio::task::spawn_blocking(move || crate::volume::resize(&path, size))
             .await
@@ -630,8 +648,12 @@ impl kiln_protocol::agent_ttrpc::AgentService for AgentService {
         reply("ResizeVolume", r.map(|_| Empty::new()))
     }
 
-    unimplemented_rpcs! {
-        set_policy(agent::SetPolicyRequest) -> Empty = "SetPolicy";
+    async fn set_policy(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::SetPolicyRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::policy::set_policy(&req).map(|_| Empty::new())
     }
 }
 

@@ -652,11 +652,70 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
 
     network(&g).await;
     hostile_input(&g).await;
+    // Last: the rest of this test then runs under the policy it installs.
+    policy(&g).await;
 
     g.signal("box", "", 9).await;
     assert_eq!(g.wait("box", "").await, 137);
     g.remove("box").await;
     g.shutdown().await;
+}
+
+/// Kata's agent policy: SetPolicy installs one that allows every
+/// AgentService request but ExecProcess (Kata's allow-all-except-exec-process
+/// shape); the exec is refused with Kata's code and message, other calls
+/// (here GetMetrics, then signal, wait, remove and DestroySandbox) go on.
+async fn policy(g: &Guest) {
+    let mut rego = String::from("package agent_policy\n");
+    let fd = agent::file_descriptor();
+    let requests: std::collections::BTreeSet<&str> = fd
+        .proto()
+        .service
+        .iter()
+        .flat_map(|s| s.method.iter())
+        .filter_map(|m| m.input_type().rsplit('.').next())
+        .filter(|n| *n != "ExecProcessRequest")
+        .collect();
+    for r in requests {
+        rego.push_str(&format!("default {r} := true\n"));
+    }
+    rego.push_str(
+        "default ExecProcessRequest := false\nExecProcessRequest if {\n  print(\"no exec into\", input.container_id)\n  false\n}\n",
+    );
+    let mut set = agent::SetPolicyRequest::new();
+    set.policy = rego;
+    g.agent()
+        .set_policy(g.client.ctx(), &set)
+        .await
+        .unwrap_or_else(|e| panic!("SetPolicy: {e:?}"));
+
+    let mut req = agent::ExecProcessRequest::new();
+    req.container_id = "box".into();
+    req.exec_id = "refused".into();
+    req.process = MessageField::some(process(&["true"]));
+    match g.agent().exec_process(g.client.ctx(), &req).await {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::PERMISSION_DENIED, "{s:?}");
+            // Kata's text; the reason is the policy's print() output.
+            assert!(
+                s.message()
+                    .starts_with("ExecProcessRequest is blocked by policy: ")
+                    && s.message().contains("no exec into box"),
+                "{s:?}"
+            );
+        }
+        other => panic!("ExecProcess under a policy refusing it: {other:?}"),
+    }
+    set.policy = "package agent_policy\ndefault ExecProcessRequest := \n".into();
+    assert_eq!(
+        code(
+            "SetPolicy of a policy that does not parse",
+            g.agent().set_policy(g.client.ctx(), &set).await
+        ),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    assert!(gauge(&g.metrics().await, "kiln_agent_containers") == 1.0);
+    g.still_serving("SetPolicy").await;
 }
 
 /// Network RPCs on `lo` and on a virtio-net NIC hot-plugged through QMP

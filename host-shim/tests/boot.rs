@@ -47,7 +47,7 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "boots a VM; run through `cargo xtask test`"]
-async fn agent_answers_health_details_and_unimplemented() {
+async fn agent_answers_health_details_and_kata_only_errors() {
     let run_base = tempfile::tempdir().unwrap();
     std::env::set_var("KILN_RUN_DIR", run_base.path());
     let image = BootImage::load(&manifest()).unwrap();
@@ -82,15 +82,16 @@ async fn agent_answers_health_details_and_unimplemented() {
         details.mem_block_size_bytes
     );
 
-    // A method kiln-agent does not implement answers UNIMPLEMENTED (not NOT_FOUND).
-    let mut req = agent::SetPolicyRequest::new();
-    req.policy = "package agent_policy".into();
-    match c.agent.set_policy(c.ctx(), &req).await {
+    // Every method is implemented: a Kata-only one answers with its own
+    // error (no filesystem at that path), not UNIMPLEMENTED.
+    let mut req = agent::ResizeVolumeRequest::new();
+    req.volume_guest_path = "/run/kiln/none".into();
+    match c.agent.resize_volume(c.ctx(), &req).await {
         Err(ttrpc::Error::RpcStatus(s)) => {
-            assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED, "{s:?}");
-            assert!(s.message().contains("SetPolicy"), "{}", s.message());
+            assert_eq!(s.code(), ttrpc::Code::NOT_FOUND, "{s:?}");
+            assert!(s.message().contains("/run/kiln/none"), "{}", s.message());
         }
-        other => panic!("expected UNIMPLEMENTED, got {other:?}"),
+        other => panic!("expected NOT_FOUND, got {other:?}"),
     }
     // The agent keeps serving after that.
     assert!(c.check().await.is_ok());
@@ -116,12 +117,12 @@ async fn agent_answers_health_details_and_unimplemented() {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln-shim"))
         .args(["agent", "--vm"])
         .arg(vm.run_dir.path())
-        .args(["SetPolicy", "{}"])
+        .args(["ResizeVolume", "{}"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("UNIMPLEMENTED"),
+        String::from_utf8_lossy(&out.stderr).contains("INVALID_ARGUMENT"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

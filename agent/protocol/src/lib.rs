@@ -13,6 +13,27 @@ mod protocols {
 
 pub use protocols::*;
 
+/// Kata's serde shape for an enum field: its number.
+#[cfg(feature = "serde")]
+fn serde_enum<E: protobuf::Enum, S: serde::Serializer>(
+    e: &protobuf::EnumOrUnknown<E>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_i32(e.value())
+}
+
+/// Kata's serde shape for a message field: the message, or `null` when unset.
+#[cfg(feature = "serde")]
+fn serde_message_field<M: serde::Serialize, S: serde::Serializer>(
+    m: &protobuf::MessageField<M>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match m.as_ref() {
+        Some(m) => m.serialize(s),
+        None => s.serialize_unit(),
+    }
+}
+
 /// ttrpc method paths, for tests and tools that speak the wire protocol by hand.
 pub mod paths {
     pub const HEALTH_SERVICE: &str = "grpc.Health";
