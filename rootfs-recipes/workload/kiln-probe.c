@@ -114,7 +114,15 @@ static int eat(long mib) {
                 fprintf(stderr, "kiln-probe: data differs at %zu\n", i + j);
                 return 1;
             }
-    printf("eat: %ld MiB written and read back\n", mib);
+    /* While it is all still mapped: how much of the cgroup's memory is in swap. */
+    long swapped = -1;
+    FILE *f = fopen("/sys/fs/cgroup/memory.swap.current", "r");
+    if (f) {
+        if (fscanf(f, "%ld", &swapped) != 1)
+            swapped = -1;
+        fclose(f);
+    }
+    printf("eat: %ld MiB written and read back, memory.swap.current %ld\n", mib, swapped);
     return 0;
 }
 
