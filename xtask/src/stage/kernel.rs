@@ -222,15 +222,25 @@ pub fn compare_with(ctx: &Ctx, req: &KernelRequest, others: &[PathBuf]) -> anyho
         .ui
         .stage(&format!("kernel-check {} --compare", req.arch));
     let plan = Plan::new(ctx, req)?;
+    // The source is needed anyway to know which of their options exist here.
+    let tree = plan.source.tree(ctx, &plan.log_name(), &step)?;
+    let tree = plan.patches.apply(ctx, &tree, &plan.log_name())?;
     let actual = if Stamp::fresh(&plan.out_dir, STAMP, &plan.key).is_some() {
         read_config(&plan.out_dir.join("config"))?
     } else {
         plan.print_overrides(ctx);
-        let tree = plan.source.tree(ctx, &plan.log_name(), &step)?;
-        let tree = plan.patches.apply(ctx, &tree, &plan.log_name())?;
         plan.configure(ctx, &tree, &step)?
     };
-    let d = compare::diff(&actual, &plan.requested, &theirs.config, &omitted);
+    step.message("reading the Kconfig tree");
+    let index = kconfig::KconfigIndex::load(&tree, req.arch.kernel_arch());
+    let d = compare::diff(&actual, &plan.requested, &theirs.config, &omitted, |n| {
+        index.defs.contains_key(n)
+    });
+    let closest: BTreeMap<String, Vec<String>> = d
+        .unknown
+        .iter()
+        .map(|r| (r.name.clone(), index.closest(&r.name, 2)))
+        .collect();
     step.done(&format!(
         "{} left off on purpose, {} not decided",
         d.omitted.len(),
@@ -254,7 +264,7 @@ pub fn compare_with(ctx: &Ctx, req: &KernelRequest, others: &[PathBuf]) -> anyho
         );
     }
     let base = (others.len() == 1 && others[0].is_dir()).then(|| others[0].as_path());
-    print!("{}", d.render("kiln", "theirs", base));
+    print!("{}", d.render("kiln", "theirs", base, &closest));
     Ok(())
 }
 

@@ -152,6 +152,9 @@ pub struct ConfigDiff {
     pub omitted: Vec<(DiffRow, String)>,
     /// They turn it on, kiln has it off, and nobody decided.
     pub undecided: Vec<DiffRow>,
+    /// They turn it on, but kiln's kernel source has no such option (renamed,
+    /// removed, or another arch's): nothing to decide.
+    pub unknown: Vec<DiffRow>,
     /// kiln's fragments turn it on (and it survived), they leave it off.
     pub kiln_only: Vec<DiffRow>,
     /// On in both.
@@ -161,12 +164,14 @@ pub struct ConfigDiff {
 }
 
 /// Compares kiln's built `.config` (`actual`) and requested fragments
-/// (`requested`) with `theirs`.
+/// (`requested`) with `theirs`. `exists` says whether kiln's kernel source
+/// (for the arch) defines an option.
 pub fn diff(
     actual: &ConfigFile,
     requested: &ConfigFile,
     theirs: &ConfigFile,
     omitted: &OmittedList,
+    exists: impl Fn(&str) -> bool,
 ) -> ConfigDiff {
     let mut d = ConfigDiff::default();
     for (name, s) in &theirs.settings {
@@ -189,6 +194,7 @@ pub fn diff(
         };
         match omitted.reason(name) {
             Some(reason) => d.omitted.push((row, reason.to_string())),
+            None if kiln.is_none() && !exists(name) => d.unknown.push(row),
             None => d.undecided.push(row),
         }
     }
@@ -221,7 +227,14 @@ fn kiln_text(v: &Option<Value>) -> String {
 impl ConfigDiff {
     /// The report: three lists, then the counts. `base` shortens their file
     /// names (the directory given to --compare).
-    pub fn render(&self, kiln_name: &str, their_name: &str, base: Option<&Path>) -> String {
+    /// `closest` names kiln's options near each unknown one (renames).
+    pub fn render(
+        &self,
+        kiln_name: &str,
+        their_name: &str,
+        base: Option<&Path>,
+        closest: &BTreeMap<String, Vec<String>>,
+    ) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -257,6 +270,25 @@ impl ConfigDiff {
         }
         let _ = writeln!(
             out,
+            "on in {their_name}, not an option of {kiln_name}'s kernel source (renamed, removed or another arch's) ({}):",
+            self.unknown.len()
+        );
+        for r in &self.unknown {
+            let near = closest.get(&r.name).filter(|c| !c.is_empty()).map(|c| {
+                let names: Vec<String> = c.iter().map(|n| format!("CONFIG_{n}")).collect();
+                format!("; closest: {}", names.join(", "))
+            });
+            let _ = writeln!(
+                out,
+                "  CONFIG_{}={}  ({}{})",
+                r.name,
+                r.value,
+                short_origin(&r.origin, base),
+                near.unwrap_or_default()
+            );
+        }
+        let _ = writeln!(
+            out,
             "requested by {kiln_name}'s fragments, off in {their_name} ({}):",
             self.kiln_only.len()
         );
@@ -271,11 +303,12 @@ impl ConfigDiff {
         }
         let _ = writeln!(
             out,
-            "{} on in both; {} on only in {their_name} ({} left off on purpose, {} not decided); {} requested by {kiln_name} only",
+            "{} on in both; {} on only in {their_name} ({} left off on purpose, {} not decided, {} not in {kiln_name}'s kernel); {} requested by {kiln_name} only",
             self.both_on,
-            self.omitted.len() + self.undecided.len(),
+            self.omitted.len() + self.undecided.len() + self.unknown.len(),
             self.omitted.len(),
             self.undecided.len(),
+            self.unknown.len(),
             self.kiln_only.len()
         );
         out
@@ -377,10 +410,10 @@ options = ["SECURITY_SELINUX"]
         let requested =
             cfg("CONFIG_VIRTIO=y\nCONFIG_IPV6=y\nCONFIG_SHARED=y\n# CONFIG_GONE is not set\n");
         let (theirs, _) = ConfigFile::parse_lenient(
-            "CONFIG_SHARED=y\nCONFIG_MLX5_CORE=y\nCONFIG_SECURITY_SELINUX=y\nCONFIG_NUMA=y\nCONFIG_EXTRA=m\n# CONFIG_IPV6 is not set\nCONFIG_E1000=y\nCONFIG_LOG_BUF_SHIFT=17\n",
+            "CONFIG_SHARED=y\nCONFIG_MLX5_CORE=y\nCONFIG_SECURITY_SELINUX=y\nCONFIG_NUMA=y\nCONFIG_EXTRA=m\n# CONFIG_IPV6 is not set\nCONFIG_E1000=y\nCONFIG_LOG_BUF_SHIFT=17\nCONFIG_OLD_NAME=y\n",
             "kata/x.conf",
         );
-        let d = diff(&actual, &requested, &theirs, &omitted);
+        let d = diff(&actual, &requested, &theirs, &omitted, |n| n != "OLD_NAME");
         let names = |rows: Vec<&DiffRow>| rows.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
         assert_eq!(
             names(d.omitted.iter().map(|(r, _)| r).collect()),
@@ -393,8 +426,10 @@ options = ["SECURITY_SELINUX"]
         assert_eq!(names(d.kiln_only.iter().collect()), ["IPV6", "VIRTIO"]);
         assert_eq!(d.both_on, 2, "SHARED and E1000");
         assert_eq!(d.omitted_but_on.len(), 1, "E1000 is on in kiln yet listed");
+        assert_eq!(names(d.unknown.iter().collect()), ["OLD_NAME"]);
 
-        let text = d.render("kiln", "kata", Some(Path::new("kata")));
+        let closest = BTreeMap::from([("OLD_NAME".to_string(), vec!["NEW_NAME".to_string()])]);
+        let text = d.render("kiln", "kata", Some(Path::new("kata")), &closest);
         assert!(text.contains("deliberately left off (2)"), "{text}");
         assert!(
             text.contains("  SELinux: no policy in the guest\n      CONFIG_SECURITY_SELINUX=y"),
@@ -411,7 +446,11 @@ options = ["SECURITY_SELINUX"]
         assert!(text.contains("CONFIG_IPV6=y  (kiln.conf:2)"), "{text}");
         assert!(text.contains("note: CONFIG_E1000 is on in kiln"), "{text}");
         assert!(
-            text.ends_with("2 on in both; 4 on only in kata (2 left off on purpose, 2 not decided); 2 requested by kiln only\n"),
+            text.contains("CONFIG_OLD_NAME=y  (x.conf:9; closest: CONFIG_NEW_NAME)"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("2 on in both; 5 on only in kata (2 left off on purpose, 2 not decided, 1 not in kiln's kernel); 2 requested by kiln only\n"),
             "{text}"
         );
     }
