@@ -65,7 +65,7 @@ pub fn build(ctx: &Ctx, recipe_name: &str, arch: Arch) -> anyhow::Result<Contain
                     arch.cross_gcc_package()
                         .map(|p| format!(
                             " (apt-get install {p} {})",
-                            arch.cross_libc_package().unwrap_or("")
+                            arch.cross_c_program_libc_package().unwrap_or("")
                         ))
                         .unwrap_or_default()
                 )
