@@ -251,7 +251,7 @@ async fn real_workloads_in_one_vm() {
         .ok(
             "box",
             "for i in $(seq 60); do for d in /sys/block/vd*; do \
-               [ -e \"$d/dev\" ] && { mknod /dev/kdisk b $(tr : ' ' < $d/dev) && echo ${d##*/}; exit 0; }; \
+               [ -e \"$d/dev\" ] && { mknod -m 0660 /dev/kdisk b $(tr : ' ' < $d/dev) && echo ${d##*/}; exit 0; }; \
              done; sleep 1; done; echo no virtio disk appeared >&2; exit 1",
         )
         .await;
@@ -334,6 +334,9 @@ async fn real_workloads_in_one_vm() {
         ]),
     )
     .await;
+    // The guest boots with lo down (the agent leaves links to the runtime's
+    // UpdateInterface); up, the kernel gives it ::1.
+    g.ok("box", "ip link set lo up").await;
     let lo6 = g.ok("box", "ip -6 addr show dev lo").await;
     assert!(lo6.contains("inet6 ::1/128"), "IPv6 on loopback: {lo6}");
     let ping = |host: &str| {
