@@ -24,6 +24,11 @@ pub struct AgentConfig {
     /// Kata's agent policy to start with (`agent.policy_file`); without it
     /// the agent uses `/etc/kata-opa/default-policy.rego` if the image has one.
     pub policy_file: Option<std::path::PathBuf>,
+    /// Filesystem types (`mqueue`, `hugetlbfs`, ...) a container mount may
+    /// ask for although the guest kernel lacks them: such a mount is skipped
+    /// instead of failing the container. Set by an image whose kernel
+    /// deliberately leaves a feature out.
+    pub tolerate_missing_fs: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -37,6 +42,7 @@ impl Default for AgentConfig {
             debug_console_vport: 1026,
             devmode: false,
             policy_file: None,
+            tolerate_missing_fs: Vec::new(),
         }
     }
 }
@@ -105,11 +111,36 @@ impl AgentConfig {
                     cfg.policy_file = Some(v.into());
                 }
                 ("policy_file", _) => bad("expected an absolute path"),
+                ("tolerate_missing_fs", Some(v)) => {
+                    let names: Vec<&str> = v.split(',').filter(|n| !n.is_empty()).collect();
+                    if names.iter().all(|n| valid_fs_name(n)) {
+                        cfg.tolerate_missing_fs = names.into_iter().map(String::from).collect();
+                    } else {
+                        bad("expected filesystem type names separated by commas");
+                    }
+                }
                 _ => warnings.push(format!("unknown kernel parameter agent.{rest} (ignored)")),
             }
         }
         (cfg, warnings)
     }
+}
+
+impl AgentConfig {
+    /// The command line of the running kernel, parsed (warnings dropped: the
+    /// agent proper logs them at start-up). For the container helper, which
+    /// does not inherit the agent's config.
+    pub fn of_running_kernel() -> AgentConfig {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        AgentConfig::from_cmdline(&cmdline).0
+    }
+}
+
+/// A filesystem type as /proc/filesystems lists it.
+fn valid_fs_name(n: &str) -> bool {
+    n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -169,5 +200,16 @@ mod tests {
         assert_eq!(warns.len(), 5, "{warns:?}");
         assert!(warns.iter().any(|w| w.contains("agent.frobnicate")));
         assert!(warns.iter().any(|w| w.contains("agent.log=loud")));
+    }
+
+    #[test]
+    fn tolerate_missing_fs_lists_filesystem_types() {
+        let (cfg, warns) =
+            AgentConfig::from_cmdline("agent.tolerate_missing_fs=mqueue,hugetlbfs quiet");
+        assert!(warns.is_empty(), "{warns:?}");
+        assert_eq!(cfg.tolerate_missing_fs, ["mqueue", "hugetlbfs"]);
+        let (cfg, warns) = AgentConfig::from_cmdline("agent.tolerate_missing_fs=mq/ueue");
+        assert!(cfg.tolerate_missing_fs.is_empty());
+        assert_eq!(warns.len(), 1, "{warns:?}");
     }
 }

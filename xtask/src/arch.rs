@@ -96,6 +96,18 @@ impl Arch {
         }
     }
 
+    /// Debian package with the target's C library for static C programs (the
+    /// workload container rootfs's `programs`); None for the host arch.
+    pub fn cross_c_program_libc_package(self) -> Option<&'static str> {
+        self.cross_prefix()?;
+        Some(match self {
+            Arch::X86_64 => "libc6-dev-amd64-cross",
+            Arch::Aarch64 => "libc6-dev-arm64-cross",
+            Arch::Ppc64le => "libc6-dev-ppc64el-cross",
+            Arch::S390x => "libc6-dev-s390x-cross",
+        })
+    }
+
     /// The make target and the resulting path (relative to the build tree) of the boot image.
     pub fn kernel_image(self) -> (&'static str, &'static str) {
         match self {

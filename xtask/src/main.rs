@@ -34,14 +34,17 @@ enum Task {
     BuildAgent(ArchFlag),
     /// Build a guest kernel from kernel-configs/ fragments.
     BuildKernel(KernelFlags),
-    /// Print the requested/actual table for an image's kernel config without building.
-    KernelCheck(KernelFlags),
+    /// Print the requested/actual table for an image's kernel config without building,
+    /// or (--compare) its difference from another kernel configuration.
+    KernelCheck(KernelCheckFlags),
     /// Build the initrd of an image (needs the agent).
     BuildInitrd(ImageFlags),
     /// Build the initrd and rootfs.img of an image (needs the agent, not the kernel).
     BuildRootfs(ImageFlags),
     /// Build everything an image needs and write its manifest.json.
     BuildImage(ImageFlags),
+    /// Build a container root filesystem from a recipe without an agent (e.g. `workload`).
+    BuildContainerRootfs(ContainerFlags),
     /// Run unit tests and the end-to-end boot tests.
     Test(TestFlags),
     /// Build every image for every selected arch plus kiln-shim into target/kiln/dist/.
@@ -86,6 +89,17 @@ pub struct KernelFlags {
 }
 
 #[derive(Args, Clone, Debug)]
+pub struct KernelCheckFlags {
+    #[command(flatten)]
+    pub kernel: KernelFlags,
+    /// Another configuration to compare with: a directory of *.conf fragments
+    /// (e.g. Kata's tools/packaging/kernel/configs/fragments/x86_64) or a
+    /// .config file (e.g. /boot/config-*). Repeat to merge several, in order.
+    #[arg(long, value_name = "DIR|FILE")]
+    pub compare: Vec<PathBuf>,
+}
+
+#[derive(Args, Clone, Debug)]
 pub struct ImageFlags {
     #[arg(long, default_value = "x86_64")]
     pub arch: ArchSel,
@@ -95,6 +109,15 @@ pub struct ImageFlags {
     /// Kernel source: a tarball or an unpacked tree (default: Debian's linux-source-6.12).
     #[arg(long)]
     pub kernel_src: Option<PathBuf>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ContainerFlags {
+    #[arg(long, default_value = "x86_64")]
+    pub arch: ArchSel,
+    /// A file name (without .toml) in rootfs-recipes/.
+    #[arg(long, default_value = "workload")]
+    pub recipe: String,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -184,11 +207,16 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Task::KernelCheck(f) => {
+        Task::KernelCheck(KernelCheckFlags { kernel: f, compare }) => {
             for arch in f.arch.arches() {
                 ctx.ensure_setup(&[arch])?;
                 let image = manifest::ImageManifest::load(ctx, &f.image)?;
-                stage::kernel::check(ctx, &image.kernel_request(ctx, arch, f.kernel_src.clone())?)?;
+                let req = image.kernel_request(ctx, arch, f.kernel_src.clone())?;
+                if compare.is_empty() {
+                    stage::kernel::check(ctx, &req)?;
+                } else {
+                    stage::kernel::compare_with(ctx, &req, &compare)?;
+                }
             }
             Ok(())
         }
@@ -228,6 +256,14 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             for arch in f.arch.arches_for(&image)? {
                 ctx.ensure_setup(&[arch])?;
                 stage::image::build(ctx, &image, arch, f.kernel_src.clone())?;
+            }
+            Ok(())
+        }
+        Task::BuildContainerRootfs(f) => {
+            for arch in f.arch.arches() {
+                ctx.ensure_setup(&[arch])?;
+                let built = stage::container::build(ctx, &f.recipe, arch)?;
+                println!("{}", built.dir.display());
             }
             Ok(())
         }

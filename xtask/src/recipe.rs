@@ -14,7 +14,9 @@ pub struct Recipe {
     #[serde(default)]
     #[allow(dead_code)]
     pub description: String,
-    /// Where the agent goes in the tree; "init" makes it PID 1.
+    /// Where the agent goes in the tree; "init" makes it PID 1. Empty (left
+    /// out) only in container rootfs recipes, which carry no agent.
+    #[serde(default)]
     pub agent_path: String,
     /// Empty directories to create (mode 0755).
     #[serde(default)]
@@ -39,6 +41,10 @@ pub struct Recipe {
     /// Start from a Debian tree made by mmdebstrap instead of an empty one.
     #[serde(default)]
     pub debian: Option<DebianSection>,
+    /// C programs built static for the tree's arch with Debian's (cross) gcc
+    /// (container rootfs recipes only).
+    #[serde(default)]
+    pub programs: Vec<Program>,
     /// Paths deleted from the tree before the recipe's own entries are added
     /// (caches, logs, host-specific files); missing ones are fine.
     #[serde(default)]
@@ -112,6 +118,15 @@ pub struct LiteralFile {
 
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
+pub struct Program {
+    /// Where the binary goes in the tree.
+    pub path: String,
+    /// The C source, relative to the checkout.
+    pub source: String,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct Symlink {
     pub path: String,
     pub target: String,
@@ -144,7 +159,13 @@ impl Recipe {
                 r.name
             );
         }
-        check_path("agent_path", &r.agent_path)?;
+        if !r.agent_path.is_empty() {
+            check_path("agent_path", &r.agent_path)?;
+        }
+        for p in &r.programs {
+            check_path("programs.path", &p.path)?;
+            check_path("programs.source", &p.source)?;
+        }
         for d in &r.directories {
             check_path("directories", d)?;
         }
@@ -306,7 +327,7 @@ bootstrap_epoch = 1700000000
 
     #[test]
     fn parses_the_shipped_recipes() {
-        for name in ["minimal", "debian"] {
+        for name in ["minimal", "debian", "workload"] {
             let path = format!(
                 "{}/../rootfs-recipes/{name}.toml",
                 env!("CARGO_MANIFEST_DIR")

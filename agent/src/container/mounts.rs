@@ -223,9 +223,16 @@ fn mount_one(rootfs: &Path, mnt: &MountSpec) -> Res<()> {
         };
         match mount(Some(source), &dest, Some(fstype), o.flags, o.data()) {
             Ok(()) => {}
-            // A guest kernel without POSIX message queues has no mqueue
-            // filesystem; the container then simply has no /dev/mqueue.
-            Err(nix::errno::Errno::ENODEV) if fstype == "mqueue" => return Ok(()),
+            // ENODEV: the kernel has no such filesystem type. A failure,
+            // naming the option to turn on, unless the image says to do
+            // without it (agent.tolerate_missing_fs).
+            Err(nix::errno::Errno::ENODEV) => {
+                let tolerated = crate::config::AgentConfig::of_running_kernel().tolerate_missing_fs;
+                return match missing_fs(fstype, &mnt.destination, &tolerated) {
+                    Some(err) => Err(err),
+                    None => Ok(()),
+                };
+            }
             // /sys cannot be mounted read-write in some namespaces: retry
             // read-only, as runc does.
             Err(_) if fstype == "sysfs" => do_mount(
@@ -242,6 +249,53 @@ fn mount_one(rootfs: &Path, mnt: &MountSpec) -> Res<()> {
         do_mount(None, &dest, None, o.propagation, None)?;
     }
     Ok(())
+}
+
+/// The kernel option that provides filesystem type `fstype`, for the error
+/// a container gets when its spec mounts one the guest kernel lacks.
+fn fs_kernel_option(fstype: &str) -> Option<&'static str> {
+    Some(match fstype {
+        "mqueue" => "CONFIG_POSIX_MQUEUE",
+        "hugetlbfs" => "CONFIG_HUGETLBFS",
+        "tmpfs" => "CONFIG_TMPFS",
+        "devpts" => "CONFIG_UNIX98_PTYS",
+        "proc" => "CONFIG_PROC_FS",
+        "sysfs" => "CONFIG_SYSFS",
+        "cgroup2" => "CONFIG_CGROUPS",
+        "securityfs" => "CONFIG_SECURITYFS",
+        "configfs" => "CONFIG_CONFIGFS_FS",
+        "debugfs" => "CONFIG_DEBUG_FS",
+        "tracefs" => "CONFIG_TRACING",
+        "bpf" => "CONFIG_BPF_SYSCALL",
+        "binfmt_misc" => "CONFIG_BINFMT_MISC",
+        "fusectl" | "fuse" => "CONFIG_FUSE_FS",
+        "overlay" => "CONFIG_OVERLAY_FS",
+        "virtiofs" => "CONFIG_VIRTIO_FS",
+        "9p" => "CONFIG_9P_FS",
+        "ext4" => "CONFIG_EXT4_FS",
+        "xfs" => "CONFIG_XFS_FS",
+        "erofs" => "CONFIG_EROFS_FS",
+        "squashfs" => "CONFIG_SQUASHFS",
+        "nfs" | "nfs4" => "CONFIG_NFS_FS",
+        _ => return None,
+    })
+}
+
+/// What a spec mount of `fstype` at `dest` does when the kernel has no such
+/// filesystem: `None` (skip it) if the image tolerates that type, else the
+/// error, naming the kernel option.
+fn missing_fs(fstype: &str, dest: &Path, tolerated: &[String]) -> Option<String> {
+    if tolerated.iter().any(|t| t == fstype) {
+        return None;
+    }
+    let option = fs_kernel_option(fstype)
+        .map(|o| format!(" ({o})"))
+        .unwrap_or_default();
+    Some(format!(
+        "mount of {fstype} at {}: the guest kernel has no {fstype} filesystem{option}; \
+         use a kernel with it, or boot with agent.tolerate_missing_fs={fstype} to skip such mounts",
+        dest.display()
+    ))
 }
 
 /// The devices every container gets when its /dev is a fresh tmpfs.
@@ -384,6 +438,26 @@ fn readonly_path(p: &Path) -> Res<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_filesystem_fails_naming_the_kernel_option_unless_tolerated() {
+        let err = missing_fs("mqueue", Path::new("/dev/mqueue"), &[]).unwrap();
+        assert!(
+            err.starts_with("mount of mqueue at /dev/mqueue: the guest kernel has no mqueue filesystem (CONFIG_POSIX_MQUEUE)"),
+            "{err}"
+        );
+        let tolerated = vec!["hugetlbfs".to_string(), "mqueue".to_string()];
+        assert_eq!(
+            missing_fs("mqueue", Path::new("/dev/mqueue"), &tolerated),
+            None
+        );
+        // Tolerating one type does not tolerate another.
+        let err = missing_fs("xfs", Path::new("/data"), &tolerated[..1]).unwrap();
+        assert!(err.contains("(CONFIG_XFS_FS)"), "{err}");
+        // An unknown type still fails, without a guessed option.
+        let err = missing_fs("zonefs", Path::new("/z"), &[]).unwrap();
+        assert!(err.contains("no zonefs filesystem;"), "{err}");
+    }
 
     #[test]
     fn secure_join_keeps_every_path_inside_the_root() {

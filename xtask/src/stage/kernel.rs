@@ -35,6 +35,7 @@
 //!   kernel's bytes depend on which commit happened to fill the cache. Same
 //!   source + same key ⇒ same bytes.
 
+pub mod compare;
 pub mod dotconfig;
 pub mod kconfig;
 pub mod modules;
@@ -203,6 +204,71 @@ pub fn build(ctx: &Ctx, req: &KernelRequest) -> anyhow::Result<KernelArtifact> {
         actual.enabled_count()
     ));
     Ok(art)
+}
+
+/// Where the list of options kiln leaves off on purpose lives (data read by
+/// `--compare` only; not a fragment, not part of any key).
+const OMITTED_LIST: &str = "kernel-configs/omitted.toml";
+
+/// `kernel-check --compare`: kiln's final `.config` for `req` (the cached
+/// build's, or configured now without building) against the configuration(s)
+/// at `others`; prints the report.
+pub fn compare_with(ctx: &Ctx, req: &KernelRequest, others: &[PathBuf]) -> anyhow::Result<()> {
+    let theirs = compare::OtherConfig::load(others)?;
+    let omitted_path = ctx.root.join(OMITTED_LIST);
+    let omitted = match fs::read_to_string(&omitted_path) {
+        Ok(text) => compare::OmittedList::parse(&text, OMITTED_LIST)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => compare::OmittedList::default(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", omitted_path.display())),
+    };
+    let step = ctx
+        .ui
+        .stage(&format!("kernel-check {} --compare", req.arch));
+    let plan = Plan::new(ctx, req)?;
+    // The source is needed anyway to know which of their options exist here.
+    let tree = plan.source.tree(ctx, &plan.log_name(), &step)?;
+    let tree = plan.patches.apply(ctx, &tree, &plan.log_name())?;
+    let actual = if Stamp::fresh(&plan.out_dir, STAMP, &plan.key).is_some() {
+        read_config(&plan.out_dir.join("config"))?
+    } else {
+        plan.print_overrides(ctx);
+        plan.configure(ctx, &tree, &step)?
+    };
+    step.message("reading the Kconfig tree");
+    let index = kconfig::KconfigIndex::load(&tree, req.arch.kernel_arch());
+    let d = compare::diff(&actual, &plan.requested, &theirs.config, &omitted, |n| {
+        index.defs.contains_key(n)
+    });
+    let closest: BTreeMap<String, Vec<String>> = d
+        .unknown
+        .iter()
+        .map(|r| (r.name.clone(), index.closest(&r.name, 2)))
+        .collect();
+    step.done(&format!(
+        "{} left off on purpose, {} not decided",
+        d.omitted.len(),
+        d.undecided.len()
+    ));
+    println!(
+        "kiln's kernel config for {} (fragments: {}) against {} ({} file(s))",
+        req.arch,
+        plan.fragment_names().join(", "),
+        others
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + "),
+        theirs.files.len()
+    );
+    if let Some(first) = theirs.skipped.first() {
+        println!(
+            "note: skipped {} line(s) that are not kernel config syntax, e.g. {first}",
+            theirs.skipped.len()
+        );
+    }
+    let base = (others.len() == 1 && others[0].is_dir()).then(|| others[0].as_path());
+    print!("{}", d.render("kiln", "theirs", base, &closest));
+    Ok(())
 }
 
 /// Configures (without building, unless a build is cached) and prints the

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod container;
 pub mod dev;
 pub mod disk;
 pub mod fuzz;

@@ -210,6 +210,16 @@ pub fn plan(
     agent: &AgentArtifact,
 ) -> anyhow::Result<RootfsPlan> {
     let (recipe, recipe_path) = Recipe::load(ctx, &image.recipe)?;
+    if recipe.agent_path.is_empty() || !recipe.programs.is_empty() {
+        anyhow::bail!(
+            "image `{}`: recipe `{}` is a container rootfs recipe (no `agent_path`, or `programs`); \
+             an image's recipe needs `agent_path` and cannot build `programs` \
+             (build it with `cargo xtask build-container-rootfs --recipe {}`)",
+            image.name,
+            recipe.name,
+            recipe.name
+        );
+    }
     let recipe_sha256 = crate::hash::sha256_file(&recipe_path)?;
     let extra = &image.rootfs;
     let bootstrap = match &recipe.debian {

@@ -58,6 +58,7 @@ pub fn packages_for(arches: &[Arch]) -> BTreeSet<&'static str> {
         set.insert(a.qemu_package());
         set.extend(a.cross_gcc_package());
         set.extend(a.cross_libc_package());
+        set.extend(a.cross_c_program_libc_package());
     }
     set
 }
@@ -267,8 +268,8 @@ mod tests {
             "{p:?}"
         );
         assert!(
-            p.contains("libc6-dev-ppc64el-cross") && !p.iter().any(|x| x.contains("arm64-cross")),
-            "{p:?}"
+            p.contains("libc6-dev-ppc64el-cross") && p.contains("libc6-dev-arm64-cross"),
+            "static glibc for the agent (ppc64le) and the workload rootfs's C programs: {p:?}"
         );
         let p = packages_for(&[Arch::X86_64]);
         assert!(p.contains("qemu-system-x86") && !p.iter().any(|x| x.starts_with("gcc-x86-64")));

@@ -13,6 +13,11 @@ const E2E_IMAGE: &str = "minimal";
 const E2E_EROFS_IMAGE: &str = "minimal-erofs";
 /// The image the systemd/DAX end-to-end test boots from its rootfs image.
 const E2E_DEBIAN_IMAGE: &str = "debian";
+/// The container rootfs recipe of the workload test (fio, iptables, redis, ...),
+/// and the arches it runs on (virtio-fs needs a little-endian guest; ppc64le
+/// boots too slowly under TCG for its minutes).
+const WORKLOAD_RECIPE: &str = "workload";
+const WORKLOAD_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64];
 
 /// Wall time of each part of the run, printed when the run ends (also when
 /// it fails), so a CI log shows where the minutes went.
@@ -263,12 +268,53 @@ fn e2e(ctx: &Ctx, image: &ImageManifest, arch: Arch) -> anyhow::Result<()> {
     if !status.status.success() {
         anyhow::bail!("end-to-end tests failed for {arch}");
     }
+    if WORKLOAD_ARCHES.contains(&arch) {
+        workload_test(ctx, arch, &manifest)?;
+    }
     ctx.ui.println(&format!(
         "== end-to-end tests ({} on {arch}, booted from its rootfs image)",
         image.name
     ));
     rootfs_tests(ctx, "minimal_", "KILN_E2E_MANIFEST", &manifest)
         .map_err(|e| anyhow::anyhow!("{e:#} ({arch})"))
+}
+
+/// Real programs (fio, iptables, nft, redis, swap, hugetlbfs, mqueue) from the
+/// workload container rootfs, in one VM booted from `manifest`.
+fn workload_test(ctx: &Ctx, arch: Arch, manifest: &std::path::Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let rootfs = crate::stage::container::build(ctx, WORKLOAD_RECIPE, arch)?;
+    ctx.ui.println(&format!(
+        "== end-to-end workload test on {arch} (container rootfs {}, ready after {:.0} s)",
+        ctx.rel(&rootfs.dir).display(),
+        started.elapsed().as_secs_f64()
+    ));
+    let status = duct::cmd!(
+        "cargo",
+        "test",
+        "--locked",
+        "--package",
+        "kiln-shim",
+        "--test",
+        "workload",
+        "--",
+        "--ignored",
+        "--test-threads=1",
+        "--nocapture"
+    )
+    .dir(&ctx.root)
+    .env("KILN_E2E_MANIFEST", manifest)
+    .env("KILN_E2E_WORKLOAD_ROOTFS", &rootfs.dir)
+    .unchecked()
+    .run()?;
+    if !status.status.success() {
+        anyhow::bail!("the workload end-to-end test failed on {arch}");
+    }
+    ctx.ui.println(&format!(
+        "workload test on {arch}: passed in {:.0} s (rootfs included)",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
 }
 
 /// The Debian image (systemd, the agent as a service) booted from its rootfs

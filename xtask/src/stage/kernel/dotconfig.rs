@@ -135,6 +135,34 @@ impl ConfigFile {
         Ok(ConfigFile { settings })
     }
 
+    /// Parses someone else's configuration (a distro `.config`, another
+    /// project's fragments): lines kiln's grammar refuses are skipped and
+    /// returned as errors instead of failing the whole file, and a repeated
+    /// option keeps its last value, as Kconfig would.
+    pub fn parse_lenient(text: &str, file: &str) -> (ConfigFile, Vec<ConfigError>) {
+        let mut settings: BTreeMap<String, Setting> = BTreeMap::new();
+        let mut skipped = Vec::new();
+        for (idx, raw) in text.lines().enumerate() {
+            let line = idx + 1;
+            match parse_line(raw) {
+                Ok(Some((name, value))) => {
+                    let origin = Origin {
+                        file: file.to_string(),
+                        line,
+                    };
+                    settings.insert(name, Setting { value, origin });
+                }
+                Ok(None) => {}
+                Err(message) => skipped.push(ConfigError {
+                    file: file.to_string(),
+                    line,
+                    message,
+                }),
+            }
+        }
+        (ConfigFile { settings }, skipped)
+    }
+
     /// Value of `name`, treating an absent option as absent (not as `n`).
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.settings.get(name).map(|s| &s.value)
