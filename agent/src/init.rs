@@ -160,9 +160,70 @@ pub fn kernel_cmdline(proc_root: &Path) -> String {
     fs::read_to_string(proc_root.join("cmdline")).unwrap_or_default()
 }
 
+/// Brings the loopback interface up, as Kata's agent does in init mode:
+/// the guest boots with `lo` down, and containers (which share the guest's
+/// network namespace) expect 127.0.0.1 and ::1 to answer.
+pub fn loopback_up() -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: a plain datagram socket for the interface ioctls; owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_comes_up_in_a_fresh_network_namespace() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: a network namespace needs root");
+            return;
+        }
+        // A new network namespace starts with lo down; only this thread is in it.
+        let up = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let before = std::process::Command::new("ip")
+                .args(["-o", "link", "show", "lo"])
+                .output();
+            loopback_up().unwrap();
+            let after = std::process::Command::new("ip")
+                .args(["-o", "link", "show", "lo"])
+                .output();
+            (before.ok(), after.ok())
+        })
+        .join()
+        .unwrap();
+        // `ip` runs in the thread's namespace (fork inherits it); skip if absent.
+        if let (Some(b), Some(a)) = up {
+            let (b, a) = (
+                String::from_utf8_lossy(&b.stdout),
+                String::from_utf8_lossy(&a.stdout),
+            );
+            assert!(!b.contains(",UP") && !b.contains("<UP"), "{b}");
+            assert!(a.contains("UP"), "{a}");
+        }
+    }
 
     #[test]
     fn mount_table_lookup_matches_whole_target() {

@@ -122,6 +122,11 @@ fn run(
         if let Some(addr) = console {
             tokio::spawn(debug_console::serve(addr, reaper.clone()));
         }
+        if pid1 {
+            if let Err(e) = kiln_agent::init::loopback_up() {
+                tracing::warn!("bringing lo up: {e}");
+            }
+        }
         let guest = GuestFs::new("/");
         let sandbox = Sandbox::new(config.clone(), guest.clone(), paths, reaper, pid1);
         let state = Arc::new(AgentState {
