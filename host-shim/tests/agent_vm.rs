@@ -732,7 +732,7 @@ async fn network(g: &Guest) {
             .any(|i| i.name == "lo" && i.hwAddr == "00:00:00:00:00:00"),
         "ListInterfaces has lo: {list:?}"
     );
-    // The guest's init leaves lo down; UpdateInterface by name brings it up.
+    // The agent brings lo up at boot; UpdateInterface by name sets its addresses.
     let mut lo = types::Interface::new();
     lo.name = "lo".into();
     let mut addr = types::IPAddress::new();
