@@ -222,7 +222,7 @@ fn root_mount(mounts: &str) -> Option<MountEntry> {
 }
 
 /// /proc/mounts writes space, tab, newline and backslash as `\ooo` octal.
-fn unescape_mount_field(s: &str) -> String {
+pub(crate) fn unescape_mount_field(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

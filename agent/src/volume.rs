@@ -17,35 +17,14 @@ pub fn find_mount(mountinfo: &str, mount_point: &str) -> Option<(String, String)
     mountinfo.lines().rev().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;
         let mp = pre.split(' ').nth(4)?;
-        if unescape(mp) != mount_point {
+        if crate::facts::unescape_mount_field(mp) != mount_point {
             return None;
         }
         let mut it = post.split(' ');
         let fstype = it.next()?.to_string();
-        let source = unescape(it.next()?);
+        let source = crate::facts::unescape_mount_field(it.next()?);
         Some((source, fstype))
     })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub fn resize(volume_guest_path: &str, size: u64) -> Result<()> {
