@@ -277,14 +277,6 @@ fn do_mount(source: &str, target: &Path, fstype: &str, options: &[String]) -> Re
 }
 
 async fn setup(env: &StorageEnv<'_>, s: &agent::Storage, mount_point: &Path) -> Result<Made> {
-    setup_driver(env, s, mount_point).await
-}
-
-async fn setup_driver(
-    env: &StorageEnv<'_>,
-    s: &agent::Storage,
-    mount_point: &Path,
-) -> Result<Made> {
     if s.source.contains('\0') || s.fstype.contains('\0') {
         return Err(invalid("source or fstype contains NUL"));
     }
