@@ -27,6 +27,7 @@ use kiln_protocol::{agent, oci};
 use crate::error::{invalid, os, precondition, Result};
 use crate::guest::GuestFs;
 use crate::pci::{self, GuestBdf, PciPath};
+use crate::storage::Disk;
 use crate::uevent;
 
 pub const VFIO_PCI: &str = "vfio-pci";
@@ -112,7 +113,13 @@ pub async fn setup(
     let mut blocks = Vec::new();
     for d in devices {
         if BLOCK_TYPES.contains(&d.type_.as_str()) {
-            blocks.push((d, BlockAt::parse(d)?));
+            if d.container_path.is_empty() {
+                return Err(invalid(format!(
+                    "{} device {:?} has no container_path",
+                    d.type_, d.vm_path
+                )));
+            }
+            blocks.push((d, Disk::parse(&d.type_, &d.vm_path)?));
             continue;
         }
         if d.type_ != VFIO_PCI && d.type_ != VFIO_PCI_GK {
@@ -176,56 +183,6 @@ pub async fn setup(
         rewrite_pci_env(&mut p.Env, &map);
     }
     Ok(map)
-}
-
-/// Where a block device is, by type.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum BlockAt {
-    Pci(PciPath),
-    Scsi(crate::storage::ScsiAddr),
-}
-
-impl BlockAt {
-    fn parse(d: &agent::Device) -> Result<BlockAt> {
-        if d.container_path.is_empty() {
-            return Err(invalid(format!(
-                "{} device {:?} has no container_path",
-                d.type_, d.vm_path
-            )));
-        }
-        Ok(if d.type_ == "scsi" {
-            BlockAt::Scsi(crate::storage::ScsiAddr::parse(&d.vm_path)?)
-        } else {
-            BlockAt::Pci(d.vm_path.parse()?)
-        })
-    }
-
-    async fn wait(&self, guest: &GuestFs, limit: Duration) -> Result<String> {
-        let g = guest.clone();
-        match self {
-            BlockAt::Pci(path) => {
-                let path = path.clone();
-                uevent::wait_for(
-                    &format!("virtio-blk disk at PCI path {path}"),
-                    limit,
-                    move || pci::resolve(&g, &path).and_then(|bdf| pci::block_device(&g, &bdf)),
-                    |ev| ev.get("SUBSYSTEM") == "block" || ev.get("SUBSYSTEM") == "pci",
-                )
-                .await
-            }
-            BlockAt::Scsi(addr) => {
-                let addr = *addr;
-                let _ = std::fs::write(guest.path("/sys/class/scsi_host/host0/scan"), "- - -");
-                uevent::wait_for(
-                    &format!("virtio-scsi disk {}:{}", addr.target, addr.lun),
-                    limit,
-                    move || addr.block_device(&g),
-                    |ev| ev.get("SUBSYSTEM") == "block" || ev.get("SUBSYSTEM") == "scsi",
-                )
-                .await
-            }
-        }
-    }
 }
 
 /// Makes the spec's device entry at `container_path` the guest device
@@ -807,14 +764,10 @@ mod tests {
             .Devices
             .iter()
             .any(|r| r.Allow && r.Major == 8 && r.Minor == 0));
-        let mut bad = agent::Device::new();
-        bad.type_ = "scsi".into();
-        bad.vm_path = "0:1".into();
-        assert!(BlockAt::parse(&bad).is_err(), "no container_path");
-        bad.container_path = "/dev/sdb".into();
         assert_eq!(
-            BlockAt::parse(&bad).unwrap(),
-            BlockAt::Scsi(crate::storage::ScsiAddr { target: 0, lun: 1 })
+            Disk::parse("scsi", "0:1").unwrap(),
+            Disk::Scsi(crate::storage::ScsiAddr { target: 0, lun: 1 })
         );
+        assert!(Disk::parse("blk", "0:1").is_err(), "not a PCI path");
     }
 }

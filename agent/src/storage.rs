@@ -366,30 +366,9 @@ async fn setup(env: &StorageEnv<'_>, s: &agent::Storage, mount_point: &Path) -> 
                 .map_err(|e| e.context("is CONFIG_9P_FS in the guest kernel?"))?;
             Ok(true.into())
         }
-        "scsi" => {
-            let addr = ScsiAddr::parse(&s.source)?;
-            let _ = fs::write(env.guest.path("/sys/class/scsi_host/host0/scan"), "- - -");
-            let guest = env.guest.clone();
-            let dev = uevent::wait_for(
-                &format!("virtio-scsi disk at SCSI address {}", s.source),
-                env.hotplug_timeout,
-                || addr.block_device(&guest),
-                |ev| ev.get("SUBSYSTEM") == "block" || ev.get("SUBSYSTEM") == "scsi",
-            )
-            .await?;
-            mount_block(s, &format!("/dev/{dev}"), mount_point).map(Into::into)
-        }
-        "blk" | "virtio-blk" | "virtio-blk-pci" => {
-            let path: PciPath = s.source.parse()?;
-            let _ = fs::write(env.guest.path("/sys/bus/pci/rescan"), "1");
-            let guest = env.guest.clone();
-            let dev = uevent::wait_for(
-                &format!("virtio-blk disk at PCI path {}", s.source),
-                env.hotplug_timeout,
-                || pci::resolve(&guest, &path).and_then(|bdf| pci::block_device(&guest, &bdf)),
-                |ev| ev.get("SUBSYSTEM") == "block" || ev.get("SUBSYSTEM") == "pci",
-            )
-            .await?;
+        "scsi" | "blk" | "virtio-blk" | "virtio-blk-pci" => {
+            let disk = Disk::parse(&s.driver, &s.source)?;
+            let dev = disk.wait(env.guest, env.hotplug_timeout).await?;
             mount_block(s, &format!("/dev/{dev}"), mount_point).map(Into::into)
         }
         "nvdimm" | "pmem" => {
@@ -450,6 +429,58 @@ impl ScsiAddr {
                     .map(|b| b.file_name().to_string_lossy().into_owned())
                     .find(|n| crate::pci::block_node_ready(&guest.path("/dev").join(n)))
             })
+    }
+}
+
+/// A hot-plugged disk as Kata names it: virtio-blk by guest PCI path,
+/// virtio-scsi by `target:lun`. Storages and CreateContainer devices both
+/// wait for one the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disk {
+    Pci(PciPath),
+    Scsi(ScsiAddr),
+}
+
+impl Disk {
+    /// `kind` is the storage driver or device type (`scsi`, else virtio-blk).
+    pub fn parse(kind: &str, at: &str) -> Result<Disk> {
+        Ok(if kind == "scsi" {
+            Disk::Scsi(ScsiAddr::parse(at)?)
+        } else {
+            Disk::Pci(at.parse()?)
+        })
+    }
+
+    /// Waits (rescanning the bus first) until the disk's node opens; its `sdX`/`vdX` name.
+    pub async fn wait(&self, guest: &GuestFs, limit: Duration) -> Result<String> {
+        let g = guest.clone();
+        match self {
+            Disk::Pci(path) => {
+                let _ = fs::write(guest.path("/sys/bus/pci/rescan"), "1");
+                let path = path.clone();
+                uevent::wait_for(
+                    &format!("virtio-blk disk at PCI path {path}"),
+                    limit,
+                    move || pci::resolve(&g, &path).and_then(|bdf| pci::block_device(&g, &bdf)),
+                    |ev| ev.get("SUBSYSTEM") == "block" || ev.get("SUBSYSTEM") == "pci",
+                )
+                .await
+            }
+            Disk::Scsi(addr) => {
+                let addr = *addr;
+                let _ = fs::write(guest.path("/sys/class/scsi_host/host0/scan"), "- - -");
+                uevent::wait_for(
+                    &format!(
+                        "virtio-scsi disk at SCSI address {}:{}",
+                        addr.target, addr.lun
+                    ),
+                    limit,
+                    move || addr.block_device(&g),
+                    |ev| ev.get("SUBSYSTEM") == "block" || ev.get("SUBSYSTEM") == "scsi",
+                )
+                .await
+            }
+        }
     }
 }
 
