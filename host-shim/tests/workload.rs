@@ -129,6 +129,16 @@ fn privileged(args: &[&str]) -> oci::Spec {
     let linux = s.Linux.mut_or_insert_default();
     linux.MaskedPaths.clear();
     linux.ReadonlyPaths.clear();
+    // A privileged container, as `docker run --privileged` makes it: every
+    // device allowed (the agent's device program denies a hot-plugged disk
+    // to a container whose spec does not allow it; agent_vm tests that).
+    let mut all = oci::LinuxDeviceCgroup::new();
+    all.Allow = true;
+    all.Type = "a".into();
+    all.Major = -1;
+    all.Minor = -1;
+    all.Access = "rwm".into();
+    linux.Resources.mut_or_insert_default().Devices = vec![all];
     s
 }
 
