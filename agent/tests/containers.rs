@@ -1163,6 +1163,38 @@ async fn devices_the_spec_does_not_allow_cannot_be_opened() {
     );
     a.remove("granted").await;
 
+    // A privileged container (allow-all rule, as `docker run --privileged`).
+    let mut s = spec(
+        &root,
+        &[
+            "sh",
+            "-c",
+            "mknod /tmp/k c 1 11 && head -c 1 /tmp/k | wc -c; rm -f /tmp/k",
+        ],
+    );
+    let mut all = oci::LinuxDeviceCgroup::new();
+    all.Allow = true;
+    all.Type = "a".into();
+    all.Major = -1;
+    all.Minor = -1;
+    all.Access = "rwm".into();
+    s.Linux
+        .as_mut()
+        .unwrap()
+        .Resources
+        .mut_or_insert_default()
+        .Devices = vec![all];
+    a.run("privileged", s).await;
+    assert_eq!(a.wait("privileged", "").await, 0);
+    let out = String::from_utf8(a.read_all("privileged", "", false).await).unwrap();
+    assert_eq!(
+        out.trim(),
+        "1",
+        "{}",
+        String::from_utf8_lossy(&a.read_all("privileged", "", true).await)
+    );
+    a.remove("privileged").await;
+
     // A node on a storage volume is not a device, even one the device
     // program allows: storages are nodev (and nosuid) unless asked otherwise.
     let vol = a.run_dir().join("sandbox/ephemeral/vol");

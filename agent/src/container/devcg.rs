@@ -224,11 +224,17 @@ pub fn program(rules: &[DeviceRule]) -> Vec<Insn> {
         block.push(insn(ALU64_MOV_K, 0, 0, 0, i32::from(r.allow)));
         block.push(insn(JMP_EXIT, 0, 0, 0, 0));
         let len = block.len();
+        let unconditional = jumps.is_empty();
         for j in jumps {
             // A failed condition skips to the next block.
             block[j].off = (len - 1 - j) as i16;
         }
         p.extend(block);
+        if unconditional {
+            // It decides every access: what follows could never run, and the
+            // verifier refuses unreachable instructions.
+            return p;
+        }
     }
     p.push(insn(ALU64_MOV_K, 0, 0, 0, 0));
     p.push(insn(JMP_EXIT, 0, 0, 0, 0));
@@ -441,6 +447,15 @@ mod tests {
                 );
             }
         }
+        // A privileged container's allow-all rule ends the program there
+        // (the verifier refuses unreachable instructions).
+        let all = vec![
+            DeviceRule::new(false, DevKind::Char, Some(1), Some(11), RWM),
+            DeviceRule::new(true, DevKind::All, None, None, RWM),
+        ];
+        let p = program(&all);
+        assert_eq!(p.len(), 6 + 2, "preamble, then mov r0 1; exit");
+        assert!(run(&p, DevKind::Char, 1, 11, READ), "the later rule wins");
         let d = default_rules();
         assert!(decide(&d, DevKind::Char, 1, 3, READ | WRITE), "/dev/null");
         assert!(!decide(&d, DevKind::Char, 1, 11, READ), "/dev/kmsg");
