@@ -5,18 +5,18 @@
 //! why it skips and passes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{agent, agent_ttrpc, health, health_ttrpc, oci};
+use kiln_testsupport::agent::AgentProcess;
 use protobuf::MessageField;
 use sha2::{Digest, Sha256};
 
 struct Agent {
-    child: Child,
-    dir: tempfile::TempDir,
-    sock: PathBuf,
+    /// The agent binary on its socket; its temp dir holds `run` and rootfs trees.
+    p: AgentProcess,
     cgroup_root: PathBuf,
     sandbox: String,
     client: Option<agent_ttrpc::AgentServiceClient>,
@@ -25,8 +25,8 @@ struct Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.p.child.kill();
+        let _ = self.p.child.wait();
         // Leftovers of a failed test: container processes and cgroups.
         let sb = self.cgroup_root.join("kiln").join(&self.sandbox);
         if let Ok(entries) = std::fs::read_dir(&sb) {
@@ -42,7 +42,7 @@ impl Drop for Agent {
         }
         let _ = std::fs::remove_dir(&sb);
         // Storage mounts made under the run dir.
-        let run = self.dir.path().join("run");
+        let run = self.p.dir.path().join("run");
         if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
             for l in mounts.lines() {
                 if let Some(mp) = l.split_whitespace().nth(1) {
@@ -93,61 +93,32 @@ async fn start_agent(extra: &[&str]) -> Agent {
 
 /// `wrapper` runs the agent (e.g. `unshare -n` for a private network namespace).
 async fn start_agent_with(wrapper: Option<&[&str]>, extra: &[&str]) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("agent.sock");
-    let run = dir.path().join("run");
-    std::fs::create_dir_all(&run).unwrap();
     let cgroup_root = cgroup2_root().unwrap();
-    let mut args = vec![
-        "--server-addr".to_string(),
-        format!("unix://{}", sock.display()),
-        "--run-dir".into(),
-        run.display().to_string(),
-        "--cgroup-root".into(),
-        cgroup_root.display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let child = match wrapper {
-        Some(w) => Command::new(w[0])
-            .args(&w[1..])
-            .arg(env!("CARGO_BIN_EXE_kiln-agent"))
-            .args(&args)
-            .spawn()
-            .unwrap(),
-        None => Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-            .args(&args)
-            .spawn()
-            .unwrap(),
-    };
+    let p = AgentProcess::spawn(env!("CARGO_BIN_EXE_kiln-agent"), wrapper, |dir| {
+        let run = dir.join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let mut args = vec![
+            "--run-dir".to_string(),
+            run.display().to_string(),
+            "--cgroup-root".into(),
+            cgroup_root.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    });
     let sandbox = format!(
         "kiln-test-{}-{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::SeqCst)
     );
-    let mut a = Agent {
-        child,
-        dir,
-        sock,
+    let c = p.connect().await;
+    Agent {
+        p,
         cgroup_root,
         sandbox,
-        client: None,
-        health: None,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stream = loop {
-        match tokio::net::UnixStream::connect(&a.sock).await {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("agent never listened: {e}"),
-        }
-    };
-    let c = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
-    a.client = Some(agent_ttrpc::AgentServiceClient::new(c.clone()));
-    a.health = Some(health_ttrpc::HealthClient::new(c));
-    a
+        client: Some(agent_ttrpc::AgentServiceClient::new(c.clone())),
+        health: Some(health_ttrpc::HealthClient::new(c)),
+    }
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -167,22 +138,13 @@ impl Agent {
     }
 
     fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
+        self.p.dir.path().join("run")
     }
 
     /// A busybox root filesystem in the temp dir.
     fn rootfs(&self, name: &str) -> PathBuf {
-        let root = self.dir.path().join(name);
-        for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
-        }
-        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-        let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-        for applet in String::from_utf8_lossy(&list.stdout).lines() {
-            if applet != "busybox" {
-                let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
-            }
-        }
+        let root = self.p.dir.path().join(name);
+        kiln_testsupport::busybox::write_tree(&root).unwrap();
         std::fs::write(
             root.join("etc/passwd"),
             "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
@@ -308,7 +270,7 @@ impl Agent {
     }
 
     fn proc_status(&self, key: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.p.child.id())).unwrap();
         s.lines()
             .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
@@ -316,7 +278,7 @@ impl Agent {
     }
 
     fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+        std::fs::read_dir(format!("/proc/{}/fd", self.p.child.id()))
             .unwrap()
             .count()
     }
@@ -818,7 +780,7 @@ async fn networking_in_a_private_network_namespace() {
     // `unshare -n` execs the agent, so its pid is the agent's.
     let a = start_agent_with(Some(&["/usr/bin/unshare", "-n"]), &[]).await;
     let ip = |args: &[&str]| {
-        let pid = a.child.id().to_string();
+        let pid = a.p.child.id().to_string();
         let out = Command::new("/usr/bin/nsenter")
             .args(["-t", &pid, "-n", "ip"])
             .args(args)
@@ -1013,7 +975,7 @@ async fn kata_runtime_shapes_namespaces_signal_all_and_pod_storages() {
     assert_eq!(l1[2], l2[2], "one UTS namespace per sandbox");
     assert_ne!(l1[3], l2[3], "a pid namespace per container");
     let agent_ns = |n: &str| {
-        std::fs::read_link(format!("/proc/{}/ns/{n}", a.child.id()))
+        std::fs::read_link(format!("/proc/{}/ns/{n}", a.p.child.id()))
             .unwrap()
             .display()
             .to_string()

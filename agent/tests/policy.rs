@@ -3,54 +3,25 @@
 //! runtime then sees. Built only with the `policy` feature (the default).
 #![cfg(feature = "policy")]
 
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_protocol::{agent, agent_ttrpc, health, health_ttrpc};
 
-struct Agent {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Agent {
-    fn sock(&self) -> std::path::PathBuf {
-        self.dir.path().join("agent.sock")
-    }
-}
+use kiln_testsupport::agent::AgentProcess as Agent;
 
 fn start_agent(extra: &[&str]) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-        .args([
-            "--server-addr",
-            &format!("unix://{}", dir.path().join("agent.sock").display()),
-        ])
-        .args(["--run-dir", &dir.path().join("run").display().to_string()])
-        .args(extra)
-        .spawn()
-        .unwrap();
-    Agent { child, dir }
+    Agent::spawn(env!("CARGO_BIN_EXE_kiln-agent"), None, |dir| {
+        let mut args = vec![
+            "--run-dir".to_string(),
+            dir.join("run").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    })
 }
 
 async fn connect(a: &Agent) -> ttrpc::r#async::Client {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match tokio::net::UnixStream::connect(a.sock()).await {
-            Ok(s) => return ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(s)),
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("agent never listened: {e}"),
-        }
-    }
+    a.connect().await
 }
 
 fn ctx() -> ttrpc::context::Context {

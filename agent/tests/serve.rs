@@ -1,23 +1,11 @@
 //! The agent binary served over a unix socket on the host: the ttrpc surface
 //! without a VM (the VM path is covered by host-shim's end-to-end tests).
 
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{agent, agent_ttrpc, health, health_ttrpc};
 
-struct Agent {
-    child: Child,
-    _dir: tempfile::TempDir,
-    sock: std::path::PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use kiln_testsupport::agent::AgentProcess as Agent;
 
 fn start_agent() -> Agent {
     start_agent_with(|_| Vec::new())
@@ -25,32 +13,11 @@ fn start_agent() -> Agent {
 
 /// `extra` gets the temp dir and returns more arguments.
 fn start_agent_with(extra: impl Fn(&std::path::Path) -> Vec<String>) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("agent.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-        .args(["--server-addr", &format!("unix://{}", sock.display())])
-        .args(extra(dir.path()))
-        .spawn()
-        .unwrap();
-    Agent {
-        child,
-        _dir: dir,
-        sock,
-    }
+    Agent::spawn(env!("CARGO_BIN_EXE_kiln-agent"), None, extra)
 }
 
 async fn connect(a: &Agent) -> ttrpc::r#async::Client {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match tokio::net::UnixStream::connect(&a.sock).await {
-            Ok(s) => return ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(s)),
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("agent never listened: {e}"),
-        }
-    }
+    a.connect().await
 }
 
 fn ctx() -> ttrpc::context::Context {

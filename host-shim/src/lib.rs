@@ -16,7 +16,6 @@ pub mod run;
 pub mod smoke;
 pub mod spec;
 pub mod state;
-pub mod testsupport;
 pub mod vfio;
 pub mod virtiofs;
 pub mod vm;

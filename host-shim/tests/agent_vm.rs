@@ -12,23 +12,16 @@ use std::time::{Duration, Instant};
 use kiln_protocol::{agent, oci, types};
 use kiln_shim::config::ShimConfig;
 use kiln_shim::run::{SANDBOX_STORAGE, SHARE_MOUNT_POINT};
-use kiln_shim::testsupport::{create_request, long, SandboxVm};
+use kiln_testsupport::vm::{bind, create_request, long, SandboxVm};
 use protobuf::MessageField;
 use sha2::Digest;
 
 /// The container id under which the rootfs is shared (its directory in the share).
 const SHARE: &str = "share";
 
-fn manifest() -> PathBuf {
-    PathBuf::from(std::env::var("KILN_E2E_MANIFEST").expect(
-        "KILN_E2E_MANIFEST must name a built manifest.json; run these tests through `cargo xtask test`",
-    ))
-}
-
 /// A root filesystem with static busybox and its applets as symlinks.
 fn busybox_rootfs() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    kiln_shim::testsupport::busybox_rootfs(dir.path()).unwrap();
+    let dir = kiln_testsupport::vm::busybox_rootfs();
     std::fs::write(
         dir.path().join("etc/kiln-rootfs"),
         "the shared busybox rootfs\n",
@@ -38,44 +31,21 @@ fn busybox_rootfs() -> tempfile::TempDir {
 }
 
 /// One booted VM with a sandbox, and the client to its agent; the shared
-/// container calls come from [`SandboxVm`], this file's own below.
-struct Guest(SandboxVm);
+/// container calls come from [`SandboxVm`], this file's own from [`GuestExt`].
+type Guest = SandboxVm;
 
-impl std::ops::Deref for Guest {
-    type Target = SandboxVm;
-    fn deref(&self) -> &SandboxVm {
-        &self.0
-    }
+trait GuestExt {
+    async fn boot(cfg: &ShimConfig) -> Guest;
+    async fn exec(&self, id: &str, exec: &str, args: &[&str], tty: Option<(u32, u32)>);
+    async fn sh(&self, id: &str, exec: &str, args: &[&str]) -> (i32, String, String);
 }
 
-impl Guest {
+impl GuestExt for Guest {
     async fn boot(cfg: &ShimConfig) -> Guest {
         let mut sb = agent::CreateSandboxRequest::new();
         sb.sandbox_id = "sb".into();
         sb.hostname = "kiln-sandbox".into();
-        let booted =
-            kiln_shim::testsupport::boot_sandbox(cfg, &manifest(), busybox_rootfs(), SHARE, sb)
-                .await
-                .unwrap_or_else(|e| panic!("{e:#}"));
-        Guest(booted)
-    }
-
-    async fn read_text(&self, id: &str, exec: &str) -> String {
-        String::from_utf8_lossy(&self.read_all(id, exec, false).await).into_owned()
-    }
-
-    async fn write(&self, id: &str, exec: &str, data: &[u8]) {
-        let mut req = agent::WriteStreamRequest::new();
-        req.container_id = id.into();
-        req.exec_id = exec.into();
-        req.data = data.to_vec();
-        let n = self
-            .agent()
-            .write_stdin(self.client.ctx(), &req)
-            .await
-            .unwrap()
-            .len;
-        assert_eq!(n as usize, data.len(), "WriteStdin takes all it is given");
+        SandboxVm::launch(cfg, busybox_rootfs(), SHARE, sb).await
     }
 
     /// ExecProcess of `args`, on a terminal of `tty` (rows, columns) if given.
@@ -96,40 +66,6 @@ impl Guest {
         self.exec(id, exec, args, None).await;
         self.outcome(id, exec).await
     }
-
-    async fn signal(&self, id: &str, exec: &str, sig: u32) {
-        let mut req = agent::SignalProcessRequest::new();
-        req.container_id = id.into();
-        req.exec_id = exec.into();
-        req.signal = sig;
-        self.agent()
-            .signal_process(self.client.ctx(), &req)
-            .await
-            .unwrap_or_else(|e| panic!("SignalProcess {id}/{exec} {sig}: {e:?}"));
-    }
-
-    async fn metrics(&self) -> String {
-        self.agent()
-            .get_metrics(self.client.ctx(), &agent::GetMetricsRequest::new())
-            .await
-            .unwrap()
-            .metrics
-    }
-
-    async fn still_serving(&self, after: &str) {
-        let status = self.client.check().await;
-        assert!(
-            matches!(
-                status,
-                Ok(kiln_protocol::health::health_check_response::ServingStatus::SERVING)
-            ),
-            "the agent keeps serving after {after}: {status:?}"
-        );
-    }
-
-    async fn shutdown(self) {
-        self.0.shutdown().await;
-    }
 }
 
 fn code<T: std::fmt::Debug>(what: &str, r: ttrpc::Result<T>) -> ttrpc::Code {
@@ -139,20 +75,17 @@ fn code<T: std::fmt::Debug>(what: &str, r: ttrpc::Result<T>) -> ttrpc::Code {
     }
 }
 
+/// [`kiln_testsupport::vm::process`] with `TERM=xterm` (the tty tests).
 fn process(args: &[&str]) -> oci::Process {
-    let mut p = oci::Process::new();
-    p.Args = args.iter().map(|s| s.to_string()).collect();
-    p.Env = vec!["PATH=/bin".into(), "HOME=/root".into(), "TERM=xterm".into()];
-    p.Cwd = "/".into();
+    let mut p = kiln_testsupport::vm::process(args);
+    p.Env.push("TERM=xterm".into());
     p
 }
 
 /// The shim's default (runc-like) spec for `args`, translated as `kiln-shim
 /// run` does, over the shared busybox rootfs, in the sandbox's network.
 fn spec(args: &[&str]) -> oci::Spec {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let s = kiln_shim::spec::default_spec(&args, &[], false).unwrap();
-    kiln_shim::run::protocol_spec(&s, SHARE).unwrap()
+    kiln_testsupport::vm::shim_spec(args, SHARE)
 }
 
 fn with_memory_limit(mut s: oci::Spec, bytes: i64) -> oci::Spec {
@@ -160,15 +93,6 @@ fn with_memory_limit(mut s: oci::Spec, bytes: i64) -> oci::Spec {
     let res = linux.Resources.mut_or_insert_default();
     res.Memory.mut_or_insert_default().Limit = bytes;
     s
-}
-
-fn bind(dest: &str, source: &str, opts: &[&str]) -> oci::Mount {
-    let mut m = oci::Mount::new();
-    m.destination = dest.into();
-    m.source = source.into();
-    m.type_ = "bind".into();
-    m.options = opts.iter().map(|s| s.to_string()).collect();
-    m
 }
 
 /// The value of a Prometheus gauge in GetMetrics' text.

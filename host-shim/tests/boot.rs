@@ -9,12 +9,7 @@ use kiln_protocol::agent;
 use kiln_shim::config::ShimConfig;
 use kiln_shim::image::BootImage;
 use kiln_shim::vm::{BootOptions, Vm};
-
-fn manifest() -> PathBuf {
-    PathBuf::from(std::env::var("KILN_E2E_MANIFEST").expect(
-        "KILN_E2E_MANIFEST must name a built manifest.json; run these tests through `cargo xtask test`",
-    ))
-}
+use kiln_testsupport::vm::manifest;
 
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry; count it as gone only when reaped or dead.

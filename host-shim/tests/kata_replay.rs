@@ -30,6 +30,7 @@ use kiln_protocol::{agent, oci, types};
 use kiln_shim::client::AgentClient;
 use kiln_shim::config::ShimConfig;
 use kiln_shim::vm::{BootOptions, Vm};
+use kiln_testsupport::vm::{bind, manifest};
 use protobuf::MessageField;
 
 /// Kata's guest paths.
@@ -63,12 +64,6 @@ const IFF_NOARP: u32 = 0x80;
 const RTNH_F_ONLINK: u32 = 0x4;
 const NUD_PERMANENT: i32 = 0x80;
 const RT_SCOPE_LINK: u32 = 253;
-
-fn manifest() -> PathBuf {
-    PathBuf::from(std::env::var("KILN_E2E_MANIFEST").expect(
-        "KILN_E2E_MANIFEST must name a built manifest.json; run these tests through `cargo xtask test`",
-    ))
-}
 
 /// What each step gave; printed as a table at the end.
 #[derive(Default)]
@@ -124,7 +119,7 @@ fn unimplemented(e: &ttrpc::Error) -> bool {
 }
 
 fn long() -> ttrpc::context::Context {
-    kiln_shim::testsupport::long()
+    kiln_testsupport::vm::long()
 }
 
 fn rpc<T>(what: &str, r: ttrpc::Result<T>) -> anyhow::Result<T> {
@@ -147,7 +142,7 @@ impl Guest {
         let run_base = tempfile::tempdir().unwrap();
         std::env::set_var("KILN_RUN_DIR", run_base.path());
         let pause_rootfs = tempfile::tempdir().unwrap();
-        kiln_shim::testsupport::busybox_rootfs(pause_rootfs.path()).unwrap();
+        kiln_testsupport::vm::write_busybox_rootfs(pause_rootfs.path()).unwrap();
         let image = kiln_shim::image::BootImage::load(&manifest()).unwrap();
         let opts = BootOptions {
             share_rootfs: Some((POD.into(), pause_rootfs.path().to_path_buf())),
@@ -186,7 +181,7 @@ impl Guest {
     fn share_rootfs(&self, cid: &str) -> anyhow::Result<()> {
         let root = self.shared.join(cid).join("rootfs");
         if !root.join("bin/busybox").exists() {
-            kiln_shim::testsupport::busybox_rootfs(&root)?;
+            kiln_testsupport::vm::write_busybox_rootfs(&root)?;
         }
         Ok(())
     }
@@ -381,15 +376,6 @@ fn process(args: &[&str]) -> oci::Process {
     p.Cwd = "/".into();
     p.User = MessageField::some(oci::User::new());
     p
-}
-
-fn bind(dest: &str, source: &str, opts: &[&str]) -> oci::Mount {
-    let mut m = oci::Mount::new();
-    m.destination = dest.into();
-    m.source = source.into();
-    m.type_ = "bind".into();
-    m.options = opts.iter().map(|s| s.to_string()).collect();
-    m
 }
 
 /// The OCI spec containerd's CRI plugin gives a container of this pod, after

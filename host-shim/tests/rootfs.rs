@@ -7,18 +7,12 @@
 //! (minimal), KILN_E2E_EROFS_MANIFEST (minimal-erofs) and
 //! KILN_E2E_DEBIAN_MANIFEST (debian) set.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_shim::config::ShimConfig;
 use kiln_shim::image::BootImage;
 use kiln_shim::vm::{BootOptions, Vm};
-
-fn manifest(var: &str) -> PathBuf {
-    PathBuf::from(std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} must name a built manifest.json; run these tests through `cargo xtask test`")
-    }))
-}
+use kiln_testsupport::vm::manifest_var as manifest;
 
 /// Boots `image` with its rootfs attached as `mode`, loads `modules` through
 /// CreateSandbox.kernel_modules; returns the agent's init_daemon flag, the

@@ -2,23 +2,17 @@
 //! rootfs shared from the host over virtio-fs. Run through `cargo xtask test`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_testsupport::vm::manifest;
 use sha2::Digest;
-
-fn manifest() -> PathBuf {
-    PathBuf::from(
-        std::env::var("KILN_E2E_MANIFEST")
-            .expect("run through `cargo xtask test` (KILN_E2E_MANIFEST)"),
-    )
-}
 
 /// A root filesystem with static busybox and its applets as symlinks.
 fn busybox_rootfs() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    kiln_shim::testsupport::busybox_rootfs(dir.path()).unwrap();
+    kiln_testsupport::vm::write_busybox_rootfs(dir.path()).unwrap();
     dir
 }
 

@@ -4,12 +4,11 @@
 //!
 //! `cargo xtask test` builds the image and runs this with KILN_E2E_MANIFEST.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use kiln_protocol::{agent, oci};
 use kiln_shim::config::ShimConfig;
-use kiln_shim::testsupport::SandboxVm;
+use kiln_testsupport::vm::{process, SandboxVm};
 use protobuf::MessageField;
 
 /// The container id under which the rootfs is shared (its directory in the share).
@@ -17,38 +16,25 @@ const SHARE: &str = "share";
 /// 128 + SIGSYS: how WaitProcess reports a process seccomp killed.
 const KILLED_BY_SIGSYS: i32 = 128 + 31;
 
-fn manifest() -> PathBuf {
-    PathBuf::from(std::env::var("KILN_E2E_MANIFEST").expect(
-        "KILN_E2E_MANIFEST must name a built manifest.json; run these tests through `cargo xtask test`",
-    ))
-}
-
 /// The booted VM with its sandbox; the container calls come from [`SandboxVm`].
-struct Guest(SandboxVm);
+type Guest = SandboxVm;
 
-impl std::ops::Deref for Guest {
-    type Target = SandboxVm;
-    fn deref(&self) -> &SandboxVm {
-        &self.0
-    }
+trait GuestExt {
+    async fn boot() -> Guest;
+    async fn sh(&self, id: &str, exec: &str, script: &str, nnp: bool) -> (i32, String, String);
 }
 
-impl Guest {
+impl GuestExt for Guest {
     async fn boot() -> Guest {
-        let rootfs = tempfile::tempdir().unwrap();
-        kiln_shim::testsupport::busybox_rootfs(rootfs.path()).unwrap();
         let mut sb = agent::CreateSandboxRequest::new();
         sb.sandbox_id = "sb".into();
-        let booted = kiln_shim::testsupport::boot_sandbox(
+        SandboxVm::launch(
             &ShimConfig::default(),
-            &manifest(),
-            rootfs,
+            kiln_testsupport::vm::busybox_rootfs(),
             SHARE,
             sb,
         )
         .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-        Guest(booted)
     }
 
     /// `sh -c script` exec'd in `id`, with or without noNewPrivileges.
@@ -58,26 +44,11 @@ impl Guest {
         self.exec_process(id, exec, p).await;
         self.outcome(id, exec).await
     }
-
-    async fn shutdown(self) {
-        self.0.shutdown().await;
-    }
 }
 
-fn process(args: &[&str]) -> oci::Process {
-    let mut p = oci::Process::new();
-    p.Args = args.iter().map(|s| s.to_string()).collect();
-    p.Env = vec!["PATH=/bin".into(), "HOME=/root".into()];
-    p.Cwd = "/".into();
-    p
-}
-
-/// The shim's default (runc-like) spec for `args` — noNewPrivileges, the
 /// default capabilities — over the shared busybox rootfs, with `profile`.
 fn spec(args: &[&str], profile: oci::LinuxSeccomp) -> oci::Spec {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let s = kiln_shim::spec::default_spec(&args, &[], false).unwrap();
-    let mut s = kiln_shim::run::protocol_spec(&s, SHARE).unwrap();
+    let mut s = kiln_testsupport::vm::shim_spec(args, SHARE);
     s.Root.mut_or_insert_default().Readonly = false;
     s.Linux.mut_or_insert_default().Seccomp = MessageField::some(profile);
     s

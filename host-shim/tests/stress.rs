@@ -6,7 +6,7 @@
 //! --stress` (KILN_STRESS=long) runs the full ones: 1,000 execs, 50 cycles,
 //! 20 VMs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,14 +15,8 @@ use kiln_shim::bench_exec::AgentUsage;
 use kiln_shim::client::AgentClient;
 use kiln_shim::config::ShimConfig;
 use kiln_shim::image::BootImage;
+use kiln_testsupport::vm::manifest;
 use protobuf::MessageField;
-
-fn manifest() -> PathBuf {
-    PathBuf::from(
-        std::env::var("KILN_E2E_MANIFEST")
-            .expect("run through `cargo xtask test` (KILN_E2E_MANIFEST)"),
-    )
-}
 
 /// (default, long) picked by KILN_STRESS=long.
 fn size(default: usize, long: usize) -> usize {
@@ -75,7 +69,7 @@ async fn execs_and_container_cycles_leave_fds_and_rss_flat() {
     let run_base = tempfile::tempdir().unwrap();
     std::env::set_var("KILN_RUN_DIR", run_base.path());
     let rootfs = tempfile::tempdir().unwrap();
-    kiln_shim::testsupport::busybox_rootfs(rootfs.path()).unwrap();
+    kiln_testsupport::vm::write_busybox_rootfs(rootfs.path()).unwrap();
     let cfg = ShimConfig::load(None).unwrap();
     let image = BootImage::load(&manifest()).unwrap();
 
@@ -106,7 +100,7 @@ async fn execs_and_container_cycles_leave_fds_and_rss_flat() {
     // Container cycles: create, start, wait, remove, in one sandbox.
     let mut sandbox = agent::CreateSandboxRequest::new();
     sandbox.sandbox_id = "stress".into();
-    let booted = kiln_shim::testsupport::boot_sandbox(&cfg, &manifest(), rootfs, "share", sandbox)
+    let booted = kiln_testsupport::vm::boot_sandbox(&cfg, &manifest(), rootfs, "share", sandbox)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     let (vm, c) = (booted.vm, booted.client);

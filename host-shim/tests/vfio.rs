@@ -9,7 +9,7 @@
 //!
 //! `cargo xtask test` builds the image and runs these with KILN_E2E_MANIFEST.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,15 +18,10 @@ use kiln_shim::config::ShimConfig;
 use kiln_shim::image::BootImage;
 use kiln_shim::vfio::{Backend, GuestMode, VfioOptions};
 use kiln_shim::vm::{BootOptions, Vm};
+use kiln_testsupport::vm::manifest;
 use protobuf::MessageField;
 
 const HOST_BDF: &str = "0000:ab:00.0";
-
-fn manifest() -> PathBuf {
-    PathBuf::from(std::env::var("KILN_E2E_MANIFEST").expect(
-        "KILN_E2E_MANIFEST must name a built manifest.json; run these tests through `cargo xtask test`",
-    ))
-}
 
 /// VFIO passthrough needs q35 (intel-iommu, pcie-root-port): x86_64 guests only.
 fn x86_64_image() -> bool {
@@ -40,7 +35,7 @@ fn x86_64_image() -> bool {
 /// A busybox rootfs with `/vfio_probe`, built statically for the guest.
 fn rootfs_with_probe() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    kiln_shim::testsupport::busybox_rootfs(dir.path()).unwrap();
+    kiln_testsupport::vm::write_busybox_rootfs(dir.path()).unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vfio_probe.rs");
     let out = Command::new("rustc")
         .current_dir(env!("CARGO_MANIFEST_DIR"))

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kiln_protocol::{agent, oci};
 use kiln_shim::config::ShimConfig;
-use kiln_shim::testsupport::SandboxVm;
+use kiln_testsupport::vm::SandboxVm;
 use protobuf::MessageField;
 
 const SHARE: &str = "workload";
@@ -212,7 +212,7 @@ async fn real_workloads_in_one_vm() {
     let mut sb = agent::CreateSandboxRequest::new();
     sb.sandbox_id = "wl".into();
     sb.hostname = "kiln-workload".into();
-    let g = kiln_shim::testsupport::boot_sandbox(
+    let g = kiln_testsupport::vm::boot_sandbox(
         &cfg,
         &env_path("KILN_E2E_MANIFEST"),
         rootfs_copy(),

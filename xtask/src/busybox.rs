@@ -5,26 +5,10 @@ use std::path::Path;
 
 use anyhow::Context;
 
-const BUSYBOX: &str = "/bin/busybox";
-
-/// Writes the tree into `root` (an empty or missing directory).
+/// Writes the tree into `root` (an empty or missing directory); the one
+/// writer, shared with the tests, lives in kiln-testsupport.
 pub fn write_tree(root: &Path) -> anyhow::Result<()> {
-    let busybox = Path::new(BUSYBOX);
-    if !busybox.exists() {
-        anyhow::bail!(
-            "{BUSYBOX} is missing: apt-get install busybox-static (cargo xtask setup installs it)"
-        );
-    }
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    std::fs::copy(busybox, root.join("bin/busybox"))?;
-    let list = duct::cmd!(busybox, "--list").read()?;
-    for applet in list.lines().filter(|a| !a.is_empty() && *a != "busybox") {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    Ok(())
+    kiln_testsupport::busybox::write_tree(root)
 }
 
 /// A throwaway tree (removed on drop).
