@@ -341,6 +341,7 @@ pub(crate) async fn resize(c: &AgentClient, cid: &str, exec_id: &str) {
 }
 
 fn terminal_size() -> Option<(u16, u16)> {
+    // SAFETY: winsize is four integers; all zeroes is a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ fills `ws`; fd 0 may not be a tty, then it fails.
     let rc = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };

@@ -100,8 +100,8 @@ fn is_executable(p: &Path) -> bool {
 pub fn tied(expr: duct::Expression) -> duct::Expression {
     expr.before_spawn(|cmd| {
         use std::os::unix::process::CommandExt;
-        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
         let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {

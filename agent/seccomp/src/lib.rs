@@ -1175,6 +1175,7 @@ mod tests {
         assert!(pid >= 0, "fork");
         if pid == 0 {
             // Child: exit code says which step went wrong (0 = all as expected).
+            // SAFETY: raw syscalls on locals only, then _exit (see the fork above).
             unsafe {
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                     libc::_exit(10);

@@ -477,17 +477,13 @@ mod tests {
             ws_ypixel: 0,
         };
         // SAFETY: TIOCGWINSZ fills the struct.
-        assert_eq!(
-            unsafe { libc::ioctl(child.stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) },
-            0
-        );
+        let rc = unsafe { libc::ioctl(child.stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        assert_eq!(rc, 0);
         assert_eq!((ws.ws_row, ws.ws_col), (33, 99));
         set_window_size(parent.tty.as_ref().unwrap(), 10, 20).unwrap();
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { libc::ioctl(child.stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) },
-            0
-        );
+        // SAFETY: TIOCGWINSZ fills the struct.
+        let rc = unsafe { libc::ioctl(child.stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        assert_eq!(rc, 0);
         assert_eq!((ws.ws_row, ws.ws_col), (10, 20));
 
         let (p, c) = pipes(0).unwrap();
