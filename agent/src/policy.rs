@@ -395,9 +395,10 @@ mod engine {
             // genpolicy's documents exceed regorus' defaults (1 KiB lines,
             // 1 MiB); these are the bounds Kata's agent uses.
             engine.set_policy_length_config(regorus::PolicyLengthConfig {
-                max_col: NonZeroU32::new(64 * 1024).expect("non-zero"),
-                max_file_bytes: NonZeroUsize::new(16 * 1024 * 1024).expect("non-zero"),
-                max_lines: NonZeroUsize::new(200_000).expect("non-zero"),
+                // Non-zero constants: the fallbacks are never taken.
+                max_col: NonZeroU32::new(64 * 1024).unwrap_or(NonZeroU32::MIN),
+                max_file_bytes: NonZeroUsize::new(16 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
+                max_lines: NonZeroUsize::new(200_000).unwrap_or(NonZeroUsize::MIN),
             });
             engine
                 .add_data(regorus::Value::from(serde_json::json!({ "pstate": {} })))
