@@ -517,44 +517,11 @@ impl Sandbox {
         pci_map: crate::devices::PciMap,
         held: &[PathBuf],
     ) -> Result<Arc<Container>> {
-        // Resolve the rootfs: relative paths are Kata bundle-relative.
-        let root = if spec.root.path.is_absolute() {
-            spec.root.path.clone()
-        } else {
-            self.paths
-                .run_dir
-                .join("shared/containers")
-                .join(cid)
-                .join(&spec.root.path)
-        };
-        if !root.is_dir() {
-            return Err(precondition(format!(
-                "container rootfs {} is not a directory (is its storage mounted?)",
-                root.display()
-            )));
-        }
+        let root = self.container_root(cid, &spec)?;
         if let Some(r) = oci_spec.Root.as_mut() {
             r.Path = root.to_string_lossy().into_owned();
         }
-        let linux = oci_spec.Linux.mut_or_insert_default();
-        // A pid namespace path in the request would name a namespace of the
-        // guest (the agent's own, at worst): the agent decides, not the spec.
-        linux.Namespaces.retain(|n| n.Type != "pid");
-        let mut ns = oci::LinuxNamespace::new();
-        ns.Type = "pid".into();
-        if let PidNs::Join(pid) = pidns {
-            ns.Path = format!("/proc/{pid}/ns/pid");
-        }
-        linux.Namespaces.push(ns);
-        if let Some(shared) = shared_ns {
-            for n in linux.Namespaces.iter_mut() {
-                match n.Type.as_str() {
-                    "ipc" => n.Path = shared.ipc.to_string_lossy().into_owned(),
-                    "uts" => n.Path = shared.uts.to_string_lossy().into_owned(),
-                    _ => {}
-                }
-            }
-        }
+        set_namespaces(&mut oci_spec, pidns, shared_ns);
         let spec = ContainerSpec::from_oci(&oci_spec)?;
         let pidns_init = !matches!(pidns, PidNs::Join(_));
 
@@ -565,19 +532,7 @@ impl Sandbox {
                 let _ = cg.remove(Duration::from_secs(2));
             }
         };
-        if !req.shared_mounts.is_empty() {
-            tracing::warn!(
-                container = cid,
-                shared_mounts = req.shared_mounts.len(),
-                "CreateContainer shared_mounts are not supported yet and were ignored"
-            );
-        }
-        if req.stdin_port != 0 || req.stdout_port != 0 || req.stderr_port != 0 {
-            tracing::warn!(
-                container = cid,
-                "passfd stdio ports are not supported; stdio goes through ReadStdout/WriteStdin"
-            );
-        }
+        warn_unsupported(req, cid);
         let (parent, child) = match if spec.process.terminal {
             stdio::pty(spec.process.console_size)
         } else {
@@ -632,10 +587,42 @@ impl Sandbox {
             execs: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
+        self.watch_oom(&container);
+        tracing::info!(
+            container = cid,
+            pid = container.init.pid,
+            "container created"
+        );
+        Ok(container)
+    }
+
+    /// The container's rootfs on the guest: `root.path` as given if absolute,
+    /// else relative to the container's share directory (Kata's bundle).
+    fn container_root(&self, cid: &str, spec: &ContainerSpec) -> Result<PathBuf> {
+        let root = if spec.root.path.is_absolute() {
+            spec.root.path.clone()
+        } else {
+            self.paths
+                .run_dir
+                .join("shared/containers")
+                .join(cid)
+                .join(&spec.root.path)
+        };
+        if !root.is_dir() {
+            return Err(precondition(format!(
+                "container rootfs {} is not a directory (is its storage mounted?)",
+                root.display()
+            )));
+        }
+        Ok(root)
+    }
+
+    /// Watches the container's `memory.events` for OOM kills (GetOOMEvent).
+    fn watch_oom(&self, container: &Arc<Container>) {
         if let Some(cg) = &container.cgroup {
             if cg.memory_events_path().exists() {
                 let task = tokio::spawn(crate::oom::watch(
-                    cid.to_string(),
+                    container.id.clone(),
                     cg.memory_events_path(),
                     self.oom_tx.clone(),
                 ));
@@ -646,12 +633,6 @@ impl Sandbox {
                     .push(task);
             }
         }
-        tracing::info!(
-            container = cid,
-            pid = container.init.pid,
-            "container created"
-        );
-        Ok(container)
     }
 
     /// The container's cgroup, with its limits; `None` when the guest has no
@@ -1025,5 +1006,51 @@ impl Sandbox {
 
     pub fn run_dir(&self) -> &Path {
         &self.paths.run_dir
+    }
+}
+
+/// The namespaces the agent decides: the container's pid namespace (new, or
+/// the sandbox's to join), whatever path the request named; the sandbox's
+/// shared IPC and UTS namespaces where the spec lists them.
+fn set_namespaces(
+    oci_spec: &mut oci::Spec,
+    pidns: PidNs,
+    shared_ns: Option<&crate::namespaces::SharedNamespaces>,
+) {
+    let linux = oci_spec.Linux.mut_or_insert_default();
+    // A pid namespace path in the request would name a namespace of the
+    // guest (the agent's own, at worst): the agent decides, not the spec.
+    linux.Namespaces.retain(|n| n.Type != "pid");
+    let mut ns = oci::LinuxNamespace::new();
+    ns.Type = "pid".into();
+    if let PidNs::Join(pid) = pidns {
+        ns.Path = format!("/proc/{pid}/ns/pid");
+    }
+    linux.Namespaces.push(ns);
+    if let Some(shared) = shared_ns {
+        for n in linux.Namespaces.iter_mut() {
+            match n.Type.as_str() {
+                "ipc" => n.Path = shared.ipc.to_string_lossy().into_owned(),
+                "uts" => n.Path = shared.uts.to_string_lossy().into_owned(),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// CreateContainer fields kiln does not support: logged, then ignored.
+fn warn_unsupported(req: &agent::CreateContainerRequest, cid: &str) {
+    if !req.shared_mounts.is_empty() {
+        tracing::warn!(
+            container = cid,
+            shared_mounts = req.shared_mounts.len(),
+            "CreateContainer shared_mounts are not supported yet and were ignored"
+        );
+    }
+    if req.stdin_port != 0 || req.stdout_port != 0 || req.stderr_port != 0 {
+        tracing::warn!(
+            container = cid,
+            "passfd stdio ports are not supported; stdio goes through ReadStdout/WriteStdin"
+        );
     }
 }

@@ -210,30 +210,13 @@ pub struct DeviceSpec {
 
 impl ContainerSpec {
     pub fn from_oci(spec: &oci::Spec) -> Result<ContainerSpec> {
-        let root = spec
-            .Root
-            .as_ref()
-            .ok_or_else(|| invalid("OCI spec has no Root"))?;
-        if root.Path.is_empty() {
-            return Err(invalid("OCI spec Root.Path is empty"));
-        }
-        let root = RootSpec {
-            path: PathBuf::from(&root.Path),
-            readonly: root.Readonly,
-        };
+        let root = RootSpec::from_oci(spec.Root.as_ref())?;
         let process = spec
             .Process
             .as_ref()
             .ok_or_else(|| invalid("OCI spec has no Process"))?;
         let process = ProcessSpec::from_oci(process)?;
-        let hostname = (!spec.Hostname.is_empty()).then(|| spec.Hostname.clone());
-        if let Some(h) = &hostname {
-            if h.len() > 64 || h.contains('\0') || h.contains('/') {
-                return Err(invalid(format!(
-                    "OCI spec Hostname {h:?} is not a valid hostname"
-                )));
-            }
-        }
+        let hostname = hostname_from_oci(&spec.Hostname)?;
         if spec.Mounts.len() > MAX_MOUNTS {
             return Err(invalid(format!(
                 "OCI spec has {} mounts; at most {MAX_MOUNTS}",
@@ -250,35 +233,7 @@ impl ContainerSpec {
         if !linux.UIDMappings.is_empty() || !linux.GIDMappings.is_empty() {
             return Err(invalid("OCI spec asks for user-namespace id mappings; kiln-agent does not support user namespaces"));
         }
-        let mut namespaces: Vec<NamespaceSpec> = Vec::new();
-        for ns in &linux.Namespaces {
-            let kind = match ns.Type.as_str() {
-                "pid" => NamespaceKind::Pid,
-                "mount" => NamespaceKind::Mount,
-                "uts" => NamespaceKind::Uts,
-                "ipc" => NamespaceKind::Ipc,
-                "cgroup" => NamespaceKind::Cgroup,
-                // Containers share the sandbox's network, as in Kata.
-                "network" => continue,
-                "user" => {
-                    return Err(invalid("OCI spec asks for a user namespace; kiln-agent does not support user namespaces"))
-                }
-                other => return Err(invalid(format!("OCI spec namespace type {other:?} is unknown"))),
-            };
-            if namespaces.iter().any(|n| n.kind == kind) {
-                return Err(invalid(format!(
-                    "OCI spec lists namespace {:?} twice",
-                    ns.Type
-                )));
-            }
-            let path = if ns.Path.is_empty() {
-                None
-            } else {
-                Some(abs_path("Linux.Namespaces.Path", &ns.Path)?)
-            };
-            namespaces.push(NamespaceSpec { kind, path });
-        }
-        namespaces.sort_by_key(|n| n.kind);
+        let namespaces = namespaces_from_oci(&linux.Namespaces)?;
         let resources = match linux.Resources.as_ref() {
             Some(r) => Resources::from_oci(r)?,
             None => Resources::default(),
@@ -302,20 +257,7 @@ impl ContainerSpec {
                 .unwrap_or(&[]),
             &devices,
         )?;
-        let mut sysctl = BTreeMap::new();
-        for (k, v) in &linux.Sysctl {
-            let ok = !k.is_empty()
-                && k.len() <= 256
-                && k.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
-                && !k.split(['.', '/']).any(|c| c.is_empty() || c == "..");
-            if !ok || v.contains('\0') {
-                return Err(invalid(format!(
-                    "OCI spec sysctl {k:?} is not a valid sysctl name"
-                )));
-            }
-            sysctl.insert(k.clone(), v.clone());
-        }
+        let sysctl = sysctl_from_oci(&linux.Sysctl)?;
         let paths = |what: &str, list: &[String]| -> Result<Vec<PathBuf>> {
             if list.len() > MAX_PATHS {
                 return Err(invalid(format!(
@@ -327,16 +269,7 @@ impl ContainerSpec {
         };
         let masked_paths = paths("Linux.MaskedPaths", &linux.MaskedPaths)?;
         let readonly_paths = paths("Linux.ReadonlyPaths", &linux.ReadonlyPaths)?;
-        let rootfs_propagation = match linux.RootfsPropagation.as_str() {
-            "" | "slave" | "rslave" => MsFlags::MS_SLAVE,
-            "private" | "rprivate" => MsFlags::MS_PRIVATE,
-            "shared" | "rshared" => MsFlags::MS_SHARED,
-            other => {
-                return Err(invalid(format!(
-                    "OCI spec RootfsPropagation {other:?} is unknown"
-                )))
-            }
-        };
+        let rootfs_propagation = rootfs_propagation(&linux.RootfsPropagation)?;
         let seccomp = match linux.Seccomp.as_ref() {
             Some(s) => Profile::from_oci(s)?,
             None => None,
@@ -362,6 +295,107 @@ impl ContainerSpec {
     pub fn namespace(&self, kind: NamespaceKind) -> Option<&NamespaceSpec> {
         self.namespaces.iter().find(|n| n.kind == kind)
     }
+}
+
+impl RootSpec {
+    fn from_oci(root: Option<&oci::Root>) -> Result<RootSpec> {
+        let root = root.ok_or_else(|| invalid("OCI spec has no Root"))?;
+        if root.Path.is_empty() {
+            return Err(invalid("OCI spec Root.Path is empty"));
+        }
+        Ok(RootSpec {
+            path: PathBuf::from(&root.Path),
+            readonly: root.Readonly,
+        })
+    }
+}
+
+/// The hostname, if the spec sets one (at most 64 bytes, no NUL, no `/`).
+fn hostname_from_oci(hostname: &str) -> Result<Option<String>> {
+    let hostname = (!hostname.is_empty()).then(|| hostname.to_string());
+    if let Some(h) = &hostname {
+        if h.len() > 64 || h.contains('\0') || h.contains('/') {
+            return Err(invalid(format!(
+                "OCI spec Hostname {h:?} is not a valid hostname"
+            )));
+        }
+    }
+    Ok(hostname)
+}
+
+/// The namespaces to create or join, sorted by kind; `network` is skipped
+/// (containers share the sandbox's), `user` refused.
+fn namespaces_from_oci(list: &[oci::LinuxNamespace]) -> Result<Vec<NamespaceSpec>> {
+    let mut namespaces: Vec<NamespaceSpec> = Vec::new();
+    for ns in list {
+        let kind = match ns.Type.as_str() {
+            "pid" => NamespaceKind::Pid,
+            "mount" => NamespaceKind::Mount,
+            "uts" => NamespaceKind::Uts,
+            "ipc" => NamespaceKind::Ipc,
+            "cgroup" => NamespaceKind::Cgroup,
+            // Containers share the sandbox's network, as in Kata.
+            "network" => continue,
+            "user" => return Err(invalid(
+                "OCI spec asks for a user namespace; kiln-agent does not support user namespaces",
+            )),
+            other => {
+                return Err(invalid(format!(
+                    "OCI spec namespace type {other:?} is unknown"
+                )))
+            }
+        };
+        if namespaces.iter().any(|n| n.kind == kind) {
+            return Err(invalid(format!(
+                "OCI spec lists namespace {:?} twice",
+                ns.Type
+            )));
+        }
+        let path = if ns.Path.is_empty() {
+            None
+        } else {
+            Some(abs_path("Linux.Namespaces.Path", &ns.Path)?)
+        };
+        namespaces.push(NamespaceSpec { kind, path });
+    }
+    namespaces.sort_by_key(|n| n.kind);
+    Ok(namespaces)
+}
+
+/// Sysctl names checked (alphanumerics, `.`, `_`, `-`, `/`; no empty or `..`
+/// component), values without NUL.
+fn sysctl_from_oci(
+    list: &std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
+    let mut sysctl = BTreeMap::new();
+    for (k, v) in list {
+        let ok = !k.is_empty()
+            && k.len() <= 256
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+            && !k.split(['.', '/']).any(|c| c.is_empty() || c == "..");
+        if !ok || v.contains('\0') {
+            return Err(invalid(format!(
+                "OCI spec sysctl {k:?} is not a valid sysctl name"
+            )));
+        }
+        sysctl.insert(k.clone(), v.clone());
+    }
+    Ok(sysctl)
+}
+
+/// The propagation of the container's root mount (default: slave).
+fn rootfs_propagation(value: &str) -> Result<MsFlags> {
+    Ok(match value {
+        "" | "slave" | "rslave" => MsFlags::MS_SLAVE,
+        "private" | "rprivate" => MsFlags::MS_PRIVATE,
+        "shared" | "rshared" => MsFlags::MS_SHARED,
+        other => {
+            return Err(invalid(format!(
+                "OCI spec RootfsPropagation {other:?} is unknown"
+            )))
+        }
+    })
 }
 
 impl ProcessSpec {
