@@ -322,11 +322,23 @@ impl Agent {
     }
 }
 
+/// Every capability this test (and so the agent) holds, as these tests'
+/// containers act as root; a spec without capabilities gets none (tested below).
 fn process(args: &[&str]) -> oci::Process {
     let mut p = oci::Process::new();
     p.Args = args.iter().map(|s| s.to_string()).collect();
     p.Env = vec!["PATH=/bin".into(), "HOME=/root".into(), "TERM=xterm".into()];
     p.Cwd = "/".into();
+    let all: Vec<String> = caps::read(None, caps::CapSet::Bounding)
+        .unwrap()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let mut c = oci::LinuxCapabilities::new();
+    c.Bounding = all.clone();
+    c.Effective = all.clone();
+    c.Permitted = all;
+    p.Capabilities = MessageField::some(c);
     p
 }
 
@@ -534,6 +546,24 @@ async fn stdin_signals_tty_and_hostile_requests() {
     assert!(out.starts_with("65534\n"), "{out}");
     assert!(out.contains("CapEff:\t0000000000000401"), "{out}");
     a.remove("nobody").await;
+
+    // A spec that names no capabilities gets none (runc's rule), not root's.
+    let mut bare = spec(
+        &root,
+        &["sh", "-c", "grep -E '^Cap(Eff|Prm|Bnd)' /proc/self/status"],
+    );
+    bare.Process.as_mut().unwrap().Capabilities = MessageField::none();
+    a.run("bare", bare).await;
+    assert_eq!(a.wait("bare", "").await, 0);
+    let out = String::from_utf8(a.read_all("bare", "", false).await).unwrap();
+    assert_eq!(
+        out.lines()
+            .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+            .collect::<Vec<_>>(),
+        ["0000000000000000"; 3],
+        "{out}"
+    );
+    a.remove("bare").await;
 
     // Hostile and unknown ids; the agent keeps serving.
     for bad in ["../x", "a/b", "", ".."] {
@@ -1227,5 +1257,60 @@ async fn devices_the_spec_does_not_allow_cannot_be_opened() {
         "{out} / {err}"
     );
     a.remove("nodev").await;
+    a.destroy().await;
+}
+
+/// CVE-2019-5736: an exec of `/proc/self/exe` runs the runtime's own
+/// binary inside the container; container root then reopens
+/// that process's `/proc/<pid>/exe` for writing once it has exited. Here the
+/// binary it reaches is the agent's sealed in-memory copy: the write is
+/// refused and the agent's file is unchanged. (Before the copy, the target
+/// was the agent's own file, spared only by ETXTBSY while the agent runs.)
+#[tokio::test]
+async fn a_container_cannot_overwrite_the_agent_through_proc_exe() {
+    require_root_and_cgroup2!();
+    let agent_bin = env!("CARGO_BIN_EXE_kiln-agent");
+    let before = Sha256::digest(std::fs::read(agent_bin).unwrap());
+    let a = start_agent(&[]).await;
+    a.create_sandbox().await;
+    let root = a.rootfs("rootfs");
+    // The host build of the agent is dynamically linked (the guest's is
+    // static): give the container its loader and libraries.
+    let ldd = Command::new("ldd").arg(agent_bin).output().unwrap();
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let dest = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(lib, &dest).unwrap();
+    }
+    a.run("cve", spec(&root, &["sleep", "300"])).await;
+    // The helper execs /proc/self/exe: its own binary, now in the container.
+    a.exec("cve", "trap", &["/proc/self/exe"], None).await;
+    let attack = "for i in $(seq 100); do \
+           for d in /proc/[0-9]*; do t=$(readlink $d/exe); \
+             case \"$t\" in *busybox*|'') ;; *) pid=${d#/proc/}; break 2;; esac; \
+           done; sleep 0.2; done; \
+         echo \"target=$t\"; exec 3<\"/proc/$pid/exe\" || exit 9; \
+         kill -9 \"$pid\"; sleep 1; \
+         if echo pwned >/proc/self/fd/3; then echo WROTE; else echo REFUSED; fi";
+    a.exec("cve", "attack", &["sh", "-c", attack], None).await;
+    assert_eq!(a.wait("cve", "attack").await, 0);
+    let out = String::from_utf8(a.read_all("cve", "attack", false).await).unwrap();
+    let err = String::from_utf8(a.read_all("cve", "attack", true).await).unwrap();
+    assert!(
+        out.contains("target=/memfd:kiln-agent"),
+        "the helper is the sealed copy: {out} {err}"
+    );
+    assert!(
+        out.contains("REFUSED") && !out.contains("WROTE"),
+        "{out} {err}"
+    );
+    a.wait("cve", "trap").await;
+    assert_eq!(Sha256::digest(std::fs::read(agent_bin).unwrap()), before);
+    a.signal("cve", "", 9).await;
+    a.wait("cve", "").await;
+    a.remove("cve").await;
     a.destroy().await;
 }

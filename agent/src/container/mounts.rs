@@ -13,9 +13,11 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
@@ -157,8 +159,12 @@ pub fn prepare_rootfs(spec: &ContainerSpec, no_pivot: bool) -> Res<()> {
         let p = Path::new("/proc/sys").join(k.replace('.', "/"));
         fs::write(&p, v).map_err(|e| m(format_args!("sysctl {k}={v}"), e))?;
     }
-    for p in &spec.masked_paths {
-        mask_path(p)?;
+    if !spec.masked_paths.is_empty() {
+        let null = dev_null()?;
+        let null = PathBuf::from(format!("/proc/self/fd/{}", null.as_raw_fd()));
+        for p in &spec.masked_paths {
+            mask_path(p, &null)?;
+        }
     }
     for p in &spec.readonly_paths {
         readonly_path(p)?;
@@ -409,13 +415,43 @@ fn enter_root(rootfs: &Path, no_pivot: bool) -> Res<()> {
     Ok(())
 }
 
-fn mask_path(p: &Path) -> Res<()> {
+/// The container's `/dev/null`, refused unless it is the 1:3 character
+/// device: an image's `/dev/null -> /proc/sys/kernel/core_pattern` would
+/// otherwise be bind-mounted, writable, over every masked file
+/// (CVE-2025-31133). Opened once, used through its fd.
+fn dev_null() -> Res<OwnedFd> {
+    let fd = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| m("opening the container's /dev/null for masking", e))?;
+    // SAFETY: open returned a new fd that we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| m("fstat /dev/null", e))?;
+    check_dev_null(st.st_mode, st.st_rdev)?;
+    Ok(fd)
+}
+
+fn check_dev_null(mode: u32, rdev: u64) -> Res<()> {
+    let is_chr = mode & libc::S_IFMT == libc::S_IFCHR;
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    if is_chr && (major, minor) == (1, 3) {
+        return Ok(());
+    }
+    Err(format!(
+        "the container's /dev/null is not the null device (mode {mode:o}, {major}:{minor}); \
+         refusing to mask paths with it: mount a tmpfs /dev or ship a real 1:3 node"
+    ))
+}
+
+fn mask_path(p: &Path, null: &Path) -> Res<()> {
     match fs::metadata(p) {
         Err(_) => Ok(()), // nothing there to hide
         Ok(md) if md.is_dir() => {
             do_mount(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY, None)
         }
-        Ok(_) => do_mount(Some("/dev/null"), p, None, MsFlags::MS_BIND, None),
+        Ok(_) => do_mount(Some(path_str(null)?), p, None, MsFlags::MS_BIND, None),
     }
 }
 
@@ -438,6 +474,20 @@ fn readonly_path(p: &Path) -> Res<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masking_takes_only_the_real_null_device() {
+        check_dev_null(libc::S_IFCHR | 0o666, libc::makedev(1, 3)).unwrap();
+        // A regular file or a link target planted by the image.
+        let e = check_dev_null(libc::S_IFREG | 0o644, 0).unwrap_err();
+        assert!(
+            e.contains("not the null device") && e.contains("tmpfs /dev"),
+            "{e}"
+        );
+        // /dev/zero, /dev/kmsg: character devices, wrong numbers.
+        assert!(check_dev_null(libc::S_IFCHR | 0o666, libc::makedev(1, 5)).is_err());
+        assert!(check_dev_null(libc::S_IFBLK | 0o666, libc::makedev(1, 3)).is_err());
+    }
 
     #[test]
     fn a_missing_filesystem_fails_naming_the_kernel_option_unless_tolerated() {
