@@ -170,9 +170,10 @@ impl Agent {
         self.dir.path().join("run")
     }
 
-    /// A busybox root filesystem in the temp dir.
+    /// A busybox root filesystem in the run directory (where a container's
+    /// root must be, as under Kata's shared directory).
     fn rootfs(&self, name: &str) -> PathBuf {
-        let root = self.dir.path().join(name);
+        let root = self.run_dir().join("trees").join(name);
         for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
@@ -1312,5 +1313,66 @@ async fn a_container_cannot_overwrite_the_agent_through_proc_exe() {
     a.signal("cve", "", 9).await;
     a.wait("cve", "").await;
     a.remove("cve").await;
+    a.destroy().await;
+}
+
+/// Request-planted symlinks and `..` roots (security review M2): a CopyFile
+/// symlink at the sandbox's resolv.conf is replaced, not written through, by
+/// CreateSandbox's DNS; a container root of `../../../../` or a CopyFile link
+/// `<cid>/rootfs -> /` is refused. Nothing outside the run directory changes.
+#[tokio::test]
+async fn request_planted_links_and_dot_dot_roots_reach_nothing_outside() {
+    require_root_and_cgroup2!();
+    let a = start_agent(&[]).await;
+    let victim = a.dir.path().join("victim");
+    std::fs::write(&victim, "original\n").unwrap();
+    let link = |path: PathBuf, target: &str| {
+        let mut r = agent::CopyFileRequest::new();
+        r.path = path.display().to_string();
+        r.data = target.as_bytes().to_vec();
+        r.file_mode = libc::S_IFLNK | 0o777;
+        r.uid = -1;
+        r.gid = -1;
+        r
+    };
+    let r = link(
+        a.run_dir().join("sandbox/resolv.conf"),
+        &victim.display().to_string(),
+    );
+    a.ag().copy_file(ctx(), &r).await.unwrap();
+    let mut req = agent::CreateSandboxRequest::new();
+    req.sandbox_id = a.sandbox.clone();
+    req.dns = vec!["nameserver 192.0.2.53".into()];
+    a.ag().create_sandbox(ctx(), &req).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "original\n");
+    let resolv = a.run_dir().join("sandbox/resolv.conf");
+    assert!(!std::fs::symlink_metadata(&resolv)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(&resolv).unwrap(),
+        "nameserver 192.0.2.53\n"
+    );
+
+    let root = a.rootfs("rootfs");
+    let mut s = spec(&root, &["true"]);
+    s.Root.as_mut().unwrap().Path = "../../../../".into();
+    assert_eq!(
+        code(a.create("dotdot", s, vec![]).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    let r = link(a.run_dir().join("shared/containers/evil/rootfs"), "/");
+    a.ag().copy_file(ctx(), &r).await.unwrap();
+    let mut s = spec(&root, &["true"]);
+    s.Root.as_mut().unwrap().Path = "rootfs".into();
+    assert_eq!(
+        code(a.create("evil", s, vec![]).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    // The agent still serves, and a root inside the run directory works.
+    a.run("fine", spec(&root, &["true"])).await;
+    assert_eq!(a.wait("fine", "").await, 0);
+    a.remove("fine").await;
     a.destroy().await;
 }
