@@ -1376,3 +1376,68 @@ async fn request_planted_links_and_dot_dot_roots_reach_nothing_outside() {
     a.remove("fine").await;
     a.destroy().await;
 }
+
+/// CVE-2021-30465's shape: container A, sharing a volume with B, keeps
+/// swapping the volume's directory `d` with a symlink `l -> /` (busybox mv in
+/// a loop). B's spec bind-mounts `<volume>/d`. Resolved by path, the mount
+/// would follow the link at the wrong moment and give B the guest's root;
+/// opened once without symlinks, B gets `d` or a clear error, never `/`.
+#[tokio::test]
+async fn a_volume_swapped_for_a_link_to_root_never_becomes_a_mount_source() {
+    require_root_and_cgroup2!();
+    let a = start_agent(&[]).await;
+    a.create_sandbox().await;
+    let root = a.rootfs("rootfs");
+    let vol = a.run_dir().join("trees/vol");
+    std::fs::create_dir_all(vol.join("d")).unwrap();
+    std::fs::write(vol.join("d/inside-marker"), "").unwrap();
+    std::os::unix::fs::symlink("/", vol.join("l")).unwrap();
+    let mut racer = spec(
+        &root,
+        &[
+            "sh",
+            "-c",
+            "cd /vol; while :; do mv d t; mv l d; mv d l; mv t d; done",
+        ],
+    );
+    racer.Mounts.push(mount(
+        "/vol",
+        "bind",
+        &vol.display().to_string(),
+        &["rbind", "rw"],
+    ));
+    a.run("racer", racer).await;
+    let (mut inside, mut refused, mut escaped) = (0, 0, Vec::new());
+    for i in 0..30 {
+        let id = format!("b{i}");
+        let mut s = spec(&root, &["ls", "/data"]);
+        let src = vol.join("d").display().to_string();
+        s.Mounts
+            .push(mount("/data", "bind", &src, &["rbind", "ro"]));
+        if a.create(&id, s, vec![]).await.is_err() {
+            refused += 1;
+            continue;
+        }
+        a.start(&id).await;
+        a.wait(&id, "").await;
+        let out = String::from_utf8(a.read_all(&id, "", false).await).unwrap();
+        if out.contains("inside-marker") {
+            inside += 1;
+        } else if !out.trim().is_empty() {
+            escaped.push(out);
+        } else {
+            refused += 1;
+        }
+        a.remove(&id).await;
+    }
+    a.signal("racer", "", 9).await;
+    a.wait("racer", "").await;
+    a.remove("racer").await;
+    eprintln!(
+        "{inside} mounted the volume, {refused} refused, {} escaped",
+        escaped.len()
+    );
+    assert!(escaped.is_empty(), "B saw another directory: {escaped:?}");
+    assert!(inside + refused == 30 && inside > 0, "{inside} {refused}");
+    a.destroy().await;
+}
