@@ -1,17 +1,24 @@
 //! CopyFile: files (in chunks), directories and symlinks from the host into
 //! the agent's run directory, and nowhere else.
 //!
-//! Chunks go to `<path>.kiln-part` (opened without following symlinks) at
-//! their offset; when the part file reaches `file_size` it gets its mode and
-//! owner and is renamed over `path`, so readers never see half a file.
+//! Chunks go to `<path>.kiln-part` at their offset; when the part file
+//! reaches `file_size` it gets its owner and mode and is renamed over `path`,
+//! so readers never see half a file. Every step goes through directory fds
+//! ([`crate::beneath`]): nothing is looked up by path twice.
 
+use std::ffi::OsStr;
 use std::fs;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use kiln_protocol::agent::CopyFileRequest;
+use nix::errno::Errno;
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid};
 
-use crate::error::{invalid, os, Result};
+use crate::beneath::{set_owner_and_mode, Dir};
+use crate::error::{invalid, os, AgentError, Result};
 use crate::paths::confined;
 
 /// Largest file CopyFile accepts (the run directory is guest RAM).
@@ -19,27 +26,36 @@ pub const MAX_FILE_SIZE: i64 = 512 << 20;
 
 pub fn copy_file(run_dir: &Path, req: &CopyFileRequest) -> Result<()> {
     let path = confined("CopyFile path", run_dir, &req.path)?;
-    if path == run_dir {
+    let rel = path.strip_prefix(run_dir).unwrap_or(Path::new(""));
+    let (Some(name), Some(parent_rel)) = (rel.file_name(), rel.parent()) else {
         return Err(invalid("CopyFile path is the run directory itself"));
-    }
-    let parent = path
-        .parent()
-        .ok_or_else(|| invalid("CopyFile path has no parent"))?;
-    create_dirs(run_dir, parent, req.dir_mode)?;
-    let owner = |p: &Path| -> Result<()> {
-        let uid = (req.uid >= 0).then(|| nix::unistd::Uid::from_raw(req.uid as u32));
-        let gid = (req.gid >= 0).then(|| nix::unistd::Gid::from_raw(req.gid as u32));
-        nix::unistd::fchownat(None, p, uid, gid, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| os(format!("chown {}", p.display()), e))
     };
+    fs::create_dir_all(run_dir).map_err(|e| os(format!("mkdir {}", run_dir.display()), e))?;
+    let base = Dir::open(run_dir).map_err(|e| os(format!("opening {}", run_dir.display()), e))?;
+    // Resolved once, through fds: a directory swapped for a symlink after the
+    // check above makes this fail instead of writing elsewhere.
+    let dir_mode = if req.dir_mode == 0 {
+        0o755
+    } else {
+        req.dir_mode
+    };
+    let parent = base
+        .make_dirs(parent_rel, dir_mode)
+        .map_err(|e| refused(&req.path, "creating its directories", e))?;
+    let uid = (req.uid >= 0).then(|| Uid::from_raw(req.uid as u32));
+    let gid = (req.gid >= 0).then(|| Gid::from_raw(req.gid as u32));
     match req.file_mode & libc::S_IFMT {
         libc::S_IFDIR => {
-            if !path.is_dir() {
-                fs::create_dir(&path).map_err(|e| os(format!("mkdir {}", path.display()), e))?;
+            match nix::sys::stat::mkdirat(Some(parent.fd()), name, Mode::from_bits_truncate(0o700))
+            {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(refused(&req.path, "mkdir", e)),
             }
-            fs::set_permissions(&path, fs::Permissions::from_mode(req.file_mode & 0o7777))
-                .map_err(|e| os(format!("chmod {}", path.display()), e))?;
-            return owner(&path);
+            let d = parent
+                .dir(name)
+                .map_err(|e| refused(&req.path, "opening", e))?;
+            return set_owner_and_mode(d.fd(), uid, gid, req.file_mode)
+                .map_err(|e| refused(&req.path, "setting owner and mode", e));
         }
         libc::S_IFLNK => {
             let target = std::str::from_utf8(&req.data)
@@ -47,10 +63,12 @@ pub fn copy_file(run_dir: &Path, req: &CopyFileRequest) -> Result<()> {
             if target.is_empty() || target.contains('\0') {
                 return Err(invalid("CopyFile symlink target is empty or contains NUL"));
             }
-            let _ = fs::remove_file(&path);
-            std::os::unix::fs::symlink(target, &path)
-                .map_err(|e| os(format!("symlink {}", path.display()), e))?;
-            return owner(&path);
+            parent
+                .remove_file(name)
+                .and_then(|()| parent.symlink(OsStr::new(target), name))
+                .and_then(|()| parent.chown_entry(name, uid, gid))
+                .map_err(|e| refused(&req.path, "making the symlink", e))?;
+            return Ok(());
         }
         0 | libc::S_IFREG => {}
         other => {
@@ -74,68 +92,108 @@ pub fn copy_file(run_dir: &Path, req: &CopyFileRequest) -> Result<()> {
             req.file_size
         )));
     }
-    let mut part = path.clone().into_os_string();
+    let mut part = name.to_os_string();
     part.push(".kiln-part");
-    let part = std::path::PathBuf::from(part);
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(req.offset == 0)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&part)
-        .map_err(|e| os(format!("opening {}", part.display()), e))?;
+    // The first chunk starts a new part file (O_EXCL: a planted file or hard
+    // link of that name is removed, never written through); later chunks
+    // reopen only a plain, singly linked file.
+    let f = if req.offset == 0 {
+        parent
+            .remove_file(&part)
+            .and_then(|()| parent.create_new(&part, 0o600))
+    } else {
+        parent.open_existing(&part)
+    }
+    .map_err(|e| refused(&req.path, "opening its part file", e))?;
     f.write_all_at(&req.data, req.offset as u64)
-        .map_err(|e| os(format!("writing {}", part.display()), e))?;
+        .map_err(|e| os(format!("writing {}.kiln-part", path.display()), e))?;
     let size = f
         .metadata()
-        .map_err(|e| os(format!("stat {}", part.display()), e))?
+        .map_err(|e| os(format!("stat {}.kiln-part", path.display()), e))?
         .len();
     if size as i64 != req.file_size {
         return Ok(()); // more chunks to come
     }
-    f.set_permissions(fs::Permissions::from_mode(req.file_mode & 0o7777))
-        .map_err(|e| os(format!("chmod {}", part.display()), e))?;
-    owner(&part)?;
-    fs::rename(&part, &path).map_err(|e| {
-        os(
-            format!("renaming {} to {}", part.display(), path.display()),
-            e,
-        )
-    })
+    // Owner first: a chown clears the setuid and setgid bits the mode asks for.
+    set_owner_and_mode(f.as_raw_fd(), uid, gid, req.file_mode)
+        .map_err(|e| refused(&req.path, "setting owner and mode", e))?;
+    parent
+        .rename(&part, name)
+        .map_err(|e| refused(&req.path, "renaming its part file", e))
 }
 
-/// Creates missing directories between `base` and `dir` with `mode`.
-fn create_dirs(base: &Path, dir: &Path, mode: u32) -> Result<()> {
-    let rel = dir
-        .strip_prefix(base)
-        .map_err(|_| invalid(format!("{} is outside {}", dir.display(), base.display())))?;
-    let mut cur = base.to_path_buf();
-    fs::create_dir_all(&cur).map_err(|e| os(format!("mkdir {}", cur.display()), e))?;
-    for c in rel.components() {
-        cur.push(c);
-        match fs::symlink_metadata(&cur) {
-            Ok(md) if md.is_dir() => {}
-            Ok(_) => {
-                return Err(invalid(format!(
-                    "{} exists and is not a directory",
-                    cur.display()
-                )))
-            }
-            Err(_) => {
-                fs::create_dir(&cur).map_err(|e| os(format!("mkdir {}", cur.display()), e))?;
-                let m = if mode == 0 { 0o755 } else { mode & 0o7777 };
-                fs::set_permissions(&cur, fs::Permissions::from_mode(m))
-                    .map_err(|e| os(format!("chmod {}", cur.display()), e))?;
-            }
-        }
+/// An fd-level failure, worded for the caller: a symlink or a non-directory
+/// on the way means the tree changed under us or the request points outside.
+fn refused(path: &str, step: &str, e: Errno) -> AgentError {
+    match e {
+        Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV => invalid(format!(
+            "CopyFile {path:?}: {step}: a component is a symlink or not a directory ({e}); \
+             CopyFile writes only through real directories under the run directory"
+        )),
+        _ => os(format!("CopyFile {path:?}: {step}"), e),
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The race of the security review: the workload swaps a directory of
+    /// the destination with a symlink out of the tree (RENAME_EXCHANGE in a
+    /// loop) while CopyFile writes into it, chmods and renames. No byte, mode
+    /// or name may land outside.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_mid_copy_never_redirects_a_write() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(run.join("c/etc")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, run.join("c/link")).unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let racer = {
+            let (stop, c) = (stop.clone(), run.join("c"));
+            std::thread::spawn(move || {
+                let mut swaps = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    nix::fcntl::renameat2(
+                        None,
+                        &c.join("etc"),
+                        None,
+                        &c.join("link"),
+                        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                    )
+                    .unwrap();
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let target = format!("{}/c/etc/hosts", run.display());
+        let (mut ok, mut refused) = (0, 0);
+        for i in 0..2000 {
+            let mut r = req(&target, b"0123456789", 0, 10);
+            r.file_mode = libc::S_IFREG | if i % 2 == 0 { 0o644 } else { 0o4755 };
+            match copy_file(&run, &r) {
+                Ok(()) => ok += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swaps = racer.join().unwrap();
+        let leaked: Vec<_> = fs::read_dir(&outside)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(leaked.is_empty(), "written outside the tree: {leaked:?}");
+        assert!(
+            swaps > 100 && ok > 0 && refused > 0,
+            "{swaps} swaps, {ok} ok, {refused} refused"
+        );
+    }
 
     fn req(path: &str, data: &[u8], offset: i64, size: i64) -> CopyFileRequest {
         let mut r = CopyFileRequest::new();

@@ -2,6 +2,7 @@
 //! (`main.rs`), its tests and the fuzz targets (`fuzz/`) reach the same code.
 //! The binary is a thin start-up around [`server::serve`].
 
+pub mod beneath;
 pub mod command;
 pub mod config;
 pub mod container;

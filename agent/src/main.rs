@@ -15,15 +15,17 @@ use kiln_agent::sandbox::{AgentPaths, Sandbox};
 use kiln_agent::{container, debug_console, init, reaper, server};
 
 fn main() {
+    let pid1 = init::is_pid1();
     // The container helper is this binary re-executed; it must not touch
-    // logging, the console or anything else of the agent's.
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|a| a == container::wire::HELPER_ARG)
+    // logging, the console or anything else of the agent's. PID 1 is never
+    // the helper: the kernel passes unknown command-line words to init's argv.
+    if !pid1
+        && std::env::args_os()
+            .nth(1)
+            .is_some_and(|a| a == container::wire::HELPER_ARG)
     {
         container::child::helper_main();
     }
-    let pid1 = init::is_pid1();
     let early_problems = if pid1 { init::setup_pid1() } else { Vec::new() };
     let cmdline = init::kernel_cmdline(Path::new("/proc"));
     let (mut config, warnings) = AgentConfig::from_cmdline(&cmdline);
@@ -60,7 +62,9 @@ fn main() {
         )),
         None => None,
     };
-    if args.iter().any(|a| a == "--version") {
+    // Only outside PID 1: a `--version` on the kernel command line must not
+    // make init return.
+    if !pid1 && args.iter().any(|a| a == "--version") {
         println!("kiln-agent {}", rpc::AGENT_VERSION);
         return;
     }

@@ -261,8 +261,13 @@ impl Sandbox {
             let dir = self.paths.run_dir.join("sandbox");
             std::fs::create_dir_all(&dir)
                 .map_err(|e| os(format!("creating {}", dir.display()), e))?;
-            std::fs::write(dir.join("resolv.conf"), &text)
-                .map_err(|e| os("writing resolv.conf", e))?;
+            // Through the directory's fd and a rename: a symlink planted at
+            // resolv.conf (CopyFile can make one) is replaced, not followed.
+            crate::beneath::Dir::open(&dir)
+                .and_then(|d| {
+                    crate::beneath::replace_file(&d, "resolv.conf".as_ref(), text.as_bytes(), 0o644)
+                })
+                .map_err(|e| os(format!("writing {}/resolv.conf", dir.display()), e))?;
             if self.init_daemon {
                 std::fs::write("/etc/resolv.conf", &text)
                     .map_err(|e| os("writing /etc/resolv.conf", e))?;
@@ -608,6 +613,11 @@ impl Sandbox {
                 .join(cid)
                 .join(&spec.root.path)
         };
+        // Confined to the run directory, with no `..` and no symlink on the
+        // way: `Root.Path = "../../../../"` or a CopyFile-planted
+        // `<cid>/rootfs -> /` would make the guest's root the container's.
+        let root =
+            crate::paths::confined("Root.Path", &self.paths.run_dir, &root.to_string_lossy())?;
         if !root.is_dir() {
             return Err(precondition(format!(
                 "container rootfs {} is not a directory (is its storage mounted?)",

@@ -1,6 +1,7 @@
 //! The ttrpc server: binds the configured address (retrying, because the vsock
 //! transport may come up after us) and serves until the process ends.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ pub async fn serve(state: Arc<AgentState>) -> anyhow::Result<()> {
         }
     };
     let mut server = server
+        .set_accept_hook(HostOnly)
         .register_service(health)
         .register_service(agent)
         .register_service(facts);
@@ -39,4 +41,55 @@ pub async fn serve(state: Arc<AgentState>) -> anyhow::Result<()> {
     tracing::info!(%addr, "agent ready");
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// The host's vsock address (`VMADDR_CID_HOST`).
+const HOST_CID: u32 = 2;
+
+/// Accepts vsock connections from the host only: the agent's API is the
+/// host runtime's, and nothing in the guest (a container with a vsock
+/// socket, a guest with loopback vsock) may reach it. Unix sockets (tests,
+/// development) are accepted.
+#[derive(Debug)]
+struct HostOnly;
+
+impl ttrpc::AcceptHook for HostOnly {
+    fn on_accept(&self, fd: RawFd) -> Result<ttrpc::HookOutput, ttrpc::HookError> {
+        let peer = nix::sys::socket::getpeername::<nix::sys::socket::VsockAddr>(fd)
+            .ok()
+            .map(|a| a.cid());
+        check_peer(peer).map_err(|e| {
+            tracing::warn!("{e}");
+            ttrpc::HookError::Rejected(e)
+        })?;
+        Ok(ttrpc::HookOutput {
+            data: Default::default(),
+            payload_transform: None,
+        })
+    }
+}
+
+/// `peer`: the vsock CID of the connecting side, `None` for other sockets.
+fn check_peer(peer: Option<u32>) -> Result<(), String> {
+    match peer {
+        Some(cid) if cid != HOST_CID => Err(format!(
+            "refusing an agent connection from vsock CID {cid}: only the host (CID {HOST_CID}) may connect"
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_host_cid_may_connect() {
+        assert!(check_peer(Some(HOST_CID)).is_ok());
+        assert!(check_peer(None).is_ok(), "unix sockets (tests, dev)");
+        for cid in [0, 1, 3, 42, u32::MAX] {
+            let e = check_peer(Some(cid)).unwrap_err();
+            assert!(e.contains(&format!("CID {cid}")), "{e}");
+        }
+    }
 }

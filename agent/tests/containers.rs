@@ -141,9 +141,10 @@ impl Agent {
         self.p.dir.path().join("run")
     }
 
-    /// A busybox root filesystem in the temp dir.
+    /// A busybox root filesystem in the run directory (where a container's
+    /// root must be, as under Kata's shared directory).
     fn rootfs(&self, name: &str) -> PathBuf {
-        let root = self.p.dir.path().join(name);
+        let root = self.run_dir().join("trees").join(name);
         kiln_testsupport::busybox::write_tree(&root).unwrap();
         std::fs::write(
             root.join("etc/passwd"),
@@ -284,11 +285,23 @@ impl Agent {
     }
 }
 
+/// Every capability this test (and so the agent) holds, as these tests'
+/// containers act as root; a spec without capabilities gets none (tested below).
 fn process(args: &[&str]) -> oci::Process {
     let mut p = oci::Process::new();
     p.Args = args.iter().map(|s| s.to_string()).collect();
     p.Env = vec!["PATH=/bin".into(), "HOME=/root".into(), "TERM=xterm".into()];
     p.Cwd = "/".into();
+    let all: Vec<String> = caps::read(None, caps::CapSet::Bounding)
+        .unwrap()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let mut c = oci::LinuxCapabilities::new();
+    c.Bounding = all.clone();
+    c.Effective = all.clone();
+    c.Permitted = all;
+    p.Capabilities = MessageField::some(c);
     p
 }
 
@@ -496,6 +509,24 @@ async fn stdin_signals_tty_and_hostile_requests() {
     assert!(out.starts_with("65534\n"), "{out}");
     assert!(out.contains("CapEff:\t0000000000000401"), "{out}");
     a.remove("nobody").await;
+
+    // A spec that names no capabilities gets none (runc's rule), not root's.
+    let mut bare = spec(
+        &root,
+        &["sh", "-c", "grep -E '^Cap(Eff|Prm|Bnd)' /proc/self/status"],
+    );
+    bare.Process.as_mut().unwrap().Capabilities = MessageField::none();
+    a.run("bare", bare).await;
+    assert_eq!(a.wait("bare", "").await, 0);
+    let out = String::from_utf8(a.read_all("bare", "", false).await).unwrap();
+    assert_eq!(
+        out.lines()
+            .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+            .collect::<Vec<_>>(),
+        ["0000000000000000"; 3],
+        "{out}"
+    );
+    a.remove("bare").await;
 
     // Hostile and unknown ids; the agent keeps serving.
     for bad in ["../x", "a/b", "", ".."] {
@@ -1189,5 +1220,186 @@ async fn devices_the_spec_does_not_allow_cannot_be_opened() {
         "{out} / {err}"
     );
     a.remove("nodev").await;
+    a.destroy().await;
+}
+
+/// CVE-2019-5736: an exec of `/proc/self/exe` runs the runtime's own
+/// binary inside the container; container root then reopens
+/// that process's `/proc/<pid>/exe` for writing once it has exited. Here the
+/// binary it reaches is the agent's sealed in-memory copy: the write is
+/// refused and the agent's file is unchanged. (Before the copy, the target
+/// was the agent's own file, spared only by ETXTBSY while the agent runs.)
+#[tokio::test]
+async fn a_container_cannot_overwrite_the_agent_through_proc_exe() {
+    require_root_and_cgroup2!();
+    let agent_bin = env!("CARGO_BIN_EXE_kiln-agent");
+    let before = Sha256::digest(std::fs::read(agent_bin).unwrap());
+    let a = start_agent(&[]).await;
+    a.create_sandbox().await;
+    let root = a.rootfs("rootfs");
+    // The host build of the agent is dynamically linked (the guest's is
+    // static): give the container its loader and libraries.
+    let ldd = Command::new("ldd").arg(agent_bin).output().unwrap();
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let dest = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(lib, &dest).unwrap();
+    }
+    a.run("cve", spec(&root, &["sleep", "300"])).await;
+    // The helper execs /proc/self/exe: its own binary, now in the container.
+    a.exec("cve", "trap", &["/proc/self/exe"], None).await;
+    let attack = "for i in $(seq 100); do \
+           for d in /proc/[0-9]*; do t=$(readlink $d/exe); \
+             case \"$t\" in *busybox*|'') ;; *) pid=${d#/proc/}; break 2;; esac; \
+           done; sleep 0.2; done; \
+         echo \"target=$t\"; exec 3<\"/proc/$pid/exe\" || exit 9; \
+         kill -9 \"$pid\"; sleep 1; \
+         if echo pwned >/proc/self/fd/3; then echo WROTE; else echo REFUSED; fi";
+    a.exec("cve", "attack", &["sh", "-c", attack], None).await;
+    assert_eq!(a.wait("cve", "attack").await, 0);
+    let out = String::from_utf8(a.read_all("cve", "attack", false).await).unwrap();
+    let err = String::from_utf8(a.read_all("cve", "attack", true).await).unwrap();
+    assert!(
+        out.contains("target=/memfd:kiln-agent"),
+        "the helper is the sealed copy: {out} {err}"
+    );
+    assert!(
+        out.contains("REFUSED") && !out.contains("WROTE"),
+        "{out} {err}"
+    );
+    a.wait("cve", "trap").await;
+    assert_eq!(Sha256::digest(std::fs::read(agent_bin).unwrap()), before);
+    a.signal("cve", "", 9).await;
+    a.wait("cve", "").await;
+    a.remove("cve").await;
+    a.destroy().await;
+}
+
+/// Request-planted symlinks and `..` roots (security review M2): a CopyFile
+/// symlink at the sandbox's resolv.conf is replaced, not written through, by
+/// CreateSandbox's DNS; a container root of `../../../../` or a CopyFile link
+/// `<cid>/rootfs -> /` is refused. Nothing outside the run directory changes.
+#[tokio::test]
+async fn request_planted_links_and_dot_dot_roots_reach_nothing_outside() {
+    require_root_and_cgroup2!();
+    let a = start_agent(&[]).await;
+    let victim = a.p.dir.path().join("victim");
+    std::fs::write(&victim, "original\n").unwrap();
+    let link = |path: PathBuf, target: &str| {
+        let mut r = agent::CopyFileRequest::new();
+        r.path = path.display().to_string();
+        r.data = target.as_bytes().to_vec();
+        r.file_mode = libc::S_IFLNK | 0o777;
+        r.uid = -1;
+        r.gid = -1;
+        r
+    };
+    let r = link(
+        a.run_dir().join("sandbox/resolv.conf"),
+        &victim.display().to_string(),
+    );
+    a.ag().copy_file(ctx(), &r).await.unwrap();
+    let mut req = agent::CreateSandboxRequest::new();
+    req.sandbox_id = a.sandbox.clone();
+    req.dns = vec!["nameserver 192.0.2.53".into()];
+    a.ag().create_sandbox(ctx(), &req).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "original\n");
+    let resolv = a.run_dir().join("sandbox/resolv.conf");
+    assert!(!std::fs::symlink_metadata(&resolv)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(&resolv).unwrap(),
+        "nameserver 192.0.2.53\n"
+    );
+
+    let root = a.rootfs("rootfs");
+    let mut s = spec(&root, &["true"]);
+    s.Root.as_mut().unwrap().Path = "../../../../".into();
+    assert_eq!(
+        code(a.create("dotdot", s, vec![]).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    let r = link(a.run_dir().join("shared/containers/evil/rootfs"), "/");
+    a.ag().copy_file(ctx(), &r).await.unwrap();
+    let mut s = spec(&root, &["true"]);
+    s.Root.as_mut().unwrap().Path = "rootfs".into();
+    assert_eq!(
+        code(a.create("evil", s, vec![]).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    // The agent still serves, and a root inside the run directory works.
+    a.run("fine", spec(&root, &["true"])).await;
+    assert_eq!(a.wait("fine", "").await, 0);
+    a.remove("fine").await;
+    a.destroy().await;
+}
+
+/// CVE-2021-30465's shape: container A, sharing a volume with B, keeps
+/// swapping the volume's directory `d` with a symlink `l -> /` (busybox mv in
+/// a loop). B's spec bind-mounts `<volume>/d`. Resolved by path, the mount
+/// would follow the link at the wrong moment and give B the guest's root;
+/// opened once without symlinks, B gets `d` or a clear error, never `/`.
+#[tokio::test]
+async fn a_volume_swapped_for_a_link_to_root_never_becomes_a_mount_source() {
+    require_root_and_cgroup2!();
+    let a = start_agent(&[]).await;
+    a.create_sandbox().await;
+    let root = a.rootfs("rootfs");
+    let vol = a.run_dir().join("trees/vol");
+    std::fs::create_dir_all(vol.join("d")).unwrap();
+    std::fs::write(vol.join("d/inside-marker"), "").unwrap();
+    std::os::unix::fs::symlink("/", vol.join("l")).unwrap();
+    let mut racer = spec(
+        &root,
+        &[
+            "sh",
+            "-c",
+            "cd /vol; while :; do mv d t; mv l d; mv d l; mv t d; done",
+        ],
+    );
+    racer.Mounts.push(mount(
+        "/vol",
+        "bind",
+        &vol.display().to_string(),
+        &["rbind", "rw"],
+    ));
+    a.run("racer", racer).await;
+    let (mut inside, mut refused, mut escaped) = (0, 0, Vec::new());
+    for i in 0..30 {
+        let id = format!("b{i}");
+        let mut s = spec(&root, &["ls", "/data"]);
+        let src = vol.join("d").display().to_string();
+        s.Mounts
+            .push(mount("/data", "bind", &src, &["rbind", "ro"]));
+        if a.create(&id, s, vec![]).await.is_err() {
+            refused += 1;
+            continue;
+        }
+        a.start(&id).await;
+        a.wait(&id, "").await;
+        let out = String::from_utf8(a.read_all(&id, "", false).await).unwrap();
+        if out.contains("inside-marker") {
+            inside += 1;
+        } else if !out.trim().is_empty() {
+            escaped.push(out);
+        } else {
+            refused += 1;
+        }
+        a.remove(&id).await;
+    }
+    a.signal("racer", "", 9).await;
+    a.wait("racer", "").await;
+    a.remove("racer").await;
+    eprintln!(
+        "{inside} mounted the volume, {refused} refused, {} escaped",
+        escaped.len()
+    );
+    assert!(escaped.is_empty(), "B saw another directory: {escaped:?}");
+    assert!(inside + refused == 30 && inside > 0, "{inside} {refused}");
     a.destroy().await;
 }

@@ -34,6 +34,10 @@ type Res<T> = std::result::Result<T, String>;
 
 /// Entry point when argv[1] is [`wire::HELPER_ARG`]. Never returns.
 pub fn helper_main() -> ! {
+    // Not ptraceable and no /proc/<pid> access for others (container root
+    // included) until the workload's execve, which resets it.
+    // SAFETY: prctl with plain integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // SAFETY: the agent put the control socket at CONTROL_FD for us and
     // nothing else in this fresh process owns it.
     let ctl = unsafe { UnixStream::from_raw_fd(wire::CONTROL_FD) };
@@ -284,7 +288,7 @@ fn prepare_and_exec(p: &ProcessSpec, seccomp: Option<&seccomp::Profile>) -> Res<
     if let Some(f) = filter.as_ref().filter(|_| !p.no_new_privileges) {
         seccomp::install(f)?;
     }
-    switch_user(uid, gid, &p.user.additional_gids, p.capabilities.as_ref())?;
+    switch_user(uid, gid, &p.user.additional_gids, &p.capabilities)?;
     if p.no_new_privileges {
         // SAFETY: prctl with plain integer arguments.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -363,43 +367,39 @@ fn cap_set(names: &[String], supported: &caps::CapsHashSet) -> caps::CapsHashSet
         .collect()
 }
 
-fn switch_user(uid: u32, gid: u32, groups: &[u32], caps_spec: Option<&CapabilitySpec>) -> Res<()> {
+fn switch_user(uid: u32, gid: u32, groups: &[u32], c: &CapabilitySpec) -> Res<()> {
     use caps::CapSet;
     let supported = caps::runtime::thread_all_supported();
-    if let Some(c) = caps_spec {
-        let keep = cap_set(&c.bounding, &supported);
-        for cap in supported.iter().filter(|c| !keep.contains(c)) {
-            caps::drop(None, CapSet::Bounding, *cap)
-                .map_err(|e| format!("dropping {cap} from the bounding set: {e}"))?;
-        }
-        // Keep permitted capabilities across the uid change; they are
-        // narrowed to the spec's sets right after.
-        caps::securebits::set_keepcaps(true).map_err(|e| format!("PR_SET_KEEPCAPS: {e}"))?;
+    let keep = cap_set(&c.bounding, &supported);
+    for cap in supported.iter().filter(|c| !keep.contains(c)) {
+        caps::drop(None, CapSet::Bounding, *cap)
+            .map_err(|e| format!("dropping {cap} from the bounding set: {e}"))?;
     }
+    // Keep permitted capabilities across the uid change; they are
+    // narrowed to the spec's sets right after.
+    caps::securebits::set_keepcaps(true).map_err(|e| format!("PR_SET_KEEPCAPS: {e}"))?;
     let gids: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
     nix::unistd::setgroups(&gids).map_err(|e| format!("setgroups({groups:?}): {e}"))?;
     let g = Gid::from_raw(gid);
     nix::unistd::setresgid(g, g, g).map_err(|e| format!("setgid({gid}): {e}"))?;
     let u = Uid::from_raw(uid);
     nix::unistd::setresuid(u, u, u).map_err(|e| format!("setuid({uid}): {e}"))?;
-    if let Some(c) = caps_spec {
-        // One capset for all three: set one by one, the kernel would refuse
-        // a permitted set smaller than the current effective one.
-        capset(
-            &cap_set(&c.effective, &supported),
-            &cap_set(&c.permitted, &supported),
-            &cap_set(&c.inheritable, &supported),
-        )?;
-        if caps::runtime::ambient_set_supported().is_ok() {
-            caps::clear(None, CapSet::Ambient)
-                .map_err(|e| format!("clearing ambient capabilities: {e}"))?;
-            for cap in cap_set(&c.ambient, &supported) {
-                // Ambient needs the cap in permitted and inheritable; skip the rest as runc does.
-                let _ = caps::raise(None, CapSet::Ambient, cap);
-            }
+    // One capset for all three: set one by one, the kernel would refuse
+    // a permitted set smaller than the current effective one.
+    capset(
+        &cap_set(&c.effective, &supported),
+        &cap_set(&c.permitted, &supported),
+        &cap_set(&c.inheritable, &supported),
+    )?;
+    if caps::runtime::ambient_set_supported().is_ok() {
+        caps::clear(None, CapSet::Ambient)
+            .map_err(|e| format!("clearing ambient capabilities: {e}"))?;
+        for cap in cap_set(&c.ambient, &supported) {
+            // Ambient needs the cap in permitted and inheritable; skip the rest as runc does.
+            let _ = caps::raise(None, CapSet::Ambient, cap);
         }
-        let _ = caps::securebits::set_keepcaps(false);
     }
+    let _ = caps::securebits::set_keepcaps(false);
     Ok(())
 }
 

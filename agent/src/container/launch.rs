@@ -28,9 +28,47 @@ pub struct Launched {
     pub control: UnixStream,
 }
 
-/// Where the helper binary is: the agent itself.
-fn helper_exe() -> &'static str {
-    "/proc/self/exe"
+/// The helper binary: a sealed in-memory copy of the agent, made once.
+///
+/// Not `/proc/self/exe`: a container process that re-executes or opens its
+/// helper's `/proc/<pid>/exe` would reach the agent's own file and could
+/// overwrite it once nothing executes it any more (CVE-2019-5736; today the
+/// running agent's ETXTBSY is all that would stop it). The copy is sealed
+/// against writes, growth and shrinking, so that path leads nowhere writable.
+/// It costs one copy of the agent binary in guest memory.
+fn helper_exe() -> Result<String> {
+    static COPY: std::sync::OnceLock<std::result::Result<OwnedFd, String>> =
+        std::sync::OnceLock::new();
+    match COPY.get_or_init(|| sealed_copy(std::path::Path::new("/proc/self/exe"))) {
+        Ok(fd) => Ok(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+/// `src` copied into a memfd sealed against every change.
+pub fn sealed_copy(src: &std::path::Path) -> std::result::Result<OwnedFd, String> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let fd = memfd_create(
+        c"kiln-agent",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| {
+        format!("memfd_create for the container helper: {e} (the kernel needs CONFIG_MEMFD_CREATE)")
+    })?;
+    let mut file = std::fs::File::from(fd);
+    let mut exe =
+        std::fs::File::open(src).map_err(|e| format!("opening {}: {e}", src.display()))?;
+    std::io::copy(&mut exe, &mut file)
+        .map_err(|e| format!("copying {} into a memfd: {e}", src.display()))?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl on a memfd we own, with integer arguments.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(format!(
+            "sealing the helper copy: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(OwnedFd::from(file))
 }
 
 pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<Launched> {
@@ -56,7 +94,7 @@ pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<
     };
     let theirs_raw = theirs.as_raw_fd();
 
-    let mut cmd = Command::new(helper_exe());
+    let mut cmd = Command::new(helper_exe()?);
     cmd.arg(wire::HELPER_ARG)
         .env_clear()
         .stdin(Stdio::from(stdio.stdin))

@@ -15,6 +15,7 @@
 pub mod cgroups;
 pub mod child;
 pub mod devcg;
+pub mod inroot;
 pub mod launch;
 pub mod mounts;
 /// The seccomp compiler lives in its own crate (`agent/seccomp`).

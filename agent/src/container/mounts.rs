@@ -10,66 +10,19 @@
 //! a process with CAP_SYS_ADMIN could still reach it, so containers that keep
 //! that capability are weaker under the fallback.
 
-use std::collections::VecDeque;
-use std::ffi::OsString;
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
+use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::stat::{makedev, Mode, SFlag};
 
+use super::inroot::{fd_path, open_source, Last, Root};
 use super::spec::{ContainerSpec, DeviceSpec, MountSpec};
 
 type Res<T> = std::result::Result<T, String>;
-
-/// Joins `unsafe_path` onto `root`, resolving symlinks as if `root` were `/`:
-/// no `..` or symlink (absolute or relative) can lead outside `root`.
-pub fn secure_join(root: &Path, unsafe_path: &Path) -> Res<PathBuf> {
-    let mut resolved = PathBuf::new();
-    let mut pending: VecDeque<OsString> = components(unsafe_path);
-    let mut links = 0;
-    while let Some(c) = pending.pop_front() {
-        if c == ".." {
-            resolved.pop();
-            continue;
-        }
-        let candidate = resolved.join(&c);
-        let full = root.join(&candidate);
-        match fs::symlink_metadata(&full) {
-            Ok(md) if md.file_type().is_symlink() => {
-                links += 1;
-                if links > 255 {
-                    return Err(format!(
-                        "too many symlinks under {} resolving {}",
-                        root.display(),
-                        unsafe_path.display()
-                    ));
-                }
-                let target = fs::read_link(&full)
-                    .map_err(|e| format!("reading link {}: {e}", full.display()))?;
-                if target.is_absolute() {
-                    resolved = PathBuf::new();
-                }
-                let mut next = components(&target);
-                next.extend(pending);
-                pending = next;
-            }
-            _ => resolved = candidate,
-        }
-    }
-    Ok(root.join(resolved))
-}
-
-fn components(p: &Path) -> VecDeque<OsString> {
-    p.components()
-        .filter_map(|c| match c {
-            Component::Normal(s) => Some(s.to_os_string()),
-            Component::ParentDir => Some(OsString::from("..")),
-            _ => None,
-        })
-        .collect()
-}
 
 fn m(what: impl std::fmt::Display, e: impl std::fmt::Display) -> String {
     format!("{what}: {e}")
@@ -137,18 +90,20 @@ pub fn prepare_rootfs(spec: &ContainerSpec, no_pivot: bool) -> Res<()> {
         None,
     )?;
 
+    // Opened after the bind above, so it holds the new mount.
+    let root = Root::open(&rootfs)?;
     let mut dev_is_tmpfs = false;
     for mnt in &spec.mounts {
-        mount_one(&rootfs, mnt)?;
+        mount_one(&root, mnt)?;
         if mnt.destination == Path::new("/dev") && mnt.fstype == "tmpfs" {
             dev_is_tmpfs = true;
         }
     }
     if dev_is_tmpfs {
-        default_devices(&rootfs)?;
+        default_devices(&root)?;
     }
     for d in &spec.devices {
-        create_device(&rootfs, d)?;
+        create_device(&root, d)?;
     }
 
     enter_root(&rootfs, no_pivot)?;
@@ -157,8 +112,12 @@ pub fn prepare_rootfs(spec: &ContainerSpec, no_pivot: bool) -> Res<()> {
         let p = Path::new("/proc/sys").join(k.replace('.', "/"));
         fs::write(&p, v).map_err(|e| m(format_args!("sysctl {k}={v}"), e))?;
     }
-    for p in &spec.masked_paths {
-        mask_path(p)?;
+    if !spec.masked_paths.is_empty() {
+        let null = dev_null()?;
+        let null = PathBuf::from(format!("/proc/self/fd/{}", null.as_raw_fd()));
+        for p in &spec.masked_paths {
+            mask_path(p, &null)?;
+        }
     }
     for p in &spec.readonly_paths {
         readonly_path(p)?;
@@ -175,40 +134,49 @@ fn path_str(p: &Path) -> Res<&str> {
         .ok_or_else(|| format!("path {} is not UTF-8", p.display()))
 }
 
-fn mount_one(rootfs: &Path, mnt: &MountSpec) -> Res<()> {
-    let dest = secure_join(rootfs, &mnt.destination)?;
+/// One spec mount, its destination resolved in the root and mounted on
+/// through the fd (see [`super::inroot`]); a bind source is opened once,
+/// without symlinks, and mounted from its fd.
+fn mount_one(root: &Root, mnt: &MountSpec) -> Res<()> {
+    let dst = &mnt.destination;
+    let at = |r: Res<()>| r.map_err(|e| format!("mount at {}: {e}", dst.display()));
     let o = &mnt.options;
     if o.is_bind() {
-        let src = Path::new(&mnt.source);
-        let md = fs::metadata(src)
+        let src = open_source(&mnt.source)?;
+        let st = nix::sys::stat::fstat(src.as_raw_fd())
             .map_err(|e| m(format_args!("bind mount source {}", mnt.source), e))?;
-        if md.is_dir() {
-            fs::create_dir_all(&dest)
-                .map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
+        let last = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            Last::Dir
         } else {
-            if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(|e| m(format_args!("creating {}", parent.display()), e))?;
-            }
-            if !dest.exists() {
-                fs::write(&dest, b"")
-                    .map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
-            }
-        }
+            Last::File
+        };
+        let dest = root.ensure(dst, last)?;
         let rec = o.flags & MsFlags::MS_REC;
-        do_mount(Some(&mnt.source), &dest, None, MsFlags::MS_BIND | rec, None)?;
+        let src_path = fd_path(&src);
+        at(do_mount(
+            Some(path_str(&src_path)?),
+            &fd_path(&dest),
+            None,
+            MsFlags::MS_BIND | rec,
+            None,
+        ))?;
         let extra = o.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
         if !extra.is_empty() {
-            do_mount(
+            // Resolved again: the old fd names the covered directory, not
+            // the mount now on top of it.
+            let now = root.open_in(dst)?;
+            at(do_mount(
                 None,
-                &dest,
+                &fd_path(&now),
                 None,
                 MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra | rec,
                 None,
-            )?;
+            ))?;
         }
     } else {
-        fs::create_dir_all(&dest).map_err(|e| m(format_args!("creating {}", dest.display()), e))?;
+        // The fd must outlive the mount calls that name it.
+        let dest_fd = root.ensure(dst, Last::Dir)?;
+        let dest = fd_path(&dest_fd);
         let (fstype, source) = match mnt.fstype.as_str() {
             // v2 only: a "cgroup" mount gets the container's cgroup2 view.
             "cgroup" | "cgroup2" => ("cgroup2", "cgroup2"),
@@ -228,25 +196,32 @@ fn mount_one(rootfs: &Path, mnt: &MountSpec) -> Res<()> {
             // without it (agent.tolerate_missing_fs).
             Err(nix::errno::Errno::ENODEV) => {
                 let tolerated = crate::config::AgentConfig::of_running_kernel().tolerate_missing_fs;
-                return match missing_fs(fstype, &mnt.destination, &tolerated) {
+                return match missing_fs(fstype, dst, &tolerated) {
                     Some(err) => Err(err),
                     None => Ok(()),
                 };
             }
             // /sys cannot be mounted read-write in some namespaces: retry
             // read-only, as runc does.
-            Err(_) if fstype == "sysfs" => do_mount(
+            Err(_) if fstype == "sysfs" => at(do_mount(
                 Some(source),
                 &dest,
                 Some(fstype),
                 o.flags | MsFlags::MS_RDONLY,
                 o.data(),
-            )?,
-            Err(_) => do_mount(Some(source), &dest, Some(fstype), o.flags, o.data())?,
+            ))?,
+            Err(_) => at(do_mount(
+                Some(source),
+                &dest,
+                Some(fstype),
+                o.flags,
+                o.data(),
+            ))?,
         }
     }
     if !o.propagation.is_empty() {
-        do_mount(None, &dest, None, o.propagation, None)?;
+        let now = root.open_in(dst)?;
+        at(do_mount(None, &fd_path(&now), None, o.propagation, None))?;
     }
     Ok(())
 }
@@ -308,7 +283,7 @@ const DEFAULT_DEVICES: &[(&str, u64, u64)] = &[
     ("tty", 5, 0),
 ];
 
-fn default_devices(rootfs: &Path) -> Res<()> {
+fn default_devices(root: &Root) -> Res<()> {
     for (name, major, minor) in DEFAULT_DEVICES {
         let d = DeviceSpec {
             path: Path::new("/dev").join(name),
@@ -319,9 +294,9 @@ fn default_devices(rootfs: &Path) -> Res<()> {
             uid: 0,
             gid: 0,
         };
-        create_device(rootfs, &d)?;
+        create_device(root, &d)?;
     }
-    let dev = secure_join(rootfs, Path::new("/dev"))?;
+    let dev = root.ensure(Path::new("/dev"), Last::Dir)?;
     for (link, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -329,49 +304,69 @@ fn default_devices(rootfs: &Path) -> Res<()> {
         ("stderr", "/proc/self/fd/2"),
         ("ptmx", "pts/ptmx"),
     ] {
-        let p = dev.join(link);
-        if fs::symlink_metadata(&p).is_err() {
-            symlink(target, &p).map_err(|e| m(format_args!("symlink {}", p.display()), e))?;
+        if exists_at(&dev, link.as_ref()) {
+            continue;
         }
+        nix::unistd::symlinkat(target, Some(dev.as_raw_fd()), link)
+            .map_err(|e| m(format_args!("symlink /dev/{link}"), e))?;
     }
     Ok(())
 }
 
-fn create_device(rootfs: &Path, d: &DeviceSpec) -> Res<()> {
-    let dest = secure_join(rootfs, &d.path)?;
-    if fs::symlink_metadata(&dest).is_ok() {
+/// Whether `name` exists in the directory `dir` (a symlink counts, unfollowed).
+fn exists_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> bool {
+    nix::sys::stat::fstatat(
+        Some(dir.as_raw_fd()),
+        name,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .is_ok()
+}
+
+/// A device node from the spec, made with mknodat in its resolved parent;
+/// its mode and owner are set through an fd to the new node.
+fn create_device(root: &Root, d: &DeviceSpec) -> Res<()> {
+    let (Some(parent), Some(name)) = (d.path.parent(), d.path.file_name()) else {
+        return Err(format!("device path {} has no file name", d.path.display()));
+    };
+    let dir = root.ensure(parent, Last::Dir)?;
+    if exists_at(&dir, name) {
         return Ok(());
-    }
-    if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent)
-            .map_err(|e| m(format_args!("creating {}", parent.display()), e))?;
     }
     let kind = match d.kind {
         'b' => SFlag::S_IFBLK,
         'p' => SFlag::S_IFIFO,
         _ => SFlag::S_IFCHR,
     };
-    mknod(
-        &dest,
+    let what = || format!("{} ({}:{})", d.path.display(), d.major, d.minor);
+    nix::sys::stat::mknodat(
+        Some(dir.as_raw_fd()),
+        name,
         kind,
         Mode::from_bits_truncate(d.mode),
         makedev(d.major, d.minor),
     )
-    .map_err(|e| {
-        m(
-            format_args!("mknod {} ({}:{})", dest.display(), d.major, d.minor),
-            e,
-        )
-    })?;
+    .map_err(|e| m(format_args!("mknod {}", what()), e))?;
+    let node = nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| m(format_args!("opening {}", what()), e))?;
+    // SAFETY: openat returned a new fd that we now own.
+    let node = unsafe { OwnedFd::from_raw_fd(node) };
     // mknod applies the umask; set the asked-for mode exactly.
-    fs::set_permissions(&dest, fs::Permissions::from_mode(d.mode))
-        .map_err(|e| m(format_args!("chmod {}", dest.display()), e))?;
-    nix::unistd::chown(
-        &dest,
+    fs::set_permissions(fd_path(&node), fs::Permissions::from_mode(d.mode))
+        .map_err(|e| m(format_args!("chmod {}", what()), e))?;
+    nix::unistd::fchownat(
+        Some(dir.as_raw_fd()),
+        name,
         Some(nix::unistd::Uid::from_raw(d.uid)),
         Some(nix::unistd::Gid::from_raw(d.gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     )
-    .map_err(|e| m(format_args!("chown {}", dest.display()), e))?;
+    .map_err(|e| m(format_args!("chown {}", what()), e))?;
     Ok(())
 }
 
@@ -409,13 +404,43 @@ fn enter_root(rootfs: &Path, no_pivot: bool) -> Res<()> {
     Ok(())
 }
 
-fn mask_path(p: &Path) -> Res<()> {
+/// The container's `/dev/null`, refused unless it is the 1:3 character
+/// device: an image's `/dev/null -> /proc/sys/kernel/core_pattern` would
+/// otherwise be bind-mounted, writable, over every masked file
+/// (CVE-2025-31133). Opened once, used through its fd.
+fn dev_null() -> Res<OwnedFd> {
+    let fd = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| m("opening the container's /dev/null for masking", e))?;
+    // SAFETY: open returned a new fd that we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| m("fstat /dev/null", e))?;
+    check_dev_null(st.st_mode, st.st_rdev)?;
+    Ok(fd)
+}
+
+fn check_dev_null(mode: u32, rdev: u64) -> Res<()> {
+    let is_chr = mode & libc::S_IFMT == libc::S_IFCHR;
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    if is_chr && (major, minor) == (1, 3) {
+        return Ok(());
+    }
+    Err(format!(
+        "the container's /dev/null is not the null device (mode {mode:o}, {major}:{minor}); \
+         refusing to mask paths with it: mount a tmpfs /dev or ship a real 1:3 node"
+    ))
+}
+
+fn mask_path(p: &Path, null: &Path) -> Res<()> {
     match fs::metadata(p) {
         Err(_) => Ok(()), // nothing there to hide
         Ok(md) if md.is_dir() => {
             do_mount(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY, None)
         }
-        Ok(_) => do_mount(Some("/dev/null"), p, None, MsFlags::MS_BIND, None),
+        Ok(_) => do_mount(Some(path_str(null)?), p, None, MsFlags::MS_BIND, None),
     }
 }
 
@@ -440,6 +465,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn masking_takes_only_the_real_null_device() {
+        check_dev_null(libc::S_IFCHR | 0o666, libc::makedev(1, 3)).unwrap();
+        // A regular file or a link target planted by the image.
+        let e = check_dev_null(libc::S_IFREG | 0o644, 0).unwrap_err();
+        assert!(
+            e.contains("not the null device") && e.contains("tmpfs /dev"),
+            "{e}"
+        );
+        // /dev/zero, /dev/kmsg: character devices, wrong numbers.
+        assert!(check_dev_null(libc::S_IFCHR | 0o666, libc::makedev(1, 5)).is_err());
+        assert!(check_dev_null(libc::S_IFBLK | 0o666, libc::makedev(1, 3)).is_err());
+    }
+
+    #[test]
     fn a_missing_filesystem_fails_naming_the_kernel_option_unless_tolerated() {
         let err = missing_fs("mqueue", Path::new("/dev/mqueue"), &[]).unwrap();
         assert!(
@@ -457,48 +496,5 @@ mod tests {
         // An unknown type still fails, without a guessed option.
         let err = missing_fs("zonefs", Path::new("/z"), &[]).unwrap();
         assert!(err.contains("no zonefs filesystem;"), "{err}");
-    }
-
-    #[test]
-    fn secure_join_keeps_every_path_inside_the_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        fs::create_dir_all(root.join("etc")).unwrap();
-        fs::create_dir_all(root.join("usr/lib")).unwrap();
-        symlink("/etc", root.join("abs")).unwrap();
-        symlink("../../../../etc", root.join("usr/rel")).unwrap();
-        symlink("lib", root.join("usr/lib64")).unwrap();
-        symlink("loop", root.join("loop")).unwrap();
-
-        assert_eq!(
-            secure_join(root, Path::new("/etc/passwd")).unwrap(),
-            root.join("etc/passwd")
-        );
-        assert_eq!(
-            secure_join(root, Path::new("/../../etc")).unwrap(),
-            root.join("etc")
-        );
-        assert_eq!(
-            secure_join(root, Path::new("/abs/x")).unwrap(),
-            root.join("etc/x"),
-            "absolute link re-rooted"
-        );
-        assert_eq!(
-            secure_join(root, Path::new("/usr/rel/x")).unwrap(),
-            root.join("etc/x"),
-            "relative link clamped"
-        );
-        assert_eq!(
-            secure_join(root, Path::new("/usr/lib64/a.so")).unwrap(),
-            root.join("usr/lib/a.so")
-        );
-        assert!(
-            secure_join(root, Path::new("/loop/x")).is_err(),
-            "symlink loop"
-        );
-        assert_eq!(
-            secure_join(root, Path::new("")).unwrap(),
-            root.to_path_buf()
-        );
     }
 }

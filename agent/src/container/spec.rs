@@ -57,7 +57,8 @@ pub struct ProcessSpec {
     /// (rows, columns)
     pub console_size: Option<(u16, u16)>,
     pub user: UserSpec,
-    pub capabilities: Option<CapabilitySpec>,
+    /// Empty sets when the spec names none, as runc: no capabilities unless granted.
+    pub capabilities: CapabilitySpec,
     pub rlimits: Vec<RlimitSpec>,
     pub no_new_privileges: bool,
     pub oom_score_adj: Option<i32>,
@@ -448,14 +449,14 @@ impl ProcessSpec {
             ));
         }
         let capabilities = match p.Capabilities.as_ref() {
-            Some(c) => Some(CapabilitySpec {
+            Some(c) => CapabilitySpec {
                 bounding: cap_names("Bounding", &c.Bounding)?,
                 effective: cap_names("Effective", &c.Effective)?,
                 inheritable: cap_names("Inheritable", &c.Inheritable)?,
                 permitted: cap_names("Permitted", &c.Permitted)?,
                 ambient: cap_names("Ambient", &c.Ambient)?,
-            }),
-            None => None,
+            },
+            None => CapabilitySpec::default(),
         };
         let rlimits = p
             .Rlimits
@@ -898,7 +899,7 @@ pub(crate) mod tests {
         assert_eq!(c.resources.pids_max, Some(Some(100)));
         assert_eq!(c.process.console_size, Some((40, 120)));
         assert_eq!(
-            c.process.capabilities.unwrap().bounding,
+            c.process.capabilities.bounding,
             ["CAP_CHOWN", "CAP_NET_RAW"]
         );
         assert_eq!(c.process.rlimits[0].resource, Resource::RLIMIT_NOFILE);
