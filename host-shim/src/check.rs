@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_manifest::Arch;
 use serde::Serialize;
 
 use crate::config::ShimConfig;
@@ -43,13 +44,11 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
 
 /// Runs every check for guests of `arch`. With `kernel` (from `--image`),
 /// KVM is probed by booting that kernel, which is the only reliable test.
-pub fn run(cfg: &ShimConfig, arch: &str, root: &Path, kernel: Option<&Path>) -> Vec<CheckLine> {
+pub fn run(cfg: &ShimConfig, arch: Arch, root: &Path, kernel: Option<&Path>) -> Vec<CheckLine> {
     let mut out = Vec::new();
     let q = &cfg.hypervisor.qemu;
     let binary = if q.path.is_empty() {
-        qemu::profile(arch)
-            .map(|p| p.binary.to_string())
-            .unwrap_or_default()
+        qemu::profile(arch).binary.to_string()
     } else {
         q.path.clone()
     };
@@ -69,7 +68,7 @@ pub fn run(cfg: &ShimConfig, arch: &str, root: &Path, kernel: Option<&Path>) -> 
     ));
     if let Some(p) = &qemu_path {
         let machine = if q.machine_type.is_empty() {
-            qemu::profile(arch).map(|p| p.machine).unwrap_or("")
+            qemu::profile(arch).machine
         } else {
             &q.machine_type
         };
@@ -104,7 +103,7 @@ pub fn run(cfg: &ShimConfig, arch: &str, root: &Path, kernel: Option<&Path>) -> 
     let host = HostKvm::probe(root);
     let kvm = if !host.dev_kvm_rw {
         Err("/dev/kvm is missing or not accessible".to_string())
-    } else if arch != std::env::consts::ARCH {
+    } else if arch.name() != std::env::consts::ARCH {
         Err(format!(
             "a {arch} guest cannot use this {} host's KVM",
             std::env::consts::ARCH
@@ -339,7 +338,7 @@ mod tests {
         let mut cfg = ShimConfig::default();
         cfg.hypervisor.qemu.path = "/nonexistent/qemu".into();
         cfg.vsock.backend = "/nonexistent/vhost-device-vsock".into();
-        let lines = run(&cfg, "x86_64", root.path(), None);
+        let lines = run(&cfg, Arch::X86_64, root.path(), None);
         let get = |n: &str| lines.iter().find(|l| l.name == n).unwrap().clone();
         assert!(!get("qemu").ok && get("qemu").fix.contains("apt-get"));
         assert!(!get("vsock backend").ok && get("vsock backend").fix.contains("cargo install"));

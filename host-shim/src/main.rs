@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use kiln_manifest::Arch;
 use kiln_shim::config::ShimConfig;
 use kiln_shim::image::BootImage;
 use kiln_shim::installed;
@@ -147,8 +148,8 @@ enum Cmd {
     /// Can this host run kiln VMs? Pass/fail per line with how to fix; exit 0 only when a VM can run.
     Check {
         /// Guest architecture to check for.
-        #[arg(long, default_value = std::env::consts::ARCH)]
-        arch: String,
+        #[arg(long, default_value_t = Arch::host())]
+        arch: Arch,
         /// Probe KVM by booting this image's kernel (the reliable probe).
         #[arg(long)]
         image: Option<PathBuf>,
@@ -235,12 +236,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Check { arch, image, json } => {
             let image = image.map(|m| BootImage::load(&m)).transpose()?;
-            let arch = image
-                .as_ref()
-                .map(|i| i.manifest.arch.clone())
-                .unwrap_or(arch);
+            let arch = image.as_ref().map(|i| i.manifest.arch).unwrap_or(arch);
             let kernel = image.as_ref().map(|i| i.kernel.as_path());
-            let lines = kiln_shim::check::run(&cfg, &arch, std::path::Path::new("/"), kernel);
+            let lines = kiln_shim::check::run(&cfg, arch, std::path::Path::new("/"), kernel);
             let ok = kiln_shim::check::can_run(&lines);
             if json {
                 println!("{}", serde_json::json!({ "can_run": ok, "checks": lines }));

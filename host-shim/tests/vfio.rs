@@ -31,10 +31,10 @@ fn manifest() -> PathBuf {
 /// VFIO passthrough needs q35 (intel-iommu, pcie-root-port): x86_64 guests only.
 fn x86_64_image() -> bool {
     let arch = BootImage::load(&manifest()).unwrap().manifest.arch;
-    if arch != "x86_64" {
+    if arch != kiln_manifest::Arch::X86_64 {
         eprintln!("skipping: VFIO passthrough is x86_64 q35 only, the image is {arch}");
     }
-    arch == "x86_64"
+    arch == kiln_manifest::Arch::X86_64
 }
 
 /// A busybox rootfs with `/vfio_probe`, built statically for the guest.

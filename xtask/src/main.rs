@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use xtask::arch::{self, ArchSel};
 use xtask::ctx::Ctx;
-use xtask::{manifest, stage, GlobalFlags, TestFlags};
+use xtask::{image_spec, stage, GlobalFlags, TestFlags};
 
 #[derive(Parser)]
 #[command(
@@ -202,7 +202,7 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
         Task::BuildKernel(f) => {
             for arch in f.arch.arches() {
                 ctx.ensure_setup(&[arch])?;
-                let image = manifest::ImageManifest::load(ctx, &f.image)?;
+                let image = image_spec::ImageSpec::load(ctx, &f.image)?;
                 stage::kernel::build(ctx, &image.kernel_request(ctx, arch, f.kernel_src.clone())?)?;
             }
             Ok(())
@@ -210,7 +210,7 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
         Task::KernelCheck(KernelCheckFlags { kernel: f, compare }) => {
             for arch in f.arch.arches() {
                 ctx.ensure_setup(&[arch])?;
-                let image = manifest::ImageManifest::load(ctx, &f.image)?;
+                let image = image_spec::ImageSpec::load(ctx, &f.image)?;
                 let req = image.kernel_request(ctx, arch, f.kernel_src.clone())?;
                 if compare.is_empty() {
                     stage::kernel::check(ctx, &req)?;
@@ -221,8 +221,8 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             Ok(())
         }
         Task::BuildRootfs(f) => {
-            let image = manifest::ImageManifest::load(ctx, &f.image)?;
-            for arch in f.arch.arches_for(&image)? {
+            let image = image_spec::ImageSpec::load(ctx, &f.image)?;
+            for arch in image.select_arches(f.arch)? {
                 ctx.ensure_setup(&[arch])?;
                 let agent = stage::agent::build(ctx, arch)?;
                 let mut plan = stage::rootfs::plan(ctx, &image, arch, &agent)?;
@@ -239,7 +239,7 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
         Task::BuildInitrd(f) => {
             for arch in f.arch.arches() {
                 ctx.ensure_setup(&[arch])?;
-                let image = manifest::ImageManifest::load(ctx, &f.image)?;
+                let image = image_spec::ImageSpec::load(ctx, &f.image)?;
                 let agent = stage::agent::build(ctx, arch)?;
                 let mut plan = stage::rootfs::plan(ctx, &image, arch, &agent)?;
                 if let Some(kernel) = image.modules_kernel(ctx, arch)? {
@@ -252,8 +252,8 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             Ok(())
         }
         Task::BuildImage(f) => {
-            let image = manifest::ImageManifest::load(ctx, &f.image)?;
-            for arch in f.arch.arches_for(&image)? {
+            let image = image_spec::ImageSpec::load(ctx, &f.image)?;
+            for arch in image.select_arches(f.arch)? {
                 ctx.ensure_setup(&[arch])?;
                 stage::image::build(ctx, &image, arch, f.kernel_src.clone())?;
             }

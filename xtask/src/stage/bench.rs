@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::arch::{self, Arch};
 use crate::cache::write_atomic;
 use crate::ctx::Ctx;
-use crate::manifest::ImageManifest;
+use crate::image_spec::ImageSpec;
 use crate::stage::image;
 
 mod agent;
@@ -56,7 +56,7 @@ pub struct BenchFlags {
 
 pub fn run(ctx: &Ctx, flags: &BenchFlags) -> anyhow::Result<()> {
     let mut report = Report::default();
-    let image = ImageManifest::load(ctx, "minimal")?;
+    let image = ImageSpec::load(ctx, "minimal")?;
     ctx.ensure_setup(&[Arch::X86_64])?;
     let manifest = image::build(ctx, &image, Arch::X86_64, None)?;
 
@@ -92,9 +92,9 @@ fn sizes(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
             let Ok(text) = std::fs::read_to_string(&m) else {
                 continue;
             };
-            let built: crate::manifest::BuiltManifest = serde_json::from_str(&text)?;
+            let built: kiln_manifest::Manifest = serde_json::from_str(&text)?;
             for (role, art) in &built.artifacts {
-                if role == "kernel_config" {
+                if role == kiln_manifest::role::KERNEL_CONFIG {
                     continue;
                 }
                 report.sizes.push(row(
@@ -104,7 +104,7 @@ fn sizes(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
                     "",
                 ));
             }
-            if let Some(initrd) = built.artifacts.get("initrd") {
+            if let Some(initrd) = built.artifact(kiln_manifest::role::INITRD) {
                 let bytes = std::fs::read(image_dir.join(a.name()).join(&initrd.file))?;
                 let raw = kiln_initrd::reader::decompress(&bytes, 1 << 30)?;
                 report.sizes.push(row(
@@ -214,7 +214,7 @@ fn probe_image(ctx: &Ctx, manifest: &Path) -> anyhow::Result<PathBuf> {
             .compression(kiln_initrd::Compression::Gzip),
     )?;
 
-    let mut built: crate::manifest::BuiltManifest =
+    let mut built: kiln_manifest::Manifest =
         serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
     let image_dir = manifest.parent().context("manifest has a directory")?;
     let kernel = built.artifacts.get("kernel").context("no kernel")?.clone();
@@ -223,7 +223,7 @@ fn probe_image(ctx: &Ctx, manifest: &Path) -> anyhow::Result<PathBuf> {
     built.artifacts.retain(|k, _| k == "kernel");
     built.artifacts.insert(
         "initrd".into(),
-        crate::manifest::ArtifactRecord::of(&dir, "initrd.img")?,
+        crate::hash::artifact_record(&dir, "initrd.img")?,
     );
     let path = dir.join(image::MANIFEST);
     write_atomic(&path, &serde_json::to_vec_pretty(&built)?)?;
@@ -358,7 +358,7 @@ fn build_times(ctx: &Ctx, report: &mut Report) {
 
 /// A one-line change to the agent, then `build-image`: time outside cargo's
 /// compile (hashing, initrd, manifest) and in all.
-fn warm_rebuild(ctx: &Ctx, image: &ImageManifest, report: &mut Report) -> anyhow::Result<()> {
+fn warm_rebuild(ctx: &Ctx, image: &ImageSpec, report: &mut Report) -> anyhow::Result<()> {
     let restore = Restore::edit_agent(ctx, "bench edit")?;
     ctx.ui.take_outcomes();
     let t = Instant::now();

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::arch::Arch;
+use crate::arch::{Arch, CrossTools};
 use crate::cache::{write_atomic, Stamp};
 use crate::cmd;
 use crate::ctx::Ctx;
@@ -31,7 +31,7 @@ pub const TREE: &str = "rootfs";
 pub struct ContainerRootfs {
     /// The tree (read it, or copy it before writing).
     pub dir: PathBuf,
-    pub packages: Vec<debian::Package>,
+    pub packages: Vec<kiln_manifest::Package>,
     pub key: String,
 }
 

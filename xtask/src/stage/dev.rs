@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::arch::Arch;
 use crate::ctx::{AgentProfile, Ctx};
-use crate::manifest::ImageManifest;
+use crate::image_spec::ImageSpec;
 use crate::stage::image;
 
 pub struct DevFlags {
@@ -69,7 +69,7 @@ pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
     if f.once && f.watch {
         anyhow::bail!("--once and --watch contradict each other: pick one");
     }
-    let image = ImageManifest::load(ctx, &f.image)?;
+    let image = ImageSpec::load(ctx, &f.image)?;
     if !image.arches.contains(&f.arch) {
         anyhow::bail!(
             "image {} is not built for {}; its manifest lists {:?}",
@@ -222,7 +222,7 @@ pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
 
 struct Loop<'a> {
     dctx: &'a Ctx,
-    image: &'a ImageManifest,
+    image: &'a ImageSpec,
     flags: &'a DevFlags,
     shim: &'a Path,
     busybox: Option<&'a Path>,

@@ -13,15 +13,17 @@ use std::path::PathBuf;
 use crate::arch::Arch;
 use crate::cache::{copy_atomic, write_atomic, Stamp};
 use crate::ctx::Ctx;
-use crate::hash::KeyHasher;
-use crate::manifest::{ArtifactRecord, BuiltManifest, ImageManifest};
+use crate::hash::{artifact_record, KeyHasher};
+use kiln_manifest::{role, Manifest};
+
+use crate::image_spec::ImageSpec;
 use crate::stage::{agent, disk, initrd, kernel, rootfs};
 
-pub const MANIFEST: &str = "manifest.json";
+pub const MANIFEST: &str = kiln_manifest::FILE;
 
 pub fn build(
     ctx: &Ctx,
-    image: &ImageManifest,
+    image: &ImageSpec,
     arch: Arch,
     kernel_src: Option<PathBuf>,
 ) -> anyhow::Result<PathBuf> {
@@ -32,7 +34,7 @@ pub fn build(
 /// the initrd and should not pay for a filesystem image it never uses.
 pub fn build_with(
     ctx: &Ctx,
-    image: &ImageManifest,
+    image: &ImageSpec,
     arch: Arch,
     kernel_src: Option<PathBuf>,
     with_disk: bool,
@@ -74,7 +76,7 @@ pub fn build_with(
         )?;
     }
 
-    let image_manifest_sha = crate::hash::sha256_file(&ImageManifest::path(ctx, &image.name))?;
+    let image_manifest_sha = crate::hash::sha256_file(&ImageSpec::path(ctx, &image.name))?;
     let mut inputs = BTreeMap::new();
     inputs.insert("agent".to_string(), agent.key.clone());
     inputs.insert("kernel".to_string(), kernel.key.clone());
@@ -96,29 +98,22 @@ pub fn build_with(
         initrd.recipe_sha256.clone(),
     );
 
-    let mut artifacts = BTreeMap::new();
-    artifacts.insert("kernel".to_string(), ArtifactRecord::of(&dir, kernel_file)?);
-    artifacts.insert(
-        "kernel_config".to_string(),
-        ArtifactRecord::of(&dir, "kernel.config")?,
-    );
-    artifacts.insert(
-        "initrd".to_string(),
-        ArtifactRecord::of(&dir, initrd::FILE)?,
-    );
-    artifacts.insert(
-        "agent".to_string(),
-        ArtifactRecord::of(&dir, agent::BINARY)?,
-    );
+    let mut files = vec![
+        (role::KERNEL, kernel_file),
+        (role::KERNEL_CONFIG, "kernel.config"),
+        (role::INITRD, initrd::FILE),
+        (role::AGENT, agent::BINARY),
+    ];
     if disk.is_some() {
-        artifacts.insert(
-            "rootfs_image".to_string(),
-            ArtifactRecord::of(&dir, disk::FILE)?,
-        );
+        files.push((role::ROOTFS_IMAGE, disk::FILE));
+    }
+    let mut artifacts = BTreeMap::new();
+    for (role, file) in files {
+        artifacts.insert(role.to_string(), artifact_record(&dir, file)?);
     }
 
-    let manifest = BuiltManifest {
-        kiln_manifest: 1,
+    let manifest = Manifest {
+        kiln_manifest: kiln_manifest::FORMAT,
         image: image.name.clone(),
         arch,
         kernel_version: kernel.version.clone(),

@@ -8,8 +8,8 @@ use anyhow::Context;
 
 use crate::arch::Arch;
 use crate::ctx::Ctx;
-use crate::manifest::BuiltManifest;
 use crate::stage::{image, release};
+use kiln_manifest::Manifest;
 
 pub struct InstallFlags {
     pub destdir: PathBuf,
@@ -34,7 +34,7 @@ pub fn run(ctx: &Ctx, f: &InstallFlags) -> anyhow::Result<()> {
         .filter(|i| i.arches.contains(&f.arch))
     {
         let manifest_path = image::build(ctx, img, f.arch, None)?;
-        let built: BuiltManifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
+        let built: Manifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
         let dir = manifest_path.parent().context("manifest has a directory")?;
         let dest = root.join("share/kiln").join(&img.name);
         place(&manifest_path, &dest.join(image::MANIFEST), 0o644)?;

@@ -42,7 +42,6 @@ pub mod modules;
 mod patches;
 mod verify;
 
-pub use patches::PatchRecord;
 use patches::PatchSeries;
 
 use std::collections::BTreeMap;
@@ -51,11 +50,12 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use anyhow::Context;
+use kiln_manifest::PatchRecord;
 use serde::{Deserialize, Serialize};
 
 use self::dotconfig::ConfigFile;
 use self::verify::{AllowList, Comparison};
-use crate::arch::Arch;
+use crate::arch::{Arch, CrossTools};
 use crate::cache::{copy_atomic, write_atomic, Stamp};
 use crate::cmd;
 use crate::ctx::Ctx;
@@ -69,7 +69,7 @@ const STAMP: &str = "kernel";
 /// Length of the hash prefixes used as directory names (the stamp holds the full key).
 const DIR_HASH_LEN: usize = 16;
 
-/// What to build: produced by `ImageManifest::kernel_request`.
+/// What to build: produced by `ImageSpec::kernel_request`.
 #[derive(Debug, Clone)]
 pub struct KernelRequest {
     pub arch: Arch,

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use anyhow::Context;
 
-use crate::arch::Arch;
+use crate::arch::{Arch, CrossTools};
 use crate::cmd;
 use crate::ctx::Ctx;
 

@@ -3,7 +3,7 @@
 
 use crate::arch::{Arch, ArchSel};
 use crate::ctx::Ctx;
-use crate::manifest::ImageManifest;
+use crate::image_spec::ImageSpec;
 use crate::stage::image;
 use crate::TestFlags;
 
@@ -79,8 +79,8 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
     if flags.unit_only {
         return Ok(());
     }
-    let image = ImageManifest::load(ctx, E2E_IMAGE)?;
-    let mut arches = flags.arch.arches_for(&image)?;
+    let image = ImageSpec::load(ctx, E2E_IMAGE)?;
+    let mut arches = image.select_arches(flags.arch)?;
     // The host's arch first: its tests are the broadest, and fail fastest.
     arches.sort_by_key(|a| *a != Arch::host());
     for arch in &arches {
@@ -96,7 +96,7 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
         ArchSel::All => vec![Arch::host()],
         ArchSel::One(a) => vec![a],
     };
-    let erofs = ImageManifest::load(ctx, E2E_EROFS_IMAGE)?;
+    let erofs = ImageSpec::load(ctx, E2E_EROFS_IMAGE)?;
     for arch in arches.iter().filter(|a| erofs.arches.contains(a)) {
         clock.part(&format!("{} {arch}", erofs.name));
         ctx.ensure_setup(&[*arch])?;
@@ -107,7 +107,7 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
         ));
         rootfs_tests(ctx, "erofs_", "KILN_E2E_EROFS_MANIFEST", &manifest)?;
     }
-    let debian = ImageManifest::load(ctx, E2E_DEBIAN_IMAGE)?;
+    let debian = ImageSpec::load(ctx, E2E_DEBIAN_IMAGE)?;
     for arch in arches.iter().filter(|a| debian.arches.contains(a)) {
         clock.part(&format!("{} {arch}", debian.name));
         e2e_debian(ctx, &debian, *arch)?;
@@ -148,7 +148,7 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
 /// and requires the initrd, agent, kernel and manifest to be byte-identical.
 /// Only meaningful for a clean tree (CI's fresh clone); skipped, saying so, when
 /// the tree has uncommitted changes.
-fn checkouts_agree(ctx: &Ctx, image: &ImageManifest) -> anyhow::Result<()> {
+fn checkouts_agree(ctx: &Ctx, image: &ImageSpec) -> anyhow::Result<()> {
     let dirty = crate::cmd::read(
         "git status",
         duct::cmd!("git", "-C", &ctx.root, "status", "--porcelain"),
@@ -190,7 +190,7 @@ fn checkouts_agree(ctx: &Ctx, image: &ImageManifest) -> anyhow::Result<()> {
     )?;
     let mine = ctx.image_dir(&image.name, Arch::X86_64);
     let theirs = other.join("target/kiln").join(&image.name).join("x86_64");
-    let built: crate::manifest::BuiltManifest =
+    let built: kiln_manifest::Manifest =
         serde_json::from_str(&std::fs::read_to_string(mine.join(image::MANIFEST))?)?;
     let mut files: Vec<String> = built.artifacts.values().map(|a| a.file.clone()).collect();
     files.push(image::MANIFEST.to_string());
@@ -210,7 +210,7 @@ fn checkouts_agree(ctx: &Ctx, image: &ImageManifest) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn e2e(ctx: &Ctx, image: &ImageManifest, arch: Arch) -> anyhow::Result<()> {
+fn e2e(ctx: &Ctx, image: &ImageSpec, arch: Arch) -> anyhow::Result<()> {
     ctx.ensure_setup(&[arch])?;
     let manifest = image::build(ctx, image, arch, None)?;
     // The pipeline is incremental: a second build with nothing changed runs no stage.
@@ -321,7 +321,7 @@ fn workload_test(ctx: &Ctx, arch: Arch, manifest: &std::path::Path) -> anyhow::R
 
 /// The Debian image (systemd, the agent as a service) booted from its rootfs
 /// image: DAX proven inside the guest on x86_64.
-fn e2e_debian(ctx: &Ctx, image: &ImageManifest, arch: Arch) -> anyhow::Result<()> {
+fn e2e_debian(ctx: &Ctx, image: &ImageSpec, arch: Arch) -> anyhow::Result<()> {
     ctx.ensure_setup(&[arch])?;
     let manifest = image::build(ctx, image, arch, None)?;
     ctx.ui.println(&format!(

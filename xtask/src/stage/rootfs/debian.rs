@@ -17,7 +17,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use kiln_manifest::Package;
 
 use crate::arch::Arch;
 use crate::cache::{write_atomic, Stamp};
@@ -30,14 +30,6 @@ pub const TARBALL: &str = "rootfs.tar";
 /// The hooks mmdebstrap ships for a debootstrap-style merged /usr.
 const MERGED_USR_HOOKS: &str = "/usr/share/mmdebstrap/hooks/merged-usr";
 pub const PACKAGES: &str = "packages.json";
-
-/// One installed package, as dpkg records it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Package {
-    pub name: String,
-    pub version: String,
-    pub architecture: String,
-}
 
 /// The cached bootstrap.
 #[derive(Debug, Clone)]
