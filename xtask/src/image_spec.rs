@@ -9,7 +9,6 @@ use serde::Deserialize;
 
 use crate::arch::{Arch, ArchSel};
 use crate::ctx::Ctx;
-use crate::stage::kernel::KernelRequest;
 
 /// One image flavour, as written by a human.
 #[derive(Deserialize, Debug, Clone)]
@@ -192,65 +191,6 @@ impl ImageSpec {
     /// Kernel command line for `arch` (console first, then the spec's).
     pub fn cmdline(&self, arch: Arch) -> String {
         format!("console={} {}", arch.console(), self.boot.cmdline.trim())
-    }
-
-    /// The kernel, built (or found in the cache) only when the image asks for
-    /// modules: stages that make the tree alone need it for nothing else.
-    pub fn modules_kernel(
-        &self,
-        ctx: &Ctx,
-        arch: Arch,
-    ) -> anyhow::Result<Option<crate::stage::kernel::KernelArtifact>> {
-        if self.rootfs.modules.is_empty() {
-            return Ok(None);
-        }
-        crate::stage::kernel::build(ctx, &self.kernel_request(ctx, arch, None)?).map(Some)
-    }
-
-    /// Ordered fragment list for `arch`: common base, arch base, then each
-    /// feature's common and arch-specific parts. Later fragments win.
-    pub fn kernel_request(
-        &self,
-        ctx: &Ctx,
-        arch: Arch,
-        kernel_src: Option<PathBuf>,
-    ) -> anyhow::Result<KernelRequest> {
-        let dir = ctx.root.join("kernel-configs");
-        let mut fragments = vec![dir.join("common").join("base.conf")];
-        let arch_base = dir.join(arch.fragment_dir()).join("base.conf");
-        if arch_base.exists() {
-            fragments.push(arch_base);
-        }
-        for f in &self.kernel.features {
-            let common = dir.join("features").join(format!("{f}.conf"));
-            let arch_part = dir.join(arch.fragment_dir()).join(format!("{f}.conf"));
-            if !common.exists() && !arch_part.exists() {
-                anyhow::bail!(
-                    "image `{}` asks for kernel feature `{f}`, but neither {} nor {} exists",
-                    self.name,
-                    ctx.rel(&common).display(),
-                    ctx.rel(&arch_part).display()
-                );
-            }
-            fragments.extend([common, arch_part].into_iter().filter(|p| p.exists()));
-        }
-        for f in &fragments {
-            if !f.exists() {
-                anyhow::bail!("kernel fragment {} is missing", ctx.rel(f).display());
-            }
-        }
-        let patches = ctx
-            .root
-            .join("kernel-configs")
-            .join("patches")
-            .join(&self.kernel.series);
-        Ok(KernelRequest {
-            arch,
-            series: self.kernel.series.clone(),
-            fragments,
-            kernel_src,
-            patches: (!ctx.no_patches).then_some(patches),
-        })
     }
 }
 

@@ -19,6 +19,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use clap::Args;
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::Serialize;
 
@@ -27,19 +28,30 @@ use crate::ctx::{AgentProfile, Ctx};
 use crate::image_spec::ImageSpec;
 use crate::stage::image;
 
+/// `cargo xtask dev`.
+#[derive(Args, Clone, Debug)]
 pub struct DevFlags {
+    #[arg(long, default_value = "x86_64")]
     pub arch: Arch,
+    #[arg(long, default_value = "minimal")]
     pub image: String,
+    /// Rebuild and reboot on every save under agent/ (a failed build keeps the old VM).
+    #[arg(long)]
     pub watch: bool,
-    /// The agent's log level in the guest (`agent.log=`).
+    /// The agent's log level in the guest: error, warn, info, debug, trace.
+    #[arg(long, default_value = "info")]
     pub log: String,
-    /// Build the agent with the release profile (slow to compile, real sizes).
+    /// Build the agent with the release profile (real size, slow compile).
+    #[arg(long)]
     pub release: bool,
-    /// Root filesystem mode passed to the shim (default: the initrd).
+    /// Root filesystem mode for the shim: initrd (default), image, nvdimm, virtio-blk.
+    #[arg(long, value_name = "MODE")]
     pub rootfs: Option<String>,
-    /// Build, boot, smoke, shut down: no interactive VM.
+    /// Build, boot, run the smoke sequence, shut down (no interactive VM).
+    #[arg(long, conflicts_with = "watch")]
     pub once: bool,
-    /// Stop after this many cycles that passed the smoke sequence.
+    /// Stop after N cycles that passed the smoke sequence (for scripts and tests).
+    #[arg(long, value_name = "N")]
     pub cycles: Option<usize>,
 }
 

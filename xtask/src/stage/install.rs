@@ -5,15 +5,23 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use clap::Args;
+use kiln_manifest::Manifest;
 
 use crate::arch::Arch;
 use crate::ctx::Ctx;
 use crate::stage::{image, release};
-use kiln_manifest::Manifest;
 
+/// `cargo xtask install`.
+#[derive(Args, Clone, Debug)]
 pub struct InstallFlags {
+    /// Staging root (DESTDIR).
+    #[arg(long)]
     pub destdir: PathBuf,
+    #[arg(long, default_value = "/usr")]
     pub prefix: PathBuf,
+    /// Which arch's artifacts (default: the build machine's).
+    #[arg(long, default_value_t = Arch::host())]
     pub arch: Arch,
 }
 

@@ -63,6 +63,21 @@ pub fn packages_for(arches: &[Arch]) -> BTreeSet<&'static str> {
     set
 }
 
+// Defined here, not in ctx.rs, so the context does not import the stage that
+// uses it (ctx -> setup -> ctx was a cycle).
+impl Ctx {
+    /// Makes sure host tools for `arches` are there (installing them unless
+    /// `--no-setup`/`--offline`), or fails naming what is missing.
+    pub fn ensure_setup(&self, arches: &[Arch]) -> anyhow::Result<()> {
+        let mode = if self.no_setup {
+            Mode::CheckOnly
+        } else {
+            Mode::Install
+        };
+        run(self, arches, mode)
+    }
+}
+
 pub fn run(ctx: &Ctx, arches: &[Arch], mode: Mode) -> anyhow::Result<()> {
     let wanted = packages_for(arches);
     let missing_pkgs = missing_packages(&wanted)?;

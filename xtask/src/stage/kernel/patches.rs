@@ -264,7 +264,7 @@ mod real_source_tests {
     /// The minimal image's kernel request, with a test fragment and series.
     fn request(ctx: &Ctx, patches: &std::path::Path, extra: &std::path::Path) -> KernelRequest {
         let image = crate::image_spec::ImageSpec::load(ctx, "minimal").unwrap();
-        let mut req = image.kernel_request(ctx, Arch::X86_64, None).unwrap();
+        let mut req = KernelRequest::for_image(ctx, &image, Arch::X86_64, None).unwrap();
         req.fragments.push(extra.to_path_buf());
         req.patches = Some(patches.to_path_buf());
         req

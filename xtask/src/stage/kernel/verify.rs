@@ -755,7 +755,7 @@ mod real_source_tests {
         )
         .unwrap();
         let image = crate::image_spec::ImageSpec::load(&ctx, "minimal").unwrap();
-        let mut req = image.kernel_request(&ctx, Arch::X86_64, None).unwrap();
+        let mut req = kernel::KernelRequest::for_image(&ctx, &image, Arch::X86_64, None).unwrap();
         req.fragments.push(frag);
         let err = format!("{:#}", kernel::build(&ctx, &req).unwrap_err());
         eprintln!("{err}");
