@@ -326,45 +326,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             clean_stale();
             let image = BootImage::load(&installed::image(image)?)?;
-            let (mut spec, rootfs) = match (bundle, rootfs) {
-                (Some(b), None) => {
-                    let spec = kiln_shim::spec::load_bundle(&b)?;
-                    let root = spec
-                        .root()
-                        .as_ref()
-                        .map(|r| r.path().clone())
-                        .unwrap_or_else(|| "rootfs".into());
-                    let root = if root.is_absolute() {
-                        root
-                    } else {
-                        b.join(root)
-                    };
-                    (spec, root)
-                }
-                (None, Some(r)) => {
-                    if command.is_empty() {
-                        anyhow::bail!("--rootfs needs a command after `--`, e.g. kiln-shim run --image M --rootfs DIR -- sh -c 'echo hi'");
-                    }
-                    (kiln_shim::spec::default_spec(&command, &env, tty)?, r)
-                }
-                _ => anyhow::bail!("give either --bundle DIR or --rootfs DIR"),
-            };
-            kiln_shim::spec::override_process(&mut spec, &command, &env, tty)?;
+            let (spec, rootfs) = kiln_shim::spec::container_source(
+                bundle.as_deref(),
+                rootfs.as_deref(),
+                &command,
+                &env,
+                tty,
+            )?;
             // A bundle's /dev/vfio/<group> devices are groups to pass through.
-            for d in spec
-                .linux()
-                .as_ref()
-                .and_then(|l| l.devices().clone())
-                .unwrap_or_default()
-            {
-                let path = d.path().display().to_string();
-                if let Some(g) = kiln_shim::vfio::vfio_group_path(&path) {
-                    let arg = kiln_shim::vfio::DeviceArg::Group(g);
-                    if !vfio.host.iter().any(|(a, _)| *a == arg) {
-                        vfio.host.push((arg, kiln_shim::vfio::GuestMode::Vfio));
-                    }
-                }
-            }
+            vfio.add_spec_groups(&spec);
             if !rootfs.is_dir() {
                 anyhow::bail!(
                     "the container's root filesystem {} is not a directory",

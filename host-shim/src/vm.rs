@@ -500,7 +500,9 @@ fn passthrough(
         let host = Host::new("/", &RealWriter);
         let plans = host.plan(&opts.host)?;
         host.check_not_in_use(&plans, opts.force)?;
-        binding = Some(VfioBinding::bind(Path::new("/"), &plans, state)?);
+        binding = Some(VfioBinding::bind(Path::new("/"), &plans, &mut |b| {
+            state.add_vfio(b)
+        })?);
         for p in &plans {
             for d in &p.devices {
                 passed.push((Backend::Host(d.bdf.clone()), p.mode, p.group));
