@@ -384,28 +384,7 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
         .transpose()?;
     let image = BootImage::load(&installed::image(image)?)?;
     if let Some(marker) = until_console {
-        let opts = BootOptions {
-            rootfs: rootfs.clone(),
-            ..Default::default()
-        };
-        let mut vm = Vm::launch(&image, &cfg, &opts)?;
-        let t = tokio::select! {
-            r = vm.wait_console(&marker, cfg.boot_timeout()) => r?,
-            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
-        };
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({ "image": image.manifest.image, "console_marker_seconds": t.as_secs_f64() })
-            );
-        } else {
-            println!(
-                "console showed {marker:?} {:.2} s after QEMU launch",
-                t.as_secs_f64()
-            );
-        }
-        vm.shutdown();
-        return Ok(ExitCode::SUCCESS);
+        return boot_until_console(&cfg, &image, rootfs, &marker, json).await;
     }
     let mut vm = Vm::launch(
         &image,
@@ -435,47 +414,16 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
     } else {
         Vec::new()
     };
-    if json {
-        let out = serde_json::json!({
-            "image": image.manifest.image,
-            "arch": image.manifest.arch,
-            "accel": vm.accel_note,
-            "agent_ready_seconds": secs,
-            "agent_version": version.agent_version,
-            "init_daemon": details.agent_details.init_daemon,
-            "mem_block_size_bytes": details.mem_block_size_bytes,
-            "support_mem_hotplug_probe": details.support_mem_hotplug_probe,
-            "supports_seccomp": details.agent_details.supports_seccomp,
-            "rootfs": vm.rootfs_note.as_deref().unwrap_or("initrd"),
-            "run_dir": stay.then(|| vm.run_dir.path().display().to_string()),
-            "smoke": smoke_steps,
-        });
-        println!("{out}");
-    } else {
-        println!(
-            "image:            {} ({}, kernel {})",
-            image.manifest.image, image.manifest.arch, image.manifest.kernel_version
-        );
-        println!("accelerator:      {}", vm.accel_note);
-        println!(
-            "root filesystem:  {}",
-            vm.rootfs_note.as_deref().unwrap_or("initrd")
-        );
-        println!(
-            "agent version:    {} (init: {})",
-            version.agent_version, details.agent_details.init_daemon
-        );
-        println!("memory block:     {} bytes", details.mem_block_size_bytes);
-        println!("hotplug probe:    {}", details.support_mem_hotplug_probe);
-        println!(
-            "seccomp:          {}",
-            details.agent_details.supports_seccomp
-        );
-        println!("agent ready in:   {secs:.2} s from QEMU launch");
-        for s in &smoke_steps {
-            println!("smoke {:<22}{:>8.1} ms  {}", s.step, s.ms, s.detail);
-        }
-    }
+    let report = BootReport {
+        image: &image,
+        vm: &vm,
+        version: &version,
+        details: &details,
+        secs,
+        smoke_steps: &smoke_steps,
+        run_dir: stay.then(|| vm.run_dir.path().display().to_string()),
+    };
+    report.print(json);
     if stay {
         eprintln!(
             "VM running; run directory {}\n  try: kiln-shim agent --vm {} GetGuestDetails{}\nCtrl-C stops it.",
@@ -556,4 +504,101 @@ async fn run_container(cfg: &ShimConfig, args: RunArgs) -> anyhow::Result<ExitCo
     };
     let status = kiln_shim::run::run(cfg, req).await?;
     Ok(ExitCode::from(status.clamp(0, 255) as u8))
+}
+
+/// `boot --until-console`: launch, wait for `marker` on the console, report the time.
+async fn boot_until_console(
+    cfg: &ShimConfig,
+    image: &BootImage,
+    rootfs: Option<String>,
+    marker: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let opts = BootOptions {
+        rootfs,
+        ..Default::default()
+    };
+    let mut vm = Vm::launch(image, cfg, &opts)?;
+    let t = tokio::select! {
+        r = vm.wait_console(marker, cfg.boot_timeout()) => r?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "image": image.manifest.image, "console_marker_seconds": t.as_secs_f64() })
+        );
+    } else {
+        println!(
+            "console showed {marker:?} {:.2} s after QEMU launch",
+            t.as_secs_f64()
+        );
+    }
+    vm.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `boot` prints once the agent answered.
+struct BootReport<'a> {
+    image: &'a BootImage,
+    vm: &'a Vm,
+    version: &'a kiln_protocol::health::VersionCheckResponse,
+    details: &'a kiln_protocol::agent::GuestDetailsResponse,
+    secs: f64,
+    smoke_steps: &'a [kiln_shim::smoke::Step],
+    run_dir: Option<String>,
+}
+
+impl BootReport<'_> {
+    fn print(&self, json: bool) {
+        if json {
+            let out = serde_json::json!({
+                "image": self.image.manifest.image,
+                "arch": self.image.manifest.arch,
+                "accel": self.vm.accel_note,
+                "agent_ready_seconds": self.secs,
+                "agent_version": self.version.agent_version,
+                "init_daemon": self.details.agent_details.init_daemon,
+                "mem_block_size_bytes": self.details.mem_block_size_bytes,
+                "support_mem_hotplug_probe": self.details.support_mem_hotplug_probe,
+                "supports_seccomp": self.details.agent_details.supports_seccomp,
+                "rootfs": self.vm.rootfs_note.as_deref().unwrap_or("initrd"),
+                "run_dir": self.run_dir,
+                "smoke": self.smoke_steps,
+            });
+            println!("{out}");
+        } else {
+            println!(
+                "image:            {} ({}, kernel {})",
+                self.image.manifest.image,
+                self.image.manifest.arch,
+                self.image.manifest.kernel_version
+            );
+            println!("accelerator:      {}", self.vm.accel_note);
+            println!(
+                "root filesystem:  {}",
+                self.vm.rootfs_note.as_deref().unwrap_or("initrd")
+            );
+            println!(
+                "agent version:    {} (init: {})",
+                self.version.agent_version, self.details.agent_details.init_daemon
+            );
+            println!(
+                "memory block:     {} bytes",
+                self.details.mem_block_size_bytes
+            );
+            println!(
+                "hotplug probe:    {}",
+                self.details.support_mem_hotplug_probe
+            );
+            println!(
+                "seccomp:          {}",
+                self.details.agent_details.supports_seccomp
+            );
+            println!("agent ready in:   {:.2} s from QEMU launch", self.secs);
+            for s in self.smoke_steps {
+                println!("smoke {:<22}{:>8.1} ms  {}", s.step, s.ms, s.detail);
+            }
+        }
+    }
 }

@@ -379,6 +379,10 @@ impl QemuLaunch<'_> {
         let mem = self.config.default_memory;
         let machine = self.machine()?;
         let machine = machine.as_str();
+        let pmem = self.pmem(machine)?;
+        let nvdimm_root = self.rootfs.filter(|r| r.device == RootfsDevice::Nvdimm);
+        let hotplug_mib = self.config.default_maxmemory.saturating_sub(mem);
+        self.check_machine(machine, nvdimm_root.is_some(), hotplug_mib)?;
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&[
@@ -393,27 +397,8 @@ impl QemuLaunch<'_> {
             "-object",
             &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
         ]);
-        let pmem = self.pmem(machine)?;
-        let nvdimm_root = self.rootfs.filter(|r| r.device == RootfsDevice::Nvdimm);
-        if nvdimm_root.is_some() && !supports_pmem(self.arch, machine) {
-            anyhow::bail!(
-                "an NVDIMM root needs an x86_64 q35 machine, not {} {machine}",
-                self.arch
-            );
-        }
-        let mut machine_opts = format!("{machine},memory-backend=mem");
-        if self.config.machine_type.is_empty() && !p.machine_opts.is_empty() {
-            machine_opts.push(',');
-            machine_opts.push_str(p.machine_opts);
-        }
-        if self.accel == Accel::Tcg && !p.tcg_machine_opts.is_empty() {
-            machine_opts.push(',');
-            machine_opts.push_str(p.tcg_machine_opts);
-        }
-        if pmem.is_some() || nvdimm_root.is_some() {
-            machine_opts.push_str(",nvdimm=on");
-        }
-        push(&["-machine", &machine_opts]);
+        let nvdimm = pmem.is_some() || nvdimm_root.is_some();
+        push(&["-machine", &self.machine_opts(&p, machine, nvdimm)]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => {
@@ -425,15 +410,6 @@ impl QemuLaunch<'_> {
         }
         let nvdimm_bytes =
             pmem.as_ref().map_or(0, |(_, size)| *size) + nvdimm_root.map_or(0, |r| r.size);
-        let hotplug_mib = self.config.default_maxmemory.saturating_sub(mem);
-        if hotplug_mib > 0 && !supports_memory_hotplug(self.arch, machine) {
-            anyhow::bail!(
-                "hypervisor.qemu.default_maxmemory = {} leaves room for DIMM hot-plug, which kiln-shim offers \
-                 only on x86_64 q35 (pc-dimm with ACPI), not {} {machine}",
-                self.config.default_maxmemory,
-                self.arch
-            );
-        }
         push(&[
             "-m",
             &memory_arg(mem, nvdimm_bytes, hotplug_mib, self.config.memory_slots),
@@ -442,6 +418,39 @@ impl QemuLaunch<'_> {
             "-smp",
             &smp_arg(self.config.default_vcpus, self.config.default_maxvcpus),
         ]);
+        if self.viommu {
+            // Before any PCI device, so it translates for all of them;
+            // caching-mode lets QEMU's vfio-pci follow the guest's mappings.
+            push(&["-device", "intel-iommu,caching-mode=on"]);
+        }
+        a.extend(nvdimm_args(nvdimm_root, pmem.as_ref()));
+        a.extend(self.console_args(p.console));
+        a.extend(self.boot_args()?);
+        a.extend(self.device_args(machine));
+        Ok(a)
+    }
+
+    /// What `machine` cannot do that this launch asks for, as an error.
+    fn check_machine(
+        &self,
+        machine: &str,
+        nvdimm_root: bool,
+        hotplug_mib: u32,
+    ) -> anyhow::Result<()> {
+        if nvdimm_root && !supports_pmem(self.arch, machine) {
+            anyhow::bail!(
+                "an NVDIMM root needs an x86_64 q35 machine, not {} {machine}",
+                self.arch
+            );
+        }
+        if hotplug_mib > 0 && !supports_memory_hotplug(self.arch, machine) {
+            anyhow::bail!(
+                "hypervisor.qemu.default_maxmemory = {} leaves room for DIMM hot-plug, which kiln-shim offers \
+                 only on x86_64 q35 (pc-dimm with ACPI), not {} {machine}",
+                self.config.default_maxmemory,
+                self.arch
+            );
+        }
         if (self.viommu || !self.passthrough.is_empty())
             && (self.arch, machine) != (Arch::X86_64, "q35")
         {
@@ -457,48 +466,47 @@ impl QemuLaunch<'_> {
                 crate::vfio::MAX_COLD_DEVICES
             );
         }
-        if self.viommu {
-            // Before any PCI device, so it translates for all of them;
-            // caching-mode lets QEMU's vfio-pci follow the guest's mappings.
-            push(&["-device", "intel-iommu,caching-mode=on"]);
+        Ok(())
+    }
+
+    /// `-machine`'s value: the type, the shared memory backend and the
+    /// profile's, TCG's and NVDIMM options.
+    fn machine_opts(&self, p: &ArchProfile, machine: &str, nvdimm: bool) -> String {
+        let mut machine_opts = format!("{machine},memory-backend=mem");
+        if self.config.machine_type.is_empty() && !p.machine_opts.is_empty() {
+            machine_opts.push(',');
+            machine_opts.push_str(p.machine_opts);
         }
-        if let Some(r) = nvdimm_root {
-            // Read-only backing: guests share the image, none can change it.
-            // A read-only NVDIMM must say it is "unarmed" (no persistence).
-            push(&[
-                "-object",
-                &format!(
-                    "memory-backend-file,id=kiln_rootfs_mem,share=on,mem-path={},size={},readonly=on",
-                    qemu_path(r.path),
-                    r.size
-                ),
-            ]);
-            push(&[
-                "-device",
-                "nvdimm,id=kiln_rootfs,memdev=kiln_rootfs_mem,unarmed=on",
-            ]);
+        if self.accel == Accel::Tcg && !p.tcg_machine_opts.is_empty() {
+            machine_opts.push(',');
+            machine_opts.push_str(p.tcg_machine_opts);
         }
-        if let Some((file, size)) = &pmem {
-            push(&[
-                "-object",
-                &format!(
-                    "memory-backend-file,id=kiln_pmem0,share=on,mem-path={},size={size}",
-                    file.display()
-                ),
-            ]);
-            push(&["-device", "nvdimm,id=kiln_nvdimm0,memdev=kiln_pmem0"]);
+        if nvdimm {
+            machine_opts.push_str(",nvdimm=on");
         }
-        match self.console_log {
-            Some(log) => push(&[
-                "-chardev",
-                &format!("file,id=console,path={}", log.display()),
-            ]),
-            None => push(&["-chardev", "stdio,id=console,signal=off"]),
-        }
-        match p.console {
-            ConsoleKind::Serial => push(&["-serial", "chardev:console"]),
-            ConsoleKind::Sclp => push(&["-device", "sclpconsole,chardev=console"]),
-        }
+        machine_opts
+    }
+
+    /// The console chardev (a log file or stdio) and how it is attached.
+    fn console_args(&self, console: ConsoleKind) -> Vec<String> {
+        let chardev = match self.console_log {
+            Some(log) => format!("file,id=console,path={}", log.display()),
+            None => "stdio,id=console,signal=off".to_string(),
+        };
+        let attach = match console {
+            ConsoleKind::Serial => ["-serial", "chardev:console"],
+            ConsoleKind::Sclp => ["-device", "sclpconsole,chardev=console"],
+        };
+        let mut a = vec!["-chardev".to_string(), chardev];
+        a.extend(attach.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// The kernel, its command line (with the root parameters) and the
+    /// initrd, or the rootfs image on virtio-blk.
+    fn boot_args(&self) -> anyhow::Result<Vec<String>> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         let mut cmdline = self.cmdline.trim().to_string();
         if !self.config.kernel_params.trim().is_empty() {
             cmdline.push(' ');
@@ -527,6 +535,14 @@ impl QemuLaunch<'_> {
             push(&["-initrd", &self.initrd.display().to_string()]);
         }
         push(&["-append", &cmdline]);
+        Ok(a)
+    }
+
+    /// vsock, virtio-fs, IOThreads, hot-plug root ports, cold-plugged VFIO
+    /// devices and the QMP socket.
+    fn device_args(&self, machine: &str) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&[
             "-chardev",
             &format!("socket,id=vsock,path={}", self.vhost_vsock_socket.display()),
@@ -583,8 +599,44 @@ impl QemuLaunch<'_> {
             "-qmp",
             &format!("unix:{},server=on,wait=off", self.qmp_socket.display()),
         ]);
-        Ok(a)
+        a
     }
+}
+
+/// The NVDIMMs: the read-only rootfs image and the `pmem_file`.
+fn nvdimm_args(
+    nvdimm_root: Option<RootfsDisk>,
+    pmem: Option<&(std::path::PathBuf, u64)>,
+) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    if let Some(r) = nvdimm_root {
+        // Read-only backing: guests share the image, none can change it.
+        // A read-only NVDIMM must say it is "unarmed" (no persistence).
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=kiln_rootfs_mem,share=on,mem-path={},size={},readonly=on",
+                qemu_path(r.path),
+                r.size
+            ),
+        ]);
+        push(&[
+            "-device",
+            "nvdimm,id=kiln_rootfs,memdev=kiln_rootfs_mem,unarmed=on",
+        ]);
+    }
+    if let Some((file, size)) = pmem {
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=kiln_pmem0,share=on,mem-path={},size={size}",
+                file.display()
+            ),
+        ]);
+        push(&["-device", "nvdimm,id=kiln_nvdimm0,memdev=kiln_pmem0"]);
+    }
+    a
 }
 
 #[cfg(test)]

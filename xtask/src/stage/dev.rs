@@ -74,14 +74,14 @@ pub struct CycleReport {
 
 const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
 
-pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
+/// The flags that can be wrong together, checked before anything is built.
+fn check_flags(f: &DevFlags, image: &ImageSpec) -> anyhow::Result<()> {
     if !LOG_LEVELS.contains(&f.log.as_str()) {
         anyhow::bail!("--log {}: use one of {}", f.log, LOG_LEVELS.join(", "));
     }
     if f.once && f.watch {
         anyhow::bail!("--once and --watch contradict each other: pick one");
     }
-    let image = ImageSpec::load(ctx, &f.image)?;
     if !image.arches.contains(&f.arch) {
         anyhow::bail!(
             "image {} is not built for {}; its manifest lists {:?}",
@@ -90,6 +90,12 @@ pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
             image.arches.iter().map(|a| a.name()).collect::<Vec<_>>()
         );
     }
+    Ok(())
+}
+
+pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
+    let image = ImageSpec::load(ctx, &f.image)?;
+    check_flags(f, &image)?;
     ctx.ensure_setup(&[f.arch])?;
     let profile = if f.release {
         AgentProfile::Release
@@ -132,7 +138,7 @@ pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
 
     let built = loop_.build(Instant::now())?;
     let mut vm = loop_.boot(1, built)?;
-    let mut passed = 1;
+    let passed = 1;
     if f.once {
         let status = vm.wait()?;
         if !status.success() {
@@ -153,6 +159,14 @@ pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    watch(ctx, &loop_, vm, passed)
+}
+
+/// `--watch`: rebuild and reboot on every save under agent/ until Ctrl-C or
+/// `--cycles` passed cycles; a failed build keeps the running VM.
+fn watch(ctx: &Ctx, loop_: &Loop, vm: RunningVm, mut passed: usize) -> anyhow::Result<()> {
+    let f = loop_.flags;
+    let stop = loop_.stop;
     let (tx, rx) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |ev| {
         let _ = tx.send(ev);
