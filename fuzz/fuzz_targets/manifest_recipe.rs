@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use xtask::manifest::ImageManifest;
+use xtask::image_spec::ImageSpec;
 use xtask::recipe::Recipe;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         .ok()
         .and_then(|t| t.get("name")?.as_str().map(str::to_string))
         .unwrap_or_else(|| "minimal".to_string());
-    if let Ok(m) = ImageManifest::parse(text, &name) {
+    if let Ok(m) = ImageSpec::parse(text, &name) {
         assert_eq!(m.name, name);
         assert!(!m.arches.is_empty());
     }

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kiln_protocol::{agent, oci};
-use protobuf::MessageField;
 use serde::Serialize;
 
 use crate::client::AgentClient;
@@ -127,17 +126,10 @@ async fn measure(
     }
     let after = usage(c).await?;
 
-    let mut rm = agent::RemoveContainerRequest::new();
-    rm.container_id = CONTAINER.into();
-    rm.timeout = 10;
-    c.agent
-        .remove_container(c.ctx(), &rm)
+    c.remove_container(CONTAINER, 10)
         .await
         .context("RemoveContainer")?;
-    c.agent
-        .destroy_sandbox(c.ctx(), &agent::DestroySandboxRequest::new())
-        .await
-        .context("DestroySandbox")?;
+    c.destroy_sandbox().await.context("DestroySandbox")?;
 
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(BenchExecReport {
@@ -162,23 +154,13 @@ async fn exec_true(c: &AgentClient, exec_id: &str) -> anyhow::Result<()> {
     p.Args = vec!["true".into()];
     p.Env = vec!["PATH=/bin:/usr/bin".into()];
     p.Cwd = "/".into();
-    let mut req = agent::ExecProcessRequest::new();
-    req.container_id = CONTAINER.into();
-    req.exec_id = exec_id.into();
-    req.process = MessageField::some(p);
-    c.agent
-        .exec_process(c.ctx(), &req)
+    c.exec_process(CONTAINER, exec_id, p)
         .await
         .with_context(|| format!("ExecProcess {exec_id}"))?;
-    let mut wait = agent::WaitProcessRequest::new();
-    wait.container_id = CONTAINER.into();
-    wait.exec_id = exec_id.into();
     let status = c
-        .agent
-        .wait_process(c.ctx(), &wait)
+        .wait_process(CONTAINER, exec_id)
         .await
-        .with_context(|| format!("WaitProcess {exec_id}"))?
-        .status;
+        .with_context(|| format!("WaitProcess {exec_id}"))?;
     if status != 0 {
         anyhow::bail!("exec {exec_id} (`true`) exited with {status}");
     }

@@ -2,10 +2,11 @@
 //! and what is missing? Each line passes or fails with how to fix it; only
 //! `required` lines decide the exit status.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_manifest::Arch;
 use serde::Serialize;
 
 use crate::config::ShimConfig;
@@ -43,18 +44,24 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
 
 /// Runs every check for guests of `arch`. With `kernel` (from `--image`),
 /// KVM is probed by booting that kernel, which is the only reliable test.
-pub fn run(cfg: &ShimConfig, arch: &str, root: &Path, kernel: Option<&Path>) -> Vec<CheckLine> {
+pub fn run(cfg: &ShimConfig, arch: Arch, root: &Path, kernel: Option<&Path>) -> Vec<CheckLine> {
     let mut out = Vec::new();
+    let qemu_path = check_qemu(cfg, arch, &mut out);
+    check_accel(arch, root, kernel, qemu_path.as_deref(), &mut out);
+    check_backends(cfg, &mut out);
+    check_passthrough(root, &mut out);
+    check_memory(cfg, root, &mut out);
+    out
+}
+
+/// QEMU, its machine type and vhost-user devices; QEMU's path if found.
+fn check_qemu(cfg: &ShimConfig, arch: Arch, out: &mut Vec<CheckLine>) -> Option<PathBuf> {
     let q = &cfg.hypervisor.qemu;
     let binary = if q.path.is_empty() {
-        qemu::profile(arch)
-            .map(|p| p.binary.to_string())
-            .unwrap_or_default()
+        qemu::profile(arch).binary.to_string()
     } else {
         q.path.clone()
     };
-
-    // QEMU and its machine type.
     let qemu_path = which(&binary);
     let version = qemu_path
         .as_ref()
@@ -69,7 +76,7 @@ pub fn run(cfg: &ShimConfig, arch: &str, root: &Path, kernel: Option<&Path>) -> 
     ));
     if let Some(p) = &qemu_path {
         let machine = if q.machine_type.is_empty() {
-            qemu::profile(arch).map(|p| p.machine).unwrap_or("")
+            qemu::profile(arch).machine
         } else {
             &q.machine_type
         };
@@ -100,17 +107,27 @@ pub fn run(cfg: &ShimConfig, arch: &str, root: &Path, kernel: Option<&Path>) -> 
         }
     }
 
-    // Acceleration: KVM if it really runs guests, else TCG.
+    qemu_path
+}
+
+/// KVM if it really runs guests, else TCG.
+fn check_accel(
+    arch: Arch,
+    root: &Path,
+    kernel: Option<&Path>,
+    qemu_path: Option<&Path>,
+    out: &mut Vec<CheckLine>,
+) {
     let host = HostKvm::probe(root);
     let kvm = if !host.dev_kvm_rw {
         Err("/dev/kvm is missing or not accessible".to_string())
-    } else if arch != std::env::consts::ARCH {
+    } else if arch.name() != std::env::consts::ARCH {
         Err(format!(
             "a {arch} guest cannot use this {} host's KVM",
             std::env::consts::ARCH
         ))
     } else {
-        match (qemu_path.as_deref(), kernel) {
+        match (qemu_path, kernel) {
             (None, _) => Err("no QEMU to probe with".into()),
             (Some(q), Some(k)) => probe_kvm(q, Some(k)),
             (Some(q), None) => match host.unusable_reason() {
@@ -143,8 +160,11 @@ pub fn run(cfg: &ShimConfig, arch: &str, root: &Path, kernel: Option<&Path>) -> 
         },
         "install QEMU",
     ));
+}
 
-    // Backends.
+/// The vsock backend and virtiofsd.
+fn check_backends(cfg: &ShimConfig, out: &mut Vec<CheckLine>) {
+    let q = &cfg.hypervisor.qemu;
     let vsock = which(&cfg.vsock.backend);
     out.push(line(
         "vsock backend",
@@ -178,8 +198,10 @@ pub fn run(cfg: &ShimConfig, arch: &str, root: &Path, kernel: Option<&Path>) -> 
         ),
         "cargo install --locked virtiofsd (needs libseccomp-dev libcap-ng-dev)",
     ));
+}
 
-    // Device passthrough.
+/// IOMMU groups and vfio-pci, for device passthrough.
+fn check_passthrough(root: &Path, out: &mut Vec<CheckLine>) {
     let groups = std::fs::read_dir(root.join("sys/kernel/iommu_groups"))
         .map(|d| d.count())
         .unwrap_or(0);
@@ -202,8 +224,11 @@ pub fn run(cfg: &ShimConfig, arch: &str, root: &Path, kernel: Option<&Path>) -> 
         },
         "modprobe vfio-pci (needed only for --device vfio:...)",
     ));
+}
 
-    // Memory.
+/// Enough free memory for one VM.
+fn check_memory(cfg: &ShimConfig, root: &Path, out: &mut Vec<CheckLine>) {
+    let q = &cfg.hypervisor.qemu;
     let avail_mib = std::fs::read_to_string(root.join("proc/meminfo"))
         .ok()
         .and_then(|m| {
@@ -221,7 +246,6 @@ pub fn run(cfg: &ShimConfig, arch: &str, root: &Path, kernel: Option<&Path>) -> 
         format!("{avail_mib} MiB available, a VM needs about {need} MiB"),
         "free memory or lower hypervisor.qemu.default_memory",
     ));
-    out
 }
 
 /// Starts QEMU with KVM and waits a bounded time for the guest to print:
@@ -339,7 +363,7 @@ mod tests {
         let mut cfg = ShimConfig::default();
         cfg.hypervisor.qemu.path = "/nonexistent/qemu".into();
         cfg.vsock.backend = "/nonexistent/vhost-device-vsock".into();
-        let lines = run(&cfg, "x86_64", root.path(), None);
+        let lines = run(&cfg, Arch::X86_64, root.path(), None);
         let get = |n: &str| lines.iter().find(|l| l.name == n).unwrap().clone();
         assert!(!get("qemu").ok && get("qemu").fix.contains("apt-get"));
         assert!(!get("vsock backend").ok && get("vsock backend").fix.contains("cargo install"));

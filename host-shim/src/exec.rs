@@ -11,7 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::client::AgentClient;
 use crate::config::ShimConfig;
-use crate::run::{copy_in, copy_out, forward, no_deadline, resize, RawTerminal};
+use crate::stdio::{copy_in, copy_out, forward, no_deadline, resize, RawTerminal};
 
 pub struct ExecRequest<'a> {
     pub run_dir: &'a Path,

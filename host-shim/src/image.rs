@@ -1,57 +1,16 @@
 //! Reading a built image's `manifest.json` (written by `cargo xtask build-image`)
 //! and checking its artifacts before a VM is started from them.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::Deserialize;
+use kiln_manifest::{role, ArtifactRecord, Manifest, RootfsRecord};
 use sha2::Digest;
-
-#[derive(Deserialize, Debug, Clone)]
-pub struct ImageManifest {
-    pub kiln_manifest: u32,
-    pub image: String,
-    pub arch: String,
-    pub kernel_version: String,
-    pub cmdline: String,
-    pub artifacts: BTreeMap<String, Artifact>,
-    /// Layout of the `rootfs_image` artifact (images built before it existed have none).
-    #[serde(default)]
-    pub rootfs: Option<RootfsLayout>,
-    /// Debian packages in the image.
-    #[serde(default)]
-    pub packages: Vec<Package>,
-}
-
-/// What kiln-shim needs to boot `rootfs_image`: the filesystem (for the
-/// kernel's root= parameters), PID 1 if not /sbin/init, and where things are.
-#[derive(Deserialize, Debug, Clone)]
-pub struct RootfsLayout {
-    pub filesystem: String,
-    #[serde(default)]
-    pub init: Option<String>,
-    pub partition_offset: u64,
-    pub partition_size: u64,
-}
-
-#[derive(Deserialize, Debug, Clone)]
-pub struct Package {
-    pub name: String,
-    pub version: String,
-}
-
-#[derive(Deserialize, Debug, Clone)]
-pub struct Artifact {
-    pub file: String,
-    pub size: u64,
-    pub sha256: String,
-}
 
 /// A manifest plus the absolute paths of the files a boot needs.
 #[derive(Debug, Clone)]
 pub struct BootImage {
-    pub manifest: ImageManifest,
+    pub manifest: Manifest,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// The manifest's directory (artifacts are relative to it).
@@ -63,7 +22,7 @@ pub struct BootImage {
 pub struct RootfsImage {
     pub path: PathBuf,
     pub size: u64,
-    pub layout: RootfsLayout,
+    pub layout: RootfsRecord,
 }
 
 impl BootImage {
@@ -71,7 +30,7 @@ impl BootImage {
     /// stream) and its headers parsed as kiln-disk's DAX layout, so a stale or
     /// foreign file fails here and not as a kernel panic.
     pub fn rootfs_image(&self) -> anyhow::Result<RootfsImage> {
-        let a = self.manifest.artifacts.get("rootfs_image").with_context(|| {
+        let a = self.manifest.artifact(role::ROOTFS_IMAGE).with_context(|| {
             format!(
                 "image `{}` has no rootfs_image artifact: rebuild it with `cargo xtask build-image --image {}`",
                 self.manifest.image, self.manifest.image
@@ -104,7 +63,7 @@ impl BootImage {
 }
 
 /// [`verify`] without reading the whole file into memory.
-fn verify_streaming(path: &Path, a: &Artifact) -> anyhow::Result<()> {
+fn verify_streaming(path: &Path, a: &ArtifactRecord) -> anyhow::Result<()> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)
         .with_context(|| format!("artifact {} is missing", path.display()))?;
@@ -142,27 +101,27 @@ impl BootImage {
                 path.display()
             )
         })?;
-        let manifest: ImageManifest = serde_json::from_str(&text)
+        let manifest: Manifest = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a kiln manifest.json", path.display()))?;
-        if manifest.kiln_manifest != 1 {
+        if manifest.kiln_manifest != kiln_manifest::FORMAT {
             anyhow::bail!(
-                "{}: manifest format {} is not supported (expected 1)",
+                "{}: manifest format {} is not supported (expected {})",
                 path.display(),
-                manifest.kiln_manifest
+                manifest.kiln_manifest,
+                kiln_manifest::FORMAT
             );
         }
         let dir = path.parent().unwrap_or(Path::new("."));
         let file_of = |role: &str| -> anyhow::Result<PathBuf> {
             let a = manifest
-                .artifacts
-                .get(role)
+                .artifact(role)
                 .with_context(|| format!("{}: no `{role}` artifact listed", path.display()))?;
             let p = dir.join(&a.file);
             verify(&p, a)?;
             Ok(p)
         };
-        let kernel = file_of("kernel")?;
-        let initrd = file_of("initrd")?;
+        let kernel = file_of(role::KERNEL)?;
+        let initrd = file_of(role::INITRD)?;
         Ok(BootImage {
             dir: dir.to_path_buf(),
             manifest,
@@ -174,7 +133,7 @@ impl BootImage {
 
 /// Size and sha256 must match the manifest: a stale or half-copied artifact
 /// would otherwise boot into a confusing failure.
-fn verify(path: &Path, a: &Artifact) -> anyhow::Result<()> {
+fn verify(path: &Path, a: &ArtifactRecord) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(path).with_context(|| format!("artifact {} is missing", path.display()))?;
     if bytes.len() as u64 != a.size {
@@ -221,6 +180,45 @@ mod tests {
         let p = dir.join("manifest.json");
         std::fs::write(&p, m.to_string()).unwrap();
         p
+    }
+
+    /// A manifest as xtask writes it (kiln-manifest's types, pretty JSON)
+    /// reads back here with every field and boots from the listed files.
+    #[test]
+    fn reads_what_xtask_writes() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("vmlinuz"), b"kernel").unwrap();
+        std::fs::write(d.path().join("initrd.img"), b"cpio").unwrap();
+        let record = |file: &str, bytes: &[u8]| ArtifactRecord {
+            file: file.into(),
+            size: bytes.len() as u64,
+            sha256: hex_string(&sha2::Sha256::digest(bytes)),
+        };
+        let written = Manifest {
+            kiln_manifest: kiln_manifest::FORMAT,
+            image: "minimal".into(),
+            arch: kiln_manifest::Arch::Aarch64,
+            kernel_version: "6.12.57".into(),
+            kernel_patches: vec![],
+            cmdline: "console=ttyAMA0".into(),
+            source_date_epoch: 7,
+            artifacts: [
+                (role::KERNEL.to_string(), record("vmlinuz", b"kernel")),
+                (role::INITRD.to_string(), record("initrd.img", b"cpio")),
+            ]
+            .into(),
+            inputs: [("kernel".to_string(), "k".to_string())].into(),
+            rootfs: None,
+            packages: vec![],
+            kernel_modules: vec![],
+        };
+        let p = d.path().join(kiln_manifest::FILE);
+        std::fs::write(&p, serde_json::to_string_pretty(&written).unwrap() + "\n").unwrap();
+        let img = BootImage::load(&p).unwrap();
+        assert_eq!(img.manifest, written);
+        assert_eq!(img.initrd, d.path().join("initrd.img"));
+        let err = format!("{:#}", img.rootfs_image().unwrap_err());
+        assert!(err.contains("no rootfs_image artifact"), "{err}");
     }
 
     #[test]

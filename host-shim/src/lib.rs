@@ -16,6 +16,7 @@ pub mod run;
 pub mod smoke;
 pub mod spec;
 pub mod state;
+pub mod stdio;
 pub mod vfio;
 pub mod virtiofs;
 pub mod vm;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use kiln_manifest::Arch;
 use kiln_shim::config::ShimConfig;
 use kiln_shim::image::BootImage;
 use kiln_shim::installed;
@@ -32,43 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot an image until its agent answers, print guest details, shut down.
-    Boot {
-        /// The image's manifest.json (from `cargo xtask build-image`); default:
-        /// the installed minimal image (`<prefix>/share/kiln/minimal/manifest.json`).
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// Show the guest console on stdout.
-        #[arg(long)]
-        console: bool,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Keep the VM running until Ctrl-C (talk to it with `kiln-shim agent --vm DIR ...`).
-        #[arg(long)]
-        stay: bool,
-        /// Instead of waiting for the agent, wait until the guest console
-        /// prints this text (for images without an agent, e.g. boot benchmarks).
-        #[arg(long, conflicts_with = "stay")]
-        until_console: Option<String>,
-        /// Root filesystem: initrd, image (NVDIMM with DAX where possible, else
-        /// virtio-blk), nvdimm (DAX or fail) or virtio-blk. Overrides
-        /// hypervisor.qemu.rootfs.
-        #[arg(long, value_name = "MODE")]
-        rootfs: Option<String>,
-        /// Share this root filesystem directory over virtio-fs as container
-        /// `dev`'s rootfs (Kata's layout), for `--smoke` and `kiln-shim exec`.
-        #[arg(long, value_name = "DIR")]
-        share: Option<PathBuf>,
-        /// Once the agent answers, run the smoke sequence (Check,
-        /// GetGuestDetails and, with --share, a container and an exec in it),
-        /// timing each step; fail on the first step that fails.
-        #[arg(long)]
-        smoke: bool,
-        /// Extra guest kernel parameters, after the image's and the
-        /// configuration's (e.g. `agent.log=debug`).
-        #[arg(long, value_name = "PARAMS", allow_hyphen_values = true)]
-        kernel_params: Option<String>,
-    },
+    Boot(BootArgs),
     /// Run a process in a container of a VM started with `boot --stay`
     /// (by default the smoke container `dev`); exits with its status.
     Exec {
@@ -103,52 +68,12 @@ enum Cmd {
         request: String,
     },
     /// Run a command in a container in a fresh VM; exits with its status.
-    Run {
-        /// The image's manifest.json; default: the installed minimal image.
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// An OCI bundle: config.json plus its root filesystem.
-        #[arg(long, conflicts_with = "rootfs", required_unless_present = "rootfs")]
-        bundle: Option<PathBuf>,
-        /// A root filesystem directory; a default spec is generated.
-        #[arg(long)]
-        rootfs: Option<PathBuf>,
-        /// Give the container a terminal.
-        #[arg(short = 't', long)]
-        tty: bool,
-        /// Extra environment variables (KEY=VALUE), repeatable.
-        #[arg(short = 'e', long = "env")]
-        env: Vec<String>,
-        /// Show the guest console (on stdout, mixed with the container's output).
-        #[arg(long)]
-        console: bool,
-        /// Hot-plug a disk image and mount it: FILE[:DEST[:FSTYPE]] (default /diskN, ext4).
-        #[arg(long = "disk")]
-        disks: Vec<String>,
-        /// Pass a host PCI device through with VFIO: vfio:ADDRESS (e.g.
-        /// vfio:0000:01:00.0), /dev/vfio/GROUP, or vfio-gk:... to keep the
-        /// guest kernel's driver. Repeatable; needs root and a host IOMMU.
-        #[arg(long = "device", value_name = "DEVICE")]
-        devices: Vec<String>,
-        /// Pass a device through even though the host uses it (a mounted
-        /// disk, an interface that is up).
-        #[arg(long)]
-        force: bool,
-        /// Test/demo facility: attach an emulated QEMU PCI device (edu,
-        /// e1000e, pci-testdev) and present it to the container as if it were
-        /// host device ADDRESS passed through with VFIO: DRIVER@ADDRESS, e.g.
-        /// edu@0000:ab:00.0. Needs no host IOMMU.
-        #[arg(long = "emulated-vfio", value_name = "DRIVER@ADDRESS")]
-        emulated_vfio: Vec<String>,
-        /// The command (required with --rootfs; overrides the bundle's args).
-        #[arg(last = true)]
-        command: Vec<String>,
-    },
+    Run(RunArgs),
     /// Can this host run kiln VMs? Pass/fail per line with how to fix; exit 0 only when a VM can run.
     Check {
         /// Guest architecture to check for.
-        #[arg(long, default_value = std::env::consts::ARCH)]
-        arch: String,
+        #[arg(long, default_value_t = Arch::host())]
+        arch: Arch,
         /// Probe KVM by booting this image's kernel (the reliable probe).
         #[arg(long)]
         image: Option<PathBuf>,
@@ -174,6 +99,88 @@ enum Cmd {
     },
     /// Print the effective configuration.
     Config,
+}
+
+#[derive(clap::Args)]
+struct BootArgs {
+    /// The image's manifest.json (from `cargo xtask build-image`); default:
+    /// the installed minimal image (`<prefix>/share/kiln/minimal/manifest.json`).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Show the guest console on stdout.
+    #[arg(long)]
+    console: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Keep the VM running until Ctrl-C (talk to it with `kiln-shim agent --vm DIR ...`).
+    #[arg(long)]
+    stay: bool,
+    /// Instead of waiting for the agent, wait until the guest console
+    /// prints this text (for images without an agent, e.g. boot benchmarks).
+    #[arg(long, conflicts_with = "stay")]
+    until_console: Option<String>,
+    /// Root filesystem: initrd, image (NVDIMM with DAX where possible, else
+    /// virtio-blk), nvdimm (DAX or fail) or virtio-blk. Overrides
+    /// hypervisor.qemu.rootfs.
+    #[arg(long, value_name = "MODE")]
+    rootfs: Option<String>,
+    /// Share this root filesystem directory over virtio-fs as container
+    /// `dev`'s rootfs (Kata's layout), for `--smoke` and `kiln-shim exec`.
+    #[arg(long, value_name = "DIR")]
+    share: Option<PathBuf>,
+    /// Once the agent answers, run the smoke sequence (Check,
+    /// GetGuestDetails and, with --share, a container and an exec in it),
+    /// timing each step; fail on the first step that fails.
+    #[arg(long)]
+    smoke: bool,
+    /// Extra guest kernel parameters, after the image's and the
+    /// configuration's (e.g. `agent.log=debug`).
+    #[arg(long, value_name = "PARAMS", allow_hyphen_values = true)]
+    kernel_params: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The image's manifest.json; default: the installed minimal image.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// An OCI bundle: config.json plus its root filesystem.
+    #[arg(long, conflicts_with = "rootfs", required_unless_present = "rootfs")]
+    bundle: Option<PathBuf>,
+    /// A root filesystem directory; a default spec is generated.
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// Give the container a terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Extra environment variables (KEY=VALUE), repeatable.
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Show the guest console (on stdout, mixed with the container's output).
+    #[arg(long)]
+    console: bool,
+    /// Hot-plug a disk image and mount it: FILE[:DEST[:FSTYPE]] (default /diskN, ext4).
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// Pass a host PCI device through with VFIO: vfio:ADDRESS (e.g.
+    /// vfio:0000:01:00.0), /dev/vfio/GROUP, or vfio-gk:... to keep the
+    /// guest kernel's driver. Repeatable; needs root and a host IOMMU.
+    #[arg(long = "device", value_name = "DEVICE")]
+    devices: Vec<String>,
+    /// Pass a device through even though the host uses it (a mounted
+    /// disk, an interface that is up).
+    #[arg(long)]
+    force: bool,
+    /// Test/demo facility: attach an emulated QEMU PCI device (edu,
+    /// e1000e, pci-testdev) and present it to the container as if it were
+    /// host device ADDRESS passed through with VFIO: DRIVER@ADDRESS, e.g.
+    /// edu@0000:ab:00.0. Needs no host IOMMU.
+    #[arg(long = "emulated-vfio", value_name = "DRIVER@ADDRESS")]
+    emulated_vfio: Vec<String>,
+    /// The command (required with --rootfs; overrides the bundle's args).
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -235,12 +242,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Check { arch, image, json } => {
             let image = image.map(|m| BootImage::load(&m)).transpose()?;
-            let arch = image
-                .as_ref()
-                .map(|i| i.manifest.arch.clone())
-                .unwrap_or(arch);
+            let arch = image.as_ref().map(|i| i.manifest.arch).unwrap_or(arch);
             let kernel = image.as_ref().map(|i| i.kernel.as_path());
-            let lines = kiln_shim::check::run(&cfg, &arch, std::path::Path::new("/"), kernel);
+            let lines = kiln_shim::check::run(&cfg, arch, std::path::Path::new("/"), kernel);
             let ok = kiln_shim::check::can_run(&lines);
             if json {
                 println!("{}", serde_json::json!({ "can_run": ok, "checks": lines }));
@@ -296,95 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run {
-            image,
-            bundle,
-            rootfs,
-            tty,
-            env,
-            console,
-            disks,
-            devices,
-            force,
-            emulated_vfio,
-            command,
-        } => {
-            let mut vfio = kiln_shim::vfio::VfioOptions {
-                host: devices
-                    .iter()
-                    .map(|d| kiln_shim::vfio::parse_device_arg(d))
-                    .collect::<anyhow::Result<_>>()?,
-                emulated: emulated_vfio
-                    .iter()
-                    .map(|d| kiln_shim::vfio::parse_emulated(d))
-                    .collect::<anyhow::Result<_>>()?,
-                force,
-                viommu: false,
-            };
-            let disks = disks
-                .iter()
-                .enumerate()
-                .map(|(i, d)| kiln_shim::run::DiskSpec::parse(d, i))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            clean_stale();
-            let image = BootImage::load(&installed::image(image)?)?;
-            let (mut spec, rootfs) = match (bundle, rootfs) {
-                (Some(b), None) => {
-                    let spec = kiln_shim::spec::load_bundle(&b)?;
-                    let root = spec
-                        .root()
-                        .as_ref()
-                        .map(|r| r.path().clone())
-                        .unwrap_or_else(|| "rootfs".into());
-                    let root = if root.is_absolute() {
-                        root
-                    } else {
-                        b.join(root)
-                    };
-                    (spec, root)
-                }
-                (None, Some(r)) => {
-                    if command.is_empty() {
-                        anyhow::bail!("--rootfs needs a command after `--`, e.g. kiln-shim run --image M --rootfs DIR -- sh -c 'echo hi'");
-                    }
-                    (kiln_shim::spec::default_spec(&command, &env, tty)?, r)
-                }
-                _ => anyhow::bail!("give either --bundle DIR or --rootfs DIR"),
-            };
-            kiln_shim::spec::override_process(&mut spec, &command, &env, tty)?;
-            // A bundle's /dev/vfio/<group> devices are groups to pass through.
-            for d in spec
-                .linux()
-                .as_ref()
-                .and_then(|l| l.devices().clone())
-                .unwrap_or_default()
-            {
-                let path = d.path().display().to_string();
-                if let Some(g) = kiln_shim::vfio::vfio_group_path(&path) {
-                    let arg = kiln_shim::vfio::DeviceArg::Group(g);
-                    if !vfio.host.iter().any(|(a, _)| *a == arg) {
-                        vfio.host.push((arg, kiln_shim::vfio::GuestMode::Vfio));
-                    }
-                }
-            }
-            if !rootfs.is_dir() {
-                anyhow::bail!(
-                    "the container's root filesystem {} is not a directory",
-                    rootfs.display()
-                );
-            }
-            let req = kiln_shim::run::RunRequest {
-                image,
-                spec,
-                rootfs: rootfs.canonicalize()?,
-                container_id: kiln_shim::run::new_container_id(),
-                console,
-                disks,
-                vfio,
-            };
-            let status = kiln_shim::run::run(&cfg, req).await?;
-            Ok(ExitCode::from(status.clamp(0, 255) as u8))
-        }
+        Cmd::Run(args) => run_container(&cfg, args).await,
         Cmd::Exec {
             vm,
             container,
@@ -431,147 +347,258 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Boot {
-            image,
+        Cmd::Boot(args) => boot(cfg, args).await,
+    }
+}
+
+/// `kiln-shim boot`.
+async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
+    let BootArgs {
+        image,
+        console,
+        json,
+        stay,
+        until_console,
+        rootfs,
+        share,
+        smoke,
+        kernel_params,
+    } = args;
+    clean_stale();
+    let mut cfg = cfg.clone();
+    if let Some(extra) = kernel_params {
+        let q = &mut cfg.hypervisor.qemu;
+        q.kernel_params = format!("{} {}", q.kernel_params.trim(), extra.trim())
+            .trim()
+            .to_string();
+    }
+    let share = share
+        .map(|d| {
+            d.canonicalize().map_err(|e| {
+                anyhow::anyhow!(
+                    "--share {}: {e}; give a root filesystem directory",
+                    d.display()
+                )
+            })
+        })
+        .transpose()?;
+    let image = BootImage::load(&installed::image(image)?)?;
+    if let Some(marker) = until_console {
+        return boot_until_console(&cfg, &image, rootfs, &marker, json).await;
+    }
+    let mut vm = Vm::launch(
+        &image,
+        &cfg,
+        &BootOptions {
             console,
-            json,
-            stay,
-            until_console,
             rootfs,
-            share,
-            smoke,
-            kernel_params,
-        } => {
-            clean_stale();
-            let mut cfg = cfg.clone();
-            if let Some(extra) = kernel_params {
-                let q = &mut cfg.hypervisor.qemu;
-                q.kernel_params = format!("{} {}", q.kernel_params.trim(), extra.trim())
-                    .trim()
-                    .to_string();
-            }
-            let share = share
-                .map(|d| {
-                    d.canonicalize().map_err(|e| {
-                        anyhow::anyhow!(
-                            "--share {}: {e}; give a root filesystem directory",
-                            d.display()
-                        )
-                    })
-                })
-                .transpose()?;
-            let image = BootImage::load(&installed::image(image)?)?;
-            if let Some(marker) = until_console {
-                let opts = BootOptions {
-                    rootfs: rootfs.clone(),
-                    ..Default::default()
-                };
-                let mut vm = Vm::launch(&image, &cfg, &opts)?;
-                let t = tokio::select! {
-                    r = vm.wait_console(&marker, cfg.boot_timeout()) => r?,
-                    _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
-                };
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "image": image.manifest.image, "console_marker_seconds": t.as_secs_f64() })
-                    );
-                } else {
-                    println!(
-                        "console showed {marker:?} {:.2} s after QEMU launch",
-                        t.as_secs_f64()
-                    );
-                }
-                vm.shutdown();
-                return Ok(ExitCode::SUCCESS);
-            }
-            let mut vm = Vm::launch(
-                &image,
-                &cfg,
-                &BootOptions {
-                    console,
-                    rootfs,
-                    share_rootfs: share
-                        .as_ref()
-                        .map(|d| (kiln_shim::smoke::CONTAINER.to_string(), d.clone())),
-                    ..Default::default()
-                },
-            )?;
-            // Ctrl-C drops the VM (and with it QEMU, the backend and the run dir).
-            let ready = tokio::select! {
-                r = vm.wait_ready(&cfg) => r?,
-                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
-            };
-            let version = ready.client.version().await?;
-            let details = ready.client.guest_details().await?;
-            let secs = ready.elapsed.as_secs_f64();
-            let smoke_steps = if smoke {
-                tokio::select! {
-                    r = kiln_shim::smoke::run(&ready.client, share.is_some()) => r?,
-                    _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
-                }
+            share_rootfs: share
+                .as_ref()
+                .map(|d| (kiln_shim::smoke::CONTAINER.to_string(), d.clone())),
+            ..Default::default()
+        },
+    )?;
+    // Ctrl-C drops the VM (and with it QEMU, the backend and the run dir).
+    let ready = tokio::select! {
+        r = vm.wait_ready(&cfg) => r?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    };
+    let version = ready.client.version().await?;
+    let details = ready.client.guest_details().await?;
+    let secs = ready.elapsed.as_secs_f64();
+    let smoke_steps = if smoke {
+        tokio::select! {
+            r = kiln_shim::smoke::run(&ready.client, share.is_some()) => r?,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        }
+    } else {
+        Vec::new()
+    };
+    let report = BootReport {
+        image: &image,
+        vm: &vm,
+        version: &version,
+        details: &details,
+        secs,
+        smoke_steps: &smoke_steps,
+        run_dir: stay.then(|| vm.run_dir.path().display().to_string()),
+    };
+    report.print(json);
+    if stay {
+        eprintln!(
+            "VM running; run directory {}\n  try: kiln-shim agent --vm {} GetGuestDetails{}\nCtrl-C stops it.",
+            vm.run_dir.path().display(),
+            vm.run_dir.path().display(),
+            if smoke && share.is_some() {
+                format!("\n       kiln-shim exec --vm {} -t -- sh", vm.run_dir.path().display())
             } else {
-                Vec::new()
-            };
-            if json {
-                let out = serde_json::json!({
-                    "image": image.manifest.image,
-                    "arch": image.manifest.arch,
-                    "accel": vm.accel_note,
-                    "agent_ready_seconds": secs,
-                    "agent_version": version.agent_version,
-                    "init_daemon": details.agent_details.init_daemon,
-                    "mem_block_size_bytes": details.mem_block_size_bytes,
-                    "support_mem_hotplug_probe": details.support_mem_hotplug_probe,
-                    "supports_seccomp": details.agent_details.supports_seccomp,
-                    "rootfs": vm.rootfs_note.as_deref().unwrap_or("initrd"),
-                    "run_dir": stay.then(|| vm.run_dir.path().display().to_string()),
-                    "smoke": smoke_steps,
-                });
-                println!("{out}");
-            } else {
-                println!(
-                    "image:            {} ({}, kernel {})",
-                    image.manifest.image, image.manifest.arch, image.manifest.kernel_version
-                );
-                println!("accelerator:      {}", vm.accel_note);
-                println!(
-                    "root filesystem:  {}",
-                    vm.rootfs_note.as_deref().unwrap_or("initrd")
-                );
-                println!(
-                    "agent version:    {} (init: {})",
-                    version.agent_version, details.agent_details.init_daemon
-                );
-                println!("memory block:     {} bytes", details.mem_block_size_bytes);
-                println!("hotplug probe:    {}", details.support_mem_hotplug_probe);
-                println!(
-                    "seccomp:          {}",
-                    details.agent_details.supports_seccomp
-                );
-                println!("agent ready in:   {secs:.2} s from QEMU launch");
-                for s in &smoke_steps {
-                    println!("smoke {:<22}{:>8.1} ms  {}", s.step, s.ms, s.detail);
-                }
+                String::new()
             }
-            if stay {
-                eprintln!(
-                    "VM running; run directory {}\n  try: kiln-shim agent --vm {} GetGuestDetails{}\nCtrl-C stops it.",
-                    vm.run_dir.path().display(),
-                    vm.run_dir.path().display(),
-                    if smoke && share.is_some() {
-                        format!("\n       kiln-shim exec --vm {} -t -- sh", vm.run_dir.path().display())
-                    } else {
-                        String::new()
-                    }
-                );
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = vm.wait_exit() => eprintln!("the VM exited"),
-                }
+        );
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = vm.wait_exit() => eprintln!("the VM exited"),
+        }
+    }
+    vm.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln-shim run`.
+async fn run_container(cfg: &ShimConfig, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let RunArgs {
+        image,
+        bundle,
+        rootfs,
+        tty,
+        env,
+        console,
+        disks,
+        devices,
+        force,
+        emulated_vfio,
+        command,
+    } = args;
+    let mut vfio = kiln_shim::vfio::VfioOptions {
+        host: devices
+            .iter()
+            .map(|d| kiln_shim::vfio::parse_device_arg(d))
+            .collect::<anyhow::Result<_>>()?,
+        emulated: emulated_vfio
+            .iter()
+            .map(|d| kiln_shim::vfio::parse_emulated(d))
+            .collect::<anyhow::Result<_>>()?,
+        force,
+        viommu: false,
+    };
+    let disks = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| kiln_shim::run::DiskSpec::parse(d, i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    clean_stale();
+    let image = BootImage::load(&installed::image(image)?)?;
+    let (spec, rootfs) = kiln_shim::spec::container_source(
+        bundle.as_deref(),
+        rootfs.as_deref(),
+        &command,
+        &env,
+        tty,
+    )?;
+    // A bundle's /dev/vfio/<group> devices are groups to pass through.
+    vfio.add_spec_groups(&spec);
+    if !rootfs.is_dir() {
+        anyhow::bail!(
+            "the container's root filesystem {} is not a directory",
+            rootfs.display()
+        );
+    }
+    let req = kiln_shim::run::RunRequest {
+        image,
+        spec,
+        rootfs: rootfs.canonicalize()?,
+        container_id: kiln_shim::run::new_container_id(),
+        console,
+        disks,
+        vfio,
+    };
+    let status = kiln_shim::run::run(cfg, req).await?;
+    Ok(ExitCode::from(status.clamp(0, 255) as u8))
+}
+
+/// `boot --until-console`: launch, wait for `marker` on the console, report the time.
+async fn boot_until_console(
+    cfg: &ShimConfig,
+    image: &BootImage,
+    rootfs: Option<String>,
+    marker: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let opts = BootOptions {
+        rootfs,
+        ..Default::default()
+    };
+    let mut vm = Vm::launch(image, cfg, &opts)?;
+    let t = tokio::select! {
+        r = vm.wait_console(marker, cfg.boot_timeout()) => r?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "image": image.manifest.image, "console_marker_seconds": t.as_secs_f64() })
+        );
+    } else {
+        println!(
+            "console showed {marker:?} {:.2} s after QEMU launch",
+            t.as_secs_f64()
+        );
+    }
+    vm.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `boot` prints once the agent answered.
+struct BootReport<'a> {
+    image: &'a BootImage,
+    vm: &'a Vm,
+    version: &'a kiln_protocol::health::VersionCheckResponse,
+    details: &'a kiln_protocol::agent::GuestDetailsResponse,
+    secs: f64,
+    smoke_steps: &'a [kiln_shim::smoke::Step],
+    run_dir: Option<String>,
+}
+
+impl BootReport<'_> {
+    fn print(&self, json: bool) {
+        if json {
+            let out = serde_json::json!({
+                "image": self.image.manifest.image,
+                "arch": self.image.manifest.arch,
+                "accel": self.vm.accel_note,
+                "agent_ready_seconds": self.secs,
+                "agent_version": self.version.agent_version,
+                "init_daemon": self.details.agent_details.init_daemon,
+                "mem_block_size_bytes": self.details.mem_block_size_bytes,
+                "support_mem_hotplug_probe": self.details.support_mem_hotplug_probe,
+                "supports_seccomp": self.details.agent_details.supports_seccomp,
+                "rootfs": self.vm.rootfs_note.as_deref().unwrap_or("initrd"),
+                "run_dir": self.run_dir,
+                "smoke": self.smoke_steps,
+            });
+            println!("{out}");
+        } else {
+            println!(
+                "image:            {} ({}, kernel {})",
+                self.image.manifest.image,
+                self.image.manifest.arch,
+                self.image.manifest.kernel_version
+            );
+            println!("accelerator:      {}", self.vm.accel_note);
+            println!(
+                "root filesystem:  {}",
+                self.vm.rootfs_note.as_deref().unwrap_or("initrd")
+            );
+            println!(
+                "agent version:    {} (init: {})",
+                self.version.agent_version, self.details.agent_details.init_daemon
+            );
+            println!(
+                "memory block:     {} bytes",
+                self.details.mem_block_size_bytes
+            );
+            println!(
+                "hotplug probe:    {}",
+                self.details.support_mem_hotplug_probe
+            );
+            println!(
+                "seccomp:          {}",
+                self.details.agent_details.supports_seccomp
+            );
+            println!("agent ready in:   {:.2} s from QEMU launch", self.secs);
+            for s in self.smoke_steps {
+                println!("smoke {:<22}{:>8.1} ms  {}", s.step, s.ms, s.detail);
             }
-            vm.shutdown();
-            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -6,19 +6,17 @@
 //! for a signal). Every helper is owned by the `Vm`, so any exit path tears
 //! everything down.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use kiln_protocol::agent;
-use protobuf::MessageField;
-use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::client::AgentClient;
+use crate::client::{AgentClient, ContainerExtras};
 use crate::config::ShimConfig;
 use crate::image::BootImage;
+use crate::stdio::{copy_in, copy_out, forward, resize, RawTerminal};
 use crate::vm::{BootOptions, Vm};
 
 /// Where the agent mounts the `kataShared` share (Kata's path).
@@ -119,19 +117,40 @@ async fn drive(
     cid: &str,
     terminal: bool,
 ) -> anyhow::Result<i32> {
-    let mut sandbox = agent::CreateSandboxRequest::new();
-    sandbox.hostname = req.spec.hostname().clone().unwrap_or_else(|| "kiln".into());
-    sandbox.sandbox_id = cid.to_string();
-    sandbox.storages.push(share_storage());
-    c.agent
-        .create_sandbox(c.ctx(), &sandbox)
+    let hostname = req.spec.hostname().clone().unwrap_or_else(|| "kiln".into());
+    c.create_sandbox(cid, &hostname, vec![share_storage()])
         .await
         .context("CreateSandbox")?;
-
     let (mut spec, sandbox_pidns) = agent_spec(&req.spec, cid)?;
-    let mut create = agent::CreateContainerRequest::new();
-    create.sandbox_pidns = sandbox_pidns;
-    for (i, disk) in req.disks.iter().enumerate() {
+    let mut extras = ContainerExtras {
+        sandbox_pidns,
+        ..Default::default()
+    };
+    plug_disks(vm, &req.disks, &mut spec, &mut extras)?;
+    for d in &vm.passed {
+        tracing::info!(
+            "{} passed through as {} at guest PCI path {}",
+            d.backend.host_bdf(),
+            d.mode.device_type(),
+            d.pci_path
+        );
+        extras.devices.push(d.agent_device());
+    }
+    c.create_container(cid, spec, extras)
+        .await
+        .context("CreateContainer")?;
+    c.start_container(cid).await.context("StartContainer")?;
+    attach(vm, c, cid, terminal).await
+}
+
+/// Hot-plugs each `--disk` and has the container bind-mount it.
+fn plug_disks(
+    vm: &mut Vm,
+    disks: &[DiskSpec],
+    spec: &mut kiln_protocol::oci::Spec,
+    extras: &mut ContainerExtras,
+) -> anyhow::Result<()> {
+    for (i, disk) in disks.iter().enumerate() {
         let plugged = vm.hotplug_disk(i as u32, &disk.file)?;
         tracing::info!(
             "disk {} plugged as {} at guest PCI path {}",
@@ -145,7 +164,7 @@ async fn drive(
         s.source = plugged.pci_path;
         s.fstype = disk.fstype.clone();
         s.mount_point = mount_point.clone();
-        create.storages.push(s);
+        extras.storages.push(s);
         let mut m = kiln_protocol::oci::Mount::new();
         m.destination = disk.dest.clone();
         m.source = mount_point;
@@ -153,29 +172,12 @@ async fn drive(
         m.options = vec!["rbind".into(), "rw".into()];
         spec.Mounts.push(m);
     }
-    for d in &vm.passed {
-        tracing::info!(
-            "{} passed through as {} at guest PCI path {}",
-            d.backend.host_bdf(),
-            d.mode.device_type(),
-            d.pci_path
-        );
-        create.devices.push(d.agent_device());
-    }
-    create.container_id = cid.to_string();
-    create.exec_id = cid.to_string();
-    create.OCI = MessageField::some(spec);
-    c.agent
-        .create_container(c.ctx(), &create)
-        .await
-        .context("CreateContainer")?;
-    let mut start = agent::StartContainerRequest::new();
-    start.container_id = cid.to_string();
-    c.agent
-        .start_container(c.ctx(), &start)
-        .await
-        .context("StartContainer")?;
+    Ok(())
+}
 
+/// Connects our stdio (or terminal) to the started container, forwards
+/// signals until it exits and returns its status.
+async fn attach(vm: &mut Vm, c: &AgentClient, cid: &str, terminal: bool) -> anyhow::Result<i32> {
     let _raw = if terminal { RawTerminal::enter() } else { None };
     let stdout = tokio::spawn(copy_out(
         c.agent.clone(),
@@ -196,10 +198,7 @@ async fn drive(
         resize(c, cid, cid).await;
     }
 
-    let mut wait_req = agent::WaitProcessRequest::new();
-    wait_req.container_id = cid.to_string();
-    wait_req.exec_id = cid.to_string();
-    let wait = c.agent.wait_process(no_deadline(), &wait_req);
+    let wait = c.wait_process_unbounded(cid, cid);
     tokio::pin!(wait);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -208,7 +207,7 @@ async fn drive(
     let status = loop {
         tokio::select! {
             r = &mut wait => match r {
-                Ok(resp) => break resp.status,
+                Ok(status) => break status,
                 // A dying QEMU or backend shows up here first, as a broken
                 // connection: name the real cause when there is one.
                 Err(e) => match helper_death(vm).await {
@@ -277,29 +276,14 @@ pub fn agent_spec(
 /// tree shared as `id`) sleeping in it, ready for execs: what the smoke
 /// sequence and the exec bench start from.
 pub async fn start_idle_container(c: &AgentClient, id: &str, hostname: &str) -> anyhow::Result<()> {
-    let mut sandbox = agent::CreateSandboxRequest::new();
-    sandbox.sandbox_id = id.into();
-    sandbox.hostname = hostname.into();
-    sandbox.storages.push(share_storage());
-    c.agent
-        .create_sandbox(c.ctx(), &sandbox)
+    c.create_sandbox(id, hostname, vec![share_storage()])
         .await
         .context("CreateSandbox")?;
     let spec = crate::spec::default_spec(&["sleep".into(), "1000000000".into()], &[], false)?;
-    let mut create = agent::CreateContainerRequest::new();
-    create.container_id = id.into();
-    create.exec_id = id.into();
-    create.OCI = MessageField::some(protocol_spec(&spec, id)?);
-    c.agent
-        .create_container(c.ctx(), &create)
+    c.create_container(id, protocol_spec(&spec, id)?, ContainerExtras::default())
         .await
         .context("CreateContainer")?;
-    let mut start = agent::StartContainerRequest::new();
-    start.container_id = id.into();
-    c.agent
-        .start_container(c.ctx(), &start)
-        .await
-        .context("StartContainer")?;
+    c.start_container(id).await.context("StartContainer")?;
     Ok(())
 }
 
@@ -311,130 +295,6 @@ pub fn share_storage() -> agent::Storage {
     s.fstype = "virtiofs".into();
     s.mount_point = SHARE_MOUNT_POINT.into();
     s
-}
-
-/// A context without deadline, for calls that block until the container acts.
-pub(crate) fn no_deadline() -> ttrpc::context::Context {
-    ttrpc::context::Context::default()
-}
-
-pub(crate) async fn forward(c: &AgentClient, cid: &str, exec_id: &str, sig: i32) {
-    let mut r = agent::SignalProcessRequest::new();
-    r.container_id = cid.to_string();
-    r.exec_id = exec_id.to_string();
-    r.signal = sig as u32;
-    if let Err(e) = c.agent.signal_process(c.ctx(), &r).await {
-        tracing::warn!("forwarding signal {sig}: {e}");
-    }
-}
-
-pub(crate) async fn resize(c: &AgentClient, cid: &str, exec_id: &str) {
-    let Some((rows, cols)) = terminal_size() else {
-        return;
-    };
-    let mut r = agent::TtyWinResizeRequest::new();
-    r.container_id = cid.to_string();
-    r.exec_id = exec_id.to_string();
-    r.row = rows.into();
-    r.column = cols.into();
-    let _ = c.agent.tty_win_resize(c.ctx(), &r).await;
-}
-
-fn terminal_size() -> Option<(u16, u16)> {
-    // SAFETY: winsize is four integers; all zeroes is a valid value.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: TIOCGWINSZ fills `ws`; fd 0 may not be a tty, then it fails.
-    let rc = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };
-    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
-}
-
-/// Copies the container's stdout (or stderr) to ours until the agent says EOF
-/// (an empty answer) or the process is gone.
-pub(crate) async fn copy_out(
-    agent: kiln_protocol::agent_ttrpc::AgentServiceClient,
-    cid: String,
-    exec_id: String,
-    err: bool,
-) {
-    let mut req = agent::ReadStreamRequest::new();
-    req.container_id = cid;
-    req.exec_id = exec_id;
-    req.len = 64 * 1024;
-    loop {
-        let r = if err {
-            agent.read_stderr(no_deadline(), &req).await
-        } else {
-            agent.read_stdout(no_deadline(), &req).await
-        };
-        let data = match r {
-            Ok(resp) if !resp.data.is_empty() => resp.data,
-            _ => break,
-        };
-        let written = if err {
-            let mut e = std::io::stderr().lock();
-            e.write_all(&data).and_then(|_| e.flush())
-        } else {
-            let mut o = std::io::stdout().lock();
-            o.write_all(&data).and_then(|_| o.flush())
-        };
-        if written.is_err() {
-            break;
-        }
-    }
-}
-
-/// Copies our stdin to the container's until EOF, then closes it there.
-pub(crate) async fn copy_in(
-    agent: kiln_protocol::agent_ttrpc::AgentServiceClient,
-    cid: String,
-    exec_id: String,
-) {
-    let mut input = tokio::io::stdin();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match input.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let mut w = agent::WriteStreamRequest::new();
-        w.container_id = cid.clone();
-        w.exec_id = exec_id.clone();
-        w.data = buf[..n].to_vec();
-        if agent.write_stdin(no_deadline(), &w).await.is_err() {
-            return;
-        }
-    }
-    let mut close = agent::CloseStdinRequest::new();
-    close.container_id = cid;
-    close.exec_id = exec_id;
-    let _ = agent.close_stdin(no_deadline(), &close).await;
-}
-
-/// The host terminal in raw mode while a `-t` container runs; restored on drop.
-pub(crate) struct RawTerminal {
-    saved: nix::sys::termios::Termios,
-}
-
-impl RawTerminal {
-    pub(crate) fn enter() -> Option<RawTerminal> {
-        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
-        let stdin = std::io::stdin();
-        let saved = tcgetattr(&stdin).ok()?;
-        let mut raw = saved.clone();
-        cfmakeraw(&mut raw);
-        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
-        Some(RawTerminal { saved })
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        let _ = nix::sys::termios::tcsetattr(
-            std::io::stdin(),
-            nix::sys::termios::SetArg::TCSANOW,
-            &self.saved,
-        );
-    }
 }
 
 /// A container id from the clock and pid: unique per host, valid for the agent.

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kiln_protocol::{agent, oci};
-use protobuf::MessageField;
 use serde::Serialize;
 
 use crate::client::AgentClient;
@@ -89,25 +88,15 @@ async fn exec_capture(c: &AgentClient, exec_id: &str, args: &[&str]) -> anyhow::
     p.Args = args.iter().map(|a| a.to_string()).collect();
     p.Env = vec!["PATH=/bin:/usr/bin:/sbin:/usr/sbin".into()];
     p.Cwd = "/".into();
-    let mut req = agent::ExecProcessRequest::new();
-    req.container_id = CONTAINER.into();
-    req.exec_id = exec_id.into();
-    req.process = MessageField::some(p);
-    c.agent
-        .exec_process(c.ctx(), &req)
+    c.exec_process(CONTAINER, exec_id, p)
         .await
         .context("smoke step ExecProcess")?;
     let stdout = read_all(c, exec_id, false).await?;
     let stderr = read_all(c, exec_id, true).await?;
-    let mut wait = agent::WaitProcessRequest::new();
-    wait.container_id = CONTAINER.into();
-    wait.exec_id = exec_id.into();
     let status = c
-        .agent
-        .wait_process(c.ctx(), &wait)
+        .wait_process(CONTAINER, exec_id)
         .await
-        .context("smoke step WaitProcess")?
-        .status;
+        .context("smoke step WaitProcess")?;
     if status != 0 {
         anyhow::bail!(
             "smoke step Exec: `{}` exited with {status}: {}",

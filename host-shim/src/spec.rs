@@ -8,7 +8,7 @@
 //! message descriptor and matches keys to field names case-insensitively.
 //! OCI keys the protocol has no field for are dropped and reported.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kiln_protocol::oci;
@@ -21,6 +21,49 @@ pub fn load_bundle(bundle: &Path) -> anyhow::Result<oci_spec::runtime::Spec> {
     let path = bundle.join("config.json");
     oci_spec::runtime::Spec::load(&path)
         .map_err(|e| anyhow::anyhow!("{}: not a valid OCI runtime spec: {e}", path.display()))
+}
+
+/// A container's spec and root filesystem for `kiln-shim run`: a bundle's
+/// config.json and root, or the default spec running `command` in `rootfs`.
+/// The command line's command, env and terminal override the spec's.
+pub fn container_source(
+    bundle: Option<&Path>,
+    rootfs: Option<&Path>,
+    command: &[String],
+    env: &[String],
+    terminal: bool,
+) -> anyhow::Result<(oci_spec::runtime::Spec, PathBuf)> {
+    let (mut spec, root) = match (bundle, rootfs) {
+        (Some(b), None) => {
+            let spec = load_bundle(b)?;
+            let root = bundle_root(&spec, b);
+            (spec, root)
+        }
+        (None, Some(r)) => {
+            if command.is_empty() {
+                anyhow::bail!("--rootfs needs a command after `--`, e.g. kiln-shim run --image M --rootfs DIR -- sh -c 'echo hi'");
+            }
+            (default_spec(command, env, terminal)?, r.to_path_buf())
+        }
+        _ => anyhow::bail!("give either --bundle DIR or --rootfs DIR"),
+    };
+    override_process(&mut spec, command, env, terminal)?;
+    Ok((spec, root))
+}
+
+/// A bundle's root filesystem: `root.path`, relative to the bundle unless
+/// absolute; `rootfs` when the spec names none.
+pub fn bundle_root(spec: &oci_spec::runtime::Spec, bundle: &Path) -> PathBuf {
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| "rootfs".into());
+    if root.is_absolute() {
+        root
+    } else {
+        bundle.join(root)
+    }
 }
 
 /// The spec `runc spec` would write, running `args` with `env` added.
@@ -182,6 +225,51 @@ fn map_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundle_root_is_relative_to_the_bundle_unless_absolute() {
+        let b = Path::new("/bundles/c1");
+        let mut spec = oci_spec::runtime::Spec::default();
+        let mut root = oci_spec::runtime::Root::default();
+        root.set_path("fs".into());
+        spec.set_root(Some(root.clone()));
+        assert_eq!(bundle_root(&spec, b), b.join("fs"));
+        root.set_path("/srv/fs".into());
+        spec.set_root(Some(root));
+        assert_eq!(bundle_root(&spec, b), Path::new("/srv/fs"));
+        spec.set_root(None);
+        assert_eq!(bundle_root(&spec, b), b.join("rootfs"));
+    }
+
+    #[test]
+    fn container_source_reads_a_bundle_and_applies_overrides() {
+        let d = tempfile::tempdir().unwrap();
+        let mut spec = default_spec(&["true".into()], &[], false).unwrap();
+        let mut root = oci_spec::runtime::Root::default();
+        root.set_path("fs".into());
+        spec.set_root(Some(root));
+        spec.save(d.path().join("config.json")).unwrap();
+        let args = vec!["echo".to_string(), "hi".to_string()];
+        let (spec, root) =
+            container_source(Some(d.path()), None, &args, &["A=1".into()], true).unwrap();
+        assert_eq!(root, d.path().join("fs"));
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!(p.args().as_ref().unwrap(), &args);
+        assert!(p.env().as_ref().unwrap().contains(&"A=1".to_string()));
+        assert_eq!(p.terminal(), Some(true));
+    }
+
+    #[test]
+    fn container_source_needs_one_source_and_a_command_for_rootfs() {
+        let r = Path::new("/r");
+        let err = container_source(None, None, &[], &[], false).unwrap_err();
+        assert!(err.to_string().contains("--bundle"), "{err}");
+        let err = container_source(None, Some(r), &[], &[], false).unwrap_err();
+        assert!(err.to_string().contains("needs a command"), "{err}");
+        let (spec, root) = container_source(None, Some(r), &["sh".into()], &[], false).unwrap();
+        assert_eq!(root, r);
+        assert_eq!(spec.hostname().as_deref(), Some("kiln"));
+    }
 
     #[test]
     fn default_spec_translates_with_namespaces_caps_and_mounts() {

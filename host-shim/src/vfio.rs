@@ -106,6 +106,17 @@ pub fn vfio_group_path(p: &str) -> Option<u32> {
     p.strip_prefix("/dev/vfio/")?.parse().ok()
 }
 
+/// The VFIO groups among a spec's `linux.devices`, in order.
+pub fn groups_in_spec(spec: &oci_spec::runtime::Spec) -> Vec<u32> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.devices().clone())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| vfio_group_path(&d.path().display().to_string()))
+        .collect()
+}
+
 /// Writes to sysfs files. The real one writes; the tests' one also plays
 /// the kernel's part (binding drivers).
 pub trait SysfsWriter {
@@ -462,12 +473,13 @@ pub struct VfioBinding {
 }
 
 impl VfioBinding {
-    /// Binds every device of `plans`, recording each in the run state first;
-    /// on error, what was bound is given back.
+    /// Binds every device of `plans`, handing each to `record` (the run
+    /// state, so a killed shim's devices can be given back) before it is
+    /// bound; on error, what was bound is given back.
     pub fn bind(
         root: &Path,
         plans: &[GroupPlan],
-        state: &mut crate::state::RunState,
+        record: &mut dyn FnMut(BoundDevice) -> anyhow::Result<()>,
     ) -> anyhow::Result<VfioBinding> {
         let mut binding = VfioBinding {
             root: root.to_path_buf(),
@@ -478,7 +490,7 @@ impl VfioBinding {
             let mut recorded = None;
             let r = host.bind(d, &mut |b| {
                 recorded = Some(b.clone());
-                state.add_vfio(b)
+                record(b)
             });
             if let Some(b) = recorded {
                 binding.bound.push(b);
@@ -607,6 +619,17 @@ pub struct VfioOptions {
 impl VfioOptions {
     pub fn is_empty(&self) -> bool {
         self.host.is_empty() && self.emulated.is_empty() && !self.viommu
+    }
+
+    /// Adds the groups a bundle's `linux.devices` name (`/dev/vfio/<group>`)
+    /// as `vfio` passthrough, unless the command line already passes them.
+    pub fn add_spec_groups(&mut self, spec: &oci_spec::runtime::Spec) {
+        for g in groups_in_spec(spec) {
+            let arg = DeviceArg::Group(g);
+            if !self.host.iter().any(|(a, _)| *a == arg) {
+                self.host.push((arg, GuestMode::Vfio));
+            }
+        }
     }
 }
 
@@ -930,5 +953,32 @@ mod tests {
         assert_eq!(a.options, vec!["0000:01:00.0=19/00"]);
         assert_eq!(a.container_path, "/dev/vfio/5");
         assert_eq!(d.backend.qemu_device(), "vfio-pci,host=0000:01:00.0");
+    }
+
+    #[test]
+    fn a_bundles_vfio_groups_are_passed_once() {
+        let dev = |p: &str| {
+            let mut d = oci_spec::runtime::LinuxDevice::default();
+            d.set_path(p.into());
+            d
+        };
+        let mut linux = oci_spec::runtime::Linux::default();
+        linux.set_devices(Some(vec![
+            dev("/dev/vfio/12"),
+            dev("/dev/null"),
+            dev("/dev/vfio/3"),
+        ]));
+        let mut spec = oci_spec::runtime::Spec::default();
+        spec.set_linux(Some(linux));
+        assert_eq!(groups_in_spec(&spec), vec![12, 3]);
+        let mut opts = VfioOptions {
+            host: vec![(DeviceArg::Group(3), GuestMode::Vfio)],
+            emulated: vec![],
+            force: false,
+            viommu: false,
+        };
+        opts.add_spec_groups(&spec);
+        let groups: Vec<_> = opts.host.iter().map(|(a, _)| a.clone()).collect();
+        assert_eq!(groups, vec![DeviceArg::Group(3), DeviceArg::Group(12)]);
     }
 }

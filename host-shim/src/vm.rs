@@ -81,11 +81,11 @@ impl Vm {
             ),
         };
         let machine = match cfg.hypervisor.qemu.machine_type.as_str() {
-            "" => qemu::profile(&image.manifest.arch)?.machine.to_string(),
+            "" => qemu::profile(image.manifest.arch).machine.to_string(),
             m => m.to_string(),
         };
         let rootfs_choice =
-            qemu::choose_rootfs_device(rootfs_key, rootfs_mode, &image.manifest.arch, &machine)?;
+            qemu::choose_rootfs_device(rootfs_key, rootfs_mode, image.manifest.arch, &machine)?;
         let rootfs_image = match &rootfs_choice {
             Some(_) => Some(image.rootfs_image()?),
             None => None,
@@ -124,7 +124,7 @@ impl Vm {
                 .iter()
                 .any(|d| d.mode == crate::vfio::GuestMode::Vfio);
 
-        let arch = image.manifest.arch.as_str();
+        let arch = image.manifest.arch;
         let (accel, accel_note) = qemu::choose_accel(
             &cfg.hypervisor.qemu.accel,
             arch,
@@ -500,7 +500,9 @@ fn passthrough(
         let host = Host::new("/", &RealWriter);
         let plans = host.plan(&opts.host)?;
         host.check_not_in_use(&plans, opts.force)?;
-        binding = Some(VfioBinding::bind(Path::new("/"), &plans, state)?);
+        binding = Some(VfioBinding::bind(Path::new("/"), &plans, &mut |b| {
+            state.add_vfio(b)
+        })?);
         for p in &plans {
             for d in &p.devices {
                 passed.push((Backend::Host(d.bdf.clone()), p.mode, p.group));

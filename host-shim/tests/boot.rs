@@ -237,11 +237,11 @@ async fn guest_facts_prove_the_kernel_features() {
     let run_base = tempfile::tempdir().unwrap();
     std::env::set_var("KILN_RUN_DIR", run_base.path());
     let image = BootImage::load(&manifest()).unwrap();
-    let arch = image.manifest.arch.clone();
+    let arch = image.manifest.arch;
     let mut cfg = ShimConfig::default();
     let scratch = tempfile::tempdir().unwrap();
-    let machine = kiln_shim::qemu::profile(&arch).unwrap().machine;
-    let with_pmem = kiln_shim::qemu::supports_pmem(&arch, machine);
+    let machine = kiln_shim::qemu::profile(arch).machine;
+    let with_pmem = kiln_shim::qemu::supports_pmem(arch, machine);
     if with_pmem {
         cfg.hypervisor.qemu.pmem_file = pmem_image(scratch.path()).display().to_string();
     } else {
@@ -262,7 +262,7 @@ async fn guest_facts_prove_the_kernel_features() {
         .unwrap();
     eprintln!("{arch}: {facts:?}");
 
-    assert_eq!(facts.machine, arch, "uname -m");
+    assert_eq!(facts.machine, arch.name(), "uname -m");
     assert_eq!(facts.kernel_release, image.manifest.kernel_version);
     assert!(
         facts.config_available,

@@ -109,7 +109,7 @@ fn assert_dax_root(facts: &kiln_protocol::kiln::GuestFacts, fs: &str) {
 #[ignore = "boots a VM; run through `cargo xtask test`"]
 async fn minimal_boots_from_its_rootfs_image() {
     let image = BootImage::load(&manifest("KILN_E2E_MANIFEST")).unwrap();
-    let arch = image.manifest.arch.clone();
+    let arch = image.manifest.arch;
     let layout = image
         .manifest
         .rootfs
@@ -120,7 +120,7 @@ async fn minimal_boots_from_its_rootfs_image() {
         Some("/init"),
         "the agent is PID 1 of the image too"
     );
-    if arch == "x86_64" {
+    if arch == kiln_manifest::Arch::X86_64 {
         let (init, facts, note) = boot_and_look(&image, "nvdimm", &["/init"], &[]).await;
         assert!(init, "the agent is PID 1");
         assert!(note.contains("DAX"), "{note}");
@@ -174,7 +174,7 @@ async fn debian_boots_systemd_and_the_agent_service_from_dax() {
     let (init, facts, note) = boot_and_look(&image, "image", &paths, &["dummy", "bridge"]).await;
     assert!(!init, "systemd is PID 1; the agent runs as its service");
     assert_modules(&facts, &["dummy", "llc", "stp", "bridge"]);
-    if image.manifest.arch == "x86_64" {
+    if image.manifest.arch == kiln_manifest::Arch::X86_64 {
         assert!(note.contains("NVDIMM"), "{note}");
         assert_dax_root(&facts, &layout.filesystem);
     } else {

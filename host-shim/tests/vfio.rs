@@ -26,10 +26,10 @@ const HOST_BDF: &str = "0000:ab:00.0";
 /// VFIO passthrough needs q35 (intel-iommu, pcie-root-port): x86_64 guests only.
 fn x86_64_image() -> bool {
     let arch = BootImage::load(&manifest()).unwrap().manifest.arch;
-    if arch != "x86_64" {
+    if arch != kiln_manifest::Arch::X86_64 {
         eprintln!("skipping: VFIO passthrough is x86_64 q35 only, the image is {arch}");
     }
-    arch == "x86_64"
+    arch == kiln_manifest::Arch::X86_64
 }
 
 /// A busybox rootfs with `/vfio_probe`, built statically for the guest.

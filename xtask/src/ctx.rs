@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use crate::arch::Arch;
-use crate::stage::setup;
 use crate::ui::Ui;
 use crate::GlobalFlags;
 
@@ -86,17 +85,6 @@ impl Ctx {
     /// Output directory of one image for one arch.
     pub fn image_dir(&self, image: &str, arch: Arch) -> PathBuf {
         self.out.join(image).join(arch.name())
-    }
-
-    /// Makes sure host tools for `arches` are there (installing them unless
-    /// `--no-setup`/`--offline`), or fails naming what is missing.
-    pub fn ensure_setup(&self, arches: &[Arch]) -> anyhow::Result<()> {
-        let mode = if self.no_setup {
-            setup::Mode::CheckOnly
-        } else {
-            setup::Mode::Install
-        };
-        setup::run(self, arches, mode)
     }
 
     /// Path relative to the checkout, for messages and manifests (never a host path in an artifact).

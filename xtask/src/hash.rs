@@ -109,6 +109,19 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// The manifest.json record (name, size, sha256) of `file` in `dir`.
+pub fn artifact_record(dir: &Path, file: &str) -> anyhow::Result<kiln_manifest::ArtifactRecord> {
+    let path = dir.join(file);
+    let size = std::fs::metadata(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    Ok(kiln_manifest::ArtifactRecord {
+        file: file.to_string(),
+        size,
+        sha256: sha256_file(&path)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ pub mod cmd;
 pub mod ctx;
 pub mod elf;
 pub mod hash;
-pub mod manifest;
+pub mod image_spec;
 pub mod recipe;
 pub mod stage;
 pub mod ui;

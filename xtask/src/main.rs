@@ -9,9 +9,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use xtask::arch::{self, ArchSel};
+use xtask::arch::ArchSel;
 use xtask::ctx::Ctx;
-use xtask::{manifest, stage, GlobalFlags, TestFlags};
+use xtask::image_spec::ImageSpec;
+use xtask::stage::image::TreeParts;
+use xtask::stage::kernel::KernelRequest;
+use xtask::{stage, GlobalFlags, TestFlags};
 
 #[derive(Parser)]
 #[command(
@@ -50,11 +53,11 @@ enum Task {
     /// Build every image for every selected arch plus kiln-shim into target/kiln/dist/.
     Release(ReleaseArgs),
     /// Install built artifacts into a staging root, as a distro package would.
-    Install(InstallArgs),
+    Install(stage::install::InstallFlags),
     /// Edit → boot loop for the agent: rebuild what changed, boot, smoke-test, keep the VM up.
-    Dev(DevArgs),
+    Dev(stage::dev::DevFlags),
     /// Measure sizes, boot times, packing throughput and rebuild times (figures, never pass/fail).
-    Bench(BenchArgs),
+    Bench(stage::bench::BenchFlags),
     /// Run the cargo-fuzz targets under fuzz/ for a bounded time each (nightly + cargo-fuzz).
     Fuzz(FuzzArgs),
 }
@@ -129,54 +132,6 @@ pub struct ReleaseArgs {
     pub verify_reproducible: bool,
 }
 
-#[derive(Args, Clone, Debug)]
-pub struct InstallArgs {
-    /// Staging root (DESTDIR).
-    #[arg(long)]
-    pub destdir: PathBuf,
-    #[arg(long, default_value = "/usr")]
-    pub prefix: PathBuf,
-    /// Which arch's artifacts (default: the build machine's).
-    #[arg(long, default_value_t = arch::Arch::host())]
-    pub arch: arch::Arch,
-}
-
-#[derive(Args, Clone, Debug)]
-pub struct BenchArgs {
-    /// Boot rounds per variant (median reported).
-    #[arg(long, default_value_t = 5)]
-    pub rounds: usize,
-    /// Skip the warm-rebuild measurement (it edits and restores agent/src/main.rs).
-    #[arg(long)]
-    pub skip_rebuild: bool,
-}
-
-#[derive(Args, Clone, Debug)]
-pub struct DevArgs {
-    #[arg(long, default_value = "x86_64")]
-    pub arch: arch::Arch,
-    #[arg(long, default_value = "minimal")]
-    pub image: String,
-    /// Rebuild and reboot on every save under agent/ (a failed build keeps the old VM).
-    #[arg(long)]
-    pub watch: bool,
-    /// The agent's log level in the guest: error, warn, info, debug, trace.
-    #[arg(long, default_value = "info")]
-    pub log: String,
-    /// Build the agent with the release profile (real size, slow compile).
-    #[arg(long)]
-    pub release: bool,
-    /// Root filesystem mode for the shim: initrd (default), image, nvdimm, virtio-blk.
-    #[arg(long, value_name = "MODE")]
-    pub rootfs: Option<String>,
-    /// Build, boot, run the smoke sequence, shut down (no interactive VM).
-    #[arg(long, conflicts_with = "watch")]
-    pub once: bool,
-    /// Stop after N cycles that passed the smoke sequence (for scripts and tests).
-    #[arg(long, value_name = "N")]
-    pub cycles: Option<usize>,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = Ctx::new(&cli.global).and_then(|ctx| run(&ctx, cli.task));
@@ -202,16 +157,17 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
         Task::BuildKernel(f) => {
             for arch in f.arch.arches() {
                 ctx.ensure_setup(&[arch])?;
-                let image = manifest::ImageManifest::load(ctx, &f.image)?;
-                stage::kernel::build(ctx, &image.kernel_request(ctx, arch, f.kernel_src.clone())?)?;
+                let image = ImageSpec::load(ctx, &f.image)?;
+                let req = KernelRequest::for_image(ctx, &image, arch, f.kernel_src.clone())?;
+                stage::kernel::build(ctx, &req)?;
             }
             Ok(())
         }
         Task::KernelCheck(KernelCheckFlags { kernel: f, compare }) => {
             for arch in f.arch.arches() {
                 ctx.ensure_setup(&[arch])?;
-                let image = manifest::ImageManifest::load(ctx, &f.image)?;
-                let req = image.kernel_request(ctx, arch, f.kernel_src.clone())?;
+                let image = ImageSpec::load(ctx, &f.image)?;
+                let req = KernelRequest::for_image(ctx, &image, arch, f.kernel_src.clone())?;
                 if compare.is_empty() {
                     stage::kernel::check(ctx, &req)?;
                 } else {
@@ -221,39 +177,24 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             Ok(())
         }
         Task::BuildRootfs(f) => {
-            let image = manifest::ImageManifest::load(ctx, &f.image)?;
-            for arch in f.arch.arches_for(&image)? {
+            let image = ImageSpec::load(ctx, &f.image)?;
+            for arch in image.select_arches(f.arch)? {
                 ctx.ensure_setup(&[arch])?;
-                let agent = stage::agent::build(ctx, arch)?;
-                let mut plan = stage::rootfs::plan(ctx, &image, arch, &agent)?;
-                if let Some(kernel) = image.modules_kernel(ctx, arch)? {
-                    plan = plan.with_modules(&image, &kernel)?;
-                }
-                let dir = ctx.image_dir(&image.name, arch);
-                let mut tree = stage::rootfs::LazyTree::new(&plan, &dir);
-                stage::initrd::build(ctx, &image, arch, &plan, &mut tree)?;
-                stage::disk::build(ctx, &image, arch, &plan, &mut tree)?;
+                stage::image::build_tree_parts(ctx, &image, arch, TreeParts::InitrdAndDisk)?;
             }
             Ok(())
         }
         Task::BuildInitrd(f) => {
             for arch in f.arch.arches() {
                 ctx.ensure_setup(&[arch])?;
-                let image = manifest::ImageManifest::load(ctx, &f.image)?;
-                let agent = stage::agent::build(ctx, arch)?;
-                let mut plan = stage::rootfs::plan(ctx, &image, arch, &agent)?;
-                if let Some(kernel) = image.modules_kernel(ctx, arch)? {
-                    plan = plan.with_modules(&image, &kernel)?;
-                }
-                let dir = ctx.image_dir(&image.name, arch);
-                let mut tree = stage::rootfs::LazyTree::new(&plan, &dir);
-                stage::initrd::build(ctx, &image, arch, &plan, &mut tree)?;
+                let image = ImageSpec::load(ctx, &f.image)?;
+                stage::image::build_tree_parts(ctx, &image, arch, TreeParts::Initrd)?;
             }
             Ok(())
         }
         Task::BuildImage(f) => {
-            let image = manifest::ImageManifest::load(ctx, &f.image)?;
-            for arch in f.arch.arches_for(&image)? {
+            let image = ImageSpec::load(ctx, &f.image)?;
+            for arch in image.select_arches(f.arch)? {
                 ctx.ensure_setup(&[arch])?;
                 stage::image::build(ctx, &image, arch, f.kernel_src.clone())?;
             }
@@ -276,34 +217,9 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
                 stage::release::run(ctx, sel).map(|_| ())
             }
         }
-        Task::Install(f) => stage::install::run(
-            ctx,
-            &stage::install::InstallFlags {
-                destdir: f.destdir,
-                prefix: f.prefix,
-                arch: f.arch,
-            },
-        ),
-        Task::Dev(f) => stage::dev::run(
-            ctx,
-            &stage::dev::DevFlags {
-                arch: f.arch,
-                image: f.image,
-                watch: f.watch,
-                log: f.log,
-                release: f.release,
-                rootfs: f.rootfs,
-                once: f.once,
-                cycles: f.cycles,
-            },
-        ),
+        Task::Install(f) => stage::install::run(ctx, &f),
+        Task::Dev(f) => stage::dev::run(ctx, &f),
         Task::Fuzz(f) => stage::fuzz::run(ctx, f.seconds.max(1), &f.targets),
-        Task::Bench(f) => stage::bench::run(
-            ctx,
-            &stage::bench::BenchFlags {
-                rounds: f.rounds.max(1),
-                skip_rebuild: f.skip_rebuild,
-            },
-        ),
+        Task::Bench(f) => stage::bench::run(ctx, &f),
     }
 }

@@ -17,6 +17,7 @@ const CRATES: &[(&str, &str)] = &[
     ("host-shim", "### `host-shim/`"),
     ("initrd", "### `initrd/`"),
     ("disk", "### `disk/`"),
+    ("manifest", "### `manifest/`"),
     ("testsupport", "### `testsupport/`"),
 ];
 

@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use clap::Args;
+use kiln_manifest::role;
 use serde::Serialize;
 
 use crate::arch::{self, Arch};
 use crate::cache::write_atomic;
 use crate::ctx::Ctx;
-use crate::manifest::ImageManifest;
+use crate::image_spec::ImageSpec;
 use crate::stage::image;
 
 mod agent;
@@ -49,19 +51,25 @@ fn row(name: impl Into<String>, value: f64, unit: &str, note: impl Into<String>)
     }
 }
 
+/// `cargo xtask bench`.
+#[derive(Args, Clone, Debug)]
 pub struct BenchFlags {
+    /// Boot rounds per variant (median reported; at least 1).
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Skip the warm-rebuild measurement (it edits and restores agent/src/main.rs).
+    #[arg(long)]
     pub skip_rebuild: bool,
 }
 
 pub fn run(ctx: &Ctx, flags: &BenchFlags) -> anyhow::Result<()> {
     let mut report = Report::default();
-    let image = ImageManifest::load(ctx, "minimal")?;
+    let image = ImageSpec::load(ctx, "minimal")?;
     ctx.ensure_setup(&[Arch::X86_64])?;
     let manifest = image::build(ctx, &image, Arch::X86_64, None)?;
 
     sizes(ctx, &mut report)?;
-    boot(ctx, &manifest, flags.rounds, &mut report)?;
+    boot(ctx, &manifest, flags.rounds.max(1), &mut report)?;
     report.agent = agent::measure(ctx, &shim_binary(ctx)?, &manifest)?;
     packing(ctx, &mut report)?;
     build_times(ctx, &mut report);
@@ -92,9 +100,9 @@ fn sizes(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
             let Ok(text) = std::fs::read_to_string(&m) else {
                 continue;
             };
-            let built: crate::manifest::BuiltManifest = serde_json::from_str(&text)?;
+            let built: kiln_manifest::Manifest = serde_json::from_str(&text)?;
             for (role, art) in &built.artifacts {
-                if role == "kernel_config" {
+                if role == role::KERNEL_CONFIG {
                     continue;
                 }
                 report.sizes.push(row(
@@ -104,7 +112,7 @@ fn sizes(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
                     "",
                 ));
             }
-            if let Some(initrd) = built.artifacts.get("initrd") {
+            if let Some(initrd) = built.artifact(role::INITRD) {
                 let bytes = std::fs::read(image_dir.join(a.name()).join(&initrd.file))?;
                 let raw = kiln_initrd::reader::decompress(&bytes, 1 << 30)?;
                 report.sizes.push(row(
@@ -214,19 +222,35 @@ fn probe_image(ctx: &Ctx, manifest: &Path) -> anyhow::Result<PathBuf> {
             .compression(kiln_initrd::Compression::Gzip),
     )?;
 
-    let mut built: crate::manifest::BuiltManifest =
-        serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
+    let built: kiln_manifest::Manifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
     let image_dir = manifest.parent().context("manifest has a directory")?;
-    let kernel = built.artifacts.get("kernel").context("no kernel")?.clone();
+    let kernel = built.artifact(role::KERNEL).context("no kernel")?.clone();
     crate::cache::copy_atomic(&image_dir.join(&kernel.file), &dir.join(&kernel.file))?;
-    built.image = "bench-probe".into();
-    built.artifacts.retain(|k, _| k == "kernel");
-    built.artifacts.insert(
-        "initrd".into(),
-        crate::manifest::ArtifactRecord::of(&dir, "initrd.img")?,
-    );
+    // A manifest of its own for the probe image: the kernel's facts and the
+    // two files it has, nothing carried over from the image it borrows from.
+    let probe = kiln_manifest::Manifest {
+        kiln_manifest: kiln_manifest::FORMAT,
+        image: "bench-probe".into(),
+        arch: built.arch,
+        kernel_version: built.kernel_version,
+        kernel_patches: built.kernel_patches,
+        cmdline: built.cmdline,
+        source_date_epoch: ctx.source_date_epoch,
+        artifacts: [
+            (role::KERNEL.to_string(), kernel),
+            (
+                role::INITRD.to_string(),
+                crate::hash::artifact_record(&dir, "initrd.img")?,
+            ),
+        ]
+        .into(),
+        inputs: Default::default(),
+        rootfs: None,
+        packages: Vec::new(),
+        kernel_modules: Vec::new(),
+    };
     let path = dir.join(image::MANIFEST);
-    write_atomic(&path, &serde_json::to_vec_pretty(&built)?)?;
+    write_atomic(&path, &serde_json::to_vec_pretty(&probe)?)?;
     Ok(path)
 }
 
@@ -358,7 +382,7 @@ fn build_times(ctx: &Ctx, report: &mut Report) {
 
 /// A one-line change to the agent, then `build-image`: time outside cargo's
 /// compile (hashing, initrd, manifest) and in all.
-fn warm_rebuild(ctx: &Ctx, image: &ImageManifest, report: &mut Report) -> anyhow::Result<()> {
+fn warm_rebuild(ctx: &Ctx, image: &ImageSpec, report: &mut Report) -> anyhow::Result<()> {
     let restore = Restore::edit_agent(ctx, "bench edit")?;
     ctx.ui.take_outcomes();
     let t = Instant::now();

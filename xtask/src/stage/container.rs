@@ -14,13 +14,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::arch::Arch;
+use crate::arch::{Arch, CrossTools};
 use crate::cache::{write_atomic, Stamp};
 use crate::cmd;
 use crate::ctx::Ctx;
 use crate::hash::KeyHasher;
 use crate::recipe::Recipe;
 use crate::stage::rootfs::{debian, postinst, tree::Tree};
+use crate::ui::Step;
 
 const STAMP: &str = "container-rootfs";
 const STAGE_VERSION: &str = "container-rootfs-1";
@@ -31,7 +32,7 @@ pub const TREE: &str = "rootfs";
 pub struct ContainerRootfs {
     /// The tree (read it, or copy it before writing).
     pub dir: PathBuf,
-    pub packages: Vec<debian::Package>,
+    pub packages: Vec<kiln_manifest::Package>,
     pub key: String,
 }
 
@@ -102,6 +103,40 @@ pub fn build(ctx: &Ctx, recipe_name: &str, arch: Arch) -> anyhow::Result<Contain
         postinst::apply(&mut t, bootstrap.epoch)
             .context("post-install steps of the extracted Debian tree")?;
     }
+    fill_tree(ctx, &recipe, recipe_name, arch, &step, &mut t)?;
+    t.finish_modes()?;
+    drop(t);
+    remove_tree(&dir)?;
+    fs::rename(&staging, &dir)
+        .with_context(|| format!("moving {} to {}", staging.display(), dir.display()))?;
+    write_atomic(
+        &out.join(debian::PACKAGES),
+        serde_json::to_string_pretty(&bootstrap.packages)?.as_bytes(),
+    )?;
+    Stamp::record(&out, STAMP, &key, &[debian::PACKAGES])?;
+    step.done(&format!(
+        "{} ({} packages)",
+        ctx.rel(&dir).display(),
+        bootstrap.packages.len()
+    ));
+    Ok(ContainerRootfs {
+        dir,
+        packages: bootstrap.packages,
+        key,
+    })
+}
+
+/// The recipe's edits on the unpacked base, then its `programs` compiled
+/// statically with the arch's gcc.
+fn fill_tree(
+    ctx: &Ctx,
+    recipe: &Recipe,
+    recipe_name: &str,
+    arch: Arch,
+    step: &Step,
+    t: &mut Tree,
+) -> anyhow::Result<()> {
+    let gcc = gcc_for(arch);
     let what = |k: &str, p: &str| format!("recipe `{recipe_name}`, key `{k}`: `{p}`");
     for p in &recipe.remove {
         t.remove(p).with_context(|| what("remove", p))?;
@@ -147,26 +182,7 @@ pub fn build(ctx: &Ctx, recipe_name: &str, arch: Arch) -> anyhow::Result<Contain
         t.add_file(&p.path, 0o755, &bytes)
             .with_context(|| what("programs", &p.path))?;
     }
-    t.finish_modes()?;
-    drop(t);
-    remove_tree(&dir)?;
-    fs::rename(&staging, &dir)
-        .with_context(|| format!("moving {} to {}", staging.display(), dir.display()))?;
-    write_atomic(
-        &out.join(debian::PACKAGES),
-        serde_json::to_string_pretty(&bootstrap.packages)?.as_bytes(),
-    )?;
-    Stamp::record(&out, STAMP, &key, &[debian::PACKAGES])?;
-    step.done(&format!(
-        "{} ({} packages)",
-        ctx.rel(&dir).display(),
-        bootstrap.packages.len()
-    ));
-    Ok(ContainerRootfs {
-        dir,
-        packages: bootstrap.packages,
-        key,
-    })
+    Ok(())
 }
 
 fn gcc_for(arch: Arch) -> String {

@@ -19,27 +19,39 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use clap::Args;
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::Serialize;
 
 use crate::arch::Arch;
 use crate::ctx::{AgentProfile, Ctx};
-use crate::manifest::ImageManifest;
+use crate::image_spec::ImageSpec;
 use crate::stage::image;
 
+/// `cargo xtask dev`.
+#[derive(Args, Clone, Debug)]
 pub struct DevFlags {
+    #[arg(long, default_value = "x86_64")]
     pub arch: Arch,
+    #[arg(long, default_value = "minimal")]
     pub image: String,
+    /// Rebuild and reboot on every save under agent/ (a failed build keeps the old VM).
+    #[arg(long)]
     pub watch: bool,
-    /// The agent's log level in the guest (`agent.log=`).
+    /// The agent's log level in the guest: error, warn, info, debug, trace.
+    #[arg(long, default_value = "info")]
     pub log: String,
-    /// Build the agent with the release profile (slow to compile, real sizes).
+    /// Build the agent with the release profile (real size, slow compile).
+    #[arg(long)]
     pub release: bool,
-    /// Root filesystem mode passed to the shim (default: the initrd).
+    /// Root filesystem mode for the shim: initrd (default), image, nvdimm, virtio-blk.
+    #[arg(long, value_name = "MODE")]
     pub rootfs: Option<String>,
-    /// Build, boot, smoke, shut down: no interactive VM.
+    /// Build, boot, run the smoke sequence, shut down (no interactive VM).
+    #[arg(long, conflicts_with = "watch")]
     pub once: bool,
-    /// Stop after this many cycles that passed the smoke sequence.
+    /// Stop after N cycles that passed the smoke sequence (for scripts and tests).
+    #[arg(long, value_name = "N")]
     pub cycles: Option<usize>,
 }
 
@@ -62,14 +74,14 @@ pub struct CycleReport {
 
 const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
 
-pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
+/// The flags that can be wrong together, checked before anything is built.
+fn check_flags(f: &DevFlags, image: &ImageSpec) -> anyhow::Result<()> {
     if !LOG_LEVELS.contains(&f.log.as_str()) {
         anyhow::bail!("--log {}: use one of {}", f.log, LOG_LEVELS.join(", "));
     }
     if f.once && f.watch {
         anyhow::bail!("--once and --watch contradict each other: pick one");
     }
-    let image = ImageManifest::load(ctx, &f.image)?;
     if !image.arches.contains(&f.arch) {
         anyhow::bail!(
             "image {} is not built for {}; its manifest lists {:?}",
@@ -78,6 +90,12 @@ pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
             image.arches.iter().map(|a| a.name()).collect::<Vec<_>>()
         );
     }
+    Ok(())
+}
+
+pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
+    let image = ImageSpec::load(ctx, &f.image)?;
+    check_flags(f, &image)?;
     ctx.ensure_setup(&[f.arch])?;
     let profile = if f.release {
         AgentProfile::Release
@@ -120,7 +138,7 @@ pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
 
     let built = loop_.build(Instant::now())?;
     let mut vm = loop_.boot(1, built)?;
-    let mut passed = 1;
+    let passed = 1;
     if f.once {
         let status = vm.wait()?;
         if !status.success() {
@@ -141,6 +159,14 @@ pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    watch(ctx, &loop_, vm, passed)
+}
+
+/// `--watch`: rebuild and reboot on every save under agent/ until Ctrl-C or
+/// `--cycles` passed cycles; a failed build keeps the running VM.
+fn watch(ctx: &Ctx, loop_: &Loop, vm: RunningVm, mut passed: usize) -> anyhow::Result<()> {
+    let f = loop_.flags;
+    let stop = loop_.stop;
     let (tx, rx) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |ev| {
         let _ = tx.send(ev);
@@ -222,7 +248,7 @@ pub fn run(ctx: &Ctx, f: &DevFlags) -> anyhow::Result<()> {
 
 struct Loop<'a> {
     dctx: &'a Ctx,
-    image: &'a ImageManifest,
+    image: &'a ImageSpec,
     flags: &'a DevFlags,
     shim: &'a Path,
     busybox: Option<&'a Path>,

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use kiln_disk::layout::{self, DiskIds, Geometry};
-use serde::{Deserialize, Serialize};
+use kiln_manifest::{DaxRecord, RootfsRecord};
 use sha2::{Digest, Sha256};
 
 use crate::arch::Arch;
@@ -26,7 +26,7 @@ use crate::cache::{write_atomic, Stamp};
 use crate::cmd;
 use crate::ctx::Ctx;
 use crate::hash::KeyHasher;
-use crate::manifest::ImageManifest;
+use crate::image_spec::ImageSpec;
 use crate::stage::rootfs::tree::{Kind, Tree};
 use crate::stage::rootfs::{LazyTree, RootfsPlan};
 
@@ -63,44 +63,6 @@ const MKE2FS_CONF: &str = "[defaults]
 \t}
 ";
 
-/// What `manifest.json` says about the rootfs image.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct RootfsRecord {
-    /// "ext4" or "erofs".
-    pub filesystem: String,
-    /// Filesystem UUID (fixed per image and arch).
-    pub fs_uuid: String,
-    /// `init=` for image boots, when the recipe's PID 1 is not /sbin/init.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init: Option<String>,
-    /// Partition number of the filesystem in both partition tables.
-    pub partition: u32,
-    /// Byte offset of the filesystem in the image (virtio-blk: /dev/vda1).
-    pub partition_offset: u64,
-    pub partition_size: u64,
-    /// Bytes the tree's contents take in blocks (ext4), or the filesystem's size (erofs).
-    pub content_bytes: u64,
-    /// Requested free space (ext4).
-    pub margin_bytes: u64,
-    /// Entries in the tree.
-    pub entries: u64,
-    pub dax: DaxRecord,
-}
-
-/// The nvdimm view of the image.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct DaxRecord {
-    pub pfn_info_offset: u64,
-    /// Where /dev/pmem0 starts in the image.
-    pub data_offset: u64,
-    pub align: u64,
-    /// "ram": the memmap lives in guest RAM, so the image can be read-only.
-    pub mode: String,
-    /// Where /dev/pmem0p1 starts inside /dev/pmem0.
-    pub nvdimm_partition_offset: u64,
-    pub pfn_uuid: String,
-}
-
 #[derive(Debug, Clone)]
 pub struct DiskArtifact {
     pub key: String,
@@ -111,7 +73,7 @@ pub struct DiskArtifact {
 /// the tree on demand (shared with the initrd stage).
 pub fn build(
     ctx: &Ctx,
-    image: &ImageManifest,
+    image: &ImageSpec,
     arch: Arch,
     plan: &RootfsPlan,
     tree: &mut LazyTree,

@@ -13,26 +13,96 @@ use std::path::PathBuf;
 use crate::arch::Arch;
 use crate::cache::{copy_atomic, write_atomic, Stamp};
 use crate::ctx::Ctx;
-use crate::hash::KeyHasher;
-use crate::manifest::{ArtifactRecord, BuiltManifest, ImageManifest};
+use crate::hash::{artifact_record, KeyHasher};
+use kiln_manifest::{role, Manifest};
+
+use crate::image_spec::ImageSpec;
+use crate::stage::kernel::KernelRequest;
+use crate::stage::rootfs::RootfsPlan;
 use crate::stage::{agent, disk, initrd, kernel, rootfs};
 
-pub const MANIFEST: &str = "manifest.json";
+pub const MANIFEST: &str = kiln_manifest::FILE;
 
 pub fn build(
     ctx: &Ctx,
-    image: &ImageManifest,
+    image: &ImageSpec,
     arch: Arch,
     kernel_src: Option<PathBuf>,
 ) -> anyhow::Result<PathBuf> {
     build_with(ctx, image, arch, kernel_src, true)
 }
 
+/// How much of an image [`build_tree_parts`] makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TreeParts {
+    /// The initrd alone.
+    Initrd,
+    /// The initrd and `rootfs.img`.
+    InitrdAndDisk,
+}
+
+/// The parts made from the recipe's tree (`cargo xtask build-initrd` and
+/// `build-rootfs`), without placing a kernel or writing manifest.json. The
+/// kernel is built only when the image asks for modules: nothing else in the
+/// tree needs it.
+pub fn build_tree_parts(
+    ctx: &Ctx,
+    image: &ImageSpec,
+    arch: Arch,
+    parts: TreeParts,
+) -> anyhow::Result<()> {
+    let agent = agent::build(ctx, arch)?;
+    let plan = rootfs::plan(ctx, image, arch, &agent)?;
+    let kernel = if image.rootfs.modules.is_empty() {
+        None
+    } else {
+        Some(kernel::build(
+            ctx,
+            &KernelRequest::for_image(ctx, image, arch, None)?,
+        )?)
+    };
+    tree_stages(ctx, image, arch, plan, kernel.as_ref(), parts)?;
+    Ok(())
+}
+
+/// What the tree stages made.
+struct Tree {
+    plan: RootfsPlan,
+    initrd: initrd::InitrdArtifact,
+    disk: Option<disk::DiskArtifact>,
+}
+
+/// The one sequence after the plan: the kernel's modules into the plan, then
+/// the initrd and (for [`TreeParts::InitrdAndDisk`]) the disk image from one
+/// tree, written out only if one of them is stale.
+fn tree_stages(
+    ctx: &Ctx,
+    image: &ImageSpec,
+    arch: Arch,
+    plan: RootfsPlan,
+    kernel: Option<&kernel::KernelArtifact>,
+    parts: TreeParts,
+) -> anyhow::Result<Tree> {
+    let plan = match kernel {
+        Some(kernel) => plan.with_modules(image, kernel)?,
+        None => plan,
+    };
+    let dir = ctx.image_dir(&image.name, arch);
+    let mut tree = rootfs::LazyTree::new(&plan, &dir);
+    let initrd = initrd::build(ctx, image, arch, &plan, &mut tree)?;
+    let disk = match parts {
+        TreeParts::InitrdAndDisk => Some(disk::build(ctx, image, arch, &plan, &mut tree)?),
+        TreeParts::Initrd => None,
+    };
+    drop(tree);
+    Ok(Tree { plan, initrd, disk })
+}
+
 /// [`build`], optionally without `rootfs.img`: `cargo xtask dev` boots from
 /// the initrd and should not pay for a filesystem image it never uses.
 pub fn build_with(
     ctx: &Ctx,
-    image: &ImageManifest,
+    image: &ImageSpec,
     arch: Arch,
     kernel_src: Option<PathBuf>,
     with_disk: bool,
@@ -40,18 +110,17 @@ pub fn build_with(
     let agent = agent::build(ctx, arch)?;
     // The recipe's base first: a missing Debian mirror should not wait for a kernel build.
     let plan = rootfs::plan(ctx, image, arch, &agent)?;
-    let kernel = kernel::build(ctx, &image.kernel_request(ctx, arch, kernel_src)?)?;
-    let plan = plan.with_modules(image, &kernel)?;
-    let dir = ctx.image_dir(&image.name, arch);
-    // Written out only if the initrd or the disk image is stale, then shared.
-    let mut tree = rootfs::LazyTree::new(&plan, &dir);
-    let initrd = initrd::build(ctx, image, arch, &plan, &mut tree)?;
-    let disk = if with_disk {
-        Some(disk::build(ctx, image, arch, &plan, &mut tree)?)
+    let kernel = kernel::build(
+        ctx,
+        &KernelRequest::for_image(ctx, image, arch, kernel_src)?,
+    )?;
+    let parts = if with_disk {
+        TreeParts::InitrdAndDisk
     } else {
-        None
+        TreeParts::Initrd
     };
-    drop(tree);
+    let Tree { plan, initrd, disk } = tree_stages(ctx, image, arch, plan, Some(&kernel), parts)?;
+    let dir = ctx.image_dir(&image.name, arch);
     let kernel_file = kernel_file_name(arch);
 
     // Place the kernel, its config and the agent beside the initrd (keyed, so an
@@ -74,7 +143,7 @@ pub fn build_with(
         )?;
     }
 
-    let image_manifest_sha = crate::hash::sha256_file(&ImageManifest::path(ctx, &image.name))?;
+    let image_manifest_sha = crate::hash::sha256_file(&ImageSpec::path(ctx, &image.name))?;
     let mut inputs = BTreeMap::new();
     inputs.insert("agent".to_string(), agent.key.clone());
     inputs.insert("kernel".to_string(), kernel.key.clone());
@@ -96,29 +165,22 @@ pub fn build_with(
         initrd.recipe_sha256.clone(),
     );
 
-    let mut artifacts = BTreeMap::new();
-    artifacts.insert("kernel".to_string(), ArtifactRecord::of(&dir, kernel_file)?);
-    artifacts.insert(
-        "kernel_config".to_string(),
-        ArtifactRecord::of(&dir, "kernel.config")?,
-    );
-    artifacts.insert(
-        "initrd".to_string(),
-        ArtifactRecord::of(&dir, initrd::FILE)?,
-    );
-    artifacts.insert(
-        "agent".to_string(),
-        ArtifactRecord::of(&dir, agent::BINARY)?,
-    );
+    let mut files = vec![
+        (role::KERNEL, kernel_file),
+        (role::KERNEL_CONFIG, "kernel.config"),
+        (role::INITRD, initrd::FILE),
+        (role::AGENT, agent::BINARY),
+    ];
     if disk.is_some() {
-        artifacts.insert(
-            "rootfs_image".to_string(),
-            ArtifactRecord::of(&dir, disk::FILE)?,
-        );
+        files.push((role::ROOTFS_IMAGE, disk::FILE));
+    }
+    let mut artifacts = BTreeMap::new();
+    for (role, file) in files {
+        artifacts.insert(role.to_string(), artifact_record(&dir, file)?);
     }
 
-    let manifest = BuiltManifest {
-        kiln_manifest: 1,
+    let manifest = Manifest {
+        kiln_manifest: kiln_manifest::FORMAT,
         image: image.name.clone(),
         arch,
         kernel_version: kernel.version.clone(),

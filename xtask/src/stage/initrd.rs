@@ -8,7 +8,7 @@ use crate::arch::Arch;
 use crate::cache::Stamp;
 use crate::ctx::Ctx;
 use crate::hash::KeyHasher;
-use crate::manifest::ImageManifest;
+use crate::image_spec::ImageSpec;
 use crate::stage::rootfs::{self, LazyTree, RootfsPlan};
 
 pub const FILE: &str = "initrd.img";
@@ -21,7 +21,7 @@ pub struct InitrdArtifact {
 
 pub fn build(
     ctx: &Ctx,
-    image: &ImageManifest,
+    image: &ImageSpec,
     arch: Arch,
     plan: &RootfsPlan,
     tree: &mut LazyTree,

@@ -5,15 +5,23 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use clap::Args;
+use kiln_manifest::Manifest;
 
 use crate::arch::Arch;
 use crate::ctx::Ctx;
-use crate::manifest::BuiltManifest;
 use crate::stage::{image, release};
 
+/// `cargo xtask install`.
+#[derive(Args, Clone, Debug)]
 pub struct InstallFlags {
+    /// Staging root (DESTDIR).
+    #[arg(long)]
     pub destdir: PathBuf,
+    #[arg(long, default_value = "/usr")]
     pub prefix: PathBuf,
+    /// Which arch's artifacts (default: the build machine's).
+    #[arg(long, default_value_t = Arch::host())]
     pub arch: Arch,
 }
 
@@ -34,7 +42,7 @@ pub fn run(ctx: &Ctx, f: &InstallFlags) -> anyhow::Result<()> {
         .filter(|i| i.arches.contains(&f.arch))
     {
         let manifest_path = image::build(ctx, img, f.arch, None)?;
-        let built: BuiltManifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
+        let built: Manifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
         let dir = manifest_path.parent().context("manifest has a directory")?;
         let dest = root.join("share/kiln").join(&img.name);
         place(&manifest_path, &dest.join(image::MANIFEST), 0o644)?;

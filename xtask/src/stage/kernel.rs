@@ -42,7 +42,6 @@ pub mod modules;
 mod patches;
 mod verify;
 
-pub use patches::PatchRecord;
 use patches::PatchSeries;
 
 use std::collections::BTreeMap;
@@ -51,15 +50,17 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use anyhow::Context;
+use kiln_manifest::PatchRecord;
 use serde::{Deserialize, Serialize};
 
 use self::dotconfig::ConfigFile;
 use self::verify::{AllowList, Comparison};
-use crate::arch::Arch;
+use crate::arch::{Arch, CrossTools};
 use crate::cache::{copy_atomic, write_atomic, Stamp};
 use crate::cmd;
 use crate::ctx::Ctx;
 use crate::hash::{sha256_file, KeyHasher};
+use crate::image_spec::ImageSpec;
 use crate::ui::Step;
 
 /// Bump when the way kiln configures or builds a kernel changes, so every
@@ -69,7 +70,7 @@ const STAMP: &str = "kernel";
 /// Length of the hash prefixes used as directory names (the stamp holds the full key).
 const DIR_HASH_LEN: usize = 16;
 
-/// What to build: produced by `ImageManifest::kernel_request`.
+/// What to build: made from an image spec by [`KernelRequest::for_image`].
 #[derive(Debug, Clone)]
 pub struct KernelRequest {
     pub arch: Arch,
@@ -81,6 +82,55 @@ pub struct KernelRequest {
     pub kernel_src: Option<PathBuf>,
     /// Patch series directory to apply (None: `--no-patches`).
     pub patches: Option<PathBuf>,
+}
+
+impl KernelRequest {
+    /// The request for `image`'s kernel on `arch`. Fragments in order: common
+    /// base, arch base, then each feature's common and arch-specific parts.
+    /// Later fragments win.
+    pub fn for_image(
+        ctx: &Ctx,
+        image: &ImageSpec,
+        arch: Arch,
+        kernel_src: Option<PathBuf>,
+    ) -> anyhow::Result<KernelRequest> {
+        let dir = ctx.root.join("kernel-configs");
+        let mut fragments = vec![dir.join("common").join("base.conf")];
+        let arch_base = dir.join(arch.fragment_dir()).join("base.conf");
+        if arch_base.exists() {
+            fragments.push(arch_base);
+        }
+        for f in &image.kernel.features {
+            let common = dir.join("features").join(format!("{f}.conf"));
+            let arch_part = dir.join(arch.fragment_dir()).join(format!("{f}.conf"));
+            if !common.exists() && !arch_part.exists() {
+                anyhow::bail!(
+                    "image `{}` asks for kernel feature `{f}`, but neither {} nor {} exists",
+                    image.name,
+                    ctx.rel(&common).display(),
+                    ctx.rel(&arch_part).display()
+                );
+            }
+            fragments.extend([common, arch_part].into_iter().filter(|p| p.exists()));
+        }
+        for f in &fragments {
+            if !f.exists() {
+                anyhow::bail!("kernel fragment {} is missing", ctx.rel(f).display());
+            }
+        }
+        let patches = ctx
+            .root
+            .join("kernel-configs")
+            .join("patches")
+            .join(&image.kernel.series);
+        Ok(KernelRequest {
+            arch,
+            series: image.kernel.series.clone(),
+            fragments,
+            kernel_src,
+            patches: (!ctx.no_patches).then_some(patches),
+        })
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -23,7 +23,9 @@ use crate::cache::write_atomic;
 use crate::cmd;
 use crate::ctx::Ctx;
 use crate::hash::sha256_file;
-use crate::manifest::{BuiltManifest, ImageManifest};
+use kiln_manifest::Manifest;
+
+use crate::image_spec::ImageSpec;
 use crate::stage::image;
 
 pub const DIST: &str = "dist";
@@ -39,7 +41,7 @@ pub struct ReleaseManifest {
     /// "<image>/<arch>" → that image's input hashes.
     pub inputs: BTreeMap<String, BTreeMap<String, String>>,
     /// Tarball file name → record.
-    pub artifacts: BTreeMap<String, crate::manifest::ArtifactRecord>,
+    pub artifacts: BTreeMap<String, kiln_manifest::ArtifactRecord>,
 }
 
 /// One file to put into a tarball.
@@ -75,8 +77,7 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
         let mut members = Vec::new();
         for img in images.iter().filter(|i| i.arches.contains(arch)) {
             let manifest_path = image::build(ctx, img, *arch, None)?;
-            let built: BuiltManifest =
-                serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
+            let built: Manifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
             let dir = manifest_path.parent().context("manifest has a directory")?;
             let prefix = format!("usr/share/kiln/{}", img.name);
             members.push(Member {
@@ -116,7 +117,7 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
         let step = ctx.ui.stage(&format!("release {arch}"));
         let path = dist.join(&name);
         write_tarball(&path, &mut members, ctx.source_date_epoch)?;
-        let rec = crate::manifest::ArtifactRecord::of(&dist, &name)?;
+        let rec = crate::hash::artifact_record(&dist, &name)?;
         step.done(&format!("{name}, {} KiB", rec.size / 1024));
         release.artifacts.insert(name, rec);
     }
@@ -138,7 +139,7 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
 }
 
 /// Every image manifest in image-manifests/, sorted by name.
-pub fn all_images(ctx: &Ctx) -> anyhow::Result<Vec<ImageManifest>> {
+pub fn all_images(ctx: &Ctx) -> anyhow::Result<Vec<ImageSpec>> {
     let mut names: Vec<String> = std::fs::read_dir(ctx.root.join("image-manifests"))?
         .flatten()
         .filter_map(|e| {
@@ -149,7 +150,7 @@ pub fn all_images(ctx: &Ctx) -> anyhow::Result<Vec<ImageManifest>> {
         })
         .collect();
     names.sort();
-    names.iter().map(|n| ImageManifest::load(ctx, n)).collect()
+    names.iter().map(|n| ImageSpec::load(ctx, n)).collect()
 }
 
 /// kiln-shim for `arch`, static like the agent (same targets), so one binary

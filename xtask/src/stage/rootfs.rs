@@ -16,12 +16,13 @@ use anyhow::Context;
 use crate::arch::Arch;
 use crate::ctx::Ctx;
 use crate::hash::KeyHasher;
-use crate::manifest::ImageManifest;
+use crate::image_spec::ImageSpec;
 use crate::recipe::{LiteralFile, Recipe};
 use crate::stage::agent::AgentArtifact;
 use crate::stage::kernel::modules::{self, ModuleIndex};
 use crate::stage::kernel::KernelArtifact;
-use debian::{Bootstrap, Package};
+use debian::Bootstrap;
+use kiln_manifest::Package;
 use tree::{Kind, Tree};
 
 /// Where busybox-static installs its binary on a Debian host.
@@ -58,7 +59,7 @@ impl RootfsPlan {
 
     /// The image's kernel modules (path inside the tree for `lib_is_symlink`
     /// as in Debian's merged /usr), in load order.
-    pub fn module_records(&self) -> anyhow::Result<Vec<crate::manifest::ModuleRecord>> {
+    pub fn module_records(&self) -> anyhow::Result<Vec<kiln_manifest::ModuleRecord>> {
         let Some(p) = &self.modules else {
             return Ok(Vec::new());
         };
@@ -69,7 +70,7 @@ impl RootfsPlan {
             .map(|n| {
                 let m = &p.index.modules[n];
                 let src = p.dir.join(&m.path);
-                Ok(crate::manifest::ModuleRecord {
+                Ok(kiln_manifest::ModuleRecord {
                     name: n.clone(),
                     path: base.join(&m.path).display().to_string(),
                     size: std::fs::metadata(&src)
@@ -205,7 +206,7 @@ impl<'a> LazyTree<'a> {
 /// Loads the recipe, makes (or finds) the Debian base, and keys the tree.
 pub fn plan(
     ctx: &Ctx,
-    image: &ImageManifest,
+    image: &ImageSpec,
     arch: Arch,
     agent: &AgentArtifact,
 ) -> anyhow::Result<RootfsPlan> {
@@ -287,7 +288,7 @@ impl RootfsPlan {
     /// may need the network) is settled before a kernel build starts.
     pub fn with_modules(
         mut self,
-        image: &ImageManifest,
+        image: &ImageSpec,
         kernel: &KernelArtifact,
     ) -> anyhow::Result<RootfsPlan> {
         let Some(pick) = pick_modules(image, kernel)? else {
@@ -304,10 +305,7 @@ impl RootfsPlan {
     }
 }
 
-fn pick_modules(
-    image: &ImageManifest,
-    kernel: &KernelArtifact,
-) -> anyhow::Result<Option<ModulePick>> {
+fn pick_modules(image: &ImageSpec, kernel: &KernelArtifact) -> anyhow::Result<Option<ModulePick>> {
     let wanted = &image.rootfs.modules;
     if wanted.is_empty() {
         return Ok(None);

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use anyhow::Context;
 
-use crate::arch::Arch;
+use crate::arch::{Arch, CrossTools};
 use crate::cmd;
 use crate::ctx::Ctx;
 
@@ -61,6 +61,21 @@ pub fn packages_for(arches: &[Arch]) -> BTreeSet<&'static str> {
         set.extend(a.cross_c_program_libc_package());
     }
     set
+}
+
+// Defined here, not in ctx.rs, so the context does not import the stage that
+// uses it (ctx -> setup -> ctx was a cycle).
+impl Ctx {
+    /// Makes sure host tools for `arches` are there (installing them unless
+    /// `--no-setup`/`--offline`), or fails naming what is missing.
+    pub fn ensure_setup(&self, arches: &[Arch]) -> anyhow::Result<()> {
+        let mode = if self.no_setup {
+            Mode::CheckOnly
+        } else {
+            Mode::Install
+        };
+        run(self, arches, mode)
+    }
 }
 
 pub fn run(ctx: &Ctx, arches: &[Arch], mode: Mode) -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 
 use crate::arch::{Arch, ArchSel};
 use crate::ctx::Ctx;
-use crate::manifest::ImageManifest;
+use crate::image_spec::ImageSpec;
 use crate::stage::image;
 use crate::TestFlags;
 
@@ -279,11 +279,11 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
         return Ok(());
     }
     for name in images() {
-        let image = ImageManifest::load(ctx, name)?;
+        let image = ImageSpec::load(ctx, name)?;
         let suites: Vec<&Suite> = SUITES.iter().filter(|s| s.image == Some(name)).collect();
         // The main image must have the arch asked for; the others run where they can.
         let candidates = if name == E2E_IMAGE {
-            flags.arch.arches_for(&image)?
+            image.select_arches(flags.arch)?
         } else {
             image.arches.clone()
         };
@@ -332,7 +332,7 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
         })?;
     }
     clock.part("second checkout");
-    let image = ImageManifest::load(ctx, E2E_IMAGE)?;
+    let image = ImageSpec::load(ctx, E2E_IMAGE)?;
     checkouts_agree(ctx, &image)?;
     if flags.fuzz_seconds > 0 {
         clock.part("fuzzing");
@@ -347,7 +347,7 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
 /// and requires the initrd, agent, kernel and manifest to be byte-identical.
 /// Only meaningful for a clean tree (CI's fresh clone); skipped, saying so, when
 /// the tree has uncommitted changes.
-fn checkouts_agree(ctx: &Ctx, image: &ImageManifest) -> anyhow::Result<()> {
+fn checkouts_agree(ctx: &Ctx, image: &ImageSpec) -> anyhow::Result<()> {
     let dirty = crate::cmd::read(
         "git status",
         duct::cmd!("git", "-C", &ctx.root, "status", "--porcelain"),
@@ -389,7 +389,7 @@ fn checkouts_agree(ctx: &Ctx, image: &ImageManifest) -> anyhow::Result<()> {
     )?;
     let mine = ctx.image_dir(&image.name, Arch::X86_64);
     let theirs = other.join("target/kiln").join(&image.name).join("x86_64");
-    let built: crate::manifest::BuiltManifest =
+    let built: kiln_manifest::Manifest =
         serde_json::from_str(&std::fs::read_to_string(mine.join(image::MANIFEST))?)?;
     let mut files: Vec<String> = built.artifacts.values().map(|a| a.file.clone()).collect();
     files.push(image::MANIFEST.to_string());
@@ -411,7 +411,7 @@ fn checkouts_agree(ctx: &Ctx, image: &ImageManifest) -> anyhow::Result<()> {
 
 /// Builds `image` for `arch`, then again: the pipeline is incremental, so the
 /// second build with nothing changed must run no stage.
-fn build_twice(ctx: &Ctx, image: &ImageManifest, arch: Arch) -> anyhow::Result<std::path::PathBuf> {
+fn build_twice(ctx: &Ctx, image: &ImageSpec, arch: Arch) -> anyhow::Result<std::path::PathBuf> {
     let manifest = image::build(ctx, image, arch, None)?;
     ctx.ui.take_outcomes();
     let again = image::build(ctx, image, arch, None)?;

@@ -82,6 +82,30 @@ impl KconfigIndex {
     }
 }
 
+/// Whether `line` belongs to the help text being read. `help` is Some while
+/// inside one: Some(indent of its first line) once seen. As in Kconfig's
+/// lexer, the text ends at a line indented less than its first.
+fn in_help_text(help: &mut Option<Option<usize>>, line: &str) -> bool {
+    let Some(first) = *help else {
+        return false;
+    };
+    let width = indent_width(line);
+    if line.trim().is_empty() {
+        return true;
+    }
+    match first {
+        None if width > 0 => {
+            *help = Some(Some(width));
+            true
+        }
+        Some(first) if width >= first => true,
+        _ => {
+            *help = None;
+            false
+        }
+    }
+}
+
 impl Walker<'_> {
     fn file(&mut self, path: &Path, depth: usize) {
         if depth > MAX_SOURCE_DEPTH {
@@ -98,23 +122,11 @@ impl Walker<'_> {
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let frames_at_entry = self.frames.len();
         let mut target = Target::None;
-        // Inside help text: Some(indent of its first line, once seen). As in
-        // Kconfig's lexer, text ends at a line indented less than the first.
+        // Inside help text: see in_help_text.
         let mut help: Option<Option<usize>> = None;
         for (line_no, line) in logical_lines(&text) {
-            if let Some(first) = help {
-                let width = indent_width(&line);
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match first {
-                    None if width > 0 => {
-                        help = Some(Some(width));
-                        continue;
-                    }
-                    Some(first) if width >= first => continue,
-                    _ => help = None,
-                }
+            if in_help_text(&mut help, &line) {
+                continue;
             }
             let stripped = strip_comment(&line);
             let trimmed = stripped.trim();
@@ -172,34 +184,11 @@ impl Walker<'_> {
                     }
                 }
                 "bool" | "tristate" | "string" | "int" | "hex" | "prompt" => {
-                    let rest = rest.trim();
-                    if keyword == "prompt" || rest.starts_with('"') || rest.starts_with('\'') {
-                        if let Target::Symbol(name, i) = &target {
-                            if let Some(def) = self.def_mut(name, *i) {
-                                def.has_prompt = true;
-                            }
-                        }
-                        if let Some(cond) = prompt_condition(rest) {
-                            self.add_condition(&target, cond);
-                        }
-                    }
+                    self.type_or_prompt(&target, keyword, rest)
                 }
                 "select" => {
                     if let Target::Symbol(by, _) = &target {
-                        let (sym, cond) = match rest.split_once(" if ") {
-                            Some((s, c)) => (s.trim(), Some(c.trim().to_string())),
-                            None => (rest.trim(), None),
-                        };
-                        if !sym.is_empty() {
-                            self.index
-                                .selected_by
-                                .entry(sym.to_string())
-                                .or_default()
-                                .push(Selector {
-                                    by: by.clone(),
-                                    cond,
-                                });
-                        }
+                        self.select(by, rest);
                     }
                 }
                 "help" | "---help---" => help = Some(None),
@@ -208,6 +197,40 @@ impl Walker<'_> {
         }
         // An unbalanced file must not leak its blocks into the next one.
         self.frames.truncate(frames_at_entry);
+    }
+
+    /// A type (`bool "Prompt"`) or `prompt` line: marks the symbol as
+    /// prompted and adds the prompt's `if` condition.
+    fn type_or_prompt(&mut self, target: &Target, keyword: &str, rest: &str) {
+        let rest = rest.trim();
+        if keyword == "prompt" || rest.starts_with('"') || rest.starts_with('\'') {
+            if let Target::Symbol(name, i) = target {
+                if let Some(def) = self.def_mut(name, *i) {
+                    def.has_prompt = true;
+                }
+            }
+            if let Some(cond) = prompt_condition(rest) {
+                self.add_condition(target, cond);
+            }
+        }
+    }
+
+    /// `select SYM [if COND]` in symbol `by`.
+    fn select(&mut self, by: &str, rest: &str) {
+        let (sym, cond) = match rest.split_once(" if ") {
+            Some((s, c)) => (s.trim(), Some(c.trim().to_string())),
+            None => (rest.trim(), None),
+        };
+        if !sym.is_empty() {
+            self.index
+                .selected_by
+                .entry(sym.to_string())
+                .or_default()
+                .push(Selector {
+                    by: by.to_string(),
+                    cond,
+                });
+        }
     }
 
     fn enclosing(&self) -> Vec<String> {

@@ -10,18 +10,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use kiln_manifest::PatchRecord;
 
 use crate::cmd;
 use crate::ctx::Ctx;
 use crate::hash::{sha256_file, KeyHasher};
-
-/// One patch, as the manifest records it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct PatchRecord {
-    pub name: String,
-    pub sha256: String,
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct PatchSeries {
@@ -270,8 +263,8 @@ mod real_source_tests {
 
     /// The minimal image's kernel request, with a test fragment and series.
     fn request(ctx: &Ctx, patches: &std::path::Path, extra: &std::path::Path) -> KernelRequest {
-        let image = crate::manifest::ImageManifest::load(ctx, "minimal").unwrap();
-        let mut req = image.kernel_request(ctx, Arch::X86_64, None).unwrap();
+        let image = crate::image_spec::ImageSpec::load(ctx, "minimal").unwrap();
+        let mut req = KernelRequest::for_image(ctx, &image, Arch::X86_64, None).unwrap();
         req.fragments.push(extra.to_path_buf());
         req.patches = Some(patches.to_path_buf());
         req

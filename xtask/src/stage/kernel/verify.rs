@@ -754,8 +754,8 @@ mod real_source_tests {
              CONFIG_USB_STORAGE=y    # depends on USB (and SCSI), which nothing turns on\n",
         )
         .unwrap();
-        let image = crate::manifest::ImageManifest::load(&ctx, "minimal").unwrap();
-        let mut req = image.kernel_request(&ctx, Arch::X86_64, None).unwrap();
+        let image = crate::image_spec::ImageSpec::load(&ctx, "minimal").unwrap();
+        let mut req = kernel::KernelRequest::for_image(&ctx, &image, Arch::X86_64, None).unwrap();
         req.fragments.push(frag);
         let err = format!("{:#}", kernel::build(&ctx, &req).unwrap_err());
         eprintln!("{err}");

@@ -17,7 +17,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use kiln_manifest::Package;
 
 use crate::arch::Arch;
 use crate::cache::{write_atomic, Stamp};
@@ -30,14 +30,6 @@ pub const TARBALL: &str = "rootfs.tar";
 /// The hooks mmdebstrap ships for a debootstrap-style merged /usr.
 const MERGED_USR_HOOKS: &str = "/usr/share/mmdebstrap/hooks/merged-usr";
 pub const PACKAGES: &str = "packages.json";
-
-/// One installed package, as dpkg records it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Package {
-    pub name: String,
-    pub version: String,
-    pub architecture: String,
-}
 
 /// The cached bootstrap.
 #[derive(Debug, Clone)]
@@ -66,13 +58,10 @@ pub struct AptSource {
     pub suites: Vec<String>,
 }
 
-/// Builds (or finds in the cache) the base tree for `arch`.
-pub fn bootstrap(
-    ctx: &Ctx,
-    debian: &DebianSection,
-    extra_packages: &[String],
-    arch: Arch,
-) -> anyhow::Result<Bootstrap> {
+/// The `deb` lines for the recipe's suite and extra suites, from the host's
+/// apt sources (the one reachable mirror); an extra suite the host lacks is
+/// left out with a note.
+fn apt_sources(ctx: &Ctx, debian: &DebianSection) -> anyhow::Result<Vec<String>> {
     let host = host_apt_sources()?;
     let mut sources = Vec::new();
     let components = debian.components.join(" ");
@@ -92,6 +81,36 @@ pub fn bootstrap(
             )),
         }
     }
+    Ok(sources)
+}
+
+/// The installed packages of a fresh tarball (dpkg's status, or the .deb
+/// names when only extracted), written to packages.json beside it.
+fn write_package_list(dir: &Path, extracted: bool) -> anyhow::Result<Vec<Package>> {
+    let list = if extracted {
+        packages_from_debs(&member_names(&dir.join(TARBALL))?)
+    } else {
+        let status = read_member(&dir.join(TARBALL), "var/lib/dpkg/status")?
+            .context("mmdebstrap's tarball has no var/lib/dpkg/status")?;
+        parse_dpkg_status(&String::from_utf8_lossy(&status))
+    };
+    if list.is_empty() {
+        anyhow::bail!("mmdebstrap's tarball lists no installed packages");
+    }
+    let mut text = serde_json::to_string_pretty(&list)?;
+    text.push('\n');
+    write_atomic(&dir.join(PACKAGES), text.as_bytes())?;
+    Ok(list)
+}
+
+/// Builds (or finds in the cache) the base tree for `arch`.
+pub fn bootstrap(
+    ctx: &Ctx,
+    debian: &DebianSection,
+    extra_packages: &[String],
+    arch: Arch,
+) -> anyhow::Result<Bootstrap> {
+    let mut sources = apt_sources(ctx, debian)?;
     let mut packages: Vec<String> = debian.packages.clone();
     packages.extend(extra_packages.iter().cloned());
     packages.sort();
@@ -181,19 +200,7 @@ pub fn bootstrap(
                 None => return Err(e),
             }
         }
-        let list = if extracted {
-            packages_from_debs(&member_names(&dir.join(TARBALL))?)
-        } else {
-            let status = read_member(&dir.join(TARBALL), "var/lib/dpkg/status")?
-                .context("mmdebstrap's tarball has no var/lib/dpkg/status")?;
-            parse_dpkg_status(&String::from_utf8_lossy(&status))
-        };
-        if list.is_empty() {
-            anyhow::bail!("mmdebstrap's tarball lists no installed packages");
-        }
-        let mut text = serde_json::to_string_pretty(&list)?;
-        text.push('\n');
-        write_atomic(&dir.join(PACKAGES), text.as_bytes())?;
+        let list = write_package_list(&dir, extracted)?;
         let stamp = Stamp::record(&dir, "bootstrap", &key, &[TARBALL, PACKAGES])?;
         step.done(&format!(
             "{} packages, {}",

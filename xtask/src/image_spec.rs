@@ -1,20 +1,19 @@
-//! Image manifests (`image-manifests/<name>.toml`, the input saying what an image
-//! contains) and the `manifest.json` written next to built artifacts.
+//! Image specs (`image-manifests/<name>.toml`): the input saying what an
+//! image contains, parsed and checked. What a build produced is recorded in
+//! `manifest.json`, whose schema is the kiln-manifest crate.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use crate::arch::Arch;
+use crate::arch::{Arch, ArchSel};
 use crate::ctx::Ctx;
-use crate::stage::kernel::KernelRequest;
 
 /// One image flavour, as written by a human.
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
-pub struct ImageManifest {
+pub struct ImageSpec {
     /// Must equal the file name without `.toml`.
     pub name: String,
     #[serde(default)]
@@ -107,14 +106,14 @@ pub struct BootSection {
     pub cmdline: String,
 }
 
-impl ImageManifest {
+impl ImageSpec {
     pub fn path(ctx: &Ctx, name: &str) -> PathBuf {
         ctx.root
             .join("image-manifests")
             .join(format!("{name}.toml"))
     }
 
-    pub fn load(ctx: &Ctx, name: &str) -> anyhow::Result<ImageManifest> {
+    pub fn load(ctx: &Ctx, name: &str) -> anyhow::Result<ImageSpec> {
         let path = Self::path(ctx, name);
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
@@ -125,8 +124,8 @@ impl ImageManifest {
         Self::parse(&text, name).with_context(|| format!("in {}", ctx.rel(&path).display()))
     }
 
-    pub fn parse(text: &str, expected_name: &str) -> anyhow::Result<ImageManifest> {
-        let m: ImageManifest = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    pub fn parse(text: &str, expected_name: &str) -> anyhow::Result<ImageSpec> {
+        let m: ImageSpec = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         if m.name != expected_name {
             anyhow::bail!(
                 "key `name` is `{}` but the file is named `{expected_name}.toml`; make them equal",
@@ -175,129 +174,23 @@ impl ImageManifest {
         Ok(m)
     }
 
-    /// Kernel command line for `arch` (console first, then the manifest's).
+    /// The arches `sel` picks, checked against what the image supports.
+    pub fn select_arches(&self, sel: ArchSel) -> anyhow::Result<Vec<Arch>> {
+        match sel {
+            ArchSel::All => Ok(self.arches.clone()),
+            ArchSel::One(a) if self.arches.contains(&a) => Ok(vec![a]),
+            ArchSel::One(a) => anyhow::bail!(
+                "image `{}` is not built for {a}: its manifest lists arches {:?}; add `{a}` to `arches` in image-manifests/{}.toml",
+                self.name,
+                self.arches.iter().map(|a| a.name()).collect::<Vec<_>>(),
+                self.name
+            ),
+        }
+    }
+
+    /// Kernel command line for `arch` (console first, then the spec's).
     pub fn cmdline(&self, arch: Arch) -> String {
         format!("console={} {}", arch.console(), self.boot.cmdline.trim())
-    }
-
-    /// The kernel, built (or found in the cache) only when the image asks for
-    /// modules: stages that make the tree alone need it for nothing else.
-    pub fn modules_kernel(
-        &self,
-        ctx: &Ctx,
-        arch: Arch,
-    ) -> anyhow::Result<Option<crate::stage::kernel::KernelArtifact>> {
-        if self.rootfs.modules.is_empty() {
-            return Ok(None);
-        }
-        crate::stage::kernel::build(ctx, &self.kernel_request(ctx, arch, None)?).map(Some)
-    }
-
-    /// Ordered fragment list for `arch`: common base, arch base, then each
-    /// feature's common and arch-specific parts. Later fragments win.
-    pub fn kernel_request(
-        &self,
-        ctx: &Ctx,
-        arch: Arch,
-        kernel_src: Option<PathBuf>,
-    ) -> anyhow::Result<KernelRequest> {
-        let dir = ctx.root.join("kernel-configs");
-        let mut fragments = vec![dir.join("common").join("base.conf")];
-        let arch_base = dir.join(arch.fragment_dir()).join("base.conf");
-        if arch_base.exists() {
-            fragments.push(arch_base);
-        }
-        for f in &self.kernel.features {
-            let common = dir.join("features").join(format!("{f}.conf"));
-            let arch_part = dir.join(arch.fragment_dir()).join(format!("{f}.conf"));
-            if !common.exists() && !arch_part.exists() {
-                anyhow::bail!(
-                    "image `{}` asks for kernel feature `{f}`, but neither {} nor {} exists",
-                    self.name,
-                    ctx.rel(&common).display(),
-                    ctx.rel(&arch_part).display()
-                );
-            }
-            fragments.extend([common, arch_part].into_iter().filter(|p| p.exists()));
-        }
-        for f in &fragments {
-            if !f.exists() {
-                anyhow::bail!("kernel fragment {} is missing", ctx.rel(f).display());
-            }
-        }
-        let patches = ctx
-            .root
-            .join("kernel-configs")
-            .join("patches")
-            .join(&self.kernel.series);
-        Ok(KernelRequest {
-            arch,
-            series: self.kernel.series.clone(),
-            fragments,
-            kernel_src,
-            patches: (!ctx.no_patches).then_some(patches),
-        })
-    }
-}
-
-/// `manifest.json`: what a built image contains. No host paths, no build time.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct BuiltManifest {
-    pub kiln_manifest: u32,
-    pub image: String,
-    pub arch: Arch,
-    pub kernel_version: String,
-    /// Patches applied to the kernel source, in order (name and sha256).
-    pub kernel_patches: Vec<crate::stage::kernel::PatchRecord>,
-    pub cmdline: String,
-    pub source_date_epoch: u64,
-    /// Role (kernel, initrd, kernel_config, agent, rootfs_image) → file record.
-    pub artifacts: BTreeMap<String, ArtifactRecord>,
-    /// Input name → content hash (stage keys and input files).
-    pub inputs: BTreeMap<String, String>,
-    /// How `rootfs_image` is laid out and booted (filesystem, partition, DAX).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rootfs: Option<crate::stage::disk::RootfsRecord>,
-    /// Debian packages in the image, with versions (empty for non-Debian recipes).
-    #[serde(default)]
-    pub packages: Vec<crate::stage::rootfs::debian::Package>,
-    /// Kernel modules in the image (requested ones and their dependencies),
-    /// in load order.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub kernel_modules: Vec<ModuleRecord>,
-}
-
-/// One kernel module inside an image's initrd and rootfs.img.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct ModuleRecord {
-    pub name: String,
-    /// Path inside the image, e.g. `lib/modules/6.12.57/kernel/net/llc/llc.ko`.
-    pub path: String,
-    pub size: u64,
-    pub sha256: String,
-    /// Direct dependencies, by name.
-    pub depends: Vec<String>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct ArtifactRecord {
-    /// File name, relative to the manifest's directory.
-    pub file: String,
-    pub size: u64,
-    pub sha256: String,
-}
-
-impl ArtifactRecord {
-    pub fn of(dir: &Path, file: &str) -> anyhow::Result<ArtifactRecord> {
-        let path = dir.join(file);
-        let size = std::fs::metadata(&path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .len();
-        Ok(ArtifactRecord {
-            file: file.to_string(),
-            size,
-            sha256: crate::hash::sha256_file(&path)?,
-        })
     }
 }
 
@@ -319,15 +212,26 @@ cmdline = "quiet"
 
     #[test]
     fn parses_a_good_manifest() {
-        let m = ImageManifest::parse(GOOD, "minimal").unwrap();
+        let m = ImageSpec::parse(GOOD, "minimal").unwrap();
         assert_eq!(m.arches, vec![Arch::X86_64]);
         assert_eq!(m.cmdline(Arch::X86_64), "console=ttyS0 quiet");
     }
 
     #[test]
+    fn arch_selection_is_checked_against_the_spec() {
+        let m = ImageSpec::parse(GOOD, "minimal").unwrap();
+        assert_eq!(m.select_arches(ArchSel::All).unwrap(), vec![Arch::X86_64]);
+        let err = format!(
+            "{:#}",
+            m.select_arches(ArchSel::One(Arch::S390x)).unwrap_err()
+        );
+        assert!(err.contains("s390x") && err.contains("arches"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let bad = GOOD.replace("recipe =", "recipee =");
-        let err = format!("{:#}", ImageManifest::parse(&bad, "minimal").unwrap_err());
+        let err = format!("{:#}", ImageSpec::parse(&bad, "minimal").unwrap_err());
         assert!(err.contains("recipee"), "{err}");
     }
 
@@ -335,7 +239,7 @@ cmdline = "quiet"
     fn bad_values_are_named() {
         let err = format!(
             "{:#}",
-            ImageManifest::parse(&GOOD.replace("\"gzip\"", "\"lzma9\""), "minimal").unwrap_err()
+            ImageSpec::parse(&GOOD.replace("\"gzip\"", "\"lzma9\""), "minimal").unwrap_err()
         );
         assert!(
             err.contains("compression") && err.contains("lzma9"),
@@ -343,14 +247,14 @@ cmdline = "quiet"
         );
         let err = format!(
             "{:#}",
-            ImageManifest::parse(&GOOD.replace("\"x86_64\"]", "\"mips\"]"), "minimal").unwrap_err()
+            ImageSpec::parse(&GOOD.replace("\"x86_64\"]", "\"mips\"]"), "minimal").unwrap_err()
         );
         assert!(err.contains("mips"), "{err}");
-        let err = format!("{:#}", ImageManifest::parse(GOOD, "other").unwrap_err());
+        let err = format!("{:#}", ImageSpec::parse(GOOD, "other").unwrap_err());
         assert!(err.contains("`name`"), "{err}");
         let err = format!(
             "{:#}",
-            ImageManifest::parse(&GOOD.replace("\"vsock\"", "\"../x\""), "minimal").unwrap_err()
+            ImageSpec::parse(&GOOD.replace("\"vsock\"", "\"../x\""), "minimal").unwrap_err()
         );
         assert!(err.contains("kernel.features"), "{err}");
     }
