@@ -116,9 +116,12 @@ pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<
     }
     let helper_exit = {
         let mut reg = reaper.lock();
-        let child = cmd
-            .spawn()
-            .map_err(|e| os("starting the container helper (/proc/self/exe)", e))?;
+        let child = cmd.spawn().map_err(|e| {
+            os(
+                "starting the container helper (the sealed copy of the agent)",
+                e,
+            )
+        })?;
         reg.register(child.id() as i32)
     };
     // The child's copies of the stdio ends and the socket live in `cmd`.
@@ -142,45 +145,7 @@ pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<
         .await
         .map_err(|e| os("sending the spec to the container helper", e))?;
 
-    let handshake = async {
-        let mut registered: Option<(i32, oneshot::Receiver<ExitCode>)> = None;
-        loop {
-            match next_report(&mut control).await {
-                Ok(Report::Pid(pid)) => {
-                    let rx = reaper.lock().register(pid);
-                    // If it died before we registered, the reaper already took it.
-                    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
-                        reaper.lock().unregister(pid);
-                        return Err(internal(format!(
-                            "container process {pid} vanished during set-up"
-                        )));
-                    }
-                    registered = Some((pid, rx));
-                }
-                Ok(Report::Ready) => {
-                    return registered.ok_or_else(|| {
-                        internal("container helper said Ready before reporting a pid")
-                    });
-                }
-                Ok(Report::Error(msg)) => {
-                    if let Some((pid, _)) = registered {
-                        reaper.lock().unregister(pid);
-                    }
-                    return Err(internal(msg));
-                }
-                Err(e) => {
-                    if let Some((pid, _)) = registered {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                        reaper.lock().unregister(pid);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-    };
+    let handshake = handshake(reaper, &mut control);
     let (pid, exit) = match tokio::time::timeout(SETUP_TIMEOUT, handshake).await {
         Ok(r) => r?,
         Err(_) => {
@@ -191,6 +156,50 @@ pub async fn launch(reaper: &Reaper, cfg: &Config, stdio: ChildStdio) -> Result<
         }
     };
     Ok(Launched { pid, exit, control })
+}
+
+/// Reads the helper's reports until Ready: the pid it forked (registered
+/// with the reaper at once), or the error that ended set-up.
+async fn handshake(
+    reaper: &Reaper,
+    control: &mut UnixStream,
+) -> Result<(i32, oneshot::Receiver<ExitCode>)> {
+    let mut registered: Option<(i32, oneshot::Receiver<ExitCode>)> = None;
+    loop {
+        match next_report(control).await {
+            Ok(Report::Pid(pid)) => {
+                let rx = reaper.lock().register(pid);
+                // If it died before we registered, the reaper already took it.
+                if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+                    reaper.lock().unregister(pid);
+                    return Err(internal(format!(
+                        "container process {pid} vanished during set-up"
+                    )));
+                }
+                registered = Some((pid, rx));
+            }
+            Ok(Report::Ready) => {
+                return registered
+                    .ok_or_else(|| internal("container helper said Ready before reporting a pid"));
+            }
+            Ok(Report::Error(msg)) => {
+                if let Some((pid, _)) = registered {
+                    reaper.lock().unregister(pid);
+                }
+                return Err(internal(msg));
+            }
+            Err(e) => {
+                if let Some((pid, _)) = registered {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    reaper.lock().unregister(pid);
+                }
+                return Err(e);
+            }
+        }
+    }
 }
 
 async fn next_report(control: &mut UnixStream) -> Result<Report> {
