@@ -106,7 +106,7 @@ impl Drop for Creating<'_> {
 /// architecture (the helper compiles it again before exec). Names this
 /// architecture does not have are skipped, and said so here.
 fn check_seccomp(cid: &str, profile: &seccomp::Profile) -> Result<()> {
-    let arch = seccomp::Arch::native().ok_or_else(|| {
+    let arch = <seccomp::Arch as seccomp::SeccompArch>::native().ok_or_else(|| {
         precondition("seccomp profiles are supported on x86_64, aarch64, ppc64le and s390x only")
     })?;
     if !seccomp::kernel_supports_filters() {

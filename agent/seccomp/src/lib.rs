@@ -104,18 +104,26 @@ const fn stmt(code: u16, k: u32) -> Insn {
     }
 }
 
-/// The architectures kiln-agent is built for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    X86_64,
-    Aarch64,
-    Ppc64le,
-    S390x,
+/// The architectures kiln builds for: kiln-manifest's, one enum for the
+/// whole project; [`SeccompArch`] adds what a filter needs to know of each.
+pub use kiln_manifest::Arch;
+
+/// Per-arch facts of seccomp: the audit arch, byte order, syscall table.
+pub trait SeccompArch: Sized {
+    /// The architecture this agent runs on, if it is one of the four.
+    fn native() -> Option<Arch>;
+    /// `seccomp_data.arch`.
+    fn audit_arch(self) -> u32;
+    /// seccomp_data's 64-bit arguments are in native byte order.
+    fn big_endian(self) -> bool;
+    /// Syscall number → name.
+    fn syscall_name(self, nr: u32) -> Option<&'static str>;
+    /// Name → number for this architecture, sorted by name.
+    fn syscall_table(self) -> Vec<(&'static str, u32)>;
 }
 
-impl Arch {
-    /// The architecture this agent runs on, if it is one of the four.
-    pub fn native() -> Option<Arch> {
+impl SeccompArch for Arch {
+    fn native() -> Option<Arch> {
         if cfg!(target_arch = "x86_64") {
             Some(Arch::X86_64)
         } else if cfg!(target_arch = "aarch64") {
@@ -129,17 +137,8 @@ impl Arch {
         }
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86_64",
-            Arch::Aarch64 => "aarch64",
-            Arch::Ppc64le => "ppc64le",
-            Arch::S390x => "s390x",
-        }
-    }
-
-    /// `seccomp_data.arch`: AUDIT_ARCH_* = ELF machine | 64-bit | little-endian.
-    pub fn audit_arch(self) -> u32 {
+    /// AUDIT_ARCH_* = ELF machine | 64-bit | little-endian.
+    fn audit_arch(self) -> u32 {
         const BIT64: u32 = 0x8000_0000;
         const LE: u32 = 0x4000_0000;
         match self {
@@ -150,7 +149,6 @@ impl Arch {
         }
     }
 
-    /// seccomp_data's 64-bit arguments are in native byte order.
     fn big_endian(self) -> bool {
         self == Arch::S390x
     }
@@ -173,7 +171,6 @@ impl Arch {
         }
     }
 
-    /// Name → number for this architecture, sorted by name.
     fn syscall_table(self) -> Vec<(&'static str, u32)> {
         let mut t: Vec<_> = (0..MAX_SYSCALL_NR)
             .filter_map(|nr| Some((self.syscall_name(nr)?, nr)))

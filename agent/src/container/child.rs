@@ -244,7 +244,7 @@ enum Never {}
 fn prepare_and_exec(p: &ProcessSpec, seccomp: Option<&seccomp::Profile>) -> Res<Never> {
     let filter = match seccomp {
         Some(profile) => {
-            let arch = seccomp::Arch::native()
+            let arch = <seccomp::Arch as seccomp::SeccompArch>::native()
                 .ok_or("seccomp profiles are not supported on this architecture")?;
             Some(seccomp::compile(profile, arch).map_err(|e| e.message)?)
         }
