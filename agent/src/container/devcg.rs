@@ -18,8 +18,6 @@ use kiln_protocol::oci;
 
 use crate::error::{invalid, os, precondition, Result};
 
-use super::spec::DeviceSpec;
-
 /// Device type as the cgroup program sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DevKind {
@@ -128,7 +126,7 @@ pub fn default_rules() -> Vec<DeviceRule> {
 /// allow for each device the spec creates.
 pub fn rules_for(
     spec_rules: &[oci::LinuxDeviceCgroup],
-    devices: &[DeviceSpec],
+    devices: &[(char, u64, u64)],
 ) -> Result<Vec<DeviceRule>> {
     let mut rules = if spec_rules.is_empty() {
         default_rules()
@@ -138,13 +136,14 @@ pub fn rules_for(
             .map(DeviceRule::from_oci)
             .collect::<Result<Vec<_>>>()?
     };
-    for d in devices {
-        let kind = match d.kind {
+    // The spec's `linux.devices` as (type, major, minor).
+    for &(kind, major, minor) in devices {
+        let kind = match kind {
             'b' => DevKind::Block,
             'c' | 'u' => DevKind::Char,
             _ => continue, // fifos need no rule
         };
-        let (Ok(major), Ok(minor)) = (u32::try_from(d.major), u32::try_from(d.minor)) else {
+        let (Ok(major), Ok(minor)) = (u32::try_from(major), u32::try_from(minor)) else {
             continue;
         };
         rules.push(DeviceRule::new(true, kind, Some(major), Some(minor), RWM));
@@ -476,16 +475,7 @@ mod tests {
         allow.Major = 1;
         allow.Minor = -1;
         allow.Access = "r".into();
-        let dev = DeviceSpec {
-            path: "/dev/vdb".into(),
-            kind: 'b',
-            major: 254,
-            minor: 16,
-            mode: 0o660,
-            uid: 0,
-            gid: 0,
-        };
-        let rules = rules_for(&[deny, allow], &[dev]).unwrap();
+        let rules = rules_for(&[deny, allow], &[('b', 254, 16)]).unwrap();
         assert!(!decide(&rules, DevKind::Char, 5, 0, READ));
         assert!(decide(&rules, DevKind::Char, 1, 9, READ));
         assert!(!decide(&rules, DevKind::Char, 1, 9, WRITE));

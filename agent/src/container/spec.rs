@@ -256,7 +256,10 @@ impl ContainerSpec {
                 .as_ref()
                 .map(|r| r.Devices.as_slice())
                 .unwrap_or(&[]),
-            &devices,
+            &devices
+                .iter()
+                .map(|d| (d.kind, d.major, d.minor))
+                .collect::<Vec<_>>(),
         )?;
         let sysctl = sysctl_from_oci(&linux.Sysctl)?;
         let paths = |what: &str, list: &[String]| -> Result<Vec<PathBuf>> {
