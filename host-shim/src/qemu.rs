@@ -167,6 +167,50 @@ pub struct QemuLaunch<'a> {
     /// Give the guest a virtual IOMMU (`intel-iommu`), so it can use
     /// vfio-pci itself (devices passed as `vfio-pci`, cold or hot-plugged).
     pub viommu: bool,
+    /// A NIC, if any (`hypervisor.qemu.network`).
+    pub network: Network,
+}
+
+/// The guest's network link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    /// No NIC (the default: a kiln guest talks to its host over vsock only).
+    #[default]
+    None,
+    /// One virtio-net NIC (MAC [`usernet::MAC`]) on QEMU's user-mode network
+    /// (slirp: no privileges, no host interface), IPv4 and IPv6. The guest's
+    /// addresses and routes are the runtime's to set (UpdateInterface,
+    /// UpdateRoutes), as Kata's runtime does for a pod's interface.
+    User,
+}
+
+/// Facts of QEMU's user-mode network as kiln-shim configures it (QEMU's
+/// defaults): what a runtime gives the guest through UpdateInterface and
+/// UpdateRoutes. Connections from the guest to the host addresses reach the
+/// host's loopback (127.0.0.1, ::1).
+pub mod usernet {
+    /// The NIC's MAC address ("kil" in its last three bytes).
+    pub const MAC: &str = "52:54:00:6b:69:6c";
+    pub const GUEST_V4: &str = "10.0.2.15";
+    pub const PREFIX_V4: u8 = 24;
+    /// The virtual router, which is also the host.
+    pub const GATEWAY_V4: &str = "10.0.2.2";
+    pub const GUEST_V6: &str = "fec0::15";
+    pub const PREFIX_V6: u8 = 64;
+    /// The virtual router's IPv6 address, also the host.
+    pub const GATEWAY_V6: &str = "fec0::2";
+    /// The guest's MTU on it (slirp's default).
+    pub const MTU: u32 = 1500;
+}
+
+/// The virtio-net device for `arch`: PCI everywhere but on s390x (channel I/O).
+/// PCI NICs get no option ROM: guests boot with -kernel, never from the network.
+pub fn nic_device(arch: &str, netdev: &str, mac: &str) -> String {
+    if arch == "s390x" {
+        format!("virtio-net-ccw,netdev={netdev},mac={mac}")
+    } else {
+        format!("virtio-net-pci,netdev={netdev},mac={mac},romfile=")
+    }
 }
 
 /// How the rootfs image is attached.
@@ -575,6 +619,13 @@ impl QemuLaunch<'_> {
                 &format!("{},bus={port},id=kiln_vfio{i}", d.backend.qemu_device()),
             ]);
         }
+        match self.network {
+            Network::None => {}
+            Network::User => {
+                push(&["-netdev", "user,id=kiln_net0,ipv4=on,ipv6=on"]);
+                push(&["-device", &nic_device(self.arch, "kiln_net0", usernet::MAC)]);
+            }
+        }
         push(&[
             "-qmp",
             &format!("unix:{},server=on,wait=off", self.qmp_socket.display()),
@@ -687,6 +738,7 @@ mod tests {
             rootfs: None,
             passthrough: &[],
             viommu: false,
+            network: Network::None,
         };
         let args = launch.args().unwrap().join(" ");
         assert!(
@@ -727,6 +779,7 @@ mod tests {
             rootfs: None,
             passthrough: &[],
             viommu: false,
+            network: Network::None,
         }
     }
 
@@ -772,6 +825,38 @@ mod tests {
             "qemu-system-s390x"
         );
         assert!(launch_for("mips", &cfg, Accel::Tcg).args().is_err());
+    }
+
+    #[test]
+    fn user_network_nic_per_arch() {
+        let cfg = QemuSection::default();
+        for arch in ["x86_64", "aarch64", "ppc64le", "s390x"] {
+            let line = launch_for(arch, &cfg, Accel::Tcg).args().unwrap().join(" ");
+            assert!(
+                !line.contains("-netdev") && !line.contains("virtio-net"),
+                "no NIC unless asked for: {line}"
+            );
+            let mut l = launch_for(arch, &cfg, Accel::Tcg);
+            l.network = Network::User;
+            let args = l.args().unwrap();
+            let netdev = args.iter().position(|a| a == "-netdev").expect(arch);
+            assert_eq!(
+                args[netdev + 1],
+                "user,id=kiln_net0,ipv4=on,ipv6=on",
+                "{arch}"
+            );
+            assert_eq!(args[netdev + 2], "-device", "{arch}");
+            let want = match arch {
+                "s390x" => "virtio-net-ccw,netdev=kiln_net0,mac=52:54:00:6b:69:6c",
+                _ => "virtio-net-pci,netdev=kiln_net0,mac=52:54:00:6b:69:6c,romfile=",
+            };
+            assert_eq!(args[netdev + 3], want, "{arch}");
+            assert_eq!(
+                args.iter().filter(|a| a.contains("virtio-net")).count(),
+                1,
+                "{arch}: one NIC"
+            );
+        }
     }
 
     #[test]
@@ -1011,6 +1096,7 @@ mod tests {
             rootfs: None,
             passthrough: &[],
             viommu: false,
+            network: Network::None,
         };
         let args = launch.args().unwrap().join(" ");
         assert!(
