@@ -523,8 +523,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Vec::new()
             };
             if json {
+                // Right after agent-ready: what the idle guest holds (`cargo xtask bench --kernel-cost`).
+                let mem = match kiln_shim::bench_exec::GuestMemory::read(&ready.client).await {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::warn!("guest memory: {e:#}");
+                        None
+                    }
+                };
                 let out = serde_json::json!({
                     "image": image.manifest.image,
+                    "guest_memory_total_bytes": mem.map(|m| m.total_bytes),
+                    "guest_memory_used_bytes": mem.map(|m| m.used_bytes()),
                     "arch": image.manifest.arch,
                     "accel": vm.accel_note,
                     "agent_ready_seconds": secs,

@@ -149,6 +149,15 @@ pub struct BenchArgs {
     /// Skip the warm-rebuild measurement (it edits and restores agent/src/main.rs).
     #[arg(long)]
     pub skip_rebuild: bool,
+    /// Only measure what the `workload` kernel feature costs: kernel size,
+    /// launch→agent-ready and idle guest memory of the minimal image's kernel
+    /// against the same kernel without `workload` (built on first use,
+    /// 5-16 min per arch), per arch (--arch).
+    #[arg(long)]
+    pub kernel_cost: bool,
+    /// Arches for --kernel-cost: x86_64, aarch64, ppc64le, s390x or all.
+    #[arg(long, default_value = "all", requires = "kernel_cost")]
+    pub arch: ArchSel,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -303,6 +312,7 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             &stage::bench::BenchFlags {
                 rounds: f.rounds.max(1),
                 skip_rebuild: f.skip_rebuild,
+                kernel_cost: f.kernel_cost.then(|| f.arch.arches()),
             },
         ),
     }

@@ -16,6 +16,7 @@ use crate::manifest::ImageManifest;
 use crate::stage::image;
 
 mod agent;
+mod kernel_cost;
 
 /// Marker the probe /init prints.
 const PROBE_MARKER: &str = "KILN-USERSPACE-READY";
@@ -52,9 +53,14 @@ fn row(name: impl Into<String>, value: f64, unit: &str, note: impl Into<String>)
 pub struct BenchFlags {
     pub rounds: usize,
     pub skip_rebuild: bool,
+    /// Only the `workload` kernel feature's cost, on these arches.
+    pub kernel_cost: Option<Vec<Arch>>,
 }
 
 pub fn run(ctx: &Ctx, flags: &BenchFlags) -> anyhow::Result<()> {
+    if let Some(arches) = &flags.kernel_cost {
+        return run_kernel_cost(ctx, arches, flags.rounds);
+    }
     let mut report = Report::default();
     let image = ImageManifest::load(ctx, "minimal")?;
     ctx.ensure_setup(&[Arch::X86_64])?;
@@ -74,6 +80,25 @@ pub fn run(ctx: &Ctx, flags: &BenchFlags) -> anyhow::Result<()> {
     let path = ctx.out.join("bench.json");
     write_atomic(&path, &serde_json::to_vec_pretty(&report)?)?;
     println!("\nwritten to {}", ctx.rel(&path).display());
+    Ok(())
+}
+
+/// `--kernel-cost`: measures, prints, and writes the rows into bench.json's
+/// `kernel_cost` (other sections of an earlier run are kept).
+fn run_kernel_cost(ctx: &Ctx, arches: &[Arch], rounds: usize) -> anyhow::Result<()> {
+    let shim = shim_binary(ctx)?;
+    let rows = kernel_cost::measure(ctx, &shim, arches, rounds)?;
+    println!("\n== cost of the `{}` kernel feature", kernel_cost::FEATURE);
+    print_rows(&rows);
+    let path = ctx.out.join("bench.json");
+    let mut doc: serde_json::Value = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    doc["kernel_cost"] = serde_json::to_value(&rows)?;
+    write_atomic(&path, &serde_json::to_vec_pretty(&doc)?)?;
+    println!("\nwritten to {} (kernel_cost)", ctx.rel(&path).display());
     Ok(())
 }
 
@@ -484,14 +509,18 @@ fn print_report(r: &Report) {
         ("build", &r.build),
     ] {
         println!("\n{title}");
-        for row in rows.iter() {
-            let value = match row.unit.as_str() {
-                "bytes" => format!("{:>10.1} KiB", row.value / 1024.0),
-                "ratio" => format!("{:>10.2} x  ", row.value),
-                u => format!("{:>10.2} {u:<4}", row.value),
-            };
-            println!("  {:<52} {value}  {}", row.name, row.note);
-        }
+        print_rows(rows);
+    }
+}
+
+fn print_rows(rows: &[Row]) {
+    for row in rows {
+        let value = match row.unit.as_str() {
+            "bytes" => format!("{:>10.1} KiB", row.value / 1024.0),
+            "ratio" => format!("{:>10.3} x  ", row.value),
+            u => format!("{:>10.2} {u:<4}", row.value),
+        };
+        println!("  {:<52} {value}  {}", row.name, row.note);
     }
 }
 
