@@ -64,6 +64,47 @@ impl AgentUsage {
     }
 }
 
+/// The guest's memory from GetMetrics (its /proc/meminfo).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuestMemory {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+impl GuestMemory {
+    /// Reads `kiln_guest_memory_total_bytes` and
+    /// `kiln_guest_memory_available_bytes` from Prometheus text.
+    pub fn parse(metrics: &str) -> anyhow::Result<GuestMemory> {
+        let value = |name: &str| -> anyhow::Result<u64> {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map(|v| v as u64)
+                .with_context(|| format!("GetMetrics has no {name}"))
+        };
+        Ok(GuestMemory {
+            total_bytes: value("kiln_guest_memory_total_bytes")?,
+            available_bytes: value("kiln_guest_memory_available_bytes")?,
+        })
+    }
+
+    /// MemTotal − MemAvailable: what the kernel and userspace hold.
+    pub fn used_bytes(&self) -> u64 {
+        self.total_bytes.saturating_sub(self.available_bytes)
+    }
+
+    /// Asks the agent.
+    pub async fn read(c: &AgentClient) -> anyhow::Result<GuestMemory> {
+        let m = c
+            .agent
+            .get_metrics(c.ctx(), &agent::GetMetricsRequest::new())
+            .await
+            .context("GetMetrics")?;
+        GuestMemory::parse(&m.metrics)
+    }
+}
+
 /// Nearest-rank percentile `p` (0 < p <= 100) of sorted `v`.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -203,6 +244,19 @@ mod tests {
         assert_eq!(percentile(&v, 100.0), 200.0);
         assert_eq!(percentile(&[7.0], 99.0), 7.0);
         assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn guest_memory_from_metrics() {
+        let m = "# HELP kiln_guest_memory_total_bytes Guest MemTotal.\n\
+                 kiln_guest_memory_total_bytes 1000\n\
+                 kiln_guest_memory_available_bytes 600\n";
+        let g = GuestMemory::parse(m).unwrap();
+        assert_eq!(
+            (g.total_bytes, g.available_bytes, g.used_bytes()),
+            (1000, 600, 400)
+        );
+        assert!(GuestMemory::parse("kiln_guest_memory_total_bytes 1\n").is_err());
     }
 
     #[test]

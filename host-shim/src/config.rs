@@ -85,6 +85,28 @@ pub struct QemuSection {
     /// Where the guest's root filesystem comes from (see [`ROOTFS_MODES`]).
     #[serde(default = "default_rootfs")]
     pub rootfs: String,
+    /// The guest's network link (see [`NETWORK_MODES`]).
+    #[serde(default = "default_network")]
+    pub network: String,
+}
+
+/// Values of `hypervisor.qemu.network`:
+/// - "none": no NIC (the default; the agent is reached over vsock);
+/// - "user": one virtio-net NIC on QEMU's user-mode network (IPv4 10.0.2.0/24
+///   and IPv6 fec0::/64, the host reachable at 10.0.2.2 and fec0::2), its
+///   addresses and routes left to UpdateInterface/UpdateRoutes.
+pub const NETWORK_MODES: &[&str] = &["none", "user"];
+
+/// Checks a network mode (from the config or a command-line flag).
+pub fn check_network_mode(key: &str, value: &str) -> anyhow::Result<crate::qemu::Network> {
+    match value {
+        "none" => Ok(crate::qemu::Network::None),
+        "user" => Ok(crate::qemu::Network::User),
+        _ => anyhow::bail!(
+            "{key} = `{value}`: use one of \"{}\"",
+            NETWORK_MODES.join("\", \"")
+        ),
+    }
 }
 
 /// Values of `hypervisor.qemu.rootfs`:
@@ -139,6 +161,9 @@ fn default_virtiofsd() -> String {
 }
 fn default_rootfs() -> String {
     "initrd".into()
+}
+fn default_network() -> String {
+    "none".into()
 }
 fn default_hotplug_ports() -> u32 {
     2
@@ -262,6 +287,7 @@ impl ShimConfig {
             );
         }
         check_rootfs_mode("hypervisor.qemu.rootfs", &q.rootfs)?;
+        check_network_mode("hypervisor.qemu.network", &q.network)?;
         if !q.pmem_file.trim().is_empty() && q.rootfs == "nvdimm" {
             anyhow::bail!(
                 "hypervisor.qemu.pmem_file and hypervisor.qemu.rootfs = \"nvdimm\" both attach an NVDIMM; \
@@ -375,6 +401,19 @@ mod tests {
         assert_eq!(
             ShimConfig::parse("").unwrap().hypervisor.qemu.rootfs,
             "initrd"
+        );
+        assert_eq!(
+            ShimConfig::parse("").unwrap().hypervisor.qemu.network,
+            "none"
+        );
+        let c = ShimConfig::parse("[hypervisor.qemu]\nnetwork = \"user\"\n").unwrap();
+        assert_eq!(c.hypervisor.qemu.network, "user");
+        let e = ShimConfig::parse("[hypervisor.qemu]\nnetwork = \"tap\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hypervisor.qemu.network") && e.contains("\"user\""),
+            "{e}"
         );
     }
 }

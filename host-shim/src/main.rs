@@ -138,6 +138,10 @@ struct BootArgs {
     /// configuration's (e.g. `agent.log=debug`).
     #[arg(long, value_name = "PARAMS", allow_hyphen_values = true)]
     kernel_params: Option<String>,
+    /// The guest's network link: none, or user (a virtio-net NIC on QEMU's
+    /// user-mode network, IPv4 and IPv6). Overrides hypervisor.qemu.network.
+    #[arg(long, value_name = "MODE")]
+    network: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -363,9 +367,14 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
         share,
         smoke,
         kernel_params,
+        network,
     } = args;
     clean_stale();
     let mut cfg = cfg.clone();
+    if let Some(mode) = network {
+        kiln_shim::config::check_network_mode("--network", &mode)?;
+        cfg.hypervisor.qemu.network = mode;
+    }
     if let Some(extra) = kernel_params {
         let q = &mut cfg.hypervisor.qemu;
         q.kernel_params = format!("{} {}", q.kernel_params.trim(), extra.trim())

@@ -168,6 +168,50 @@ pub struct QemuLaunch<'a> {
     /// Give the guest a virtual IOMMU (`intel-iommu`), so it can use
     /// vfio-pci itself (devices passed as `vfio-pci`, cold or hot-plugged).
     pub viommu: bool,
+    /// A NIC, if any (`hypervisor.qemu.network`).
+    pub network: Network,
+}
+
+/// The guest's network link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    /// No NIC (the default: a kiln guest talks to its host over vsock only).
+    #[default]
+    None,
+    /// One virtio-net NIC (MAC [`usernet::MAC`]) on QEMU's user-mode network
+    /// (slirp: no privileges, no host interface), IPv4 and IPv6. The guest's
+    /// addresses and routes are the runtime's to set (UpdateInterface,
+    /// UpdateRoutes), as Kata's runtime does for a pod's interface.
+    User,
+}
+
+/// Facts of QEMU's user-mode network as kiln-shim configures it (QEMU's
+/// defaults): what a runtime gives the guest through UpdateInterface and
+/// UpdateRoutes. Connections from the guest to the host addresses reach the
+/// host's loopback (127.0.0.1, ::1).
+pub mod usernet {
+    /// The NIC's MAC address ("kil" in its last three bytes).
+    pub const MAC: &str = "52:54:00:6b:69:6c";
+    pub const GUEST_V4: &str = "10.0.2.15";
+    pub const PREFIX_V4: u8 = 24;
+    /// The virtual router, which is also the host.
+    pub const GATEWAY_V4: &str = "10.0.2.2";
+    pub const GUEST_V6: &str = "fec0::15";
+    pub const PREFIX_V6: u8 = 64;
+    /// The virtual router's IPv6 address, also the host.
+    pub const GATEWAY_V6: &str = "fec0::2";
+    /// The guest's MTU on it (slirp's default).
+    pub const MTU: u32 = 1500;
+}
+
+/// The virtio-net device for `arch`: PCI everywhere but on s390x (channel I/O).
+/// PCI NICs get no option ROM: guests boot with -kernel, never from the network.
+pub fn nic_device(arch: Arch, netdev: &str, mac: &str) -> String {
+    if arch == Arch::S390x {
+        format!("virtio-net-ccw,netdev={netdev},mac={mac}")
+    } else {
+        format!("virtio-net-pci,netdev={netdev},mac={mac},romfile=")
+    }
 }
 
 /// How the rootfs image is attached.
@@ -595,6 +639,13 @@ impl QemuLaunch<'_> {
                 &format!("{},bus={port},id=kiln_vfio{i}", d.backend.qemu_device()),
             ]);
         }
+        match self.network {
+            Network::None => {}
+            Network::User => {
+                push(&["-netdev", "user,id=kiln_net0,ipv4=on,ipv6=on"]);
+                push(&["-device", &nic_device(self.arch, "kiln_net0", usernet::MAC)]);
+            }
+        }
         push(&[
             "-qmp",
             &format!("unix:{},server=on,wait=off", self.qmp_socket.display()),
@@ -738,6 +789,7 @@ mod tests {
             rootfs: None,
             passthrough: &[],
             viommu: false,
+            network: Network::None,
         };
         let args = launch.args().unwrap().join(" ");
         assert!(
@@ -778,6 +830,7 @@ mod tests {
             rootfs: None,
             passthrough: &[],
             viommu: false,
+            network: Network::None,
         }
     }
 
@@ -824,6 +877,41 @@ mod tests {
         );
         // An unknown arch cannot get here: manifest.json with one does not parse
         // (kiln-manifest's unknown_arch_is_a_clear_error).
+    }
+
+    #[test]
+    fn user_network_nic_per_arch() {
+        let cfg = QemuSection::default();
+        for arch in kiln_manifest::arch::ALL {
+            let line = launch_for(arch, &cfg, Accel::Tcg).args().unwrap().join(" ");
+            assert!(
+                !line.contains("-netdev") && !line.contains("virtio-net"),
+                "no NIC unless asked for: {line}"
+            );
+            let mut l = launch_for(arch, &cfg, Accel::Tcg);
+            l.network = Network::User;
+            let args = l.args().unwrap();
+            let netdev = args
+                .iter()
+                .position(|a| a == "-netdev")
+                .unwrap_or_else(|| panic!("{arch}"));
+            assert_eq!(
+                args[netdev + 1],
+                "user,id=kiln_net0,ipv4=on,ipv6=on",
+                "{arch}"
+            );
+            assert_eq!(args[netdev + 2], "-device", "{arch}");
+            let want = match arch {
+                Arch::S390x => "virtio-net-ccw,netdev=kiln_net0,mac=52:54:00:6b:69:6c",
+                _ => "virtio-net-pci,netdev=kiln_net0,mac=52:54:00:6b:69:6c,romfile=",
+            };
+            assert_eq!(args[netdev + 3], want, "{arch}");
+            assert_eq!(
+                args.iter().filter(|a| a.contains("virtio-net")).count(),
+                1,
+                "{arch}: one NIC"
+            );
+        }
     }
 
     #[test]
@@ -1069,6 +1157,7 @@ mod tests {
             rootfs: None,
             passthrough: &[],
             viommu: false,
+            network: Network::None,
         };
         let args = launch.args().unwrap().join(" ");
         assert!(

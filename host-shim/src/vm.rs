@@ -156,6 +156,10 @@ impl Vm {
                 }),
             passthrough: &passed,
             viommu,
+            network: crate::config::check_network_mode(
+                "hypervisor.qemu.network",
+                &cfg.hypervisor.qemu.network,
+            )?,
         };
         let hotplug_ports = if qemu::has_pcie_root_ports(arch, &launch.machine()?) {
             cfg.hypervisor.qemu.hotplug_root_ports

@@ -18,6 +18,7 @@ use crate::image_spec::ImageSpec;
 use crate::stage::image;
 
 mod agent;
+mod kernel_cost;
 
 /// Marker the probe /init prints.
 const PROBE_MARKER: &str = "KILN-USERSPACE-READY";
@@ -60,9 +61,21 @@ pub struct BenchFlags {
     /// Skip the warm-rebuild measurement (it edits and restores agent/src/main.rs).
     #[arg(long)]
     pub skip_rebuild: bool,
+    /// Only measure what the `workload` kernel feature costs: kernel size,
+    /// launch→agent-ready and idle guest memory of the minimal image's kernel
+    /// against the same kernel without `workload` (built on first use,
+    /// 5-16 min per arch), per arch (--arch).
+    #[arg(long)]
+    pub kernel_cost: bool,
+    /// Arches for --kernel-cost: x86_64, aarch64, ppc64le, s390x or all.
+    #[arg(long, default_value = "all", requires = "kernel_cost")]
+    pub arch: crate::arch::ArchSel,
 }
 
 pub fn run(ctx: &Ctx, flags: &BenchFlags) -> anyhow::Result<()> {
+    if flags.kernel_cost {
+        return run_kernel_cost(ctx, &flags.arch.arches(), flags.rounds.max(1));
+    }
     let mut report = Report::default();
     let image = ImageSpec::load(ctx, "minimal")?;
     ctx.ensure_setup(&[Arch::X86_64])?;
@@ -82,6 +95,25 @@ pub fn run(ctx: &Ctx, flags: &BenchFlags) -> anyhow::Result<()> {
     let path = ctx.out.join("bench.json");
     write_atomic(&path, &serde_json::to_vec_pretty(&report)?)?;
     println!("\nwritten to {}", ctx.rel(&path).display());
+    Ok(())
+}
+
+/// `--kernel-cost`: measures, prints, and writes the rows into bench.json's
+/// `kernel_cost` (other sections of an earlier run are kept).
+fn run_kernel_cost(ctx: &Ctx, arches: &[Arch], rounds: usize) -> anyhow::Result<()> {
+    let shim = shim_binary(ctx)?;
+    let rows = kernel_cost::measure(ctx, &shim, arches, rounds)?;
+    println!("\n== cost of the `{}` kernel feature", kernel_cost::FEATURE);
+    print_rows(&rows);
+    let path = ctx.out.join("bench.json");
+    let mut doc: serde_json::Value = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    doc["kernel_cost"] = serde_json::to_value(&rows)?;
+    write_atomic(&path, &serde_json::to_vec_pretty(&doc)?)?;
+    println!("\nwritten to {} (kernel_cost)", ctx.rel(&path).display());
     Ok(())
 }
 
@@ -508,14 +540,18 @@ fn print_report(r: &Report) {
         ("build", &r.build),
     ] {
         println!("\n{title}");
-        for row in rows.iter() {
-            let value = match row.unit.as_str() {
-                "bytes" => format!("{:>10.1} KiB", row.value / 1024.0),
-                "ratio" => format!("{:>10.2} x  ", row.value),
-                u => format!("{:>10.2} {u:<4}", row.value),
-            };
-            println!("  {:<52} {value}  {}", row.name, row.note);
-        }
+        print_rows(rows);
+    }
+}
+
+fn print_rows(rows: &[Row]) {
+    for row in rows {
+        let value = match row.unit.as_str() {
+            "bytes" => format!("{:>10.1} KiB", row.value / 1024.0),
+            "ratio" => format!("{:>10.3} x  ", row.value),
+            u => format!("{:>10.2} {u:<4}", row.value),
+        };
+        println!("  {:<52} {value}  {}", row.name, row.note);
     }
 }
 
