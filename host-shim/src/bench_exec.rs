@@ -45,21 +45,23 @@ pub struct AgentUsage {
     pub fds: u64,
 }
 
+/// The value of the sample `name` in GetMetrics' Prometheus text.
+fn metric(metrics: &str, name: &str) -> anyhow::Result<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .with_context(|| format!("GetMetrics has no {name}"))
+}
+
 impl AgentUsage {
     /// Reads `kiln_agent_resident_memory_bytes` and `kiln_agent_open_fds`
     /// from Prometheus text.
     pub fn parse(metrics: &str) -> anyhow::Result<AgentUsage> {
-        let value = |name: &str| -> anyhow::Result<u64> {
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .map(|v| v as u64)
-                .with_context(|| format!("GetMetrics has no {name}"))
-        };
         Ok(AgentUsage {
-            rss_bytes: value("kiln_agent_resident_memory_bytes")?,
-            fds: value("kiln_agent_open_fds")?,
+            rss_bytes: metric(metrics, "kiln_agent_resident_memory_bytes")?,
+            fds: metric(metrics, "kiln_agent_open_fds")?,
         })
     }
 }
@@ -75,17 +77,9 @@ impl GuestMemory {
     /// Reads `kiln_guest_memory_total_bytes` and
     /// `kiln_guest_memory_available_bytes` from Prometheus text.
     pub fn parse(metrics: &str) -> anyhow::Result<GuestMemory> {
-        let value = |name: &str| -> anyhow::Result<u64> {
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .map(|v| v as u64)
-                .with_context(|| format!("GetMetrics has no {name}"))
-        };
         Ok(GuestMemory {
-            total_bytes: value("kiln_guest_memory_total_bytes")?,
-            available_bytes: value("kiln_guest_memory_available_bytes")?,
+            total_bytes: metric(metrics, "kiln_guest_memory_total_bytes")?,
+            available_bytes: metric(metrics, "kiln_guest_memory_available_bytes")?,
         })
     }
 

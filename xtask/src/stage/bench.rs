@@ -206,16 +206,19 @@ fn shim_binary(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     Ok(ctx.root.join("target/release/kiln-shim"))
 }
 
-fn shim_seconds(shim: &Path, manifest: &Path, marker: Option<&str>) -> anyhow::Result<f64> {
+/// `kiln-shim boot --json --image MANIFEST [extra...]`, its JSON answer.
+fn shim_boot_json(
+    shim: &Path,
+    manifest: &Path,
+    extra: &[&str],
+) -> anyhow::Result<serde_json::Value> {
     let mut args = vec![
         "boot".to_string(),
         "--json".into(),
         "--image".into(),
         manifest.display().to_string(),
     ];
-    if let Some(m) = marker {
-        args.extend(["--until-console".to_string(), m.to_string()]);
-    }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let out = duct::cmd(shim, &args)
         .stderr_null()
         .stdout_capture()
@@ -224,7 +227,20 @@ fn shim_seconds(shim: &Path, manifest: &Path, marker: Option<&str>) -> anyhow::R
     if !out.status.success() {
         anyhow::bail!("kiln-shim {} failed", args.join(" "));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "kiln-shim boot printed {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn shim_seconds(shim: &Path, manifest: &Path, marker: Option<&str>) -> anyhow::Result<f64> {
+    let extra = match marker {
+        Some(m) => vec!["--until-console", m],
+        None => Vec::new(),
+    };
+    let v = shim_boot_json(shim, manifest, &extra)?;
     v["agent_ready_seconds"]
         .as_f64()
         .or_else(|| v["console_marker_seconds"].as_f64())

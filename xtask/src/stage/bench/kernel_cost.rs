@@ -209,26 +209,8 @@ fn variant_image(ctx: &Ctx, manifest: &Path, kernel: &Path, arch: Arch) -> anyho
 }
 
 fn boot(shim: &Path, manifest: &Path) -> anyhow::Result<Boot> {
-    let args = [
-        "boot".to_string(),
-        "--json".into(),
-        "--image".into(),
-        manifest.display().to_string(),
-    ];
-    let out = duct::cmd(shim, &args)
-        .stderr_null()
-        .stdout_capture()
-        .unchecked()
-        .run()?;
-    if !out.status.success() {
-        anyhow::bail!("kiln-shim {} failed", args.join(" "));
-    }
-    let b: BootJson = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "kiln-shim boot printed {:?}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })?;
+    let b: BootJson = serde_json::from_value(super::shim_boot_json(shim, manifest, &[])?)
+        .context("kiln-shim boot --json printed no agent_ready_seconds")?;
     Ok(Boot {
         ready: b.agent_ready_seconds,
         used: b
