@@ -48,6 +48,16 @@ pub async fn exec(cfg: &ShimConfig, req: ExecRequest<'_>) -> anyhow::Result<i32>
     p.Env.extend(req.env.iter().cloned());
     p.Cwd = "/".into();
     p.Terminal = req.tty;
+    // `docker exec` and `crictl exec` give the process the container's
+    // capabilities; the agent gives none to a process that names none
+    // (runc's rule), so name runc's default set, as `kiln-shim run` does.
+    let defaults =
+        crate::spec::to_protocol(&crate::spec::default_spec(req.command, &[], false)?)?.0;
+    p.Capabilities = defaults
+        .Process
+        .into_option()
+        .unwrap_or_default()
+        .Capabilities;
     let mut r = agent::ExecProcessRequest::new();
     r.container_id = req.container.to_string();
     r.exec_id = exec_id.clone();
