@@ -106,6 +106,21 @@ fn process_mentions(pid: u32, needle: &str) -> bool {
     String::from_utf8_lossy(&cmd).contains(needle)
 }
 
+/// Whether `m` may be a mount the shim of run directory `dir` made: every
+/// such mount lies inside `dir`. A planted or corrupt state.json must not
+/// make cleanup unmount anything else.
+fn own_mount(dir: &Path, m: &Path) -> bool {
+    m.is_absolute()
+        && m != dir
+        && m.starts_with(dir)
+        && m.components().all(|c| {
+            !matches!(
+                c,
+                std::path::Component::ParentDir | std::path::Component::CurDir
+            )
+        })
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CleanupReport {
     pub removed_dirs: Vec<PathBuf>,
@@ -154,6 +169,14 @@ pub fn cleanup_stale(base: &Path) -> anyhow::Result<CleanupReport> {
         }
         restore_vfio(Path::new("/"), &state.vfio, &mut report);
         for m in state.mounts.iter().rev() {
+            if !own_mount(&dir, m) {
+                tracing::warn!(
+                    "{}: state.json names mount {} outside its run directory; left alone",
+                    dir.display(),
+                    m.display()
+                );
+                continue;
+            }
             if nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH).is_ok() {
                 report.unmounted.push(m.clone());
             }
@@ -195,6 +218,25 @@ mod tests {
             }),
             "recycled pid"
         );
+    }
+
+    #[test]
+    fn only_mounts_inside_the_run_directory_are_undone() {
+        let dir = Path::new("/run/kiln/vm-abc");
+        assert!(own_mount(
+            dir,
+            Path::new("/run/kiln/vm-abc/shared/dev/rootfs")
+        ));
+        for foreign in [
+            "/home",
+            "/",
+            "/run/kiln/vm-abc",
+            "/run/kiln/vm-abcd/shared",
+            "/run/kiln/vm-abc/../vm-other/shared",
+            "run/kiln/vm-abc/shared",
+        ] {
+            assert!(!own_mount(dir, Path::new(foreign)), "{foreign}");
+        }
     }
 
     #[test]
