@@ -224,7 +224,10 @@ fn main() -> ExitCode {
 
 /// Cleans up after shims that were killed; never fails the current command.
 fn clean_stale() {
-    match kiln_shim::state::cleanup_stale(&kiln_shim::process::runtime_base()) {
+    let Ok(base) = kiln_shim::process::runtime_base() else {
+        return; // the command itself will say why it has no run directory
+    };
+    match kiln_shim::state::cleanup_stale(&base) {
         Ok(r) if !r.removed_dirs.is_empty() => {
             tracing::info!(
                 "cleaned up after killed shims: {} run dir(s), {} process(es)",
@@ -286,7 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cleanup => {
-            let r = kiln_shim::state::cleanup_stale(&kiln_shim::process::runtime_base())?;
+            let r = kiln_shim::state::cleanup_stale(&kiln_shim::process::runtime_base()?)?;
             for (name, pid) in &r.killed {
                 println!("killed {name} (pid {pid})");
             }

@@ -87,8 +87,8 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn create() -> anyhow::Result<RunDir> {
-        let base = runtime_base();
-        std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+        let base = runtime_base()?;
+        secure_base(&base)?;
         let path = tempfile::Builder::new()
             .prefix("vm-")
             .tempdir_in(&base)
@@ -174,20 +174,60 @@ impl Drop for BindMount {
     }
 }
 
-/// `$KILN_RUN_DIR`, else `$XDG_RUNTIME_DIR/kiln`, else `/run/kiln` for root and
-/// the temp dir otherwise.
-pub fn runtime_base() -> PathBuf {
+/// `$KILN_RUN_DIR`, else `$XDG_RUNTIME_DIR/kiln`, else `/run/kiln` for root.
+/// A user without `XDG_RUNTIME_DIR` gets an error rather than a predictable
+/// directory in /tmp that another user could create first.
+pub fn runtime_base() -> anyhow::Result<PathBuf> {
     if let Some(d) = std::env::var_os("KILN_RUN_DIR") {
-        return PathBuf::from(d);
+        return Ok(PathBuf::from(d));
     }
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("kiln");
+        return Ok(PathBuf::from(d).join("kiln"));
     }
     if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/run/kiln")
-    } else {
-        std::env::temp_dir().join("kiln")
+        return Ok(PathBuf::from("/run/kiln"));
     }
+    anyhow::bail!(
+        "no place for run directories: XDG_RUNTIME_DIR is not set (a login session sets it); \
+         set it, or KILN_RUN_DIR to a directory only you can write"
+    )
+}
+
+/// Makes `base` (mode 0700) or checks the existing one: a real directory
+/// owned by us, then closed to others. Refuses a symlink or someone else's
+/// directory, where state.json, sockets and QMP could be swapped.
+pub fn secure_base(base: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(base)
+    {
+        Ok(()) => {}
+        Err(e) => anyhow::bail!("creating {}: {e}", base.display()),
+    }
+    let md = std::fs::symlink_metadata(base).with_context(|| format!("stat {}", base.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !md.is_dir() || md.uid() != me {
+        anyhow::bail!(
+            "refusing run base {}: it is {} owned by uid {}, not a directory of yours (uid {me}); \
+             remove it, or set KILN_RUN_DIR to a directory only you can write",
+            base.display(),
+            if md.file_type().is_symlink() {
+                "a symlink"
+            } else if md.is_dir() {
+                "a directory"
+            } else {
+                "a file"
+            },
+            md.uid()
+        );
+    }
+    if md.mode() & 0o077 != 0 {
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", base.display()))?;
+    }
+    Ok(())
 }
 
 /// Waits until `path` exists (a socket a child creates), or the deadline.
@@ -262,5 +302,24 @@ mod tests {
         std::fs::write(p.join("x.sock"), "").unwrap();
         drop(dir);
         assert!(!p.exists());
+    }
+
+    #[test]
+    fn run_base_is_ours_and_closed_to_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("kiln");
+        secure_base(&base).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&base), 0o700);
+        // An existing one of ours that others could enter is closed.
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        secure_base(&base).unwrap();
+        assert_eq!(mode(&base), 0o700);
+        // A symlink planted where the base should be is refused.
+        let link = tmp.path().join("planted");
+        std::os::unix::fs::symlink(&base, &link).unwrap();
+        let e = secure_base(&link).unwrap_err().to_string();
+        assert!(e.contains("a symlink"), "{e}");
     }
 }
