@@ -591,7 +591,12 @@ impl QemuLaunch<'_> {
             "-chardev",
             &format!("socket,id=vsock,path={}", self.vhost_vsock_socket.display()),
         ]);
-        push(&["-device", "vhost-user-vsock-pci,chardev=vsock"]);
+        // event_idx off: vhost-device-vsock 0.3 completes RX buffers on a
+        // second thread, and with notification suppression on, a completion
+        // racing the guest's used_event has left an agent that had logged
+        // "ready" unreachable for minutes (CI, stop 27). An interrupt per
+        // packet costs nothing measurable at the agent's message rate.
+        push(&["-device", "vhost-user-vsock-pci,chardev=vsock,event_idx=off"]);
         if let Some(sock) = self.virtiofs_socket {
             push(&[
                 "-chardev",

@@ -28,7 +28,7 @@ pub struct Launched {
     pub control: UnixStream,
 }
 
-/// The helper binary: a sealed in-memory copy of the agent, made once.
+/// The helper binary: a sealed in-memory copy of the agent, made once it succeeds.
 ///
 /// Not `/proc/self/exe`: a container process that re-executes or opens its
 /// helper's `/proc/<pid>/exe` would reach the agent's own file and could
@@ -37,12 +37,17 @@ pub struct Launched {
 /// against writes, growth and shrinking, so that path leads nowhere writable.
 /// It costs one copy of the agent binary in guest memory.
 fn helper_exe() -> Result<String> {
-    static COPY: std::sync::OnceLock<std::result::Result<OwnedFd, String>> =
-        std::sync::OnceLock::new();
-    match COPY.get_or_init(|| sealed_copy(std::path::Path::new("/proc/self/exe"))) {
-        Ok(fd) => Ok(format!("/proc/self/fd/{}", fd.as_raw_fd())),
-        Err(e) => Err(internal(e)),
+    // Only a success is kept: a failure (EMFILE, ENOMEM under a burst) is
+    // returned to this request and the next launch tries again.
+    static COPY: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+    let mut copy = COPY.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(fd) = copy.as_ref() {
+        return Ok(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     }
+    let fd = sealed_copy(std::path::Path::new("/proc/self/exe")).map_err(internal)?;
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    *copy = Some(fd);
+    Ok(path)
 }
 
 /// `src` copied into a memfd sealed against every change.
