@@ -88,7 +88,17 @@ pub struct QemuSection {
     /// The guest's network link (see [`NETWORK_MODES`]).
     #[serde(default = "default_network")]
     pub network: String,
+    /// QEMU's seccomp filter (`-sandbox` options), as Kata's `seccompsandbox`;
+    /// "off" runs QEMU without one. On by default: QEMU parses what an
+    /// untrusted guest sends, and never needs to exec, setuid or re-nice.
+    #[serde(default = "default_seccomp_sandbox")]
+    pub seccomp_sandbox: String,
 }
+
+/// QEMU's `-sandbox` default: its seccomp filter, denying obsolete calls,
+/// privilege changes, fork/exec and scheduler/resource control.
+pub const SECCOMP_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Values of `hypervisor.qemu.network`:
 /// - "none": no NIC (the default; the agent is reached over vsock);
@@ -164,6 +174,9 @@ fn default_rootfs() -> String {
 }
 fn default_network() -> String {
     "none".into()
+}
+fn default_seccomp_sandbox() -> String {
+    SECCOMP_SANDBOX.into()
 }
 fn default_hotplug_ports() -> u32 {
     2
@@ -288,6 +301,15 @@ impl ShimConfig {
         }
         check_rootfs_mode("hypervisor.qemu.rootfs", &q.rootfs)?;
         check_network_mode("hypervisor.qemu.network", &q.network)?;
+        let sandbox = q.seccomp_sandbox.as_str();
+        if !(sandbox == "off" || sandbox == "on" || sandbox.starts_with("on,"))
+            || sandbox.contains(char::is_whitespace)
+        {
+            anyhow::bail!(
+                "hypervisor.qemu.seccomp_sandbox = `{sandbox}`: use \"off\" or QEMU's -sandbox options \
+                 starting with \"on\", e.g. \"{SECCOMP_SANDBOX}\""
+            );
+        }
         if !q.pmem_file.trim().is_empty() && q.rootfs == "nvdimm" {
             anyhow::bail!(
                 "hypervisor.qemu.pmem_file and hypervisor.qemu.rootfs = \"nvdimm\" both attach an NVDIMM; \
@@ -406,6 +428,23 @@ mod tests {
             ShimConfig::parse("").unwrap().hypervisor.qemu.network,
             "none"
         );
+        assert_eq!(
+            ShimConfig::parse("")
+                .unwrap()
+                .hypervisor
+                .qemu
+                .seccomp_sandbox,
+            SECCOMP_SANDBOX
+        );
+        for bad in ["yes", "on spawn=deny", ""] {
+            let e = ShimConfig::parse(&format!("[hypervisor.qemu]\nseccomp_sandbox = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("seccomp_sandbox") && e.contains("\"off\""),
+                "{e}"
+            );
+        }
         let c = ShimConfig::parse("[hypervisor.qemu]\nnetwork = \"user\"\n").unwrap();
         assert_eq!(c.hypervisor.qemu.network, "user");
         let e = ShimConfig::parse("[hypervisor.qemu]\nnetwork = \"tap\"\n")

@@ -15,11 +15,30 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
+    /// Starts `cmd` so that it dies with the shim: the child gets
+    /// `PR_SET_PDEATHSIG` (SIGKILL), so a shim killed with SIGKILL takes
+    /// QEMU and the backends with it instead of leaving a running guest.
     pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<ChildGuard> {
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({:?}): is it installed? `kiln-shim check` tells what is missing", cmd.get_program()))?;
+        let program = cmd.get_program().to_owned();
+        let shim = std::process::id() as libc::pid_t;
+        cmd.stdin(Stdio::null());
+        // SAFETY: the closure runs between fork and exec and calls only
+        // async-signal-safe functions (prctl, getppid, _exit-free returns).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The shim died between fork and prctl: the signal is lost.
+                if libc::getppid() != shim {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let owned = std::mem::replace(cmd, Command::new(&program));
+        let child = spawn_from_launcher(owned)
+            .with_context(|| format!("cannot start {name} ({program:?}): is it installed? `kiln-shim check` tells what is missing"))?;
         tracing::debug!(name, pid = child.id(), "started");
         Ok(ChildGuard {
             name: name.to_string(),
@@ -132,6 +151,41 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
         .map(|m| PathBuf::from(m.replace("\\040", " ")))
         .filter(|m| m.starts_with(dir))
         .collect()
+}
+
+/// Forks `cmd` from one thread that lives as long as the shim. The kernel
+/// sends `PR_SET_PDEATHSIG` when the *thread* that forked the child exits, and
+/// the shim's callers include tokio blocking-pool threads, which exit after
+/// 10 s idle: forking there would kill QEMU with a thread, not with the shim.
+fn spawn_from_launcher(cmd: Command) -> std::io::Result<Child> {
+    use std::sync::mpsc;
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static LAUNCHER: std::sync::OnceLock<Option<std::sync::Mutex<mpsc::Sender<Request>>>> =
+        std::sync::OnceLock::new();
+    let launcher = LAUNCHER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("kiln-launcher".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .ok()
+            .map(|_| std::sync::Mutex::new(tx))
+    });
+    let launcher = launcher
+        .as_ref()
+        .ok_or_else(|| std::io::Error::other("could not start the launcher thread"))?;
+    let (reply, answer) = mpsc::channel();
+    launcher
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send((cmd, reply))
+        .map_err(|_| std::io::Error::other("the launcher thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the launcher thread is gone"))?
 }
 
 /// A bind mount that is detached on drop.
@@ -269,6 +323,26 @@ mod tests {
             .map(|s| s.contains("(sleep)"))
             .unwrap_or(false);
         assert!(!(alive && ours), "sleep {pid} survived its guard");
+    }
+
+    /// A helper started from a thread that then exits (as tokio's idle
+    /// blocking threads do) lives on: its death signal is tied to the shim's
+    /// launcher thread, not to the caller's.
+    #[test]
+    fn helper_outlives_the_thread_that_asked_for_it() {
+        let mut guard = std::thread::spawn(|| {
+            ChildGuard::spawn("sleep", Command::new("sleep").arg("100")).unwrap()
+        })
+        .join()
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            guard.exited().is_none(),
+            "the helper died with the caller's thread"
+        );
+        let pid = guard.pid().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(status.contains("State:\tS"), "{status}");
     }
 
     #[test]

@@ -436,6 +436,9 @@ impl QemuLaunch<'_> {
             "none",
             "-no-reboot",
         ]);
+        if self.config.seccomp_sandbox != "off" {
+            push(&["-sandbox", &self.config.seccomp_sandbox]);
+        }
         // vhost-user devices need guest RAM the backend can map: a shared memfd.
         push(&[
             "-object",
@@ -596,7 +599,10 @@ impl QemuLaunch<'_> {
         // racing the guest's used_event has left an agent that had logged
         // "ready" unreachable for minutes (CI, stop 27). An interrupt per
         // packet costs nothing measurable at the agent's message rate.
-        push(&["-device", "vhost-user-vsock-pci,chardev=vsock,event_idx=off"]);
+        push(&[
+            "-device",
+            "vhost-user-vsock-pci,chardev=vsock,event_idx=off",
+        ]);
         if let Some(sock) = self.virtiofs_socket {
             push(&[
                 "-chardev",
@@ -803,7 +809,11 @@ mod tests {
         );
         assert!(args.contains("-machine q35,memory-backend=mem"), "{args}");
         assert!(
-            args.contains("vhost-user-vsock-pci,chardev=vsock"),
+            args.contains(&format!("-sandbox {}", crate::config::SECCOMP_SANDBOX)),
+            "QEMU runs under its seccomp filter by default: {args}"
+        );
+        assert!(
+            args.contains("vhost-user-vsock-pci,chardev=vsock,event_idx=off"),
             "{args}"
         );
         assert!(args.contains("-accel tcg -cpu max"), "{args}");

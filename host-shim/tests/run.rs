@@ -184,15 +184,44 @@ fn sigint_reaches_the_container() {
 
 #[test]
 #[ignore = "boots a VM; run through `cargo xtask test`"]
-fn sigkilled_shim_is_cleaned_up_by_the_next_run() {
+fn sigkilled_shim_takes_its_helpers_and_cleanup_the_rest() {
     let rootfs = busybox_rootfs();
     let base = tempfile::tempdir().unwrap();
     let mut child = sleeping_container(base.path(), rootfs.path(), Stdio::null());
+    let helpers: Vec<u32> = ["qemu", "vhost-device-vsock", "virtiofsd"]
+        .iter()
+        .map(|h| helper_pid(base.path(), h))
+        .collect();
     child.kill().unwrap();
     child.wait().unwrap();
+    // PR_SET_PDEATHSIG: QEMU and both backends die with the shim. Their
+    // processes (pids and any forked sandbox children, found by the run
+    // directory on their command lines) are gone; what is left is files and
+    // mounts, which `cleanup` undoes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let processes = || {
+        leftovers(base.path())
+            .into_iter()
+            .filter(|l| !l.starts_with("dir "))
+            .collect::<Vec<_>>()
+    };
+    while !processes().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        processes().is_empty(),
+        "helpers outlived the SIGKILLed shim: {:?}",
+        processes()
+    );
+    for pid in helpers {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        assert!(!alive, "helper {pid} outlived the SIGKILLed shim");
+    }
     assert!(
         !leftovers(base.path()).is_empty(),
-        "a SIGKILLed shim leaves its VM behind"
+        "a SIGKILLed shim leaves its run directory behind"
     );
     let out = shim(base.path()).arg("cleanup").output().unwrap();
     assert!(out.status.success());

@@ -40,7 +40,9 @@ fn helper_exe() -> Result<String> {
     // Only a success is kept: a failure (EMFILE, ENOMEM under a burst) is
     // returned to this request and the next launch tries again.
     static COPY: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
-    let mut copy = COPY.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut copy = COPY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(fd) = copy.as_ref() {
         return Ok(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     }
