@@ -141,7 +141,13 @@ pub fn cleanup_stale(base: &Path) -> anyhow::Result<CleanupReport> {
         if !dir.is_dir() {
             continue;
         }
-        let Ok(state) = RunState::load(&dir) else {
+        let state = RunState::load(&dir);
+        if let Err(e) = &state {
+            if dir.join(FILE).exists() {
+                tracing::warn!("{}: {e:#}; nothing it names is touched", dir.display());
+            }
+        }
+        let Ok(state) = state else {
             // No state yet: a shim is between creating the dir and writing it,
             // or crashed right then. Leave young ones alone.
             let young = entry

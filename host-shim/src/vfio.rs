@@ -18,9 +18,25 @@ pub const VFIO_PCI: &str = "vfio-pci";
 /// PCI class of a PCI-to-PCI bridge: allowed to stay with its driver.
 const CLASS_BRIDGE: u32 = 0x0604;
 
-/// A host PCI address, `0000:01:00.0`, lower case.
+/// A host PCI address, `0000:01:00.0`, lower case. Read back from
+/// state.json through the same parser, so a planted `../..` never becomes a
+/// sysfs path.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct HostBdf(pub String);
+
+impl TryFrom<String> for HostBdf {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> anyhow::Result<HostBdf> {
+        s.parse()
+    }
+}
+
+impl From<HostBdf> for String {
+    fn from(b: HostBdf) -> String {
+        b.0
+    }
+}
 
 impl fmt::Display for HostBdf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -440,6 +456,17 @@ impl<'a> Host<'a> {
         let dir = self.device_dir(&b.bdf);
         if !dir.exists() {
             return Ok(());
+        }
+        // Only a device kiln handed to vfio-pci is touched: a stale or
+        // planted state.json naming another device (the host's NIC) must not
+        // unbind it from its driver.
+        let over = std::fs::read_to_string(dir.join("driver_override")).unwrap_or_default();
+        if over.trim() != VFIO_PCI {
+            anyhow::bail!(
+                "{} has driver_override {:?}, not {VFIO_PCI:?}: kiln did not bind it, left alone",
+                b.bdf,
+                over.trim()
+            );
         }
         self.write(&dir.join("driver_override"), "\n")?;
         if self.driver(&b.bdf).as_deref() == Some(VFIO_PCI) {
@@ -891,6 +918,35 @@ mod tests {
             .unwrap(),
             ""
         );
+    }
+
+    /// A stale or planted state.json: a device kiln never bound (the NVMe
+    /// holding /data) is not unbound from its driver, and a path in place
+    /// of an address does not even load.
+    #[test]
+    fn restore_touches_only_devices_bound_to_vfio_pci() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_host(dir.path());
+        let k = kernel(dir.path());
+        let host = Host::new(dir.path(), &k);
+        let planted = BoundDevice {
+            bdf: bdf("0000:02:00.0"),
+            original_driver: None,
+        };
+        let err = host.restore(&planted).unwrap_err().to_string();
+        assert!(err.contains("left alone"), "{err}");
+        assert!(k.log.borrow().is_empty(), "{:?}", k.log.borrow());
+        assert_eq!(host.driver(&bdf("0000:02:00.0")).as_deref(), Some("nvme"));
+        for bad in ["../../../../etc", "0000:01:00.0/../..", "", "0000:01:00.8"] {
+            let json = format!(r#"{{"bdf":"{bad}","original_driver":null}}"#);
+            assert!(
+                serde_json::from_str::<BoundDevice>(&json).is_err(),
+                "{bad:?} was accepted"
+            );
+        }
+        let good: BoundDevice =
+            serde_json::from_str(r#"{"bdf":"0000:01:00.0","original_driver":"ixgbe"}"#).unwrap();
+        assert_eq!(good.bdf, bdf("0000:01:00.0"));
     }
 
     #[test]
