@@ -74,6 +74,13 @@ pub struct QemuSection {
     /// Extra arguments for the virtio-fs daemon.
     #[serde(default)]
     pub virtio_fs_extra_args: Vec<String>,
+    /// Host uid/gid that guest root is on the shared directory (guest ids
+    /// 0..65535 become this..+65535); 0, the default, keeps guest root host
+    /// root. When set, a container's rootfs is re-owned into that range
+    /// before the guest sees it, so nothing the guest makes or chmods there
+    /// is setuid root or owned by a host user.
+    #[serde(default)]
+    pub virtio_fs_id_map_base: u32,
     /// PCIe root ports reserved for hot-plugging (disks, VFIO devices).
     #[serde(default = "default_hotplug_ports")]
     pub hotplug_root_ports: u32,
@@ -301,6 +308,17 @@ impl ShimConfig {
         }
         check_rootfs_mode("hypervisor.qemu.rootfs", &q.rootfs)?;
         check_network_mode("hypervisor.qemu.network", &q.network)?;
+        let base = q.virtio_fs_id_map_base;
+        if base != 0
+            && !(crate::virtiofs::ID_RANGE..=u32::MAX - 2 * crate::virtiofs::ID_RANGE)
+                .contains(&base)
+        {
+            anyhow::bail!(
+                "hypervisor.qemu.virtio_fs_id_map_base = {base}: use 0 (off) or a host id from 65536 \
+                 to {}, the start of 65536 ids no host user has, e.g. 1879048192",
+                u32::MAX - 2 * crate::virtiofs::ID_RANGE
+            );
+        }
         let sandbox = q.seccomp_sandbox.as_str();
         if !(sandbox == "off" || sandbox == "on" || sandbox.starts_with("on,"))
             || sandbox.contains(char::is_whitespace)
@@ -428,6 +446,22 @@ mod tests {
             ShimConfig::parse("").unwrap().hypervisor.qemu.network,
             "none"
         );
+        assert_eq!(
+            ShimConfig::parse("")
+                .unwrap()
+                .hypervisor
+                .qemu
+                .virtio_fs_id_map_base,
+            0
+        );
+        for bad in ["1000", "4294967295"] {
+            let e = ShimConfig::parse(&format!(
+                "[hypervisor.qemu]\nvirtio_fs_id_map_base = {bad}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("virtio_fs_id_map_base"), "{e}");
+        }
         assert_eq!(
             ShimConfig::parse("")
                 .unwrap()

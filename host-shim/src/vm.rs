@@ -106,9 +106,24 @@ impl Vm {
             (Some((id, rootfs)), "virtio-fs") => {
                 let shared = dir.join("shared");
                 let target = shared.join(id).join("rootfs");
+                let base = q.virtio_fs_id_map_base;
+                let mut daemon_args = q.virtio_fs_extra_args.clone();
+                if base != 0 {
+                    let n = crate::virtiofs::shift_tree(rootfs, base).with_context(|| {
+                        format!("re-owning {} for hypervisor.qemu.virtio_fs_id_map_base", rootfs.display())
+                    })?;
+                    tracing::info!("{}: {n} entries re-owned into host ids {base}..", rootfs.display());
+                    daemon_args.extend(crate::virtiofs::id_map_args(base));
+                }
                 state.add_mount(&target)?;
                 mounts.push(BindMount::new(rootfs, &target)?);
-                let fs = VirtioFs::start(Path::new(&q.virtio_fs_daemon), &q.virtio_fs_extra_args, &shared, &dir)?;
+                if base != 0 {
+                    // The shim's own directories in the share, in the range too.
+                    for d in [shared.as_path(), &shared.join(id)] {
+                        std::os::unix::fs::lchown(d, Some(base), Some(base))?;
+                    }
+                }
+                let fs = VirtioFs::start(Path::new(&q.virtio_fs_daemon), &daemon_args, &shared, &dir)?;
                 state.add("virtiofsd", fs.guard.pid())?;
                 Some(fs)
             }

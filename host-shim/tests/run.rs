@@ -233,6 +233,81 @@ fn sigkilled_shim_takes_its_helpers_and_cleanup_the_rest() {
     );
 }
 
+/// The host's view of what a hostile container root makes on the share,
+/// with `hypervisor.qemu.virtio_fs_id_map_base` set: a setuid-root copy of
+/// sh and a chmod u+s of the image's own busybox are setuid-root inside the
+/// guest, and on the host owned by the mapped id, not by root.
+#[test]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+fn setuid_files_made_in_the_guest_are_not_root_on_the_host() {
+    use std::os::unix::fs::MetadataExt;
+    let base: u32 = 1_879_048_192;
+    let bundle = tempfile::tempdir().unwrap();
+    let rootfs = bundle.path().join("rootfs");
+    kiln_testsupport::vm::write_busybox_rootfs(&rootfs).unwrap();
+    let script = "cp /bin/busybox /suid-sh && chmod 4755 /suid-sh; chmod 4755 /bin/busybox; \
+                  chmod 4755 /data; stat -c '%u:%g %a %n' /suid-sh /bin/busybox; id -u";
+    let mut spec =
+        kiln_shim::spec::default_spec(&["sh".into(), "-c".into(), script.into()], &[], false)
+            .unwrap();
+    let mut root = spec.root().clone().unwrap();
+    root.set_path("rootfs".into()).set_readonly(Some(false));
+    spec.set_root(Some(root));
+    spec.save(bundle.path().join("config.json")).unwrap();
+    let config = bundle.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        format!("[hypervisor.qemu]\nvirtio_fs_id_map_base = {base}\n"),
+    )
+    .unwrap();
+    let run_base = tempfile::tempdir().unwrap();
+    let out = shim(run_base.path())
+        .arg("--config")
+        .arg(&config)
+        .args(["run", "--image"])
+        .arg(manifest())
+        .arg("--bundle")
+        .arg(bundle.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // Inside: root, and the files are setuid root.
+    assert!(stdout.contains("0:0 4755 /suid-sh"), "{stdout}");
+    assert!(stdout.contains("0:0 4755 /bin/busybox"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("\n0"), "{stdout}");
+    // Outside: the same files, owned by the mapped id; nothing anywhere in
+    // the tree is setuid and owned by host root.
+    let m = std::fs::symlink_metadata(rootfs.join("suid-sh")).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (base, base, 0o4755));
+    let mut root_setuid = Vec::new();
+    let mut stack = vec![rootfs.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            if m.uid() < 65536 || m.mode() & 0o6000 != 0 && m.uid() == 0 {
+                root_setuid.push(format!(
+                    "{} {}:{} {:o}",
+                    e.path().display(),
+                    m.uid(),
+                    m.gid(),
+                    m.mode()
+                ));
+            }
+        }
+    }
+    assert!(
+        root_setuid.is_empty(),
+        "host-range owners left in the share: {root_setuid:?}"
+    );
+}
+
 #[test]
 #[ignore = "boots a VM; run through `cargo xtask test`"]
 fn hotplugged_disk_on_an_independent_iothread() {
