@@ -29,7 +29,20 @@ pub struct AgentConfig {
     /// instead of failing the container. Set by an image whose kernel
     /// deliberately leaves a feature out.
     pub tolerate_missing_fs: Vec<String>,
+    /// Bytes of a process's stdout or stderr the agent holds for the host
+    /// to read (`agent.output_buffer_size`); when full, the process blocks
+    /// on its write, as it would on a full pipe. Never more memory than this.
+    pub output_buffer_size: usize,
+    /// Size of the guest's `/run` tmpfs when the agent is PID 1
+    /// (`agent.run_size`, tmpfs syntax: `64m`, `25%`). CopyFile data and
+    /// the sandbox's files live there, so this bounds them in total.
+    pub run_size: String,
 }
+
+/// Default of `agent.output_buffer_size`: 8 MiB per stream.
+pub const OUTPUT_BUFFER_SIZE: usize = 8 << 20;
+/// Default of `agent.run_size`: the kernel's own tmpfs default, made explicit.
+pub const RUN_SIZE: &str = "50%";
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -43,6 +56,8 @@ impl Default for AgentConfig {
             devmode: false,
             policy_file: None,
             tolerate_missing_fs: Vec::new(),
+            output_buffer_size: OUTPUT_BUFFER_SIZE,
+            run_size: RUN_SIZE.into(),
         }
     }
 }
@@ -89,6 +104,17 @@ impl AgentConfig {
                     Ok(s) if s > 0 && s <= 3600 => cfg.hotplug_timeout = Duration::from_secs(s),
                     _ => bad("expected whole seconds between 1 and 3600"),
                 },
+                ("output_buffer_size", Some(v)) => match v.parse::<usize>() {
+                    Ok(n) if (4096..=1 << 30).contains(&n) => cfg.output_buffer_size = n,
+                    _ => bad("expected a byte count from 4096 to 1073741824"),
+                },
+                ("run_size", Some(v)) => {
+                    if valid_tmpfs_size(v) {
+                        cfg.run_size = v.to_string();
+                    } else {
+                        bad("expected a tmpfs size such as 64m, 1g or 25% (1 to 100)");
+                    }
+                }
                 ("container_pipe_size", Some(v)) => match v.parse::<u32>() {
                     Ok(n) => cfg.container_pipe_size = n,
                     Err(_) => bad("expected a byte count"),
@@ -164,6 +190,19 @@ fn valid_server_addr(v: &str) -> bool {
         .is_some_and(|p| p.starts_with('/') || p.starts_with('@'))
 }
 
+/// tmpfs's `size=`: a byte count with an optional k/m/g suffix, or a
+/// percentage of RAM from 1 to 100.
+fn valid_tmpfs_size(v: &str) -> bool {
+    if let Some(p) = v.strip_suffix('%') {
+        return matches!(p.parse::<u8>(), Ok(1..=100));
+    }
+    let digits = v.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G']);
+    v.len() - digits.len() <= 1
+        && !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.trim_start_matches('0').is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +250,40 @@ mod tests {
         let (cfg, warns) = AgentConfig::from_cmdline("agent.tolerate_missing_fs=mq/ueue");
         assert!(cfg.tolerate_missing_fs.is_empty());
         assert_eq!(warns.len(), 1, "{warns:?}");
+    }
+
+    #[test]
+    fn resource_bounds_are_configurable_and_checked() {
+        let (cfg, warns) =
+            AgentConfig::from_cmdline("agent.output_buffer_size=65536 agent.run_size=64m");
+        assert!(warns.is_empty(), "{warns:?}");
+        assert_eq!(
+            (cfg.output_buffer_size, cfg.run_size.as_str()),
+            (65536, "64m")
+        );
+        for ok in ["25%", "100%", "1g", "4096", "512K"] {
+            assert!(valid_tmpfs_size(ok), "{ok}");
+        }
+        for bad in [
+            "0%",
+            "101%",
+            "",
+            "m",
+            "0",
+            "64mb",
+            "-1",
+            "1,nr_inodes=9",
+            "12%%",
+        ] {
+            assert!(!valid_tmpfs_size(bad), "{bad}");
+        }
+        // A size that would be no bound at all, or one that would starve the
+        // process, is refused with a warning and the default kept.
+        let (cfg, warns) = AgentConfig::from_cmdline(
+            "agent.output_buffer_size=0 agent.output_buffer_size=99999999999 agent.run_size=1,mode=777",
+        );
+        assert_eq!(warns.len(), 3, "{warns:?}");
+        assert_eq!(cfg.output_buffer_size, OUTPUT_BUFFER_SIZE);
+        assert_eq!(cfg.run_size, RUN_SIZE);
     }
 }

@@ -18,7 +18,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 
 use crate::beneath::{set_owner_and_mode, Dir};
-use crate::error::{invalid, os, AgentError, Result};
+use crate::error::{exhausted, invalid, os, AgentError, Result};
 use crate::paths::confined;
 
 /// Largest file CopyFile accepts (the run directory is guest RAM).
@@ -105,8 +105,21 @@ pub fn copy_file(run_dir: &Path, req: &CopyFileRequest) -> Result<()> {
         parent.open_existing(&part)
     }
     .map_err(|e| refused(&req.path, "opening its part file", e))?;
-    f.write_all_at(&req.data, req.offset as u64)
-        .map_err(|e| os(format!("writing {}.kiln-part", path.display()), e))?;
+    if let Err(e) = f.write_all_at(&req.data, req.offset as u64) {
+        // A part file that can never complete is not left to fill /run.
+        let _ = parent.remove_file(&part);
+        let full = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
+        return Err(if full {
+            exhausted(format!(
+                "CopyFile {}: the guest's /run is full ({e}); it is a tmpfs of agent.run_size \
+                 (default {}% of guest memory): raise it on the kernel command line, or copy less",
+                req.path,
+                crate::config::RUN_SIZE.trim_end_matches('%')
+            ))
+        } else {
+            os(format!("writing {}.kiln-part", path.display()), e)
+        });
+    }
     let size = f
         .metadata()
         .map_err(|e| os(format!("stat {}.kiln-part", path.display()), e))?
@@ -238,6 +251,38 @@ mod tests {
             fs::read_link(run.join("shared/link")).unwrap(),
             Path::new("/etc")
         );
+    }
+
+    /// `/run` is a sized tmpfs (`agent.run_size`): a CopyFile past it is a
+    /// RESOURCE_EXHAUSTED error naming the knob, and leaves no part file.
+    #[test]
+    fn a_full_run_directory_is_a_clear_error() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("note: skipped, mounting a tmpfs needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64k"),
+        )
+        .unwrap();
+        let run = dir.path().join("run");
+        let target = format!("{}/big", run.display());
+        let data = vec![7u8; 256 << 10];
+        let e = copy_file(&run, &req(&target, &data, 0, data.len() as i64)).unwrap_err();
+        let leftovers: Vec<_> = fs::read_dir(&run)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        nix::mount::umount2(dir.path(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        assert_eq!(e.kind, crate::error::ErrorKind::ResourceExhausted, "{e}");
+        assert!(e.message.contains("agent.run_size"), "{e}");
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]

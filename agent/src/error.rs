@@ -14,6 +14,8 @@ pub enum ErrorKind {
     AlreadyExists,
     FailedPrecondition,
     DeadlineExceeded,
+    /// A documented bound (`agent.run_size`, a size limit) was reached.
+    ResourceExhausted,
     Unimplemented,
     Internal,
 }
@@ -55,6 +57,7 @@ impl AgentError {
             ErrorKind::AlreadyExists => ttrpc::Code::ALREADY_EXISTS,
             ErrorKind::FailedPrecondition => ttrpc::Code::FAILED_PRECONDITION,
             ErrorKind::DeadlineExceeded => ttrpc::Code::DEADLINE_EXCEEDED,
+            ErrorKind::ResourceExhausted => ttrpc::Code::RESOURCE_EXHAUSTED,
             ErrorKind::Unimplemented => ttrpc::Code::UNIMPLEMENTED,
             ErrorKind::Internal => ttrpc::Code::INTERNAL,
         }
@@ -92,6 +95,10 @@ pub fn precondition(msg: impl Into<String>) -> AgentError {
 
 pub fn internal(msg: impl Into<String>) -> AgentError {
     AgentError::new(ErrorKind::Internal, msg)
+}
+
+pub fn exhausted(msg: impl Into<String>) -> AgentError {
+    AgentError::new(ErrorKind::ResourceExhausted, msg)
 }
 
 pub fn timeout(msg: impl Into<String>) -> AgentError {

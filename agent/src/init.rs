@@ -15,10 +15,11 @@ struct PseudoFs {
     target: &'static str,
     fstype: &'static str,
     flags: MsFlags,
-    data: Option<&'static str>,
+    data: Option<String>,
 }
 
-fn pseudo_filesystems() -> Vec<PseudoFs> {
+/// `run_size`: `agent.run_size`, read once /proc is mounted (the first entry).
+fn pseudo_filesystems(run_size: &str) -> Vec<PseudoFs> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     vec![
         PseudoFs {
@@ -40,14 +41,14 @@ fn pseudo_filesystems() -> Vec<PseudoFs> {
             target: "/dev",
             fstype: "devtmpfs",
             flags: MsFlags::MS_NOSUID,
-            data: Some("mode=0755"),
+            data: Some("mode=0755".into()),
         },
         PseudoFs {
             source: "tmpfs",
             target: "/run",
             fstype: "tmpfs",
             flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            data: Some("mode=0755"),
+            data: Some(format!("mode=0755,size={run_size}")),
         },
         PseudoFs {
             source: "tmpfs",
@@ -61,14 +62,14 @@ fn pseudo_filesystems() -> Vec<PseudoFs> {
             target: "/dev/pts",
             fstype: "devpts",
             flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            data: Some("gid=5,mode=620,ptmxmode=666"),
+            data: Some("gid=5,mode=620,ptmxmode=666".into()),
         },
         PseudoFs {
             source: "shm",
             target: "/dev/shm",
             fstype: "tmpfs",
             flags: nosuid_nodev_noexec,
-            data: Some("mode=1777"),
+            data: Some("mode=1777".into()),
         },
         PseudoFs {
             source: "cgroup2",
@@ -83,7 +84,17 @@ fn pseudo_filesystems() -> Vec<PseudoFs> {
 /// Mounts everything; returns human-readable problems instead of failing.
 pub fn setup_pid1() -> Vec<String> {
     let mut problems = Vec::new();
-    for fs in pseudo_filesystems() {
+    // /proc comes first, so the command line is readable when /run is mounted.
+    for fs in pseudo_filesystems(crate::config::RUN_SIZE) {
+        let data = if fs.target == "/run" {
+            let cmdline = kernel_cmdline(Path::new("/proc"));
+            let run_size = crate::config::AgentConfig::from_cmdline(&cmdline)
+                .0
+                .run_size;
+            Some(format!("mode=0755,size={run_size}"))
+        } else {
+            fs.data
+        };
         if is_mounted(fs.target) {
             continue;
         }
@@ -96,7 +107,7 @@ pub fn setup_pid1() -> Vec<String> {
             fs.target,
             Some(fs.fstype),
             fs.flags,
-            fs.data,
+            data.as_deref(),
         ) {
             problems.push(format!("mount {} on {}: {e}", fs.fstype, fs.target));
         }
@@ -235,7 +246,10 @@ mod tests {
 
     #[test]
     fn pid1_mounts_include_what_containers_need() {
-        let targets: Vec<_> = pseudo_filesystems().iter().map(|f| f.target).collect();
+        let fss = pseudo_filesystems("64m");
+        let targets: Vec<_> = fss.iter().map(|f| f.target).collect();
+        let run = fss.iter().find(|f| f.target == "/run").unwrap();
+        assert_eq!(run.data.as_deref(), Some("mode=0755,size=64m"));
         for t in [
             "/proc",
             "/sys",

@@ -569,6 +569,7 @@ impl Sandbox {
             pidns_init,
             launched.exit,
             parent,
+            self.config.output_buffer_size,
         ) {
             Ok(p) => p,
             Err(e) => {
@@ -804,6 +805,7 @@ impl Sandbox {
             false,
             launched.exit,
             parent,
+            self.config.output_buffer_size,
         )?;
         if let Err(e) = launch::start(&mut launched.control).await {
             let _ = proc.signal(Signal::SIGKILL);

@@ -476,6 +476,8 @@ async fn guest_rpcs_network_and_hostile_input_in_one_vm() {
     let mut cfg = ShimConfig::default();
     // Two vCPUs, so OnlineCPUMem has one to bring back online.
     cfg.hypervisor.qemu.default_vcpus = 2;
+    // Small resource bounds, reached on purpose in `hostile_input`.
+    cfg.hypervisor.qemu.kernel_params = "agent.run_size=16m agent.output_buffer_size=65536".into();
     let g = Guest::boot(&cfg).await;
 
     // A container whose /sys is writable (CPU offlining) and rootfs too.
@@ -892,6 +894,67 @@ async fn hostile_input(g: &Guest) {
         "nothing was written through the symlink"
     );
     g.still_serving("escaping CopyFile paths").await;
+
+    // The guest's /run is a 16 MiB tmpfs here (agent.run_size): a 24 MiB
+    // CopyFile stops with RESOURCE_EXHAUSTED naming the knob, and its part
+    // file is gone, so the next CopyFile has room.
+    let fill = |offset: i64, data: Vec<u8>, size: i64| {
+        let mut cf = agent::CopyFileRequest::new();
+        cf.path = "/run/kata-containers/sandbox/fill".into();
+        cf.data = data;
+        cf.offset = offset;
+        cf.file_size = size;
+        cf.file_mode = 0o100644;
+        cf.dir_mode = 0o755;
+        cf
+    };
+    let mut refused = None;
+    for i in 0..24i64 {
+        let cf = fill(i << 20, vec![0x5a; 1 << 20], 24 << 20);
+        if let Err(e) = g.agent().copy_file(g.client.ctx(), &cf).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = format!("{:?}", refused.expect("24 MiB fitted in a 16 MiB /run"));
+    assert!(
+        e.contains("RESOURCE_EXHAUSTED") && e.contains("agent.run_size"),
+        "{e}"
+    );
+    g.agent()
+        .copy_file(g.client.ctx(), &fill(0, b"room".to_vec(), 4))
+        .await
+        .expect("a small CopyFile after the refused one");
+    g.still_serving("a CopyFile that filled /run").await;
+
+    // A process writing 1 MiB that nobody reads: with a 64 KiB output
+    // buffer (agent.output_buffer_size) it waits on its pipe instead of the
+    // agent holding the megabyte, and finishes once the host reads.
+    g.exec(
+        "box",
+        "flood",
+        &["sh", "-c", "head -c 1048576 /dev/zero; echo flooded >&2"],
+        None,
+    )
+    .await;
+    // One WaitProcess, kept in flight (the agent forgets an exec process
+    // once a wait has answered).
+    let wait = g.wait("box", "flood");
+    tokio::pin!(wait);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), &mut wait)
+            .await
+            .is_err(),
+        "1 MiB of unread output did not hold the writer back"
+    );
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    let (st, (out, err)) = tokio::join!(wait, async {
+        (
+            g.read_all("box", "flood", false).await,
+            text(g.read_all("box", "flood", true).await),
+        )
+    });
+    assert_eq!((st, out.len(), err.as_str()), (0, 1 << 20, "flooded\n"));
 
     // A storage whose mount point escapes the run directory.
     let mut st = agent::Storage::new();

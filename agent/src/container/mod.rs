@@ -38,7 +38,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use self::cgroups::Cgroup;
-use self::stdio::{OutputBuffer, ParentStdio, StdinWriter, OUTPUT_BUFFER_LIMIT};
+use self::stdio::{OutputBuffer, ParentStdio, StdinWriter};
 use crate::error::{invalid, os, precondition, Result};
 use crate::reaper::ExitCode;
 
@@ -76,6 +76,7 @@ impl Process {
         pidns_init: bool,
         exit: oneshot::Receiver<ExitCode>,
         io: ParentStdio,
+        buffer_size: usize,
     ) -> Result<Arc<Process>> {
         let (tx, rx) = watch::channel(None);
         let mut tasks = vec![tokio::spawn(async move {
@@ -83,7 +84,7 @@ impl Process {
             let _ = tx.send(Some(code));
         })];
         let tty = io.tty.is_some();
-        let stdout = OutputBuffer::new(OUTPUT_BUFFER_LIMIT);
+        let stdout = OutputBuffer::new(buffer_size);
         tasks.push(tokio::spawn(stdio::pump(
             io.stdout,
             stdout.clone(),
@@ -91,7 +92,7 @@ impl Process {
         )));
         let stderr = match io.stderr {
             Some(fd) => {
-                let b = OutputBuffer::new(OUTPUT_BUFFER_LIMIT);
+                let b = OutputBuffer::new(buffer_size);
                 tasks.push(tokio::spawn(stdio::pump(fd, b.clone(), rx.clone())));
                 b
             }

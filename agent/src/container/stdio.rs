@@ -6,7 +6,8 @@
 //! does not block on a full pipe and loses nothing: `ReadStdout` returns the
 //! buffered bytes, then an empty answer for EOF, as Kata's agent does.
 //!
-//! * The buffer is bounded ([`OUTPUT_BUFFER_LIMIT`] per stream); when it is
+//! * The buffer is bounded (`agent.output_buffer_size`, 8 MiB per stream by
+//!   default, [`crate::config::OUTPUT_BUFFER_SIZE`]); when it is
 //!   full the pump stops reading and the writer blocks on the pipe, which is
 //!   back-pressure, not loss.
 //! * EOF is the pipe's EOF (every writer closed). If something the process
@@ -27,8 +28,8 @@ use tokio::sync::{watch, Notify};
 
 use crate::error::{os, precondition, Result};
 
-/// Most output kept per stream before the process is made to wait.
-pub const OUTPUT_BUFFER_LIMIT: usize = 8 << 20;
+#[cfg(test)]
+const OUTPUT_BUFFER_LIMIT: usize = crate::config::OUTPUT_BUFFER_SIZE;
 /// Largest single ReadStdout/ReadStderr answer.
 pub const MAX_READ: usize = 1 << 20;
 /// After exit, how long an open-but-empty pipe is given before EOF.
