@@ -956,6 +956,49 @@ async fn hostile_input(g: &Guest) {
     });
     assert_eq!((st, out.len(), err.as_str()), (0, 1 << 20, "flooded\n"));
 
+    // A container that keeps CAP_SYS_ADMIN and CAP_SYS_CHROOT (Docker's
+    // default grants the latter) tries the classic way out of its root:
+    // holding an fd to its root, it chroots into a subdirectory and walks
+    // `..` from that fd, which a chroot does not confine. Under the
+    // initramfs boot the helper moves the rootfs over `/` (pivot_root cannot
+    // leave an initramfs), so the initramfs (`init`, `lib/modules`) is right
+    // below: `..` at the top must lead back into the container's own root.
+    // (The walk does leave the chroot: `pwd` there is unreachable.)
+    let mut esc = spec(&[
+        "sh",
+        "-c",
+        "mkdir -p /esc/proc /esc/bin && cp /bin/busybox /esc/bin/ && mount --rbind /proc /esc/proc \
+         && exec 3</ && chroot /esc /bin/busybox sh -c \
+         'cd -P /proc/self/fd/3/.. && /bin/busybox ls -a; echo walked'",
+    ]);
+    esc.Root.mut_or_insert_default().Readonly = false;
+    let mut caps = oci::LinuxCapabilities::new();
+    let keep: Vec<String> = ["CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_DAC_OVERRIDE"]
+        .map(String::from)
+        .to_vec();
+    (caps.Bounding, caps.Effective, caps.Permitted) = (keep.clone(), keep.clone(), keep);
+    esc.Process.mut_or_insert_default().Capabilities = MessageField::some(caps);
+    g.run("escape", esc).await;
+    let (st, out, err) = g.outcome("escape", "").await;
+    g.remove("escape").await;
+    let _ = g
+        .sh(
+            "box",
+            "esc-clean",
+            &["sh", "-c", "umount -l /esc/proc; rm -rf /esc"],
+        )
+        .await;
+    let listed: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        listed.iter().filter(|l| **l == "walked").count(),
+        1,
+        "the walk ran: {st} {out} {err}"
+    );
+    assert!(
+        listed.contains(&"esc") && !listed.contains(&"init") && !listed.contains(&"lib"),
+        "the container walked out of its root: {out}"
+    );
+
     // A storage whose mount point escapes the run directory.
     let mut st = agent::Storage::new();
     st.driver = "ephemeral".into();
