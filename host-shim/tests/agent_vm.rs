@@ -5,8 +5,6 @@
 //!
 //! `cargo xtask test` builds the image and runs these with KILN_E2E_MANIFEST.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{agent, oci, types};
@@ -106,27 +104,6 @@ fn gauge(metrics: &str, name: &str) -> f64 {
 
 fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// An ext4 image holding `hello.txt`, made without root or loop devices.
-fn ext4_image(dir: &Path) -> PathBuf {
-    let content = dir.join("content");
-    std::fs::create_dir_all(&content).unwrap();
-    std::fs::write(content.join("hello.txt"), "hello from the disk\n").unwrap();
-    let img = dir.join("disk.img");
-    let mk = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(&content)
-        .arg(&img)
-        .arg("16M")
-        .output()
-        .expect("mke2fs (e2fsprogs) is installed by `cargo xtask setup`");
-    assert!(
-        mk.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mk.stderr)
-    );
-    img
 }
 
 /// The number a ticker container last wrote to `rel` in the shared rootfs.
@@ -421,7 +398,7 @@ async fn containers_stdio_cgroups_and_hotplug_in_one_vm() {
 
     // A disk hot-plugged after CreateContainer started waiting for it.
     let work = tempfile::tempdir().unwrap();
-    let img = ext4_image(work.path());
+    let img = kiln_testsupport::vm::ext4_image(work.path());
     let pci = kiln_shim::qemu::root_port_device_path(0);
     let mount_point = format!("{SANDBOX_STORAGE}/kiln_disk0");
     let mut blk = agent::Storage::new();

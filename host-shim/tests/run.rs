@@ -314,23 +314,7 @@ fn hotplugged_disk_on_an_independent_iothread() {
     let rootfs = busybox_rootfs();
     let base = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    // An ext4 image holding one file, made without root or loop devices.
-    let content = work.path().join("content");
-    std::fs::create_dir(&content).unwrap();
-    std::fs::write(content.join("hello.txt"), "hello from the disk\n").unwrap();
-    let img = work.path().join("disk.img");
-    let mk = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(&content)
-        .arg(&img)
-        .arg("16M")
-        .output()
-        .expect("mke2fs (e2fsprogs) is installed by `cargo xtask setup`");
-    assert!(
-        mk.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mk.stderr)
-    );
+    let img = kiln_testsupport::vm::ext4_image(work.path());
     let cfg = work.path().join("shim.toml");
     std::fs::write(
         &cfg,

@@ -36,6 +36,28 @@ pub fn write_busybox_rootfs(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A 16 MiB ext4 image holding `hello.txt` ("hello from the disk\n"),
+/// made without root or loop devices (`mke2fs -d`), for hot-plug tests.
+pub fn ext4_image(dir: &Path) -> std::path::PathBuf {
+    let content = dir.join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("hello.txt"), "hello from the disk\n").unwrap();
+    let img = dir.join("disk.img");
+    let mk = std::process::Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&content)
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .expect("mke2fs (e2fsprogs) is installed by `cargo xtask setup`");
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    img
+}
+
 /// An OCI process running `args` with `PATH=/bin` and `HOME=/root` in `/`.
 pub fn process(args: &[&str]) -> oci::Process {
     let mut p = oci::Process::new();
