@@ -333,7 +333,7 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
     }
     clock.part("second checkout");
     let image = ImageSpec::load(ctx, E2E_IMAGE)?;
-    checkouts_agree(ctx, &image)?;
+    checkouts_agree(ctx, &image, &image.select_arches(flags.arch)?)?;
     if flags.fuzz_seconds > 0 {
         clock.part("fuzzing");
         ctx.ui
@@ -343,11 +343,14 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the image again from a second checkout of HEAD in another directory
-/// and requires the initrd, agent, kernel and manifest to be byte-identical.
+/// Builds the image again, for every arch this run tested, from a second
+/// checkout of HEAD in another directory and requires every artifact
+/// (agent, kernel, initrd, rootfs.img) and the manifest to be byte-identical.
+/// The agent, initrd and rootfs.img are rebuilt from nothing there (a new
+/// target dir); the kernel comes from the shared content-keyed cache.
 /// Only meaningful for a clean tree (CI's fresh clone); skipped, saying so, when
 /// the tree has uncommitted changes.
-fn checkouts_agree(ctx: &Ctx, image: &ImageSpec) -> anyhow::Result<()> {
+fn checkouts_agree(ctx: &Ctx, image: &ImageSpec, arches: &[Arch]) -> anyhow::Result<()> {
     let dirty = crate::cmd::read(
         "git status",
         duct::cmd!("git", "-C", &ctx.root, "status", "--porcelain"),
@@ -370,41 +373,50 @@ fn checkouts_agree(ctx: &Ctx, image: &ImageSpec) -> anyhow::Result<()> {
         "git clone",
         duct::cmd!("git", "clone", "--quiet", &ctx.root, &other),
     )?;
-    crate::cmd::run_logged(
-        ctx,
-        "test-repro",
-        "build-image in the second checkout",
-        duct::cmd!(
-            "cargo",
-            "xtask",
-            "--no-setup",
-            "build-image",
-            "--image",
-            &image.name,
-            "--arch",
-            "x86_64"
-        )
-        .dir(&other)
-        .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string()),
-    )?;
-    let mine = ctx.image_dir(&image.name, Arch::X86_64);
-    let theirs = other.join("target/kiln").join(&image.name).join("x86_64");
-    let built: kiln_manifest::Manifest =
-        serde_json::from_str(&std::fs::read_to_string(mine.join(image::MANIFEST))?)?;
-    let mut files: Vec<String> = built.artifacts.values().map(|a| a.file.clone()).collect();
-    files.push(image::MANIFEST.to_string());
-    let mut differ = Vec::new();
-    for f in &files {
-        if crate::hash::sha256_file(&mine.join(f))? != crate::hash::sha256_file(&theirs.join(f))? {
-            differ.push(f.clone());
+    let mut report = Vec::new();
+    for &arch in arches {
+        crate::cmd::run_logged(
+            ctx,
+            "test-repro",
+            &format!("build-image {arch} in the second checkout"),
+            duct::cmd!(
+                "cargo",
+                "xtask",
+                "--no-setup",
+                "build-image",
+                "--image",
+                &image.name,
+                "--arch",
+                arch.name()
+            )
+            .dir(&other)
+            .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string()),
+        )?;
+        let mine = ctx.image_dir(&image.name, arch);
+        let theirs = other
+            .join("target/kiln")
+            .join(&image.name)
+            .join(arch.name());
+        let built: kiln_manifest::Manifest =
+            serde_json::from_str(&std::fs::read_to_string(mine.join(image::MANIFEST))?)?;
+        let mut files: Vec<String> = built.artifacts.values().map(|a| a.file.clone()).collect();
+        files.push(image::MANIFEST.to_string());
+        let mut differ = Vec::new();
+        for f in &files {
+            if crate::hash::sha256_file(&mine.join(f))?
+                != crate::hash::sha256_file(&theirs.join(f))?
+            {
+                differ.push(f.clone());
+            }
         }
-    }
-    if !differ.is_empty() {
-        anyhow::bail!("two checkouts of one commit built different {differ:?} (see target/kiln/logs/test-repro.log)");
+        if !differ.is_empty() {
+            anyhow::bail!("two checkouts of one commit built different {differ:?} for {arch} (see target/kiln/logs/test-repro.log)");
+        }
+        report.push(format!("{arch}: {}", files.join(", ")));
     }
     ctx.ui.println(&format!(
-        "reproducible across checkouts: {} identical",
-        files.join(", ")
+        "reproducible across checkouts, identical: {}",
+        report.join("; ")
     ));
     Ok(())
 }
