@@ -1165,18 +1165,12 @@ async fn devices_the_spec_does_not_allow_cannot_be_opened() {
             "mknod /tmp/k c 1 11 && head -c 1 /tmp/k | wc -c; rm -f /tmp/k",
         ],
     );
-    let mut all = oci::LinuxDeviceCgroup::new();
-    all.Allow = true;
-    all.Type = "a".into();
-    all.Major = -1;
-    all.Minor = -1;
-    all.Access = "rwm".into();
     s.Linux
         .as_mut()
         .unwrap()
         .Resources
         .mut_or_insert_default()
-        .Devices = vec![all];
+        .Devices = vec![kiln_testsupport::spec::allow_all_devices()];
     a.run("privileged", s).await;
     assert_eq!(a.wait("privileged", "").await, 0);
     let out = String::from_utf8(a.read_all("privileged", "", false).await).unwrap();

@@ -138,13 +138,8 @@ fn privileged(args: &[&str]) -> oci::Spec {
     // A privileged container, as `docker run --privileged` makes it: every
     // device allowed (the agent's device program denies a hot-plugged disk
     // to a container whose spec does not allow it; agent_vm tests that).
-    let mut all = oci::LinuxDeviceCgroup::new();
-    all.Allow = true;
-    all.Type = "a".into();
-    all.Major = -1;
-    all.Minor = -1;
-    all.Access = "rwm".into();
-    linux.Resources.mut_or_insert_default().Devices = vec![all];
+    linux.Resources.mut_or_insert_default().Devices =
+        vec![kiln_testsupport::spec::allow_all_devices()];
     s
 }
 

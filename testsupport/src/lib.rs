@@ -4,11 +4,14 @@
 //!
 //! - [`busybox`]: a container root filesystem from the host's static busybox.
 //! - [`agent`] (feature `agent`): the agent binary served on a unix socket.
+//! - [`spec`] (either feature): spec pieces both kinds of test send.
 //! - [`vm`] (feature `shim`): a booted VM with a sandbox, the container calls
 //!   the end-to-end tests make, and the specs they send.
 
 #[cfg(feature = "agent")]
 pub mod agent;
 pub mod busybox;
+#[cfg(any(feature = "agent", feature = "shim"))]
+pub mod spec;
 #[cfg(feature = "shim")]
 pub mod vm;
