@@ -418,6 +418,16 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
     let version = ready.client.version().await?;
     let details = ready.client.guest_details().await?;
     let secs = ready.elapsed.as_secs_f64();
+    // Right after agent-ready, before any smoke step: what the idle guest
+    // holds (`cargo xtask bench --kernel-cost` reads it from the JSON).
+    let memory = if json {
+        kiln_shim::bench_exec::GuestMemory::read(&ready.client)
+            .await
+            .map_err(|e| tracing::warn!("guest memory: {e:#}"))
+            .ok()
+    } else {
+        None
+    };
     let smoke_steps = if smoke {
         tokio::select! {
             r = kiln_shim::smoke::run(&ready.client, share.is_some()) => r?,
@@ -432,6 +442,7 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
         version: &version,
         details: &details,
         secs,
+        memory,
         smoke_steps: &smoke_steps,
         run_dir: stay.then(|| vm.run_dir.path().display().to_string()),
     };
@@ -557,6 +568,7 @@ struct BootReport<'a> {
     version: &'a kiln_protocol::health::VersionCheckResponse,
     details: &'a kiln_protocol::agent::GuestDetailsResponse,
     secs: f64,
+    memory: Option<kiln_shim::bench_exec::GuestMemory>,
     smoke_steps: &'a [kiln_shim::smoke::Step],
     run_dir: Option<String>,
 }
@@ -569,6 +581,8 @@ impl BootReport<'_> {
                 "arch": self.image.manifest.arch,
                 "accel": self.vm.accel_note,
                 "agent_ready_seconds": self.secs,
+                "guest_memory_total_bytes": self.memory.map(|m| m.total_bytes),
+                "guest_memory_used_bytes": self.memory.map(|m| m.used_bytes()),
                 "agent_version": self.version.agent_version,
                 "init_daemon": self.details.agent_details.init_daemon,
                 "mem_block_size_bytes": self.details.mem_block_size_bytes,
