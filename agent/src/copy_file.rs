@@ -112,9 +112,9 @@ pub fn copy_file(run_dir: &Path, req: &CopyFileRequest) -> Result<()> {
         return Err(if full {
             exhausted(format!(
                 "CopyFile {}: the guest's /run is full ({e}); it is a tmpfs of agent.run_size \
-                 (default {}% of guest memory): raise it on the kernel command line, or copy less",
+                 (default {} of guest memory): raise it on the kernel command line, or copy less",
                 req.path,
-                crate::config::RUN_SIZE.trim_end_matches('%')
+                crate::config::RUN_SIZE
             ))
         } else {
             os(format!("writing {}.kiln-part", path.display()), e)

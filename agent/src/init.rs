@@ -84,34 +84,18 @@ fn pseudo_filesystems(run_size: &str) -> Vec<PseudoFs> {
 /// Mounts everything; returns human-readable problems instead of failing.
 pub fn setup_pid1() -> Vec<String> {
     let mut problems = Vec::new();
-    // /proc comes first, so the command line is readable when /run is mounted.
-    for fs in pseudo_filesystems(crate::config::RUN_SIZE) {
-        let data = if fs.target == "/run" {
-            let cmdline = kernel_cmdline(Path::new("/proc"));
-            let run_size = crate::config::AgentConfig::from_cmdline(&cmdline)
-                .0
-                .run_size;
-            Some(format!("mode=0755,size={run_size}"))
-        } else {
-            fs.data
-        };
-        if is_mounted(fs.target) {
-            continue;
-        }
-        if let Err(e) = fs::create_dir_all(fs.target) {
-            problems.push(format!("mkdir {}: {e}", fs.target));
-            continue;
-        }
-        if let Err(e) = mount(
-            Some(fs.source),
-            fs.target,
-            Some(fs.fstype),
-            fs.flags,
-            data.as_deref(),
-        ) {
-            problems.push(format!("mount {} on {}: {e}", fs.fstype, fs.target));
-        }
-    }
+    // /proc (the first entry) before the rest: `agent.run_size` on the
+    // command line sizes /run.
+    let all = pseudo_filesystems(crate::config::RUN_SIZE);
+    mount_pseudo(all.into_iter().take(1), &mut problems);
+    let cmdline = kernel_cmdline(Path::new("/proc"));
+    let run_size = crate::config::AgentConfig::from_cmdline(&cmdline)
+        .0
+        .run_size;
+    mount_pseudo(
+        pseudo_filesystems(&run_size).into_iter().skip(1),
+        &mut problems,
+    );
     if let Err(e) = attach_console() {
         problems.push(format!("console: {e}"));
     }
@@ -124,6 +108,28 @@ pub fn setup_pid1() -> Vec<String> {
         );
     }
     problems
+}
+
+/// Mounts each of `list` that is not mounted yet; failures go to `problems`.
+fn mount_pseudo(list: impl Iterator<Item = PseudoFs>, problems: &mut Vec<String>) {
+    for fs in list {
+        if is_mounted(fs.target) {
+            continue;
+        }
+        if let Err(e) = fs::create_dir_all(fs.target) {
+            problems.push(format!("mkdir {}: {e}", fs.target));
+            continue;
+        }
+        if let Err(e) = mount(
+            Some(fs.source),
+            fs.target,
+            Some(fs.fstype),
+            fs.flags,
+            fs.data.as_deref(),
+        ) {
+            problems.push(format!("mount {} on {}: {e}", fs.fstype, fs.target));
+        }
+    }
 }
 
 /// Points stdin/stdout/stderr at /dev/console (devtmpfs provides it even when
@@ -260,6 +266,8 @@ mod tests {
         ] {
             assert!(targets.contains(&t), "{t}");
         }
+        // /proc first: setup_pid1 reads agent.run_size from it before /run.
+        assert_eq!(targets[0], "/proc");
         // Parents before children.
         let pos = |t| targets.iter().position(|x| *x == t).unwrap();
         assert!(pos("/sys") < pos("/sys/fs/cgroup") && pos("/dev") < pos("/dev/pts"));

@@ -2,10 +2,10 @@
 //! guest under the tag the agent expects (`kataShared`).
 
 use std::path::{Path, PathBuf};
-
-use anyhow::Context;
 use std::process::Command;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use crate::process::{wait_for_path, ChildGuard};
 
@@ -63,14 +63,9 @@ pub fn shift_tree(root: &Path, base: u32) -> anyhow::Result<u64> {
     if !top.is_dir() {
         anyhow::bail!("{} is not a directory", root.display());
     }
-    let mut changed = 0;
-    // Children first: the root's owner, changed last, marks a finished shift.
-    for entry in std::fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
-        let entry = entry?;
-        changed += shift_entry(&entry.path(), top.dev(), base)?;
-    }
-    changed += shift_one(root, &top, base)?;
-    Ok(changed)
+    // Children first (shift_entry's order): the root's owner, changed
+    // last, marks a finished shift.
+    shift_entry(root, top.dev(), base)
 }
 
 fn shift_entry(path: &Path, dev: u64, base: u32) -> anyhow::Result<u64> {

@@ -157,7 +157,10 @@ fn shim_boot_command_reports_and_cleans_up() {
         json["guest_memory_used_bytes"].as_u64().unwrap_or(0),
         json["guest_memory_total_bytes"].as_u64().unwrap_or(0),
     );
-    assert!(used > 0 && used < total, "guest memory used {used} of {total}");
+    assert!(
+        used > 0 && used < total,
+        "guest memory used {used} of {total}"
+    );
     // Nothing is left: no process mentions the run directory, which is empty.
     let needle = run_base.path().to_string_lossy().to_string();
     let left = processes_mentioning(&needle);
