@@ -337,6 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let method = kiln_shim::rpc_cli::resolve(&rpc)?;
             let stream = match (vm, unix) {
                 (Some(dir), None) => {
+                    refuse_while_rings_are_set_up(&dir)?;
                     kiln_shim::vsock::connect(&dir.join("vm.vsock"), cfg.agent.port).await?
                 }
                 (None, Some(path)) => tokio::net::UnixStream::connect(&path)
@@ -627,4 +628,27 @@ impl BootReport<'_> {
             }
         }
     }
+}
+
+/// A connection while the guest is still setting up its vsock rings would
+/// leave the VM's backend deaf for good (see `vsock::BackendRings`).
+fn refuse_while_rings_are_set_up(dir: &std::path::Path) -> anyhow::Result<()> {
+    let Ok(state) = kiln_shim::state::RunState::load(dir) else {
+        return Ok(());
+    };
+    let backend = state
+        .children
+        .iter()
+        .find(|c| c.name == "vhost-device-vsock");
+    if let Some(child) = backend {
+        let rings = kiln_shim::vsock::backend_rings(std::path::Path::new("/proc"), child.pid);
+        if rings == Some(kiln_shim::vsock::BackendRings::NotReady) {
+            anyhow::bail!(
+                "the guest in {} has not set up its vsock rings yet; connecting now would stop \
+                 its vsock backend for good: wait until `boot --stay` prints that the agent is ready",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }

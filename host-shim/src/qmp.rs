@@ -29,31 +29,6 @@ impl qapi_spec::Command for BlockdevAdd {
     type Ok = qapi_spec::Empty;
 }
 
-/// `x-query-virtio` / `x-query-virtio-status` (QEMU 7.2+), read as plain
-/// JSON: their `x-` schema may change between QEMU versions, and kiln needs
-/// only the device names and status strings.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct XQueryVirtio {}
-
-impl qapi::qmp::QmpCommand for XQueryVirtio {}
-impl qapi_spec::Command for XQueryVirtio {
-    const NAME: &'static str = "x-query-virtio";
-    const ALLOW_OOB: bool = false;
-    type Ok = Vec<serde_json::Value>;
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct XQueryVirtioStatus {
-    pub path: String,
-}
-
-impl qapi::qmp::QmpCommand for XQueryVirtioStatus {}
-impl qapi_spec::Command for XQueryVirtioStatus {
-    const NAME: &'static str = "x-query-virtio-status";
-    const ALLOW_OOB: bool = false;
-    type Ok = serde_json::Value;
-}
-
 /// `object-add` with free-form arguments (kiln adds memory backends only).
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ObjectAdd(pub serde_json::Map<String, serde_json::Value>);
@@ -227,25 +202,6 @@ impl QmpClient {
         };
         self.exec(&BlockdevAdd(map))?;
         Ok(())
-    }
-
-    /// Whether the guest driver of virtio device `name` (as `x-query-virtio`
-    /// names it, e.g. "vhost-vsock") has set it up (DRIVER_OK). None: QEMU
-    /// cannot say (no such query, no such device).
-    pub fn virtio_driver_ok(&mut self, name: &str) -> Option<bool> {
-        let devices = self.exec(&XQueryVirtio {}).ok()?;
-        let path = devices
-            .iter()
-            .find(|d| d["name"] == name)?
-            .get("path")?
-            .as_str()?
-            .to_string();
-        let status = self.exec(&XQueryVirtioStatus { path }).ok()?;
-        let statuses = status.get("status")?.get("statuses")?.as_array()?;
-        Some(statuses.iter().any(|s| {
-            s.as_str()
-                .is_some_and(|s| s.starts_with("VIRTIO_CONFIG_S_DRIVER_OK"))
-        }))
     }
 
     /// Hot-plugs one vCPU into the lowest free slot, as `id`; returns the

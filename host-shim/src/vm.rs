@@ -16,7 +16,7 @@ use crate::qemu::{self, HostKvm, QemuLaunch};
 use crate::qmp::QmpClient;
 use crate::state::RunState;
 use crate::virtiofs::VirtioFs;
-use crate::vsock::VsockBackend;
+use crate::vsock::{BackendRings, VsockBackend};
 
 #[derive(Default)]
 pub struct BootOptions {
@@ -215,12 +215,10 @@ impl Vm {
         let deadline = self.launched + cfg.boot_timeout();
         let port = cfg.agent.port;
         let mut last_err = String::from("no attempt yet");
-        // Connect only once the guest's vsock driver has set the device up:
-        // CONNECTs sent earlier, while the guest boots, have left
-        // vhost-device-vsock answering none at all after slow boots. QMP
-        // says when (DRIVER_OK); where it cannot, connect at once.
-        let mut driver_ok = false;
-        let mut qmp: Option<crate::qmp::QmpClient> = None;
+        // Connect only once the backend serves both rings: a connection
+        // while QEMU is still setting them up ends vhost-device-vsock's
+        // worker thread for good (see `vsock::BackendRings`).
+        let mut serving = false;
         loop {
             if let Some(status) = self.qemu.exited() {
                 anyhow::bail!(
@@ -228,17 +226,8 @@ impl Vm {
                     self.diagnostics()
                 );
             }
-            if let Some(status) = self.vsock.guard.exited() {
-                anyhow::bail!(
-                    "the vsock backend exited ({status}) before the agent answered{}",
-                    self.diagnostics()
-                );
-            }
-            if let Some(status) = self.virtiofs.as_mut().and_then(|v| v.guard.exited()) {
-                anyhow::bail!(
-                    "virtiofsd exited ({status}) before the agent answered{}",
-                    self.diagnostics()
-                );
+            if let Some(why) = self.dead_helper() {
+                anyhow::bail!("before the agent answered: {why}{}", self.diagnostics());
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
@@ -247,29 +236,27 @@ impl Vm {
                     self.diagnostics()
                 );
             }
-            if !driver_ok {
-                if qmp.is_none() {
-                    qmp = crate::qmp::QmpClient::connect(&self.qmp_socket, Duration::from_secs(5))
-                        .map_err(|e| tracing::debug!("QMP for the vsock status: {e:#}"))
-                        .ok();
-                }
-                match qmp.as_mut().and_then(|q| q.virtio_driver_ok("vhost-vsock")) {
-                    Some(false) => {
-                        last_err = "the guest's vsock driver is not up yet".into();
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                    Some(true) => {
+            if !serving {
+                match self.vsock.rings() {
+                    Some(BackendRings::Serving) => {
                         tracing::debug!(
-                            "guest vsock driver ready after {:.2} s",
+                            "vsock rings set up after {:.2} s",
                             self.launched.elapsed().as_secs_f64()
                         );
-                        driver_ok = true;
+                        serving = true;
                     }
-                    None => driver_ok = true,
+                    Some(BackendRings::NotReady) => {
+                        last_err = "the guest's vsock driver has not set up its rings yet".into();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    // WorkerGone is reported by dead_helper above; None means
+                    // the process just went, which the next round reports.
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                 }
-                // QEMU serves one QMP client at a time: let go for others.
-                qmp = None;
             }
             match self.try_check(port, cfg.rpc_timeout(), deadline).await {
                 Ok(client) => {
@@ -338,6 +325,15 @@ impl Vm {
         if let Some(s) = self.vsock.guard.exited() {
             return Some(format!("the vsock backend exited ({s})"));
         }
+        if self.vsock.worker_gone() {
+            return Some(
+                "the vsock backend lost its vring_worker thread, so it will answer no connection \
+                 again; restart the VM (vhost-device-vsock ends that thread when a host connection \
+                 arrives while QEMU is still setting up the rings: connect only once `boot` reports \
+                 the agent ready)"
+                    .into(),
+            );
+        }
         if let Some(s) = self.virtiofs.as_mut().and_then(|v| v.guard.exited()) {
             return Some(format!(
                 "virtiofsd exited ({s}); the container's files are gone"
@@ -359,6 +355,10 @@ impl Vm {
         let q = tail(&dir.join("qemu.log"), 10);
         if !q.trim().is_empty() {
             out.push_str(&format!("\n--- qemu stderr ---\n{q}"));
+        }
+        let v = tail(&dir.join("vsock.log"), 10);
+        if !v.trim().is_empty() {
+            out.push_str(&format!("\n--- vsock backend ---\n{v}"));
         }
         out
     }
