@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use kiln_protocol::{agent, agent_ttrpc, health, health_ttrpc, oci};
 use kiln_testsupport::agent::AgentProcess;
+use kiln_testsupport::streams::{read_once, read_to_eof, Stream};
 use protobuf::MessageField;
 use sha2::{Digest, Sha256};
 
@@ -193,28 +194,18 @@ impl Agent {
     }
 
     async fn read(&self, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
-        let mut req = agent::ReadStreamRequest::new();
-        req.container_id = id.into();
-        req.exec_id = exec.into();
-        req.len = 32 * 1024;
-        let r = if stderr {
-            self.ag().read_stderr(ctx(), &req).await
-        } else {
-            self.ag().read_stdout(ctx(), &req).await
-        };
-        r.unwrap().data
+        let stream = Stream::from_stderr_flag(stderr);
+        read_once(self.ag(), ctx(), id, exec, stream, 32 * 1024)
+            .await
+            .unwrap()
     }
 
     /// Everything until EOF (an empty answer).
     async fn read_all(&self, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let d = self.read(id, exec, stderr).await;
-            if d.is_empty() {
-                return out;
-            }
-            out.extend(d);
-        }
+        let stream = Stream::from_stderr_flag(stderr);
+        read_to_eof(self.ag(), ctx, id, exec, stream, 32 * 1024)
+            .await
+            .unwrap()
     }
 
     async fn write(&self, id: &str, exec: &str, data: &[u8]) {

@@ -5,6 +5,7 @@
 //! - [`busybox`]: a container root filesystem from the host's static busybox.
 //! - [`agent`] (feature `agent`): the agent binary served on a unix socket.
 //! - [`spec`] (either feature): spec pieces both kinds of test send.
+//! - [`streams`] (either feature): reading a process's output to EOF.
 //! - [`vm`] (feature `shim`): a booted VM with a sandbox, the container calls
 //!   the end-to-end tests make, and the specs they send.
 
@@ -13,5 +14,7 @@ pub mod agent;
 pub mod busybox;
 #[cfg(any(feature = "agent", feature = "shim"))]
 pub mod spec;
+#[cfg(any(feature = "agent", feature = "shim"))]
+pub mod streams;
 #[cfg(feature = "shim")]
 pub mod vm;

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use kiln_protocol::{agent, oci};
 use kiln_shim::config::ShimConfig;
 
+use crate::streams::{read_once, read_to_eof, Stream};
+
 /// The manifest.json named by `var` (`cargo xtask test` sets it).
 pub fn manifest_var(var: &str) -> PathBuf {
     PathBuf::from(std::env::var(var).unwrap_or_else(|_| {
@@ -241,35 +243,26 @@ impl SandboxVm {
 
     /// One ReadStdout/ReadStderr answer (empty at EOF).
     pub async fn read(&self, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
-        let mut req = agent::ReadStreamRequest::new();
-        req.container_id = id.into();
-        req.exec_id = exec.into();
-        req.len = 64 * 1024;
-        let r = if stderr {
-            self.agent().read_stderr(long(), &req).await
-        } else {
-            self.agent().read_stdout(long(), &req).await
-        };
-        r.unwrap_or_else(|e| {
-            panic!(
-                "Read{} {id}/{exec}: {e:?}{}",
-                if stderr { "Stderr" } else { "Stdout" },
-                self.vm.diagnostics()
-            )
-        })
-        .data
+        let stream = Stream::from_stderr_flag(stderr);
+        read_once(self.agent(), long(), id, exec, stream, 64 * 1024)
+            .await
+            .unwrap_or_else(|e| self.read_failed(id, exec, stream, e))
     }
 
     /// Everything until EOF (an empty answer).
     pub async fn read_all(&self, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let d = self.read(id, exec, stderr).await;
-            if d.is_empty() {
-                return out;
-            }
-            out.extend(d);
-        }
+        let stream = Stream::from_stderr_flag(stderr);
+        read_to_eof(self.agent(), long, id, exec, stream, 64 * 1024)
+            .await
+            .unwrap_or_else(|e| self.read_failed(id, exec, stream, e))
+    }
+
+    fn read_failed(&self, id: &str, exec: &str, stream: Stream, e: ttrpc::Error) -> ! {
+        panic!(
+            "{} {id}/{exec}: {e:?}{}",
+            stream.rpc(),
+            self.vm.diagnostics()
+        )
     }
 
     /// (status, stdout, stderr) of a process that runs to its end.
