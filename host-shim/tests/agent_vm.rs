@@ -17,7 +17,8 @@ use sha2::Digest;
 /// The container id under which the rootfs is shared (its directory in the share).
 const SHARE: &str = "share";
 
-/// A root filesystem with static busybox and its applets as symlinks.
+/// A root filesystem with static busybox and its applets as symlinks, and
+/// `/vsock_probe` (examples/vsock_probe.rs) for the vsock attack.
 fn busybox_rootfs() -> tempfile::TempDir {
     let dir = kiln_testsupport::vm::busybox_rootfs();
     std::fs::write(
@@ -25,6 +26,8 @@ fn busybox_rootfs() -> tempfile::TempDir {
         "the shared busybox rootfs\n",
     )
     .unwrap();
+    let probe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vsock_probe.rs");
+    kiln_testsupport::vm::build_static_x86_64(&probe, &dir.path().join("vsock_probe"));
     dir
 }
 
@@ -975,6 +978,31 @@ async fn hostile_input(g: &Guest) {
         listed.contains(&"esc") && !listed.contains(&"init") && !listed.contains(&"lib"),
         "the container walked out of its root: {out}"
     );
+
+    // Root in a container dials the agent's vsock port, sending a real
+    // Check: over loopback (CID 1), at the guest's own CID (3) and at the
+    // host (2). vsock has no namespaces, so only the guest kernel's
+    // transports (no vsock_loopback: CID 3 has no route, CID 1 goes to the
+    // backend, which knows no such VM) and the host (nothing listens behind
+    // guest-initiated connections) stand in the way; the agent's peer check
+    // (host CID only) is the next wall. Every dial must fail to connect.
+    g.run(
+        "dial",
+        spec(&["/vsock_probe", "1:1024", "3:1024", "2:1024"]),
+    )
+    .await;
+    let (st, out, err) = g.outcome("dial", "").await;
+    g.remove("dial").await;
+    eprintln!("vsock dials from a container:\n{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!((st, lines.len()), (0, 3), "{out} {err}");
+    for line in &lines {
+        assert!(
+            line.contains(" connect=("),
+            "a container connected to a vsock port: {line}"
+        );
+    }
+    g.still_serving("vsock dials from a container").await;
 
     // A storage whose mount point escapes the run directory.
     let mut st = agent::Storage::new();

@@ -37,28 +37,7 @@ fn rootfs_with_probe() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     kiln_testsupport::vm::write_busybox_rootfs(dir.path()).unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vfio_probe.rs");
-    let out = Command::new("rustc")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "--edition",
-            "2021",
-            "--target",
-            "x86_64-unknown-linux-musl",
-            "-C",
-            "opt-level=1",
-            "-C",
-            "panic=abort",
-            "-o",
-        ])
-        .arg(dir.path().join("vfio_probe"))
-        .arg(&src)
-        .output()
-        .expect("running rustc");
-    assert!(
-        out.status.success(),
-        "building vfio_probe for x86_64-unknown-linux-musl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kiln_testsupport::vm::build_static_x86_64(&src, &dir.path().join("vfio_probe"));
     dir
 }
 

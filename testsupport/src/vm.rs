@@ -38,6 +38,26 @@ pub fn write_busybox_rootfs(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Compiles the dependency-free program `src` (one of host-shim's
+/// `examples/`) statically for the x86_64 guest, to `out`, so a container
+/// can run it. Panics with rustc's message (the musl target comes from
+/// `cargo xtask setup`).
+pub fn build_static_x86_64(src: &Path, out: &Path) {
+    let built = std::process::Command::new("rustc")
+        .args(["--edition", "2021", "--target", "x86_64-unknown-linux-musl"])
+        .args(["-C", "opt-level=1", "-C", "panic=abort", "-o"])
+        .arg(out)
+        .arg(src)
+        .output()
+        .expect("running rustc");
+    assert!(
+        built.status.success(),
+        "building {} for x86_64-unknown-linux-musl: {}",
+        src.display(),
+        String::from_utf8_lossy(&built.stderr)
+    );
+}
+
 /// A 16 MiB ext4 image holding `hello.txt` ("hello from the disk\n"),
 /// made without root or loop devices (`mke2fs -d`), for hot-plug tests.
 pub fn ext4_image(dir: &Path) -> std::path::PathBuf {
