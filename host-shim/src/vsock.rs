@@ -67,9 +67,7 @@ impl VsockBackend {
             uds_path,
         })
     }
-}
 
-impl VsockBackend {
     /// The backend's rings as `/proc` shows them (see [`BackendRings`]).
     pub fn rings(&self) -> Option<BackendRings> {
         backend_rings(Path::new("/proc"), self.guard.pid()?)
@@ -127,7 +125,7 @@ const KICK_EVENT_IDS: [u64; 2] = [0, 1];
 
 /// Reads the state of backend process `pid` under `proc_root` (`/proc`
 /// outside tests). None when `/proc` cannot say (no such process, or its
-/// entries are unreadable); callers then fall back to DRIVER_OK.
+/// entries are unreadable).
 pub fn backend_rings(proc_root: &Path, pid: u32) -> Option<BackendRings> {
     let dir = proc_root.join(pid.to_string());
     if !worker_thread_alive(&dir)? {
