@@ -19,7 +19,7 @@ use kiln_manifest::{role, Manifest};
 use crate::image_spec::ImageSpec;
 use crate::stage::kernel::KernelRequest;
 use crate::stage::rootfs::RootfsPlan;
-use crate::stage::{agent, disk, initrd, kernel, rootfs};
+use crate::stage::{agent, disk, initrd, kernel, rootfs, sbom};
 
 pub const MANIFEST: &str = kiln_manifest::FILE;
 
@@ -205,6 +205,10 @@ pub fn build_with(
         write_atomic(&path, text.as_bytes())?;
         Stamp::record(&dir, "manifest", &key, &[MANIFEST])?;
         step.done(&ctx.rel(&path).display().to_string());
+    }
+    // The dev loop (no rootfs.img) boots and throws away: no SBOM for it.
+    if with_disk {
+        sbom::write(ctx, &dir, &manifest, &text, &kernel)?;
     }
     Ok(path)
 }

@@ -143,6 +143,9 @@ pub struct KernelArtifact {
     pub version: String,
     /// Stage key (hex sha256).
     pub key: String,
+    /// The source's content hash (the tarball's sha256, or the hash of an
+    /// unpacked tree's listing), for the SBOM.
+    pub source_sha256: String,
     /// Patches applied to the source, in order.
     pub patches: Vec<PatchRecord>,
     /// The loadable modules (`modules.dep`, `modules.builtin`, `kernel/**.ko`)
@@ -475,6 +478,7 @@ impl Plan {
             config: self.out_dir.join("config"),
             version,
             key: self.key.clone(),
+            source_sha256: self.source.hash.clone(),
             patches: self.patches.patches.clone(),
             modules: Some(self.out_dir.join(modules::DIR))
                 .filter(|d| d.join(modules::DEP).exists()),

@@ -13,5 +13,6 @@ pub mod install;
 pub mod kernel;
 pub mod release;
 pub mod rootfs;
+pub mod sbom;
 pub mod setup;
 pub mod test;

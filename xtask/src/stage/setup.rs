@@ -36,6 +36,8 @@ const COMMON_PACKAGES: &[&str] = &[
     // rootfs images: erofs flavour, and Debian trees for the debian recipe
     "erofs-utils",
     "mmdebstrap",
+    // the SBOM check in `cargo xtask test` (spdx-tools from PyPI, in a venv)
+    "python3-venv",
     // to build virtiofsd (cargo install)
     "pkg-config",
     "libseccomp-dev",
@@ -263,6 +265,52 @@ fn apt_install(ctx: &Ctx, pkgs: &[String]) -> anyhow::Result<()> {
         install(ctx, &[p]).with_context(|| format!("installing the Debian package {p}"))?;
     }
     Ok(())
+}
+
+/// The independent SPDX validator `cargo xtask test` checks SBOMs with:
+/// PyPI's spdx-tools, pinned, in a venv in the cache (venvs cannot move, so
+/// it is made in place and marked complete last; an unmarked one is redone).
+pub const SPDX_TOOLS: &str = "spdx-tools==0.8.5";
+
+/// `pyspdxtools` from [`SPDX_TOOLS`], installed into the cache if missing
+/// (unless setup is off, then the error says what to run).
+pub fn spdx_validator(ctx: &Ctx) -> anyhow::Result<std::path::PathBuf> {
+    let venv = ctx.cache.join("tools").join(SPDX_TOOLS.replace("==", "-"));
+    let tool = venv.join("bin/pyspdxtools");
+    let done = venv.join(".complete");
+    if done.exists() {
+        return Ok(tool);
+    }
+    if ctx.no_setup {
+        anyhow::bail!(
+            "the SBOM validator is not installed (setup is off with --no-setup/--offline): \
+             run `python3 -m venv {v} && {v}/bin/pip install {SPDX_TOOLS} && touch {v}/.complete`, \
+             or drop --no-setup",
+            v = venv.display()
+        );
+    }
+    let step = ctx.ui.stage("setup");
+    step.message(&format!("pip install {SPDX_TOOLS} (SBOM validator)"));
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)?;
+    }
+    cmd::run_logged(
+        ctx,
+        "setup",
+        "python3 -m venv",
+        duct::cmd!("python3", "-m", "venv", &venv),
+    )
+    .context("making the SBOM validator's venv (Debian: apt-get install python3-venv)")?;
+    cmd::run_logged(
+        ctx,
+        "setup",
+        "pip install spdx-tools",
+        duct::cmd!(venv.join("bin/pip"), "install", "--quiet", SPDX_TOOLS),
+    )
+    .context("installing spdx-tools from PyPI")?;
+    std::fs::write(&done, SPDX_TOOLS)?;
+    step.done(SPDX_TOOLS);
+    Ok(tool)
 }
 
 #[cfg(test)]

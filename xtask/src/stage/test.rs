@@ -305,6 +305,7 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
             } else {
                 image::build(ctx, &image, arch, None)?
             };
+            sbom_is_valid(ctx, &manifest)?;
             let skipped: Vec<&str> = suites
                 .iter()
                 .filter(|s| !s.arches.admit(arch, flags.arch))
@@ -401,6 +402,7 @@ fn checkouts_agree(ctx: &Ctx, image: &ImageSpec, arches: &[Arch]) -> anyhow::Res
             serde_json::from_str(&std::fs::read_to_string(mine.join(image::MANIFEST))?)?;
         let mut files: Vec<String> = built.artifacts.values().map(|a| a.file.clone()).collect();
         files.push(image::MANIFEST.to_string());
+        files.push(crate::stage::sbom::FILE.to_string());
         let mut differ = Vec::new();
         for f in &files {
             if crate::hash::sha256_file(&mine.join(f))?
@@ -443,6 +445,32 @@ fn build_twice(ctx: &Ctx, image: &ImageSpec, arch: Arch) -> anyhow::Result<std::
     ctx.ui
         .println("incremental check: a second build with nothing changed ran no stage");
     Ok(manifest)
+}
+
+/// Validates the image's `sbom.spdx.json` (beside `manifest`) with the
+/// independent validator (PyPI's spdx-tools), not only kiln's own writer.
+fn sbom_is_valid(ctx: &Ctx, manifest: &std::path::Path) -> anyhow::Result<()> {
+    let tool = crate::stage::setup::spdx_validator(ctx)?;
+    let sbom = manifest.with_file_name(crate::stage::sbom::FILE);
+    let out = crate::cmd::tied(duct::cmd!(&tool, "-i", &sbom))
+        .stderr_to_stdout()
+        .stdout_capture()
+        .unchecked()
+        .run()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("invalid") {
+        anyhow::bail!(
+            "{} is not valid SPDX 2.3 ({}):\n{text}",
+            ctx.rel(&sbom).display(),
+            crate::stage::setup::SPDX_TOOLS
+        );
+    }
+    ctx.ui.println(&format!(
+        "sbom: {} is valid SPDX 2.3 ({})",
+        ctx.rel(&sbom).display(),
+        crate::stage::setup::SPDX_TOOLS
+    ));
+    Ok(())
 }
 
 /// The workload test's container rootfs (fio, iptables, nft, redis, swap,
