@@ -523,6 +523,142 @@ mod tests {
         assert!(crates[0].registry && !crates[2].registry);
     }
 
+    /// A two-artifact Debian-based manifest through `document`: every
+    /// relationship names a declared element, ids are unique, files carry
+    /// both digests and the image its verification code, purls are escaped,
+    /// and the same input gives the same bytes.
+    #[test]
+    fn document_is_self_consistent_and_deterministic() {
+        let art = |file: &str, sha: &str| kiln_manifest::ArtifactRecord {
+            file: file.into(),
+            size: 1,
+            sha256: sha.into(),
+        };
+        let manifest = Manifest {
+            kiln_manifest: kiln_manifest::FORMAT,
+            image: "debian".into(),
+            arch: Arch::Aarch64,
+            kernel_version: "6.12.1".into(),
+            kernel_patches: vec![kiln_manifest::PatchRecord {
+                name: "0001-x.patch".into(),
+                sha256: "pp".into(),
+            }],
+            cmdline: String::new(),
+            source_date_epoch: 0,
+            artifacts: BTreeMap::from([
+                ("agent".to_string(), art("kiln-agent", "a256")),
+                ("kernel".to_string(), art("Image", "k256")),
+            ]),
+            inputs: BTreeMap::new(),
+            rootfs: None,
+            packages: vec![kiln_manifest::Package {
+                name: "libc6".into(),
+                version: "1:2.36-9".into(),
+                architecture: "arm64".into(),
+            }],
+            kernel_modules: vec![],
+        };
+        let crates = vec![
+            Crate {
+                name: "kiln-agent".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                checksum: None,
+                license: None,
+                registry: false,
+            },
+            Crate {
+                name: "libc".into(),
+                version: "0.2.1".into(),
+                checksum: Some("cc".into()),
+                license: Some("MIT/Apache-2.0".into()),
+                registry: true,
+            },
+        ];
+        let files =
+            [("agent", "kiln-agent", "a1"), ("kernel", "Image", "k1")].map(|(role, name, sha1)| {
+                FileSums {
+                    role: role.into(),
+                    name: name.into(),
+                    sha1: sha1.into(),
+                    sha256: format!("{}256", &sha1[..1]),
+                }
+            });
+        let doc = document(&manifest, "m256", "src256", &crates, &files);
+        assert_eq!(doc, document(&manifest, "m256", "src256", &crates, &files));
+        assert_eq!(doc["creationInfo"]["created"], "1970-01-01T00:00:00Z");
+        assert_eq!(
+            doc["documentNamespace"],
+            "https://spdx.kiln.invalid/debian/aarch64/m256"
+        );
+
+        let mut ids = BTreeSet::from(["SPDXRef-DOCUMENT".to_string()]);
+        for el in doc["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(doc["files"].as_array().unwrap())
+        {
+            assert!(
+                ids.insert(el["SPDXID"].as_str().unwrap().to_string()),
+                "{el}"
+            );
+        }
+        let rels = doc["relationships"].as_array().unwrap();
+        for r in rels {
+            for end in ["spdxElementId", "relatedSpdxElement"] {
+                assert!(ids.contains(r[end].as_str().unwrap()), "{r}");
+            }
+        }
+        let has = |from: &str, kind: &str, to: &str| {
+            rels.iter().any(|r| {
+                r["spdxElementId"] == from
+                    && r["relationshipType"] == kind
+                    && r["relatedSpdxElement"] == to
+            })
+        };
+        let agent = crate_id("kiln-agent", env!("CARGO_PKG_VERSION"));
+        assert!(has("SPDXRef-DOCUMENT", "DESCRIBES", "SPDXRef-Image"));
+        assert!(has(
+            &agent,
+            "STATIC_LINK",
+            "SPDXRef-Package-cargo-libc-0.2.1"
+        ));
+        assert!(has(
+            "SPDXRef-File-kernel",
+            "GENERATED_FROM",
+            "SPDXRef-Package-linux"
+        ));
+        assert!(has("SPDXRef-File-agent", "GENERATED_FROM", &agent));
+        assert!(has(
+            "SPDXRef-Image",
+            "CONTAINS",
+            "SPDXRef-Package-deb-libc6-1-2.36-9"
+        ));
+
+        let text = doc.to_string();
+        assert!(
+            text.contains("pkg:deb/debian/libc6@1%3A2.36-9?arch=arm64"),
+            "{text}"
+        );
+        assert!(text.contains("pkg:cargo/libc@0.2.1"));
+        assert!(text.contains("\"MIT OR Apache-2.0\""));
+        assert!(text.contains("0001-x.patch (sha256 pp)"));
+        let image = &doc["packages"][0];
+        assert_eq!(
+            image["packageVerificationCode"]["packageVerificationCodeValue"],
+            hex::encode(sha1::Sha1::digest(b"a1k1"))
+        );
+        for f in doc["files"].as_array().unwrap() {
+            let algos: Vec<&str> = f["checksums"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["algorithm"].as_str().unwrap())
+                .collect();
+            assert_eq!(algos, ["SHA1", "SHA256"]);
+        }
+    }
+
     #[test]
     fn lock_checksums_skip_workspace_members() {
         let lock = "version = 4\n\n[[package]]\nname = \"a\"\nversion = \"1.0.0\"\nsource = \"registry+x\"\nchecksum = \"ff\"\n\n[[package]]\nname = \"kiln-agent\"\nversion = \"0.1.0\"\n";
