@@ -18,6 +18,7 @@ const ARTIFACTS: &[&str] = &[
     "initrd.img",
     "rootfs.img",
     "manifest.json",
+    "sbom.spdx.json",
 ];
 
 fn xtask(out: &Path) -> Command {
@@ -62,7 +63,7 @@ fn sigkill_in_any_stage_leaves_nothing_running_and_nothing_trusted() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    for stage in ["agent", "initrd", "rootfs.img", "manifest"] {
+    for stage in ["agent", "initrd", "rootfs.img", "manifest", "sbom"] {
         let dir = tempfile::tempdir().unwrap();
         let mut child = xtask(dir.path())
             .stdout(Stdio::null())

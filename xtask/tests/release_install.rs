@@ -104,6 +104,8 @@ fn release_tarball_and_destdir_install_give_one_bootable_tree() {
         "usr/share/doc/kiln/README.md",
         "usr/share/kiln/minimal/manifest.json",
         "usr/share/kiln/debian/manifest.json",
+        "usr/share/kiln/minimal/sbom.spdx.json",
+        "usr/share/kiln/debian/sbom.spdx.json",
     ] {
         assert!(from_tar.contains_key(must), "{must} in the tarball");
     }

@@ -10,7 +10,7 @@ use kiln_manifest::Manifest;
 
 use crate::arch::Arch;
 use crate::ctx::Ctx;
-use crate::stage::{image, release};
+use crate::stage::{image, release, sbom};
 
 /// `cargo xtask install`.
 #[derive(Args, Clone, Debug)]
@@ -46,6 +46,7 @@ pub fn run(ctx: &Ctx, f: &InstallFlags) -> anyhow::Result<()> {
         let dir = manifest_path.parent().context("manifest has a directory")?;
         let dest = root.join("share/kiln").join(&img.name);
         place(&manifest_path, &dest.join(image::MANIFEST), 0o644)?;
+        place(&dir.join(sbom::FILE), &dest.join(sbom::FILE), 0o644)?;
         for art in built.artifacts.values() {
             let mode = if art.file == "kiln-agent" {
                 0o755

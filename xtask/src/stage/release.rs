@@ -6,6 +6,7 @@
 //!   usr/bin/kiln-shim
 //!   usr/share/kiln/configuration.toml        default shim configuration
 //!   usr/share/kiln/<image>/manifest.json     and the artifacts it lists
+//!   usr/share/kiln/<image>/sbom.spdx.json    the image's SBOM (SPDX 2.3)
 //!   usr/share/doc/kiln/README.md
 //!
 //! Invariant: a tarball's bytes depend only on its inputs: entries sorted,
@@ -26,7 +27,7 @@ use crate::hash::sha256_file;
 use kiln_manifest::Manifest;
 
 use crate::image_spec::ImageSpec;
-use crate::stage::image;
+use crate::stage::{image, sbom};
 
 pub const DIST: &str = "dist";
 const SHIM: &str = "kiln-shim";
@@ -83,6 +84,11 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
             members.push(Member {
                 path: format!("{prefix}/{}", image::MANIFEST),
                 source: Source::File(manifest_path.clone()),
+                executable: false,
+            });
+            members.push(Member {
+                path: format!("{prefix}/{}", sbom::FILE),
+                source: Source::File(dir.join(sbom::FILE)),
                 executable: false,
             });
             for art in built.artifacts.values() {
