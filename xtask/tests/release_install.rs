@@ -72,6 +72,41 @@ fn release_tarball_and_destdir_install_give_one_bootable_tree() {
     assert_eq!(release["artifacts"][&name]["sha256"], sha256(&bytes));
     let epoch = release["source_date_epoch"].as_u64().unwrap();
 
+    // The provenance statement names every file of the release with its
+    // digest, and the inputs (commit, kernel source, Debian base) behind it.
+    let prov: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dist.join("provenance.intoto.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(prov["_type"], "https://in-toto.io/Statement/v1");
+    assert_eq!(prov["predicateType"], "https://slsa.dev/provenance/v1");
+    let subjects: BTreeMap<String, String> = prov["subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let name = s["name"].as_str().unwrap().to_string();
+            (name, s["digest"]["sha256"].as_str().unwrap().to_string())
+        })
+        .collect();
+    for file in [name.as_str(), "SHA256SUMS", "release.json"] {
+        let bytes = std::fs::read(dist.join(file)).unwrap();
+        assert_eq!(
+            subjects.get(file),
+            Some(&sha256(&bytes)),
+            "provenance subject {file}"
+        );
+    }
+    let deps = prov["predicate"]["buildDefinition"]["resolvedDependencies"].to_string();
+    for input in [
+        "minimal/x86_64/kernel_source",
+        "debian/x86_64/debian_base",
+        "Cargo.lock",
+        "gitCommit",
+    ] {
+        assert!(deps.contains(input), "provenance lists {input}: {deps}");
+    }
+
     // Unpack as a packager's tooling would, checking every header on the way.
     let unpacked = tempfile::tempdir().unwrap();
     let mut archive = tar::Archive::new(zstd::Decoder::new(&bytes[..]).unwrap());

@@ -147,6 +147,7 @@ pub fn build_with(
     let mut inputs = BTreeMap::new();
     inputs.insert("agent".to_string(), agent.key.clone());
     inputs.insert("kernel".to_string(), kernel.key.clone());
+    inputs.insert("kernel_source".to_string(), kernel.source_sha256.clone());
     inputs.insert("initrd".to_string(), initrd.key.clone());
     inputs.insert("rootfs".to_string(), plan.key.clone());
     if let Some(disk) = &disk {

@@ -11,6 +11,7 @@ pub mod image;
 pub mod initrd;
 pub mod install;
 pub mod kernel;
+pub mod provenance;
 pub mod release;
 pub mod rootfs;
 pub mod sbom;

@@ -9,6 +9,9 @@
 //!   usr/share/kiln/<image>/sbom.spdx.json    the image's SBOM (SPDX 2.3)
 //!   usr/share/doc/kiln/README.md
 //!
+//! Beside the tarballs: `SHA256SUMS`, `release.json` and
+//! `provenance.intoto.json` (see [`provenance`]).
+//!
 //! Invariant: a tarball's bytes depend only on its inputs: entries sorted,
 //! owner 0:0, mode 0755/0644, mtime SOURCE_DATE_EPOCH, zstd single-threaded.
 
@@ -27,7 +30,7 @@ use crate::hash::sha256_file;
 use kiln_manifest::Manifest;
 
 use crate::image_spec::ImageSpec;
-use crate::stage::{image, sbom};
+use crate::stage::{image, provenance, sbom};
 
 pub const DIST: &str = "dist";
 const SHIM: &str = "kiln-shim";
@@ -136,7 +139,14 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
     let mut json = serde_json::to_string_pretty(&release)?;
     json.push('\n');
     write_atomic(&dist.join("release.json"), json.as_bytes())?;
-    for name in ["SHA256SUMS", "release.json"] {
+    let subjects = provenance::release_subjects(&release, &dist)?;
+    let arch_names: Vec<&str> = arches.iter().map(|a| a.name()).collect();
+    let cargo_lock = crate::hash::sha256_file(&ctx.root.join("Cargo.lock"))?;
+    let statement = provenance::statement(&release, &arch_names, &subjects, &cargo_lock);
+    let mut text = serde_json::to_string_pretty(&statement)?;
+    text.push('\n');
+    write_atomic(&dist.join(provenance::FILE), text.as_bytes())?;
+    for name in ["SHA256SUMS", "release.json", provenance::FILE] {
         world_readable(&dist.join(name))?;
     }
     ctx.ui
