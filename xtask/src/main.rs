@@ -130,6 +130,11 @@ pub struct ReleaseArgs {
     /// Build twice (two clones, different umask/TZ/locale/path, fresh cache) and compare.
     #[arg(long)]
     pub verify_reproducible: bool,
+    /// Sign SHA256SUMS and provenance.intoto.json with this OpenSSH private
+    /// key (no passphrase), as `ssh-keygen -Y sign -n kiln-release` does:
+    /// writes `<file>.sig` beside each. Verify with `ssh-keygen -Y verify`.
+    #[arg(long, value_name = "KEY", conflicts_with = "verify_reproducible")]
+    pub sign_key: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -214,7 +219,7 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             if f.verify_reproducible {
                 stage::release::verify_reproducible(ctx, &f.arch)
             } else {
-                stage::release::run(ctx, sel).map(|_| ())
+                stage::release::run(ctx, sel, f.sign_key.as_deref()).map(|_| ())
             }
         }
         Task::Install(f) => stage::install::run(ctx, &f),

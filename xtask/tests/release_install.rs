@@ -1,5 +1,6 @@
-//! What a packager gets: `cargo xtask release --arch x86_64` writes a
-//! tarball whose SHA256SUMS and release.json hold, whose entries are an FHS
+//! What a packager gets: `cargo xtask release --arch x86_64 --sign-key K`
+//! writes a tarball whose SHA256SUMS, release.json, provenance and the
+//! signatures of the first and the last (`ssh-keygen -Y verify`) hold, whose entries are an FHS
 //! tree under usr/ with root owners, fixed modes and SOURCE_DATE_EPOCH
 //! mtimes; `cargo xtask install --destdir` puts the very same tree into a
 //! staging root; and the installed kiln-shim boots the installed image with
@@ -51,11 +52,65 @@ fn tree(dir: &Path) -> BTreeMap<String, (u32, String)> {
     m
 }
 
+/// `ssh-keygen -Y verify` accepts SHA256SUMS.sig and the statement's
+/// signature for the packager's key, and refuses them for a changed file.
+fn signatures_verify(dist: &Path, public: &Path, scratch: &Path) {
+    let allowed = scratch.join("allowed_signers");
+    let pubkey = std::fs::read_to_string(public).unwrap();
+    std::fs::write(
+        &allowed,
+        format!("packager namespaces=\"kiln-release\" {pubkey}"),
+    )
+    .unwrap();
+    let verify = |data: &[u8], sig: &Path| {
+        let mut child = Command::new("ssh-keygen")
+            .args(["-Y", "verify", "-I", "packager", "-n", "kiln-release", "-f"])
+            .arg(&allowed)
+            .arg("-s")
+            .arg(sig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(data).unwrap();
+        child.wait().unwrap().success()
+    };
+    for name in ["SHA256SUMS", "provenance.intoto.json"] {
+        let data = std::fs::read(dist.join(name)).unwrap();
+        let sig = dist.join(format!("{name}.sig"));
+        assert!(verify(&data, &sig), "{name}.sig verifies");
+        let mut changed = data.clone();
+        changed.extend_from_slice(b"\n");
+        assert!(
+            !verify(&changed, &sig),
+            "{name}.sig refuses a changed {name}"
+        );
+    }
+}
+
 #[test]
 #[ignore = "builds a release and boots it; run by `cargo xtask test`"]
 fn release_tarball_and_destdir_install_give_one_bootable_tree() {
-    xtask(&["release", "--arch", "x86_64"]);
+    // The packager's signing key (OpenSSH, as `ssh-keygen -Y sign` takes).
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("packager");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "packager", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success(), "ssh-keygen -t ed25519");
+    xtask(&[
+        "release",
+        "--arch",
+        "x86_64",
+        "--sign-key",
+        key.to_str().unwrap(),
+    ]);
     let dist = root().join("target/kiln/dist");
+    signatures_verify(&dist, &key.with_extension("pub"), keys.path());
     let version = env!("CARGO_PKG_VERSION");
     let name = format!("kiln-{version}-x86_64.tar.zst");
     let bytes = std::fs::read(dist.join(&name)).unwrap();

@@ -63,7 +63,13 @@ enum Source {
     Text(&'static str),
 }
 
-pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
+pub fn run(ctx: &Ctx, sel: ArchSel, sign_key: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(key) = sign_key.filter(|k| !k.is_file()) {
+        anyhow::bail!(
+            "--sign-key {}: no such file (give an OpenSSH private key, e.g. from `ssh-keygen -t ed25519`)",
+            key.display()
+        );
+    }
     let dist = ctx.out.join(DIST);
     let arches = sel.arches();
     let images = all_images(ctx)?;
@@ -149,9 +155,58 @@ pub fn run(ctx: &Ctx, sel: ArchSel) -> anyhow::Result<PathBuf> {
     for name in ["SHA256SUMS", "release.json", provenance::FILE] {
         world_readable(&dist.join(name))?;
     }
+    sign(ctx, &dist, &["SHA256SUMS", provenance::FILE], sign_key)?;
     ctx.ui
         .println(&format!("release written to {}", ctx.rel(&dist).display()));
     Ok(dist)
+}
+
+/// The namespace of kiln's release signatures (`ssh-keygen -Y verify -n`).
+pub const SIGNATURE_NAMESPACE: &str = "kiln-release";
+
+/// Signs each of `names` in `dist` with the packager's OpenSSH key into
+/// `<name>.sig` (made beside a copy in a temp dir, then renamed in: ssh-keygen
+/// would ask before overwriting). Without a key, removes stale signatures,
+/// which would no longer match.
+fn sign(ctx: &Ctx, dist: &Path, names: &[&str], key: Option<&Path>) -> anyhow::Result<()> {
+    for name in names {
+        let sig = dist.join(format!("{name}.sig"));
+        let Some(key) = key else {
+            match std::fs::remove_file(&sig) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => continue,
+            }
+        };
+        let tmp = tempfile::tempdir_in(dist)?;
+        let copy = tmp.path().join(name);
+        std::fs::copy(dist.join(name), &copy)?;
+        cmd::run_logged(
+            ctx,
+            "release",
+            "ssh-keygen -Y sign",
+            duct::cmd!(
+                "ssh-keygen",
+                "-Y",
+                "sign",
+                "-f",
+                key,
+                "-n",
+                SIGNATURE_NAMESPACE,
+                &copy
+            )
+            .stdin_null(),
+        )
+        .with_context(|| {
+            format!(
+                "signing {name} with {} (an OpenSSH private key without a passphrase; \
+                 ssh-keygen comes with openssh-client)",
+                key.display()
+            )
+        })?;
+        std::fs::rename(tmp.path().join(format!("{name}.sig")), &sig)?;
+        world_readable(&sig)?;
+    }
+    Ok(())
 }
 
 /// Every image manifest in image-manifests/, sorted by name.

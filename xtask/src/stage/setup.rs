@@ -38,6 +38,8 @@ const COMMON_PACKAGES: &[&str] = &[
     "mmdebstrap",
     // the SBOM check in `cargo xtask test` (spdx-tools from PyPI, in a venv)
     "python3-venv",
+    // `release --sign-key` and its test (ssh-keygen -Y sign/verify)
+    "openssh-client",
     // to build virtiofsd (cargo install)
     "pkg-config",
     "libseccomp-dev",
