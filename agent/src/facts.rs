@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 
-use kiln_protocol::kiln::{GuestFacts, GuestFactsRequest, MountEntry, PathAttributes, PmemDevice};
+use kiln_protocol::kiln::{
+    DmDevice, GuestFacts, GuestFactsRequest, MountEntry, PathAttributes, PmemDevice,
+};
 
 use crate::guest::GuestFs;
 
@@ -74,12 +76,58 @@ pub fn collect(guest: &GuestFs, req: &GuestFactsRequest) -> GuestFacts {
     if let Some(root) = root_mount(&read_string(guest, "/proc/mounts")) {
         f.root_mount = protobuf::MessageField::some(root);
     }
+    if let Some(dm) = root_dm(guest) {
+        f.root_dm = protobuf::MessageField::some(dm);
+    }
     f.paths = req
         .statx_paths
         .iter()
         .map(|p| path_attributes(guest, p))
         .collect();
     f
+}
+
+/// The device-mapper device under "/", found through the root's device
+/// number (the mount table only says `/dev/root`), with its table and status.
+fn root_dm(guest: &GuestFs) -> Option<DmDevice> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(guest.path("/")).ok()?.dev();
+    let sys = format!(
+        "/sys/dev/block/{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    let name = read_trimmed(guest, &format!("{sys}/dm/name"));
+    if name.is_empty() {
+        return None;
+    }
+    let mut d = DmDevice::new();
+    d.device = std::fs::read_link(guest.path(&sys))
+        .ok()
+        .and_then(|l| l.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let control = guest.path("/dev/mapper/control");
+    let mut errors = Vec::new();
+    match crate::dm::table_status(&control, &name, true) {
+        Ok(t) if !t.is_empty() => {
+            d.target = t[0].target_type.clone();
+            d.table = t[0].params.clone();
+            if d.target == "verity" {
+                // version data hash data_bs hash_bs blocks hash_start alg root salt
+                d.verity_root_hash = d.table.split(' ').nth(8).unwrap_or_default().to_string();
+            }
+        }
+        Ok(_) => errors.push("the device has no table".to_string()),
+        Err(e) => errors.push(format!("table: {e}")),
+    }
+    match crate::dm::table_status(&control, &name, false) {
+        Ok(t) if !t.is_empty() => d.status = t[0].params.clone(),
+        Ok(_) => {}
+        Err(e) => errors.push(format!("status: {e}")),
+    }
+    d.name = name;
+    d.error = errors.join("; ");
+    Some(d)
 }
 
 fn read_string(guest: &GuestFs, path: &str) -> String {

@@ -9,6 +9,7 @@ pub mod container;
 pub mod copy_file;
 pub mod debug_console;
 pub mod devices;
+pub mod dm;
 pub mod error;
 pub mod facts;
 pub mod guest;

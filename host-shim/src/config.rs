@@ -92,6 +92,9 @@ pub struct QemuSection {
     /// Where the guest's root filesystem comes from (see [`ROOTFS_MODES`]).
     #[serde(default = "default_rootfs")]
     pub rootfs: String,
+    /// dm-verity for a rootfs image that has a hash tree (see [`VERITY_MODES`]).
+    #[serde(default = "default_rootfs_verity")]
+    pub rootfs_verity: String,
     /// The guest's network link (see [`NETWORK_MODES`]).
     #[serde(default = "default_network")]
     pub network: String,
@@ -133,6 +136,25 @@ pub fn check_network_mode(key: &str, value: &str) -> anyhow::Result<crate::qemu:
 /// - "nvdimm": rootfs.img as an NVDIMM with DAX, and an error where there is none;
 /// - "virtio-blk": rootfs.img as a read-only virtio-blk disk, no DAX.
 pub const ROOTFS_MODES: &[&str] = &["initrd", "image", "nvdimm", "virtio-blk"];
+
+/// Values of `hypervisor.qemu.rootfs_verity`:
+/// - "auto" (the default): verify the root through dm-verity when the image's
+///   manifest records a hash tree; on an NVDIMM that means no DAX, since
+///   dm-verity does not pass DAX through;
+/// - "on": the same, and an error for an image without a tree;
+/// - "off": mount the partition directly (DAX on an NVDIMM), unverified.
+pub const VERITY_MODES: &[&str] = &["auto", "on", "off"];
+
+/// Checks a verity mode (from the config or a command-line flag).
+pub fn check_verity_mode(key: &str, value: &str) -> anyhow::Result<()> {
+    if !VERITY_MODES.contains(&value) {
+        anyhow::bail!(
+            "{key} = `{value}`: use one of \"{}\"",
+            VERITY_MODES.join("\", \"")
+        );
+    }
+    Ok(())
+}
 
 /// Checks a rootfs mode (from the config or a command-line flag).
 pub fn check_rootfs_mode(key: &str, value: &str) -> anyhow::Result<()> {
@@ -178,6 +200,9 @@ fn default_virtiofsd() -> String {
 }
 fn default_rootfs() -> String {
     "initrd".into()
+}
+fn default_rootfs_verity() -> String {
+    "auto".into()
 }
 fn default_network() -> String {
     "none".into()
@@ -307,6 +332,7 @@ impl ShimConfig {
             );
         }
         check_rootfs_mode("hypervisor.qemu.rootfs", &q.rootfs)?;
+        check_verity_mode("hypervisor.qemu.rootfs_verity", &q.rootfs_verity)?;
         check_network_mode("hypervisor.qemu.network", &q.network)?;
         let base = q.virtio_fs_id_map_base;
         if base != 0
@@ -438,6 +464,12 @@ mod tests {
         );
         let c = ShimConfig::parse("[hypervisor.qemu]\nrootfs = \"virtio-blk\"\n").unwrap();
         assert_eq!(c.hypervisor.qemu.rootfs, "virtio-blk");
+        assert_eq!(c.hypervisor.qemu.rootfs_verity, "auto");
+        let e = format!(
+            "{:#}",
+            ShimConfig::parse("[hypervisor.qemu]\nrootfs_verity = \"yes\"\n").unwrap_err()
+        );
+        assert!(e.contains("rootfs_verity") && e.contains("\"off\""), "{e}");
         assert_eq!(
             ShimConfig::parse("").unwrap().hypervisor.qemu.rootfs,
             "initrd"

@@ -125,6 +125,11 @@ struct BootArgs {
     /// hypervisor.qemu.rootfs.
     #[arg(long, value_name = "MODE")]
     rootfs: Option<String>,
+    /// dm-verity for a rootfs image with a hash tree: auto (when the manifest
+    /// records one), on (required) or off (DAX on an NVDIMM, unverified).
+    /// Overrides hypervisor.qemu.rootfs_verity.
+    #[arg(long, value_name = "MODE")]
+    verity: Option<String>,
     /// Share this root filesystem directory over virtio-fs as container
     /// `dev`'s rootfs (Kata's layout), for `--smoke` and `kiln-shim exec`.
     #[arg(long, value_name = "DIR")]
@@ -368,6 +373,7 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
         stay,
         until_console,
         rootfs,
+        verity,
         share,
         smoke,
         kernel_params,
@@ -397,7 +403,7 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
         .transpose()?;
     let image = BootImage::load(&installed::image(image)?)?;
     if let Some(marker) = until_console {
-        return boot_until_console(&cfg, &image, rootfs, &marker, json).await;
+        return boot_until_console(&cfg, &image, rootfs, verity, &marker, json).await;
     }
     let mut vm = Vm::launch(
         &image,
@@ -405,6 +411,7 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
         &BootOptions {
             console,
             rootfs,
+            verity,
             share_rootfs: share
                 .as_ref()
                 .map(|d| (kiln_shim::smoke::CONTAINER.to_string(), d.clone())),
@@ -535,11 +542,13 @@ async fn boot_until_console(
     cfg: &ShimConfig,
     image: &BootImage,
     rootfs: Option<String>,
+    verity: Option<String>,
     marker: &str,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let opts = BootOptions {
         rootfs,
+        verity,
         ..Default::default()
     };
     let mut vm = Vm::launch(image, cfg, &opts)?;

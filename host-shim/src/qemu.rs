@@ -233,6 +233,8 @@ pub struct RootfsDisk<'a> {
     pub filesystem: &'a str,
     /// PID 1 if not the kernel's default (/sbin/init).
     pub init: Option<&'a str>,
+    /// Open the root through dm-verity with this tree (from manifest.json).
+    pub verity: Option<&'a kiln_manifest::VerityRecord>,
 }
 
 /// Resolves `hypervisor.qemu.rootfs` (or `--rootfs`) for a machine: None for
@@ -272,19 +274,28 @@ pub fn choose_rootfs_device(
     })
 }
 
+/// Name of the device-mapper device kiln-shim makes for a verity root.
+pub const VERITY_DM_NAME: &str = "kiln-root";
+
 /// Kernel parameters that mount the rootfs image's partition 1 as `/`,
 /// read-only (ext4 with DAX on an NVDIMM:
 /// `root=/dev/pmem0p1 rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4`).
+///
+/// With `verity`, the kernel's DM_INIT creates a dm-verity device over the
+/// partition from `dm-mod.create=` before mounting root, and `/` is that
+/// device (`/dev/dm-0`): every block read is checked against the root hash.
+/// dm-verity does not pass DAX through, so a verity root is never DAX.
 pub fn root_params(
     device: RootfsDevice,
     filesystem: &str,
     init: Option<&str>,
+    verity: Option<&kiln_manifest::VerityRecord>,
 ) -> anyhow::Result<String> {
-    let root = match device {
+    let part = match device {
         RootfsDevice::Nvdimm => "/dev/pmem0p1",
         RootfsDevice::VirtioBlk => "/dev/vda1",
     };
-    let dax = device == RootfsDevice::Nvdimm;
+    let dax = device == RootfsDevice::Nvdimm && verity.is_none();
     let flags = match (filesystem, dax) {
         ("ext4", true) => "dax,data=ordered,errors=remount-ro",
         ("ext4", false) => "data=ordered,errors=remount-ro",
@@ -294,7 +305,21 @@ pub fn root_params(
             "the image's rootfs is `{other}`, which kiln-shim cannot mount (ext4, erofs)"
         ),
     };
-    let mut p = format!("root={root}");
+    let mut p = String::new();
+    let root = match verity {
+        Some(v) => {
+            // name,uuid,minor,flags,table: one read-only verity target over the
+            // whole filesystem. The value is quoted: the table has spaces.
+            p.push_str(&format!(
+                "dm-mod.create=\"{VERITY_DM_NAME},,,ro,0 {} verity {}\" ",
+                v.data_sectors(),
+                v.table_args(part)
+            ));
+            "/dev/dm-0"
+        }
+        None => part,
+    };
+    p.push_str(&format!("root={root}"));
     if !flags.is_empty() {
         p.push_str(&format!(" rootflags={flags}"));
     }
@@ -565,7 +590,7 @@ impl QemuLaunch<'_> {
         }
         if let Some(r) = &self.rootfs {
             cmdline.push(' ');
-            cmdline.push_str(&root_params(r.device, r.filesystem, r.init)?);
+            cmdline.push_str(&root_params(r.device, r.filesystem, r.init, r.verity)?);
             if r.device == RootfsDevice::VirtioBlk {
                 push(&[
                     "-drive",
@@ -1003,6 +1028,7 @@ mod tests {
             size: 64 << 20,
             filesystem: "ext4",
             init: Some("/init"),
+            verity: None,
         };
         let mut l = launch_for(Arch::X86_64, &cfg, Accel::Tcg);
         l.cmdline = "console=ttyS0";
@@ -1083,14 +1109,43 @@ mod tests {
             .to_string();
         assert!(err.contains("--rootfs"), "{err}");
         assert_eq!(
-            root_params(RootfsDevice::Nvdimm, "erofs", None).unwrap(),
+            root_params(RootfsDevice::Nvdimm, "erofs", None, None).unwrap(),
             "root=/dev/pmem0p1 rootflags=dax ro rootfstype=erofs"
         );
         assert_eq!(
-            root_params(RootfsDevice::VirtioBlk, "erofs", None).unwrap(),
+            root_params(RootfsDevice::VirtioBlk, "erofs", None, None).unwrap(),
             "root=/dev/vda1 ro rootfstype=erofs"
         );
-        assert!(root_params(RootfsDevice::VirtioBlk, "xfs", None).is_err());
+        assert!(root_params(RootfsDevice::VirtioBlk, "xfs", None, None).is_err());
+    }
+
+    #[test]
+    fn a_verity_root_is_the_dm_device_made_from_the_manifest() {
+        let v = kiln_manifest::VerityRecord {
+            algorithm: "sha256".into(),
+            format: 1,
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            data_blocks: 2560,
+            hash_start_block: 2560,
+            hash_blocks: 22,
+            salt: "5a".repeat(32),
+            root_hash: "ab".repeat(32),
+        };
+        let p = root_params(RootfsDevice::VirtioBlk, "ext4", Some("/init"), Some(&v)).unwrap();
+        assert_eq!(
+            p,
+            format!(
+                "dm-mod.create=\"kiln-root,,,ro,0 20480 verity 1 /dev/vda1 /dev/vda1 4096 4096 2560 2560 sha256 {} {}\" \
+                 root=/dev/dm-0 rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4 init=/init",
+                "ab".repeat(32),
+                "5a".repeat(32)
+            )
+        );
+        // On an NVDIMM the table sits on pmem0p1 and DAX is off: dm-verity has none.
+        let p = root_params(RootfsDevice::Nvdimm, "erofs", None, Some(&v)).unwrap();
+        assert!(p.contains("verity 1 /dev/pmem0p1 /dev/pmem0p1 "), "{p}");
+        assert!(p.ends_with("root=/dev/dm-0 ro rootfstype=erofs"), "{p}");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct BootOptions {
     /// Overrides `hypervisor.qemu.rootfs` ("initrd", "image", "nvdimm",
     /// "virtio-blk"), e.g. from `kiln-shim boot --rootfs`.
     pub rootfs: Option<String>,
+    /// Overrides `hypervisor.qemu.rootfs_verity` ("auto", "on", "off"),
+    /// e.g. from `kiln-shim boot --verity`.
+    pub verity: Option<String>,
     /// Devices to pass through with VFIO, attached at boot.
     pub vfio: crate::vfio::VfioOptions,
 }
@@ -64,6 +67,17 @@ pub struct HotpluggedDisk {
     pub pci_path: String,
 }
 
+/// The first console line where dm-verity reports a corrupted block (the
+/// kernel's "device-mapper: verity: 254:0: data block 7 is corrupted"): the
+/// reason a verified root failed, which the panic after it would bury.
+fn verity_failure(console: &Path) -> Option<String> {
+    let text = std::fs::read(console).ok()?;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find(|l| l.contains("verity") && l.contains("corrupted"))
+        .map(|l| l.trim().to_string())
+}
+
 /// Time from QEMU launch to the agent's first `SERVING` answer.
 pub struct Ready {
     pub client: AgentClient,
@@ -90,7 +104,33 @@ impl Vm {
             Some(_) => Some(image.rootfs_image()?),
             None => None,
         };
-        let rootfs_note = rootfs_choice.as_ref().map(|(_, why)| why.clone());
+        let (verity_key, verity_mode) = match &opts.verity {
+            Some(m) => ("--verity", m.as_str()),
+            None => (
+                "hypervisor.qemu.rootfs_verity",
+                cfg.hypervisor.qemu.rootfs_verity.as_str(),
+            ),
+        };
+        crate::config::check_verity_mode(verity_key, verity_mode)?;
+        let verity = match (&rootfs_image, verity_mode) {
+            (None, _) | (_, "off") => None,
+            (Some(img), "on") => Some(img.layout.verity.clone().with_context(|| {
+                format!(
+                    "{verity_key} = \"on\", but image `{}` has no dm-verity tree: set `verity = true` under [rootfs] in image-manifests/{}.toml and rebuild",
+                    image.manifest.image, image.manifest.image
+                )
+            })?),
+            (Some(img), _) => img.layout.verity.clone(),
+        };
+        let rootfs_note = rootfs_choice.as_ref().map(|(device, why)| match &verity {
+            None => why.clone(),
+            Some(v) if *device == qemu::RootfsDevice::Nvdimm => format!(
+                "{why}; DAX off: the root is verified by dm-verity (root hash {}), which cannot map DAX \
+                 (set rootfs_verity = \"off\" for DAX without verification)",
+                v.root_hash
+            ),
+            Some(v) => format!("{why}; verified by dm-verity (root hash {})", v.root_hash),
+        });
         if let Some(note) = &rootfs_note {
             tracing::info!("{note}");
         }
@@ -168,6 +208,7 @@ impl Vm {
                     size: img.size,
                     filesystem: &img.layout.filesystem,
                     init: img.layout.init.as_deref(),
+                    verity: verity.as_ref(),
                 }),
             passthrough: &passed,
             viommu,
@@ -346,6 +387,11 @@ impl Vm {
     pub fn diagnostics(&self) -> String {
         let mut out = String::new();
         let dir = self.run_dir.path();
+        if let Some(line) = self.console_log.as_deref().and_then(verity_failure) {
+            out.push_str(&format!(
+                "\nthe guest's dm-verity found the root image modified since it was built: {line}"
+            ));
+        }
         if let Some(log) = &self.console_log {
             out.push_str(&format!(
                 "\n--- guest console (last lines) ---\n{}",
@@ -549,4 +595,31 @@ fn tail(path: &std::path::Path, lines: usize) -> String {
         .unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_verity_corruption_line_is_found_in_the_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(
+            &log,
+            "[    1.2] virtio_blk virtio1: [vda] 45056 512-byte logical blocks\n\
+             [    1.9] device-mapper: verity: 254:0: metadata block 5124 is corrupted\n\
+             [    2.0] Kernel panic - not syncing: VFS: Unable to mount root fs\n",
+        )
+        .unwrap();
+        assert_eq!(
+            super::verity_failure(&log).as_deref(),
+            Some("[    1.9] device-mapper: verity: 254:0: metadata block 5124 is corrupted")
+        );
+        std::fs::write(
+            &log,
+            "device-mapper: verity: sha256 using implementation \"sha256-generic\"\n",
+        )
+        .unwrap();
+        assert_eq!(super::verity_failure(&log), None);
+        assert_eq!(super::verity_failure(&dir.path().join("none")), None);
+    }
 }

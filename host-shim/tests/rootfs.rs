@@ -3,6 +3,10 @@
 //! the guest through `kiln.Diagnostics/GuestFacts` (the root mount's options
 //! and statx's STATX_ATTR_DAX on files).
 //!
+//! Images with a dm-verity tree boot through it: the guest reports the root
+//! hash it verifies against, and a copy of the image with one byte changed
+//! fails the read of that byte's file (a changed tree fails the boot).
+//!
 //! `cargo xtask test` builds the images and runs these with KILN_E2E_MANIFEST
 //! (minimal), KILN_E2E_EROFS_MANIFEST (minimal-erofs) and
 //! KILN_E2E_DEBIAN_MANIFEST (debian) set.
@@ -14,15 +18,14 @@ use kiln_shim::image::BootImage;
 use kiln_shim::vm::{BootOptions, Vm};
 use kiln_testsupport::vm::manifest_var as manifest;
 
-/// Boots `image` with its rootfs attached as `mode`, loads `modules` through
-/// CreateSandbox.kernel_modules; returns the agent's init_daemon flag, the
-/// guest facts for `paths` (loaded modules included), and the shim's note.
-async fn boot_and_look(
+/// Boots `image` with its rootfs attached as `mode` (dm-verity as `verity`:
+/// "auto", "on", "off"); returns the VM and the agent, or the launch error
+/// with the guest console's tail.
+async fn boot(
     image: &BootImage,
     mode: &str,
-    paths: &[&str],
-    modules: &[&str],
-) -> (bool, kiln_protocol::kiln::GuestFacts, String) {
+    verity: &str,
+) -> (Vm, Result<kiln_shim::vm::Ready, String>, tempfile::TempDir) {
     let run_base = tempfile::tempdir().unwrap();
     std::env::set_var("KILN_RUN_DIR", run_base.path());
     let mut cfg = ShimConfig::default();
@@ -30,32 +33,62 @@ async fn boot_and_look(
     cfg.agent.boot_timeout = 600;
     let opts = BootOptions {
         rootfs: Some(mode.to_string()),
+        verity: Some(verity.to_string()),
         ..Default::default()
     };
     let mut vm = Vm::launch(image, &cfg, &opts).unwrap();
-    let ready = match vm.wait_ready(&cfg).await {
-        Ok(r) => r,
-        Err(e) => panic!("{} with rootfs={mode}: {e:#}", image.manifest.image),
-    };
+    let ready = vm.wait_ready(&cfg).await.map_err(|e| format!("{e:#}"));
+    if let Ok(r) = &ready {
+        eprintln!(
+            "figure: {} {} rootfs={mode} verity={verity}: agent ready {:.2} s after QEMU launch ({})",
+            image.manifest.image,
+            image.manifest.arch,
+            r.elapsed.as_secs_f64(),
+            vm.rootfs_note.as_deref().unwrap_or_default()
+        );
+    }
+    (vm, ready, run_base)
+}
+
+/// Loads kernel modules from the guest's root the Kata way
+/// (CreateSandbox.kernel_modules).
+async fn load_modules(
+    client: &kiln_shim::client::AgentClient,
+    modules: &[&str],
+) -> Result<(), String> {
+    let mut req = kiln_protocol::agent::CreateSandboxRequest::new();
+    req.sandbox_id = "modules".into();
+    for name in modules {
+        let mut m = kiln_protocol::agent::KernelModule::new();
+        m.name = name.to_string();
+        req.kernel_modules.push(m);
+    }
+    client
+        .agent
+        .create_sandbox(client.ctx(), &req)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// Boots `image` with its rootfs attached as `mode`, loads `modules` through
+/// CreateSandbox.kernel_modules; returns the agent's init_daemon flag, the
+/// guest facts for `paths` (loaded modules included), and the shim's note.
+async fn boot_and_look(
+    image: &BootImage,
+    mode: &str,
+    verity: &str,
+    paths: &[&str],
+    modules: &[&str],
+) -> (bool, kiln_protocol::kiln::GuestFacts, String) {
+    let (vm, ready, _run) = boot(image, mode, verity).await;
+    let ready =
+        ready.unwrap_or_else(|e| panic!("{} with rootfs={mode}: {e}", image.manifest.image));
     let note = vm.rootfs_note.clone().unwrap_or_default();
-    eprintln!(
-        "figure: {} {} rootfs={mode}: agent ready {:.2} s after QEMU launch ({note})",
-        image.manifest.image,
-        image.manifest.arch,
-        ready.elapsed.as_secs_f64()
-    );
     let details = ready.client.guest_details().await.unwrap();
     if !modules.is_empty() {
-        let mut req = kiln_protocol::agent::CreateSandboxRequest::new();
-        req.sandbox_id = "modules".into();
-        for name in modules {
-            let mut m = kiln_protocol::agent::KernelModule::new();
-            m.name = name.to_string();
-            req.kernel_modules.push(m);
-        }
-        let c = &ready.client;
-        if let Err(e) = c.agent.create_sandbox(c.ctx(), &req).await {
-            panic!("loading {modules:?} from the image's rootfs={mode}: {e:?}");
+        if let Err(e) = load_modules(&ready.client, modules).await {
+            panic!("loading {modules:?} from the image's rootfs={mode}: {e}");
         }
     }
     // pmem registers asynchronously; it is the root here, so it is there, but
@@ -72,6 +105,32 @@ async fn boot_and_look(
     drop(ready);
     vm.shutdown();
     (details.agent_details.init_daemon, facts, note)
+}
+
+/// The root is the dm-verity device kiln-shim asked for, holding the root
+/// hash manifest.json records, and has seen no corruption.
+fn assert_verity_root(facts: &kiln_protocol::kiln::GuestFacts, image: &BootImage) {
+    let want = image
+        .manifest
+        .rootfs
+        .as_ref()
+        .and_then(|r| r.verity.as_ref())
+        .expect("manifest.json records the image's dm-verity tree");
+    let dm = facts
+        .root_dm
+        .as_ref()
+        .unwrap_or_else(|| panic!("/ is not on a device-mapper device: {facts:?}"));
+    assert_eq!(
+        (dm.name.as_str(), dm.target.as_str()),
+        ("kiln-root", "verity"),
+        "{dm:?}"
+    );
+    assert!(dm.error.is_empty(), "{dm:?}");
+    assert_eq!(
+        dm.verity_root_hash, want.root_hash,
+        "the guest verifies against the manifest's root hash: {dm:?}"
+    );
+    assert_eq!(dm.status, "V", "no corrupted block seen: {dm:?}");
 }
 
 fn assert_modules(facts: &kiln_protocol::kiln::GuestFacts, want: &[&str]) {
@@ -121,15 +180,32 @@ async fn minimal_boots_from_its_rootfs_image() {
         "the agent is PID 1 of the image too"
     );
     if arch == kiln_manifest::Arch::X86_64 {
-        let (init, facts, note) = boot_and_look(&image, "nvdimm", &["/init"], &[]).await;
+        // dm-verity over the NVDIMM's partition: verified, and so not DAX
+        // (dm-verity cannot map DAX); the erofs and debian images prove DAX.
+        let (init, facts, note) = boot_and_look(&image, "nvdimm", "auto", &["/init"], &[]).await;
         assert!(init, "the agent is PID 1");
-        assert!(note.contains("DAX"), "{note}");
-        assert_dax_root(&facts, &layout.filesystem);
+        assert!(
+            note.contains("DAX off") && note.contains("dm-verity"),
+            "{note}"
+        );
+        assert_verity_root(&facts, &image);
+        let root = facts.root_mount.as_ref().expect("a mount on /");
+        assert!(!root.options.contains("dax"), "{root:?}");
+        assert!(
+            facts.paths.iter().all(|p| p.exists && !p.dax),
+            "{:?}",
+            facts.paths
+        );
     }
-    let (init, facts, note) = boot_and_look(&image, "virtio-blk", &["/init"], &["bridge"]).await;
+    let (init, facts, note) =
+        boot_and_look(&image, "virtio-blk", "on", &["/init"], &["bridge"]).await;
     assert!(init);
     assert_modules(&facts, &["llc", "stp", "bridge"]);
-    assert!(note.contains("virtio-blk"), "{note}");
+    assert!(
+        note.contains("virtio-blk") && note.contains("dm-verity"),
+        "{note}"
+    );
+    assert_verity_root(&facts, &image);
     let root = facts.root_mount.as_ref().expect("a mount on /");
     assert_eq!(root.fstype, layout.filesystem);
     assert!(
@@ -149,10 +225,17 @@ async fn erofs_image_boots_with_dax() {
         .clone()
         .expect("manifest.json describes rootfs_image");
     assert_eq!(layout.filesystem, "erofs");
-    let (init, facts, _) = boot_and_look(&image, "nvdimm", &["/init", "/etc/hostname"], &[]).await;
+    // DAX needs the partition itself: dm-verity off.
+    let (init, facts, _) =
+        boot_and_look(&image, "nvdimm", "off", &["/init", "/etc/hostname"], &[]).await;
     assert!(init);
     // Every file is DAX-mapped: erofs without tail packing stores no inline data.
     assert_dax_root(&facts, "erofs");
+    assert!(facts.root_dm.is_none(), "verity off: / is the partition");
+    // The same image verified by dm-verity, on virtio-blk.
+    let (_, facts, _) = boot_and_look(&image, "virtio-blk", "on", &["/etc/hostname"], &[]).await;
+    assert_eq!(facts.root_mount.as_ref().unwrap().fstype, "erofs");
+    assert_verity_root(&facts, &image);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,7 +254,8 @@ async fn debian_boots_systemd_and_the_agent_service_from_dax() {
     let paths = ["/usr/bin/kiln-agent", "/usr/lib/systemd/systemd"];
     // "image": DAX on an NVDIMM where the machine has one, virtio-blk elsewhere.
     // Modules sit under /usr/lib/modules (merged /usr) here.
-    let (init, facts, note) = boot_and_look(&image, "image", &paths, &["dummy", "bridge"]).await;
+    let (init, facts, note) =
+        boot_and_look(&image, "image", "auto", &paths, &["dummy", "bridge"]).await;
     assert!(!init, "systemd is PID 1; the agent runs as its service");
     assert_modules(&facts, &["dummy", "llc", "stp", "bridge"]);
     if image.manifest.arch == kiln_manifest::Arch::X86_64 {
@@ -181,4 +265,140 @@ async fn debian_boots_systemd_and_the_agent_service_from_dax() {
         let root = facts.root_mount.as_ref().expect("a mount on /");
         assert_eq!(root.fstype, layout.filesystem);
     }
+}
+
+/// The first filesystem block of `path` in the ext4 partition at `offset` of
+/// `img` (debugfs reads the partition in place).
+fn ext4_first_block(img: &std::path::Path, offset: u64, path: &str) -> u64 {
+    let out = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("blocks /{path}"))
+        .arg(format!("{}?offset={offset}", img.display()))
+        .output()
+        .expect("debugfs (e2fsprogs) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "debugfs found no block of {path}: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// A copy of the image whose rootfs.img has the byte at `at` flipped, and
+/// whose manifest.json carries the copy's sha256, as if the host-side check
+/// had been fooled or the disk changed after it: the guest's dm-verity is
+/// what must catch it. The other artifacts are hard links.
+fn tampered_copy(image: &BootImage, at: u64) -> (tempfile::TempDir, BootImage) {
+    use sha2::Digest;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = image
+        .manifest
+        .artifact("rootfs_image")
+        .unwrap()
+        .file
+        .clone();
+    for a in image.manifest.artifacts.values() {
+        let (from, to) = (image.dir.join(&a.file), dir.path().join(&a.file));
+        // rootfs.img is changed below: a copy, never a link to the original.
+        if a.file == rootfs || std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+    let img = dir.path().join(&rootfs);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[b[0] ^ 0x20]).unwrap();
+    drop(f);
+    let sha: String = sha2::Sha256::digest(std::fs::read(&img).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(image.dir.join("manifest.json")).unwrap())
+            .unwrap();
+    m["artifacts"]["rootfs_image"]["sha256"] = serde_json::Value::String(sha);
+    let manifest = dir.path().join("manifest.json");
+    std::fs::write(&manifest, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    let copy = BootImage::load(&manifest).unwrap();
+    (dir, copy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a VM; run through `cargo xtask test`"]
+async fn minimal_verity_refuses_a_modified_image() {
+    let image = BootImage::load(&manifest("KILN_E2E_MANIFEST")).unwrap();
+    let layout = image.manifest.rootfs.clone().unwrap();
+    let verity = layout
+        .verity
+        .clone()
+        .expect("the minimal image has a dm-verity tree");
+    let dummy = image
+        .manifest
+        .kernel_modules
+        .iter()
+        .find(|m| m.name == "dummy")
+        .expect("dummy.ko is in the image (rootfs.modules)");
+    let img = image.dir.join("rootfs.img");
+    let block = ext4_first_block(&img, layout.partition_offset, &dummy.path);
+
+    // One byte of dummy.ko's data: the guest boots (nothing it needs changed),
+    // and reading that file fails with EIO, as loading it does.
+    let (_copy, bad) = tampered_copy(&image, layout.partition_offset + block * 4096 + 100);
+    let (vm, ready, _run) = boot(&bad, "virtio-blk", "on").await;
+    let ready = ready.unwrap_or_else(|e| panic!("only dummy.ko changed, the rest must boot: {e}"));
+    let err = load_modules(&ready.client, &["dummy"]).await.unwrap_err();
+    assert!(
+        err.contains("EIO") && err.contains("dummy.ko"),
+        "loading the changed module: {err}"
+    );
+    let facts = ready.client.guest_facts(&[], &[]).await.unwrap();
+    let dm = facts.root_dm.as_ref().expect("a dm root");
+    assert_eq!(
+        dm.status, "C",
+        "dm-verity reports the corruption it saw: {dm:?}"
+    );
+    assert_eq!(dm.verity_root_hash, verity.root_hash);
+    let console = std::fs::read_to_string(vm.console_log.as_ref().unwrap()).unwrap();
+    drop(ready);
+    vm.shutdown();
+    let line = console
+        .lines()
+        .find(|l| l.contains("verity") && l.contains("data block") && l.contains("corrupted"))
+        .unwrap_or_else(|| panic!("no dm-verity line on the console:\n{console}"));
+    eprintln!("tampered data: {err}\n  console: {line}");
+
+    // One byte of the hash tree's top block: no block can be verified, the
+    // root cannot be mounted, and the shim's error names dm-verity's line.
+    let (_copy, bad) = tampered_copy(
+        &image,
+        layout.partition_offset + verity.hash_start_block * verity.hash_block_size + 10,
+    );
+    let (vm, ready, _run) = boot(&bad, "virtio-blk", "on").await;
+    let err = match ready {
+        Ok(_) => panic!("an image with a changed hash tree booted to the agent"),
+        Err(e) => e,
+    };
+    vm.shutdown();
+    assert!(
+        err.contains("dm-verity found the root image modified") && err.contains("metadata block"),
+        "{err}"
+    );
+    eprintln!(
+        "tampered tree: {}",
+        err.lines()
+            .find(|l| l.contains("dm-verity"))
+            .unwrap_or_default()
+    );
 }

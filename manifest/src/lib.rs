@@ -137,6 +137,53 @@ pub struct RootfsRecord {
     /// Entries in the tree.
     pub entries: u64,
     pub dax: DaxRecord,
+    /// The dm-verity hash tree after the filesystem, when the image has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<VerityRecord>,
+}
+
+/// A dm-verity hash tree (format 1, no superblock) stored in the rootfs
+/// partition right after the filesystem: the facts the kernel's verity table
+/// needs, so kiln-shim can pass them with `dm-mod.create=`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct VerityRecord {
+    /// "sha256".
+    pub algorithm: String,
+    /// dm-verity hash format version (1: the salt is hashed before each block).
+    pub format: u32,
+    pub data_block_size: u64,
+    pub hash_block_size: u64,
+    /// Blocks of filesystem covered: the whole filesystem.
+    pub data_blocks: u64,
+    /// Where the tree starts in the partition, in hash blocks (right after the data).
+    pub hash_start_block: u64,
+    pub hash_blocks: u64,
+    /// Hex; derived from the filesystem's bytes, so rebuilds are identical.
+    pub salt: String,
+    /// Hex sha256 of the tree's top block: what the guest verifies against.
+    pub root_hash: String,
+}
+
+impl VerityRecord {
+    /// The verity target's arguments for data and tree on `dev`.
+    pub fn table_args(&self, dev: &str) -> String {
+        format!(
+            "{} {dev} {dev} {} {} {} {} {} {} {}",
+            self.format,
+            self.data_block_size,
+            self.hash_block_size,
+            self.data_blocks,
+            self.hash_start_block,
+            self.algorithm,
+            self.root_hash,
+            self.salt
+        )
+    }
+
+    /// 512-byte sectors the verity device has (the filesystem's size).
+    pub fn data_sectors(&self) -> u64 {
+        self.data_blocks * self.data_block_size / 512
+    }
 }
 
 /// The nvdimm view of the image.
@@ -194,6 +241,17 @@ mod tests {
                     nvdimm_partition_offset: 1 << 20,
                     pfn_uuid: "p".into(),
                 },
+                verity: Some(VerityRecord {
+                    algorithm: "sha256".into(),
+                    format: 1,
+                    data_block_size: 4096,
+                    hash_block_size: 4096,
+                    data_blocks: 2048,
+                    hash_start_block: 2048,
+                    hash_blocks: 17,
+                    salt: "5a".repeat(32),
+                    root_hash: "ab".repeat(32),
+                }),
             }),
             packages: vec![Package {
                 name: "bash".into(),

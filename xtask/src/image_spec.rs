@@ -55,6 +55,10 @@ pub struct RootfsSection {
     /// their dependencies; the kernel must build them (`=m` in a fragment).
     #[serde(default)]
     pub modules: Vec<String>,
+    /// Append a dm-verity hash tree to the filesystem in rootfs.img; kiln-shim
+    /// then boots the root through dm-verity (needs the kernel feature `verity`).
+    #[serde(default)]
+    pub verity: bool,
 }
 
 impl Default for RootfsSection {
@@ -65,6 +69,7 @@ impl Default for RootfsSection {
             packages: Vec::new(),
             files: Vec::new(),
             modules: Vec::new(),
+            verity: false,
         }
     }
 }
@@ -171,6 +176,11 @@ impl ImageSpec {
                 );
             }
         }
+        if m.rootfs.verity && !m.kernel.features.iter().any(|f| f == "verity") {
+            anyhow::bail!(
+                "key `rootfs.verity` is true, but `kernel.features` lacks \"verity\": the kernel could not open the root (add \"verity\" to kernel.features)"
+            );
+        }
         Ok(m)
     }
 
@@ -257,5 +267,13 @@ cmdline = "quiet"
             ImageSpec::parse(&GOOD.replace("\"vsock\"", "\"../x\""), "minimal").unwrap_err()
         );
         assert!(err.contains("kernel.features"), "{err}");
+        let verity = format!("{GOOD}[rootfs]\nverity = true\n");
+        let err = format!("{:#}", ImageSpec::parse(&verity, "minimal").unwrap_err());
+        assert!(
+            err.contains("rootfs.verity") && err.contains("add \"verity\""),
+            "{err}"
+        );
+        let ok = verity.replace("[\"vsock\"]", "[\"vsock\", \"verity\"]");
+        assert!(ImageSpec::parse(&ok, "minimal").unwrap().rootfs.verity);
     }
 }

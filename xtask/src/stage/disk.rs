@@ -18,7 +18,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use kiln_disk::layout::{self, DiskIds, Geometry};
-use kiln_manifest::{DaxRecord, RootfsRecord};
+use kiln_disk::verity;
+use kiln_manifest::{DaxRecord, RootfsRecord, VerityRecord};
 use sha2::{Digest, Sha256};
 
 use crate::arch::Arch;
@@ -91,6 +92,14 @@ pub fn build(
         .str("arch", arch.name())
         .str("filesystem", fs)
         .str("margin", &margin.to_string())
+        .str(
+            "verity",
+            if image.rootfs.verity {
+                "sha256-v1"
+            } else {
+                "off"
+            },
+        )
         .str("source_date_epoch", &ctx.source_date_epoch.to_string())
         .str("tool", &tool_version)
         .str("kiln-disk", env!("CARGO_PKG_VERSION"))
@@ -136,9 +145,15 @@ pub fn build(
             content
         }
     };
+    let seed: [u8; 32] = Sha256::digest(std::fs::read(&fs_img)?).into();
+    let verity = if image.rootfs.verity {
+        step.message("dm-verity hash tree");
+        Some(append_verity(&fs_img, &seed)?)
+    } else {
+        None
+    };
     let fs_len = std::fs::metadata(&fs_img)?.len();
     let geometry = Geometry::for_filesystem(fs_len)?;
-    let seed: [u8; 32] = Sha256::digest(std::fs::read(&fs_img)?).into();
     let disk_ids = DiskIds::from_seed(&seed);
     let mut out = tempfile::NamedTempFile::new_in(&dir)?;
     let mut src = std::fs::File::open(&fs_img)?;
@@ -172,6 +187,7 @@ pub fn build(
             nvdimm_partition_offset: facts.nvdimm_mbr.partitions[0].map_or(0, |p| p.start_bytes()),
             pfn_uuid: uuid_string(&facts.pfn.uuid),
         },
+        verity,
     };
     let mut text = serde_json::to_string_pretty(&record)?;
     text.push('\n');
@@ -184,6 +200,36 @@ pub fn build(
         tree.len()
     ));
     Ok(DiskArtifact { key, record })
+}
+
+/// Appends the dm-verity tree to the filesystem image `fs_img`. The salt is
+/// derived from the filesystem's sha256 (`seed`): no randomness, so two builds
+/// of the same tree give the same root hash.
+fn append_verity(fs_img: &Path, seed: &[u8; 32]) -> anyhow::Result<VerityRecord> {
+    let salt: [u8; 32] = Sha256::new()
+        .chain_update(b"kiln dm-verity salt\0")
+        .chain_update(seed)
+        .finalize()
+        .into();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fs_img)?;
+    let data_len = f.metadata()?.len();
+    let tree = verity::append_tree(&mut f, data_len, salt)
+        .with_context(|| format!("appending the dm-verity tree to {}", fs_img.display()))?;
+    f.sync_all()?;
+    Ok(VerityRecord {
+        algorithm: "sha256".into(),
+        format: 1,
+        data_block_size: verity::BLOCK,
+        hash_block_size: verity::BLOCK,
+        data_blocks: tree.data_blocks,
+        hash_start_block: tree.hash_start_block,
+        hash_blocks: tree.hash_blocks,
+        salt: hex::encode(tree.salt),
+        root_hash: hex::encode(tree.root_hash),
+    })
 }
 
 fn image_mib(dir: &Path) -> anyhow::Result<u64> {

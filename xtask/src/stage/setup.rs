@@ -36,6 +36,8 @@ const COMMON_PACKAGES: &[&str] = &[
     // rootfs images: erofs flavour, and Debian trees for the debian recipe
     "erofs-utils",
     "mmdebstrap",
+    // `cargo xtask test` checks every dm-verity tree with veritysetup verify
+    "cryptsetup-bin",
     // the SBOM check in `cargo xtask test` (spdx-tools from PyPI, in a venv)
     "python3-venv",
     // `release --sign-key` and its test (ssh-keygen -Y sign/verify)
