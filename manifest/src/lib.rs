@@ -100,6 +100,11 @@ pub struct Package {
     pub name: String,
     pub version: String,
     pub architecture: String,
+    /// The licences its DEP-5 copyright file declares, as an SPDX expression
+    /// (names without an SPDX id as `LicenseRef-Debian-…`); absent when the
+    /// file is not machine-readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license: Option<String>,
 }
 
 /// One kernel module inside an image's initrd and rootfs.img.
@@ -257,6 +262,7 @@ mod tests {
                 name: "bash".into(),
                 version: "5.2".into(),
                 architecture: "arm64".into(),
+                license: Some("GPL-3.0-or-later".into()),
             }],
             kernel_modules: vec![ModuleRecord {
                 name: "llc".into(),

@@ -209,7 +209,7 @@ pub fn build_with(
     }
     // The dev loop (no rootfs.img) boots and throws away: no SBOM for it.
     if with_disk {
-        sbom::write(ctx, &dir, &manifest, &text, &kernel)?;
+        sbom::write(ctx, &dir, &manifest, &text)?;
     }
     Ok(path)
 }

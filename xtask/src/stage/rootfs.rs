@@ -5,6 +5,7 @@
 //! The plan is cheap (keys, the cached bootstrap, the package list); the tree
 //! itself is only written out when a consumer (initrd, disk image) is stale.
 
+pub mod copyright;
 pub mod debian;
 pub mod postinst;
 pub mod tree;

@@ -21,7 +21,6 @@ use sha1::Digest as _;
 use crate::cache::{write_atomic, Stamp};
 use crate::ctx::Ctx;
 use crate::hash::KeyHasher;
-use crate::stage::kernel::KernelArtifact;
 
 pub const FILE: &str = "sbom.spdx.json";
 
@@ -45,12 +44,18 @@ pub fn write(
     dir: &Path,
     manifest: &Manifest,
     manifest_text: &str,
-    kernel: &KernelArtifact,
 ) -> anyhow::Result<PathBuf> {
     let path = dir.join(FILE);
+    // Derived from manifest.json alone (plus the agent's crates): the kernel
+    // source's hash is one of its recorded inputs.
+    let kernel_source = manifest.inputs.get("kernel_source").with_context(|| {
+        format!(
+            "{}: manifest.json records no `kernel_source` input; rebuild the image",
+            dir.display()
+        )
+    })?;
     let key = KeyHasher::new("sbom")
         .str("manifest", manifest_text)
-        .str("kernel_source", &kernel.source_sha256)
         .str("xtask", &crate::hash::xtask_self_hash(&ctx.root))
         .finish();
     let step = ctx.ui.stage(&format!("sbom {}", manifest.arch));
@@ -72,7 +77,7 @@ pub fn write(
     let doc = document(
         manifest,
         &hex::encode(sha2::Sha256::digest(manifest_text.as_bytes())),
-        &kernel.source_sha256,
+        kernel_source,
         &crates,
         &files,
     );
@@ -176,8 +181,19 @@ pub fn document(
             relationships.push(rel(&agent_id, "STATIC_LINK", &id));
         }
     }
+    // Licences without an SPDX id, declared once for the whole document.
+    let mut refs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for pkg in &manifest.packages {
         let id = sanitize(&format!("SPDXRef-Package-deb-{}-{}", pkg.name, pkg.version));
+        if let Some(l) = &pkg.license {
+            for word in l.split([' ', '(', ')']) {
+                if word.starts_with(crate::stage::rootfs::copyright::REF_PREFIX) {
+                    refs.entry(word.to_string())
+                        .or_default()
+                        .insert(pkg.name.clone());
+                }
+            }
+        }
         packages.push(json!({
             "SPDXID": id,
             "name": pkg.name,
@@ -185,7 +201,7 @@ pub fn document(
             "downloadLocation": "NOASSERTION",
             "filesAnalyzed": false,
             "licenseConcluded": "NOASSERTION",
-            "licenseDeclared": "NOASSERTION",
+            "licenseDeclared": pkg.license.as_deref().unwrap_or("NOASSERTION"),
             "copyrightText": "NOASSERTION",
             "externalRefs": [purl(&format!(
                 "pkg:deb/debian/{}@{}?arch={}",
@@ -240,6 +256,17 @@ pub fn document(
         "packages": packages,
         "files": spdx_files,
         "relationships": relationships,
+        "hasExtractedLicensingInfos": refs.iter().map(|(id, pkgs)| json!({
+            "licenseId": id,
+            "name": id.trim_start_matches(crate::stage::rootfs::copyright::REF_PREFIX),
+            "extractedText": format!(
+                "A licence Debian names `{}` and SPDX has no identifier for; its text is in the \
+                 copyright file of each package that uses it, /usr/share/doc/<package>/copyright \
+                 in the image: {}",
+                id.trim_start_matches(crate::stage::rootfs::copyright::REF_PREFIX),
+                pkgs.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -555,6 +582,9 @@ mod tests {
                 name: "libc6".into(),
                 version: "1:2.36-9".into(),
                 architecture: "arm64".into(),
+                license: Some(
+                    "(GPL-2.0-or-later OR LicenseRef-Debian-public-domain) AND MIT".into(),
+                ),
             }],
             kernel_modules: vec![],
         };
@@ -643,6 +673,21 @@ mod tests {
         assert!(text.contains("pkg:cargo/libc@0.2.1"));
         assert!(text.contains("\"MIT OR Apache-2.0\""));
         assert!(text.contains("0001-x.patch (sha256 pp)"));
+        // The Debian package's declared licence, and its LicenseRef declared once.
+        let libc6 = doc["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "libc6")
+            .unwrap();
+        assert_eq!(
+            libc6["licenseDeclared"],
+            "(GPL-2.0-or-later OR LicenseRef-Debian-public-domain) AND MIT"
+        );
+        let refs = doc["hasExtractedLicensingInfos"].as_array().unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(refs[0]["licenseId"], "LicenseRef-Debian-public-domain");
+        assert!(refs[0]["extractedText"].as_str().unwrap().contains("libc6"));
         let image = &doc["packages"][0];
         assert_eq!(
             image["packageVerificationCode"]["packageVerificationCodeValue"],

@@ -30,6 +30,14 @@ pub const TARBALL: &str = "rootfs.tar";
 /// The hooks mmdebstrap ships for a debootstrap-style merged /usr.
 const MERGED_USR_HOOKS: &str = "/usr/share/mmdebstrap/hooks/merged-usr";
 pub const PACKAGES: &str = "packages.json";
+/// Package name → declared licence, read once from the tarball's copyright
+/// files (derived from the stamped tarball, so not an output of its stamp),
+/// in `licenses-<hash of the reader's source>.json`: a changed reader reads again.
+fn licenses_file() -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(include_str!("copyright.rs"));
+    format!("licenses-{}.json", &hex::encode(h)[..16])
+}
 
 /// The cached bootstrap.
 #[derive(Debug, Clone)]
@@ -87,6 +95,8 @@ fn apt_sources(ctx: &Ctx, debian: &DebianSection) -> anyhow::Result<Vec<String>>
 /// The installed packages of a fresh tarball (dpkg's status, or the .deb
 /// names when only extracted), written to packages.json beside it.
 fn write_package_list(dir: &Path, extracted: bool) -> anyhow::Result<Vec<Package>> {
+    // A new tarball: licences are read again from its copyright files.
+    let _ = std::fs::remove_file(dir.join(licenses_file()));
     let list = if extracted {
         packages_from_debs(&member_names(&dir.join(TARBALL))?)
     } else {
@@ -254,7 +264,11 @@ fn cached(
     debian: &DebianSection,
 ) -> anyhow::Result<Bootstrap> {
     let list = std::fs::read_to_string(dir.join(PACKAGES))?;
-    let packages: Vec<Package> = serde_json::from_str(&list)?;
+    let mut packages: Vec<Package> = serde_json::from_str(&list)?;
+    let licenses = licenses(dir)?;
+    for p in &mut packages {
+        p.license = licenses.get(&p.name).cloned();
+    }
     Ok(Bootstrap {
         tarball: dir.join(TARBALL),
         identity: identity(&key, &packages),
@@ -263,6 +277,22 @@ fn cached(
         extracted,
         epoch: debian.bootstrap_epoch,
     })
+}
+
+/// The declared licences of the base's packages, from licenses.json or, the
+/// first time, from the copyright files in the tarball.
+fn licenses(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let path = dir.join(licenses_file());
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(map) = serde_json::from_str(&text) {
+            return Ok(map);
+        }
+    }
+    let map = super::copyright::from_tarball(&dir.join(TARBALL))?;
+    let mut text = serde_json::to_string_pretty(&map)?;
+    text.push('\n');
+    write_atomic(&path, text.as_bytes())?;
+    Ok(map)
 }
 
 fn short(sha: &str) -> String {
@@ -394,6 +424,7 @@ pub fn packages_from_debs(names: &[String]) -> Vec<Package> {
                 name: name.to_string(),
                 version: version.replace("%3a", ":").replace("%3A", ":"),
                 architecture: arch.to_string(),
+                license: None,
             })
         })
         .collect();
@@ -442,6 +473,7 @@ pub fn parse_dpkg_status(text: &str) -> Vec<Package> {
                 name: name.to_string(),
                 version: version.to_string(),
                 architecture: fields.get("Architecture").unwrap_or(&"").to_string(),
+                license: None,
             });
         }
     }
@@ -566,6 +598,7 @@ mod tests {
             name: "systemd".into(),
             version: v.into(),
             architecture: "s390x".into(),
+            license: None,
         };
         let a = identity("k", &[pkg("252.33-1~deb12u1")]);
         assert_eq!(a, identity("k", &[pkg("252.33-1~deb12u1")]));
