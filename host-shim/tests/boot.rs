@@ -219,6 +219,8 @@ const FEATURE_OPTIONS: &[&str] = &[
     "HOTPLUG_CPU",
     "OVERLAY_FS",
     "EROFS_FS",
+    "DM_VERITY",
+    "DM_INIT",
 ];
 
 /// A pmem image with an NVDIMM PFN info block (what makes the namespace
@@ -266,7 +268,10 @@ async fn guest_facts_prove_the_kernel_features() {
     );
     let facts = ready
         .client
-        .guest_facts(&[FEATURE_OPTIONS, &["BRIDGE"]].concat(), &["/init"])
+        .guest_facts(
+            &[FEATURE_OPTIONS, &["BRIDGE", "VSOCKETS_LOOPBACK"]].concat(),
+            &["/init"],
+        )
         .await
         .unwrap();
     eprintln!("{arch}: {facts:?}");
@@ -294,6 +299,12 @@ async fn guest_facts_prove_the_kernel_features() {
         );
     }
     assert!(facts.vsock_device, "/dev/vsock exists");
+    // No loopback transport: a container cannot reach the agent through CID 1.
+    assert_eq!(
+        facts.config.get("VSOCKETS_LOOPBACK").map(String::as_str),
+        Some("n"),
+        "CONFIG_VSOCKETS_LOOPBACK is not set"
+    );
     assert_eq!(
         facts.vsock_transports,
         ["virtio"],

@@ -83,6 +83,7 @@ pub fn run(ctx: &Ctx, flags: &BenchFlags) -> anyhow::Result<()> {
 
     sizes(ctx, &mut report)?;
     boot(ctx, &manifest, flags.rounds.max(1), &mut report)?;
+    verity_cost(ctx, &manifest, flags.rounds.max(1), &mut report)?;
     report.agent = agent::measure(ctx, &shim_binary(ctx)?, &manifest)?;
     packing(ctx, &mut report)?;
     build_times(ctx, &mut report);
@@ -192,6 +193,78 @@ fn boot(ctx: &Ctx, manifest: &Path, rounds: usize, report: &mut Report) -> anyho
         a / f,
         "ratio",
         "target < 1.1",
+    ));
+    Ok(())
+}
+
+/// What dm-verity costs the minimal image: the tree's bytes against the
+/// filesystem's, and launch → agent-ready from rootfs.img on virtio-blk with
+/// and without verification, rounds alternating so load drifts hit both.
+fn verity_cost(
+    ctx: &Ctx,
+    manifest: &Path,
+    rounds: usize,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let built: kiln_manifest::Manifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
+    let Some(v) = built.rootfs.as_ref().and_then(|r| r.verity.clone()) else {
+        ctx.ui
+            .println("note: the minimal image has no dm-verity tree; no verity figures");
+        return Ok(());
+    };
+    let tree = v.hash_blocks * v.hash_block_size;
+    let data = v.data_blocks * v.data_block_size;
+    report.boot.push(row(
+        "dm-verity tree / filesystem (minimal x86_64)",
+        tree as f64 / data as f64,
+        "ratio",
+        format!(
+            "{} KiB tree for {} KiB of filesystem",
+            tree >> 10,
+            data >> 10
+        ),
+    ));
+    let shim = shim_binary(ctx)?;
+    let secs = |verity: &str| -> anyhow::Result<f64> {
+        let v = shim_boot_json(
+            &shim,
+            manifest,
+            &["--rootfs", "virtio-blk", "--verity", verity],
+        )?;
+        v["agent_ready_seconds"]
+            .as_f64()
+            .context("kiln-shim printed no time")
+    };
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let step = ctx
+            .ui
+            .stage(&format!("bench verity {}/{rounds}", round + 1));
+        off.push(secs("off")?);
+        on.push(secs("on")?);
+        step.done(&format!(
+            "plain {:.2} s, verified {:.2} s",
+            off[round], on[round]
+        ));
+    }
+    let (off, on) = (median(&mut off), median(&mut on));
+    report.boot.push(row(
+        "launch to agent ready, rootfs.img on virtio-blk, no verity",
+        off,
+        "s",
+        format!("median of {rounds}"),
+    ));
+    report.boot.push(row(
+        "launch to agent ready, rootfs.img on virtio-blk, dm-verity",
+        on,
+        "s",
+        format!("median of {rounds}"),
+    ));
+    report.boot.push(row(
+        "dm-verity / plain (agent ready)",
+        on / off,
+        "ratio",
+        "cost of verification",
     ));
     Ok(())
 }
