@@ -21,6 +21,9 @@ const E2E_DEBIAN_IMAGE: &str = "debian";
 /// guest: never s390x.)
 const WORKLOAD_RECIPE: &str = "workload";
 const WORKLOAD_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64];
+/// Where the Debian/systemd image boots in every run: systemd under TCG takes
+/// about a minute on aarch64; ppc64le and s390x are not yet in the budget.
+const DEBIAN_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64];
 
 /// Wall time of each part of the run, printed when the run ends (also when
 /// it fails), so a CI log shows where the minutes went.
@@ -169,13 +172,13 @@ const SUITES: &[Suite] = &[
         nocapture: true,
     },
     Suite {
-        name: "debian (systemd, DAX)",
+        name: "debian (systemd; DAX on x86_64)",
         image: Some(E2E_DEBIAN_IMAGE),
         package: "kiln-shim",
         tests: &["rootfs"],
         filter: Some("debian_"),
         env: &[("KILN_E2E_DEBIAN_MANIFEST", Input::Manifest)],
-        arches: Arches::HostOrAsked,
+        arches: Arches::Only(DEBIAN_ARCHES),
         nocapture: true,
     },
     // Pipeline tests against real inputs (the kernel source the builds above
@@ -628,7 +631,16 @@ mod tests {
                 "workload",
                 "minimal rootfs image",
                 "erofs rootfs image",
-                "debian (systemd, DAX)"
+                "debian (systemd; DAX on x86_64)"
+            ]
+        );
+        assert_eq!(
+            plan(Arch::Aarch64),
+            [
+                "boot",
+                "workload",
+                "minimal rootfs image",
+                "debian (systemd; DAX on x86_64)"
             ]
         );
         assert_eq!(plan(Arch::S390x), ["boot", "minimal rootfs image"]);
