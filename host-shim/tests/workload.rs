@@ -421,12 +421,10 @@ async fn real_workloads_in_one_vm() {
             "no",
             "--dir",
             "/tmp",
-            // On arm64, redis 7.0 refuses to start unless it can test the
-            // kernel for an old copy-on-write bug through /proc/self/smaps,
-            // which kiln's kernels leave out (CONFIG_PROC_PAGE_MONITOR is off;
-            // kernel 6.12 has the fix, ff1712f953e2). Elsewhere a no-op.
-            "--ignore-warnings",
-            "ARM64-COW-BUG",
+            // No --ignore-warnings: on arm64 redis 7.0 probes the kernel for
+            // an old copy-on-write bug through /proc/self/smaps and refuses
+            // to start when it cannot; the workload kernel has
+            // PROC_PAGE_MONITOR for that (and 6.12 has the fix).
         ]),
     )
     .await;
