@@ -168,8 +168,12 @@ fn boot(ctx: &Ctx, manifest: &Path, rounds: usize, report: &mut Report) -> anyho
     let (mut agent, mut first) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let step = ctx.ui.stage(&format!("bench boot {}/{rounds}", round + 1));
-        first.push(shim_seconds(&shim, &probe, Some(PROBE_MARKER))?);
-        agent.push(shim_seconds(&shim, manifest, None)?);
+        first.push(shim_seconds(
+            &shim,
+            &probe,
+            &["--until-console", PROBE_MARKER],
+        )?);
+        agent.push(shim_seconds(&shim, manifest, &[])?);
         step.done(&format!(
             "probe {:.2} s, agent {:.2} s",
             first[round], agent[round]
@@ -225,15 +229,12 @@ fn verity_cost(
         ),
     ));
     let shim = shim_binary(ctx)?;
-    let secs = |verity: &str| -> anyhow::Result<f64> {
-        let v = shim_boot_json(
+    let secs = |verity: &str| {
+        shim_seconds(
             &shim,
             manifest,
             &["--rootfs", "virtio-blk", "--verity", verity],
-        )?;
-        v["agent_ready_seconds"]
-            .as_f64()
-            .context("kiln-shim printed no time")
+        )
     };
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for round in 0..rounds {
@@ -308,12 +309,10 @@ fn shim_boot_json(
     })
 }
 
-fn shim_seconds(shim: &Path, manifest: &Path, marker: Option<&str>) -> anyhow::Result<f64> {
-    let extra = match marker {
-        Some(m) => vec!["--until-console", m],
-        None => Vec::new(),
-    };
-    let v = shim_boot_json(shim, manifest, &extra)?;
+/// Seconds `kiln-shim boot --json` reports: to agent-ready, or to the
+/// console marker when `extra` has `--until-console`.
+fn shim_seconds(shim: &Path, manifest: &Path, extra: &[&str]) -> anyhow::Result<f64> {
+    let v = shim_boot_json(shim, manifest, extra)?;
     v["agent_ready_seconds"]
         .as_f64()
         .or_else(|| v["console_marker_seconds"].as_f64())
