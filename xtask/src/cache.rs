@@ -61,6 +61,15 @@ impl Stamp {
         Ok(stamp)
     }
 
+    /// Writes `stamp` for outputs someone else put in place and verified (the
+    /// remote cache); written last, like [`Stamp::record`]'s.
+    pub fn install(dir: &Path, stage: &str, stamp: &Stamp) -> anyhow::Result<()> {
+        write_atomic(
+            &Self::path(dir, stage),
+            serde_json::to_string_pretty(stamp)?.as_bytes(),
+        )
+    }
+
     /// Forgets a stage before rebuilding it, so a crash mid-way cannot leave a
     /// stamp that vouches for replaced outputs.
     pub fn invalidate(dir: &Path, stage: &str) {

@@ -1,10 +1,12 @@
 //! Paths and settings shared by every stage.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 
 use crate::arch::Arch;
+use crate::remote_cache::{Lookup, RemoteCache};
 use crate::ui::Ui;
 use crate::GlobalFlags;
 
@@ -25,6 +27,8 @@ pub struct Ctx {
     /// Which cargo profile the agent stage builds: release for images,
     /// `agent-dev` for `cargo xtask dev` (see [`Ctx::for_dev`]).
     pub agent_profile: AgentProfile,
+    /// `--cache-remote`: stage results shared through an OCI registry.
+    pub remote: Option<Arc<RemoteCache>>,
     pub ui: Ui,
 }
 
@@ -48,6 +52,7 @@ impl Ctx {
         let cache = cache_dir()?;
         let timings = out.join("timings.json");
         let source_date_epoch = source_date_epoch(&root)?;
+        let remote = remote_cache(flags)?.map(Arc::new);
         Ok(Ctx {
             root,
             out,
@@ -57,6 +62,7 @@ impl Ctx {
             offline: flags.offline,
             no_patches: flags.no_patches,
             agent_profile: AgentProfile::Release,
+            remote,
             ui: Ui::new().with_timings(timings),
         })
     }
@@ -74,7 +80,42 @@ impl Ctx {
             offline: self.offline,
             no_patches: self.no_patches,
             agent_profile: profile,
+            remote: self.remote.clone(),
             ui: Ui::new(),
+        }
+    }
+
+    /// Asks the remote cache for `stage`'s result under `key` and installs a
+    /// verified hit into `dir`; true when `dir` now holds it. Prints one line
+    /// either way that something happened.
+    pub fn remote_fetch(&self, dir: &Path, stage: &str, key: &str) -> bool {
+        let Some(remote) = &self.remote else {
+            return false;
+        };
+        match remote.fetch(dir, stage, key, &|line| self.ui.println(line)) {
+            Lookup::Hit { files, bytes } => {
+                self.ui.println(&format!(
+                    "remote cache: {stage} {} pulled from {} ({files} files, {} KiB, verified)",
+                    &key[..16.min(key.len())],
+                    remote.address(),
+                    bytes / 1024
+                ));
+                true
+            }
+            Lookup::Miss => false,
+        }
+    }
+
+    /// Offers `stage`'s fresh result in `dir` to the remote cache (only with `--cache-push`).
+    pub fn remote_offer(&self, dir: &Path, stage: &str, key: &str) {
+        if let Some(remote) = &self.remote {
+            if remote.offer(dir, stage, key, &|line| self.ui.println(line)) {
+                self.ui.println(&format!(
+                    "remote cache: {stage} {} pushed to {}",
+                    &key[..16.min(key.len())],
+                    remote.address()
+                ));
+            }
         }
     }
 
@@ -101,6 +142,27 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
         .context("xtask has no parent directory")?
         .to_path_buf();
     Ok(root)
+}
+
+/// `--cache-remote` or `$KILN_CACHE_REMOTE` (a checkout can set it in
+/// `.cargo/config.toml`'s `[env]`), with the push and insecure switches.
+fn remote_cache(flags: &GlobalFlags) -> anyhow::Result<Option<RemoteCache>> {
+    let env_on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1" || v == "true");
+    let address = flags
+        .cache_remote
+        .clone()
+        .or_else(|| std::env::var("KILN_CACHE_REMOTE").ok())
+        .filter(|a| !a.is_empty());
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    if flags.offline {
+        eprintln!("--offline: not using the remote cache {address}");
+        return Ok(None);
+    }
+    let push = flags.cache_push || env_on("KILN_CACHE_PUSH");
+    let insecure = flags.insecure_registry || env_on("KILN_INSECURE_REGISTRY");
+    RemoteCache::connect(&address, push, insecure).map(Some)
 }
 
 /// `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.

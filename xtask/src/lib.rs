@@ -10,7 +10,9 @@ pub mod ctx;
 pub mod elf;
 pub mod hash;
 pub mod image_spec;
+pub mod oci;
 pub mod recipe;
+pub mod remote_cache;
 pub mod stage;
 pub mod ui;
 
@@ -19,7 +21,7 @@ use clap::Args;
 use crate::arch::ArchSel;
 
 /// Flags every task understands.
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, Default)]
 pub struct GlobalFlags {
     /// Do not install missing host tools; only report what is missing.
     #[arg(long, global = true)]
@@ -30,6 +32,18 @@ pub struct GlobalFlags {
     /// Build kernels without the patch series in kernel-configs/patches/<series>/.
     #[arg(long, global = true)]
     pub no_patches: bool,
+    /// Share stage results through an OCI registry: oci://HOST[:PORT]/REPO
+    /// (default: $KILN_CACHE_REMOTE). A hit is verified, then used instead of building.
+    #[arg(long, global = true, value_name = "oci://HOST[:PORT]/REPO")]
+    pub cache_remote: Option<String>,
+    /// Also push what this run built or found locally to --cache-remote
+    /// (default: KILN_CACHE_PUSH=1). Read-only consumers leave it off.
+    #[arg(long, global = true)]
+    pub cache_push: bool,
+    /// Talk plain HTTP to the --cache-remote / --push registry (a loopback or LAN
+    /// registry you trust); default: KILN_INSECURE_REGISTRY=1.
+    #[arg(long, global = true)]
+    pub insecure_registry: bool,
 }
 
 #[derive(Args, Clone, Debug)]

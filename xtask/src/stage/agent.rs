@@ -31,7 +31,15 @@ pub fn build(ctx: &Ctx, arch: Arch) -> anyhow::Result<AgentArtifact> {
     if let Some(stamp) = Stamp::fresh(&dir, "agent", &key) {
         let art = artifact(&dir, &key, &stamp.outputs[BINARY])?;
         step.cached(&format!("{} KiB", art.size / 1024));
+        ctx.remote_offer(&dir, "agent", &key);
         return Ok(art);
+    }
+    if ctx.remote_fetch(&dir, "agent", &key) {
+        if let Some(stamp) = Stamp::fresh(&dir, "agent", &key) {
+            let art = artifact(&dir, &key, &stamp.outputs[BINARY])?;
+            step.cached(&format!("{} KiB (remote cache)", art.size / 1024));
+            return Ok(art);
+        }
     }
     Stamp::invalidate(&dir, "agent");
     step.message(&format!(
@@ -64,6 +72,7 @@ pub fn build(ctx: &Ctx, arch: Arch) -> anyhow::Result<AgentArtifact> {
     elf::require_static(&format!("kiln-agent for {arch}"), &bytes)?;
     copy_atomic(&built, &dir.join(BINARY))?;
     let stamp = Stamp::record(&dir, "agent", &key, &[BINARY])?;
+    ctx.remote_offer(&dir, "agent", &key);
     let art = artifact(&dir, &key, &stamp.outputs[BINARY])?;
     match ctx.agent_profile {
         AgentProfile::Release => step.done(&format!("{} KiB, static", art.size / 1024)),

@@ -108,7 +108,11 @@ pub fn build(
         .finish();
     let dir = ctx.image_dir(&image.name, arch);
     let step = ctx.ui.stage(&format!("rootfs.img {arch}"));
-    if Stamp::fresh(&dir, "disk", &key).is_some() {
+    let fresh = Stamp::fresh(&dir, "disk", &key).is_some();
+    if fresh {
+        ctx.remote_offer(&dir, "disk", &key);
+    }
+    if fresh || ctx.remote_fetch(&dir, "disk", &key) {
         let record: RootfsRecord =
             serde_json::from_str(&std::fs::read_to_string(dir.join(RECORD))?)?;
         step.cached(&format!("{} {} MiB", record.filesystem, image_mib(&dir)?));
@@ -193,6 +197,7 @@ pub fn build(
     text.push('\n');
     write_atomic(&dir.join(RECORD), text.as_bytes())?;
     Stamp::record(&dir, "disk", &key, &[FILE, RECORD])?;
+    ctx.remote_offer(&dir, "disk", &key);
     step.done(&format!(
         "{fs}, {} MiB ({} MiB content, {} entries)",
         facts.image_size >> 20,

@@ -45,7 +45,11 @@ pub fn build(
     let dir = ctx.image_dir(&image.name, arch);
     let step = ctx.ui.stage(&format!("initrd {arch}"));
     let path = dir.join(FILE);
-    if Stamp::fresh(&dir, "initrd", &key).is_some() {
+    let fresh = Stamp::fresh(&dir, "initrd", &key).is_some();
+    if fresh {
+        ctx.remote_offer(&dir, "initrd", &key);
+    }
+    if fresh || ctx.remote_fetch(&dir, "initrd", &key) {
         step.cached(&format!("{} KiB", std::fs::metadata(&path)?.len() / 1024));
         return Ok(InitrdArtifact { key, recipe_sha256 });
     }
@@ -64,6 +68,7 @@ pub fn build(
     std::fs::create_dir_all(&dir)?;
     let report = archive.write_to(&path, &opts)?;
     Stamp::record(&dir, "initrd", &key, &[FILE])?;
+    ctx.remote_offer(&dir, "initrd", &key);
     step.done(&format!(
         "{} entries, {} KiB → {} KiB {}",
         report.entries,

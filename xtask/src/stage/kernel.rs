@@ -162,7 +162,18 @@ pub fn build(ctx: &Ctx, req: &KernelRequest) -> anyhow::Result<KernelArtifact> {
     })?;
     if let Some(art) = plan.cached()? {
         step.cached(&format!("{} {}", art.version, plan.image_name()));
+        ctx.remote_offer(&plan.out_dir, STAMP, &plan.key);
         return Ok(art);
+    }
+    if ctx.remote_fetch(&plan.out_dir, STAMP, &plan.key) {
+        if let Some(art) = plan.cached()? {
+            step.cached(&format!(
+                "{} {} (remote cache)",
+                art.version,
+                plan.image_name()
+            ));
+            return Ok(art);
+        }
     }
     Stamp::invalidate(&plan.out_dir, STAMP);
     let _ = fs::remove_file(ctx.log_path(&plan.log_name()));
@@ -247,6 +258,7 @@ pub fn build(ctx: &Ctx, req: &KernelRequest) -> anyhow::Result<KernelArtifact> {
     }
     let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
     Stamp::record(&plan.out_dir, STAMP, &plan.key, &outputs)?;
+    ctx.remote_offer(&plan.out_dir, STAMP, &plan.key);
     let art = plan.artifact(release);
     let size = fs::metadata(&art.image).map(|m| m.len()).unwrap_or(0);
     step.done(&format!(

@@ -42,6 +42,10 @@ const COMMON_PACKAGES: &[&str] = &[
     "python3-venv",
     // `release --sign-key` and its test (ssh-keygen -Y sign/verify)
     "openssh-client",
+    // the remote-cache and release-distribution tests: the CNCF distribution
+    // registry on a loopback port, and htpasswd for its basic-auth variant
+    "docker-registry",
+    "apache2-utils",
     // to build virtiofsd (cargo install)
     "pkg-config",
     "libseccomp-dev",

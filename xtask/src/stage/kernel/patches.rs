@@ -275,8 +275,7 @@ mod real_source_tests {
     fn test_patch_is_applied_and_broken_patch_rejected() {
         let ctx = Ctx::new(&crate::GlobalFlags {
             no_setup: true,
-            offline: false,
-            no_patches: false,
+            ..Default::default()
         })
         .unwrap();
         let dir = tempfile::tempdir().unwrap();

@@ -742,8 +742,7 @@ mod real_source_tests {
     fn misspelt_and_dependency_less_options_fail_by_name() {
         let ctx = Ctx::new(&crate::GlobalFlags {
             no_setup: true,
-            offline: false,
-            no_patches: false,
+            ..Default::default()
         })
         .unwrap();
         let dir = tempfile::tempdir().unwrap();

@@ -173,7 +173,11 @@ pub fn bootstrap(
     loop {
         let key = key_of(&sources);
         let dir = dir_of(&key);
-        if Stamp::fresh(&dir, "bootstrap", &key).is_some() {
+        let fresh = Stamp::fresh(&dir, "bootstrap", &key).is_some();
+        if fresh {
+            ctx.remote_offer(&dir, "bootstrap", &key);
+        }
+        if fresh || ctx.remote_fetch(&dir, "bootstrap", &key) {
             step.cached(&format!("{}", dir.display()));
             return cached(&dir, key, extracted, debian);
         }
@@ -212,6 +216,7 @@ pub fn bootstrap(
         }
         let list = write_package_list(&dir, extracted)?;
         let stamp = Stamp::record(&dir, "bootstrap", &key, &[TARBALL, PACKAGES])?;
+        ctx.remote_offer(&dir, "bootstrap", &key);
         step.done(&format!(
             "{} packages, {}",
             list.len(),
