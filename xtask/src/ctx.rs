@@ -29,6 +29,8 @@ pub struct Ctx {
     pub agent_profile: AgentProfile,
     /// `--cache-remote`: stage results shared through an OCI registry.
     pub remote: Option<Arc<RemoteCache>>,
+    /// `--insecure-registry`: plain HTTP to the registry (cache, push, pull).
+    pub insecure_registry: bool,
     pub ui: Ui,
 }
 
@@ -63,6 +65,7 @@ impl Ctx {
             no_patches: flags.no_patches,
             agent_profile: AgentProfile::Release,
             remote,
+            insecure_registry: flags.insecure_registry || env_on("KILN_INSECURE_REGISTRY"),
             ui: Ui::new().with_timings(timings),
         })
     }
@@ -81,6 +84,7 @@ impl Ctx {
             no_patches: self.no_patches,
             agent_profile: profile,
             remote: self.remote.clone(),
+            insecure_registry: self.insecure_registry,
             ui: Ui::new(),
         }
     }
@@ -147,7 +151,6 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
 /// `--cache-remote` or `$KILN_CACHE_REMOTE` (a checkout can set it in
 /// `.cargo/config.toml`'s `[env]`), with the push and insecure switches.
 fn remote_cache(flags: &GlobalFlags) -> anyhow::Result<Option<RemoteCache>> {
-    let env_on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1" || v == "true");
     let address = flags
         .cache_remote
         .clone()
@@ -163,6 +166,11 @@ fn remote_cache(flags: &GlobalFlags) -> anyhow::Result<Option<RemoteCache>> {
     let push = flags.cache_push || env_on("KILN_CACHE_PUSH");
     let insecure = flags.insecure_registry || env_on("KILN_INSECURE_REGISTRY");
     RemoteCache::connect(&address, push, insecure).map(Some)
+}
+
+/// An environment switch: `1` or `true`.
+fn env_on(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1" || v == "true")
 }
 
 /// `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.

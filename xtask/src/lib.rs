@@ -10,6 +10,7 @@ pub mod ctx;
 pub mod elf;
 pub mod hash;
 pub mod image_spec;
+pub mod local_registry;
 pub mod oci;
 pub mod recipe;
 pub mod remote_cache;

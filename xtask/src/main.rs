@@ -52,6 +52,8 @@ enum Task {
     Test(TestFlags),
     /// Build every image for every selected arch plus kiln-shim into target/kiln/dist/.
     Release(ReleaseArgs),
+    /// Fetch a release pushed with `release --push` and verify every byte (into --dest).
+    Pull(PullArgs),
     /// Install built artifacts into a staging root, as a distro package would.
     Install(stage::install::InstallFlags),
     /// Edit → boot loop for the agent: rebuild what changed, boot, smoke-test, keep the VM up.
@@ -135,11 +137,44 @@ pub struct ReleaseArgs {
     /// writes `<file>.sig` beside each. Verify with `ssh-keygen -Y verify`.
     #[arg(long, value_name = "KEY", conflicts_with = "verify_reproducible")]
     pub sign_key: Option<std::path::PathBuf>,
+    /// Then publish dist/ as one OCI image index (a manifest per arch) under
+    /// this tag, e.g. oci://registry.example/kiln:0.1.0.
+    #[arg(
+        long,
+        value_name = "oci://HOST[:PORT]/REPO:TAG",
+        conflicts_with = "verify_reproducible"
+    )]
+    pub push: Option<String>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct PullArgs {
+    /// The release: oci://HOST[:PORT]/REPO@sha256:… (or :TAG).
+    pub source: String,
+    /// Directory to write the tarballs, SHA256SUMS, release.json and signatures into.
+    #[arg(long)]
+    pub dest: PathBuf,
+    /// Only this arch's tarball (default: every arch in the release).
+    #[arg(long)]
+    pub arch: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = Ctx::new(&cli.global).and_then(|ctx| run(&ctx, cli.task));
+    let result = Ctx::new(&cli.global).and_then(|ctx| {
+        let r = run(&ctx, cli.task);
+        if let Some(remote) = &ctx.remote {
+            let (pulled, pushed) = remote.traffic();
+            if pulled + pushed > 0 {
+                ctx.ui.println(&format!(
+                    "remote cache: this run pulled {} KiB and pushed {} KiB",
+                    pulled / 1024,
+                    pushed / 1024
+                ));
+            }
+        }
+        r
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -219,8 +254,29 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             if f.verify_reproducible {
                 stage::release::verify_reproducible(ctx, &f.arch)
             } else {
-                stage::release::run(ctx, sel, f.sign_key.as_deref()).map(|_| ())
+                let dist = stage::release::run(ctx, sel, f.sign_key.as_deref())?;
+                if let Some(target) = &f.push {
+                    stage::distribute::push(
+                        ctx,
+                        &dist,
+                        &sel.arches(),
+                        target,
+                        ctx.insecure_registry,
+                    )?;
+                }
+                Ok(())
             }
+        }
+        Task::Pull(f) => {
+            let arch = match &f.arch {
+                Some(a) => match a.parse().map_err(|e: String| anyhow::anyhow!(e))? {
+                    ArchSel::One(a) => Some(a),
+                    ArchSel::All => None,
+                },
+                None => None,
+            };
+            stage::distribute::pull(ctx, &f.source, &f.dest, arch, ctx.insecure_registry)
+                .map(|_| ())
         }
         Task::Install(f) => stage::install::run(ctx, &f),
         Task::Dev(f) => stage::dev::run(ctx, &f),

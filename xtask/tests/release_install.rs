@@ -4,7 +4,9 @@
 //! tree under usr/ with root owners, fixed modes and SOURCE_DATE_EPOCH
 //! mtimes; `cargo xtask install --destdir` puts the very same tree into a
 //! staging root; and the installed kiln-shim boots the installed image with
-//! no flags at all (paths relative to its own executable).
+//! no flags at all (paths relative to its own executable). `release --push`
+//! publishes it to a real registry and `pull` brings back every byte, and
+//! refuses a tampered blob.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -18,7 +20,7 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn xtask(args: &[&str]) {
+fn xtask(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .arg("--no-setup")
         .args(args)
@@ -31,6 +33,11 @@ fn xtask(args: &[&str]) {
         "cargo xtask {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -90,6 +97,74 @@ fn signatures_verify(dist: &Path, public: &Path, scratch: &Path) {
     }
 }
 
+/// `cargo xtask pull REF@sha256:… --dest D` gives back dist/'s files byte for
+/// byte; after one stored byte of the tarball is changed, the pull fails and
+/// leaves no tarball in its destination.
+fn pull_round_trips(said: &str, dist: &Path, registry: &xtask::local_registry::LocalRegistry) {
+    let pinned = said
+        .lines()
+        .find_map(|l| l.split("cargo xtask pull ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("release --push printed no pull reference:\n{said}"))
+        .to_string();
+    assert!(pinned.contains("@sha256:"), "{pinned}");
+    let dest = tempfile::tempdir().unwrap();
+    let d = dest.path().to_str().unwrap();
+    xtask(&["--insecure-registry", "pull", &pinned, "--dest", d]);
+    let mut names: Vec<String> = std::fs::read_dir(dest.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let version = env!("CARGO_PKG_VERSION");
+    let tarball = format!("kiln-{version}-x86_64.tar.zst");
+    for must in [
+        tarball.as_str(),
+        "SHA256SUMS",
+        "SHA256SUMS.sig",
+        "release.json",
+        "provenance.intoto.json",
+    ] {
+        assert!(
+            names.iter().any(|n| n == must),
+            "pulled {names:?}, not {must}"
+        );
+    }
+    for n in &names {
+        let (a, b) = (
+            std::fs::read(dest.path().join(n)).unwrap(),
+            std::fs::read(dist.join(n)).unwrap(),
+        );
+        assert!(a == b, "pulled {n} differs from dist/{n}");
+    }
+
+    // One changed byte in the registry's copy of the tarball.
+    let sha = sha256(&std::fs::read(dist.join(&tarball)).unwrap());
+    let blob = registry.blob_path(&sha);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[4096] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "--no-setup",
+            "--insecure-registry",
+            "pull",
+            &pinned,
+            "--dest",
+        ])
+        .arg(dest.path())
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a tampered tarball was accepted");
+    assert!(err.contains("sha256") || err.contains("digest"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dest.path()).unwrap().collect();
+    assert!(left.is_empty(), "a failed pull left {left:?}");
+}
+
 #[test]
 #[ignore = "builds a release and boots it; run by `cargo xtask test`"]
 fn release_tarball_and_destdir_install_give_one_bootable_tree() {
@@ -102,15 +177,21 @@ fn release_tarball_and_destdir_install_give_one_bootable_tree() {
         .status()
         .unwrap();
     assert!(made.success(), "ssh-keygen -t ed25519");
-    xtask(&[
+    let registry = xtask::local_registry::LocalRegistry::start(None).unwrap();
+    let push_to = format!("{}:{}", registry.url_for("kiln"), env!("CARGO_PKG_VERSION"));
+    let said = xtask(&[
+        "--insecure-registry",
         "release",
         "--arch",
         "x86_64",
         "--sign-key",
         key.to_str().unwrap(),
+        "--push",
+        &push_to,
     ]);
     let dist = root().join("target/kiln/dist");
     signatures_verify(&dist, &key.with_extension("pub"), keys.path());
+    pull_round_trips(&said, &dist, &registry);
     let version = env!("CARGO_PKG_VERSION");
     let name = format!("kiln-{version}-x86_64.tar.zst");
     let bytes = std::fs::read(dist.join(&name)).unwrap();

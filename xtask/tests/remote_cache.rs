@@ -5,108 +5,11 @@
 //! kernel cache is warm: the first build pushes from it, later ones start
 //! from an empty cache and must not compile a kernel.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
 
-/// One registry process with its storage; killed on drop.
-struct Registry {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Registry {
-    /// `htpasswd`: (user, password) for basic auth, or anonymous.
-    fn start(htpasswd: Option<(&str, &str)>) -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
-        );
-        if let Some((user, password)) = htpasswd {
-            let out = Command::new("htpasswd")
-                .args(["-Bbn", user, password])
-                .output()
-                .expect("htpasswd (Debian: apache2-utils; `cargo xtask setup` installs it)");
-            assert!(out.status.success());
-            std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
-            config.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
-                dir.path().join("htpasswd").display()
-            ));
-        }
-        std::fs::write(dir.path().join("config.yml"), config).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.path().join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
-            .spawn()
-            .expect(
-                "docker-registry (Debian package docker-registry; `cargo xtask setup` installs it)",
-            );
-        let r = Registry {
-            child: Some(child),
-            port,
-            dir,
-        };
-        r.wait_ready();
-        r
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
-                let mut head = [0u8; 12];
-                if s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the registry did not answer in 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("oci://127.0.0.1:{}/kiln-cache", self.port)
-    }
-
-    /// The stored bytes of one blob (the filesystem driver's layout).
-    fn blob_path(&self, sha256: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join("data/docker/registry/v2/blobs/sha256")
-            .join(&sha256[..2])
-            .join(sha256)
-            .join("data")
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+use xtask::local_registry::LocalRegistry;
 
 /// `cargo xtask <args>` with outputs in `out` and, if given, the cache in `cache`.
 fn xtask(out: &Path, cache: Option<&Path>, env: &[(&str, &str)], args: &[&str]) -> Output {
@@ -183,7 +86,7 @@ const BUILD: &[&str] = &["build-image", "--arch", "x86_64"];
 #[test]
 #[ignore = "needs docker-registry and a built x86_64 kernel; run by `cargo xtask test`"]
 fn a_second_machine_builds_from_the_registry_and_bad_content_never_lands() {
-    let mut reg = Registry::start(None);
+    let mut reg = LocalRegistry::start(None).unwrap();
     let url = reg.url();
     let remote = ["--cache-remote", url.as_str(), "--insecure-registry"];
     let args = |push: bool| {
@@ -293,7 +196,7 @@ fn a_second_machine_builds_from_the_registry_and_bad_content_never_lands() {
 #[test]
 #[ignore = "needs docker-registry and htpasswd; run by `cargo xtask test`"]
 fn basic_auth_from_the_environment_or_docker_config_and_a_refused_login_falls_back() {
-    let reg = Registry::start(Some(("kiln", "s3cret")));
+    let reg = LocalRegistry::start(Some(("kiln", "s3cret"))).unwrap();
     let url = reg.url();
     let args = |push: bool| {
         let mut v = vec!["--cache-remote", url.as_str(), "--insecure-registry"];
@@ -375,7 +278,7 @@ fn concurrent_pushes_of_one_key_are_safe_and_a_foreign_key_is_ignored() {
     use xtask::cache::{write_atomic, Stamp};
     use xtask::remote_cache::{Lookup, RemoteCache};
 
-    let reg = Registry::start(None);
+    let reg = LocalRegistry::start(None).unwrap();
     let src = tempfile::tempdir().unwrap();
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     write_atomic(&src.path().join("blob.bin"), &big).unwrap();

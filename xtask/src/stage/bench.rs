@@ -19,6 +19,7 @@ use crate::stage::image;
 
 mod agent;
 mod kernel_cost;
+mod remote_cache;
 
 /// Marker the probe /init prints.
 const PROBE_MARKER: &str = "KILN-USERSPACE-READY";
@@ -67,6 +68,11 @@ pub struct BenchFlags {
     /// 5-16 min per arch), per arch (--arch).
     #[arg(long)]
     pub kernel_cost: bool,
+    /// Only measure the remote stage cache: `build-image` on the host arch with
+    /// an empty kiln cache against a warm loopback registry (docker-registry),
+    /// bytes pulled, and the same build from the local kernel cache.
+    #[arg(long, conflicts_with = "kernel_cost")]
+    pub remote_cache: bool,
     /// Arches for --kernel-cost: x86_64, aarch64, ppc64le, s390x or all.
     #[arg(long, default_value = "all", requires = "kernel_cost")]
     pub arch: crate::arch::ArchSel,
@@ -75,6 +81,13 @@ pub struct BenchFlags {
 pub fn run(ctx: &Ctx, flags: &BenchFlags) -> anyhow::Result<()> {
     if flags.kernel_cost {
         return run_kernel_cost(ctx, &flags.arch.arches(), flags.rounds.max(1));
+    }
+    if flags.remote_cache {
+        ctx.ensure_setup(&[Arch::host()])?;
+        let rows = remote_cache::measure(ctx, flags.rounds.max(1))?;
+        println!("\n== remote stage cache (loopback docker-registry)");
+        print_rows(&rows);
+        return merge_section(ctx, "remote_cache", &rows);
     }
     let mut report = Report::default();
     let image = ImageSpec::load(ctx, "minimal")?;
@@ -106,15 +119,21 @@ fn run_kernel_cost(ctx: &Ctx, arches: &[Arch], rounds: usize) -> anyhow::Result<
     let rows = kernel_cost::measure(ctx, &shim, arches, rounds)?;
     println!("\n== cost of the `{}` kernel feature", kernel_cost::FEATURE);
     print_rows(&rows);
+    merge_section(ctx, "kernel_cost", &rows)
+}
+
+/// Writes `rows` into bench.json under `section`, keeping the other sections
+/// of an earlier run.
+fn merge_section(ctx: &Ctx, section: &str, rows: &[Row]) -> anyhow::Result<()> {
     let path = ctx.out.join("bench.json");
     let mut doc: serde_json::Value = std::fs::read(&path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .filter(serde_json::Value::is_object)
         .unwrap_or_else(|| serde_json::json!({}));
-    doc["kernel_cost"] = serde_json::to_value(&rows)?;
+    doc[section] = serde_json::to_value(rows)?;
     write_atomic(&path, &serde_json::to_vec_pretty(&doc)?)?;
-    println!("\nwritten to {} (kernel_cost)", ctx.rel(&path).display());
+    println!("\nwritten to {} ({section})", ctx.rel(&path).display());
     Ok(())
 }
 

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod container;
 pub mod dev;
 pub mod disk;
+pub mod distribute;
 pub mod fuzz;
 pub mod image;
 pub mod initrd;

@@ -396,7 +396,9 @@ fn checkouts_agree(ctx: &Ctx, image: &ImageSpec, arches: &[Arch]) -> anyhow::Res
                 arch.name()
             )
             .dir(&other)
-            .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string()),
+            .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string())
+            // From nothing means from nothing: no stage result from a remote cache.
+            .env("KILN_CACHE_REMOTE", ""),
         )?;
         let mine = ctx.image_dir(&image.name, arch);
         let theirs = other
