@@ -251,7 +251,13 @@ fn run_suite(
         suite.name,
         cargo_args(suite).join(" ")
     ));
-    let mut expr = duct::cmd("cargo", cargo_args(suite)).dir(&ctx.root);
+    // The suites are hermetic: a developer's KILN_CACHE_REMOTE must not turn a
+    // build a test expects to run (a killed stage, the dev loop) into a pull.
+    // The images the suites boot were built above, where the remote cache helps.
+    let mut expr = duct::cmd("cargo", cargo_args(suite))
+        .dir(&ctx.root)
+        .env_remove("KILN_CACHE_REMOTE")
+        .env_remove("KILN_CACHE_PUSH");
     for (var, what) in suite.env {
         expr = expr.env(var, input(*what)?);
     }
