@@ -294,7 +294,6 @@ fn ext4_first_block(img: &std::path::Path, offset: u64, path: &str) -> u64 {
 /// what must catch it. The other artifacts are hard links.
 fn tampered_copy(image: &BootImage, at: u64) -> (tempfile::TempDir, BootImage) {
     use sha2::Digest;
-    use std::io::{Read, Seek, SeekFrom, Write};
     let dir = tempfile::tempdir().unwrap();
     let rootfs = image
         .manifest
@@ -310,17 +309,7 @@ fn tampered_copy(image: &BootImage, at: u64) -> (tempfile::TempDir, BootImage) {
         }
     }
     let img = dir.path().join(&rootfs);
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&img)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.read_exact(&mut b).unwrap();
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&[b[0] ^ 0x20]).unwrap();
-    drop(f);
+    kiln_testsupport::tamper::flip_byte(&img, at, 0x20).unwrap();
     let sha: String = sha2::Sha256::digest(std::fs::read(&img).unwrap())
         .iter()
         .map(|b| format!("{b:02x}"))

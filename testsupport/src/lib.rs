@@ -6,6 +6,7 @@
 //! - [`agent`] (feature `agent`): the agent binary served on a unix socket.
 //! - [`spec`] (either feature): spec pieces both kinds of test send.
 //! - [`streams`] (either feature): reading a process's output to EOF.
+//! - [`tamper`]: flipping one stored byte, for the tests that must see it refused.
 //! - [`vm`] (feature `shim`): a booted VM with a sandbox, the container calls
 //!   the end-to-end tests make, and the specs they send.
 
@@ -16,5 +17,6 @@ pub mod busybox;
 pub mod spec;
 #[cfg(any(feature = "agent", feature = "shim"))]
 pub mod streams;
+pub mod tamper;
 #[cfg(feature = "shim")]
 pub mod vm;

@@ -141,9 +141,7 @@ fn pull_round_trips(said: &str, dist: &Path, registry: &xtask::local_registry::L
     // One changed byte in the registry's copy of the tarball.
     let sha = sha256(&std::fs::read(dist.join(&tarball)).unwrap());
     let blob = registry.blob_path(&sha);
-    let mut bytes = std::fs::read(&blob).unwrap();
-    bytes[4096] ^= 1;
-    std::fs::write(&blob, bytes).unwrap();
+    kiln_testsupport::tamper::flip_byte(&blob, 4096, 1).unwrap();
     let dest = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args([

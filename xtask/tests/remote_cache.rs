@@ -159,9 +159,8 @@ fn a_second_machine_builds_from_the_registry_and_bad_content_never_lands() {
     // warning; the initrd is built locally and comes out as the good one.
     let initrd_sha = sha256_hex(&image(a.path()).join("initrd.img"));
     let blob = reg.blob_path(&initrd_sha);
-    let mut bytes = std::fs::read(&blob).expect("the initrd's blob in the registry's storage");
-    bytes[1000] ^= 0x55;
-    std::fs::write(&blob, bytes).unwrap();
+    kiln_testsupport::tamper::flip_byte(&blob, 1000, 0x55)
+        .expect("the initrd's blob in the registry's storage");
     let d = tempfile::tempdir().unwrap();
     let d_cache = tempfile::tempdir().unwrap();
     let t = ok(xtask(d.path(), Some(d_cache.path()), &[], &args(false)));

@@ -572,7 +572,7 @@ fn sbom_is_valid(ctx: &Ctx, manifest: &std::path::Path) -> anyhow::Result<()> {
 /// requires veritysetup to refuse it, so a check that passes everything
 /// cannot pass here.
 fn verity_is_valid(ctx: &Ctx, manifest: &std::path::Path) -> anyhow::Result<()> {
-    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::io::{Read, Seek, SeekFrom};
     let m: kiln_manifest::Manifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
     let Some(layout) = m.rootfs.as_ref() else {
         return Ok(());
@@ -629,17 +629,7 @@ fn verity_is_valid(ctx: &Ctx, manifest: &std::path::Path) -> anyhow::Result<()> 
         ctx.rel(&img).display(),
         v.root_hash
     );
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&part)?;
-    let at = v.data_blocks / 2 * v.data_block_size + 17;
-    let mut b = [0u8; 1];
-    f.seek(SeekFrom::Start(at))?;
-    f.read_exact(&mut b)?;
-    f.seek(SeekFrom::Start(at))?;
-    f.write_all(&[b[0] ^ 0x40])?;
-    drop(f);
+    kiln_testsupport::tamper::flip_byte(&part, v.data_blocks / 2 * v.data_block_size + 17, 0x40)?;
     let (ok, _) = verify("a tampered copy")?;
     anyhow::ensure!(
         !ok,
