@@ -19,8 +19,14 @@ pub struct LocalRegistry {
 }
 
 impl LocalRegistry {
-    /// `htpasswd`: (user, password) for basic auth, else anonymous.
+    /// `htpasswd`: (user, password) for basic auth, else anonymous. Plain HTTP.
     pub fn start(htpasswd: Option<(&str, &str)>) -> anyhow::Result<LocalRegistry> {
+        Self::start_with(htpasswd, false)
+    }
+
+    /// With `tls`, serves HTTPS with a certificate for 127.0.0.1 signed by a
+    /// CA made for this registry alone ([`LocalRegistry::ca_path`]).
+    pub fn start_with(htpasswd: Option<(&str, &str)>, tls: bool) -> anyhow::Result<LocalRegistry> {
         let dir = tempfile::tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut config = format!(
@@ -45,6 +51,19 @@ impl LocalRegistry {
                 dir.path().join("htpasswd").display()
             ));
         }
+        if tls {
+            make_certificates(dir.path())?;
+            // `http:` is the last section written so far: tls goes under it.
+            config = config.replacen(
+                &format!("  addr: 127.0.0.1:{port}\n"),
+                &format!(
+                    "  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n",
+                    dir.path().join("server.pem").display(),
+                    dir.path().join("server.key").display()
+                ),
+                1,
+            );
+        }
         std::fs::write(dir.path().join("config.yml"), config)?;
         let child = Command::new("docker-registry")
             .arg("serve")
@@ -68,7 +87,9 @@ impl LocalRegistry {
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
                 let mut head = [0u8; 12];
-                if s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") {
+                // Plain HTTP answers "HTTP/1."; a TLS server answers a TLS alert or
+                // "HTTP/1.0 400" to plain text: either way it is serving.
+                if s.read_exact(&mut head[..5]).is_ok() && head[0] != 0 {
                     return Ok(());
                 }
             }
@@ -93,6 +114,11 @@ impl LocalRegistry {
         format!("oci://127.0.0.1:{}/{repository}", self.port)
     }
 
+    /// The PEM of the CA that signed a TLS registry's certificate.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
     /// Where the filesystem driver stores one blob's bytes (for tamper tests).
     pub fn blob_path(&self, sha256: &str) -> PathBuf {
         self.dir
@@ -110,6 +136,73 @@ impl LocalRegistry {
             let _ = c.wait();
         }
     }
+}
+
+/// A CA and a server certificate for IP 127.0.0.1 (openssl; one day).
+fn make_certificates(dir: &std::path::Path) -> anyhow::Result<()> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl (Debian package openssl; `cargo xtask setup` installs it)")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=kiln test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ])?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ])
 }
 
 impl Drop for LocalRegistry {

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::client::{
+    Certificate, CertificateEncoding, ClientConfig, ClientProtocol, Config, ImageLayer,
+};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
@@ -186,6 +188,30 @@ fn docker_config_auth(text: &str, registry: &str) -> anyhow::Result<RegistryAuth
     Ok(RegistryAuth::Basic(user.to_string(), password.to_string()))
 }
 
+/// `KILN_REGISTRY_CA`: a PEM file of CA certificates to trust besides the
+/// built-in roots (a private registry's own CA).
+fn extra_ca() -> anyhow::Result<Vec<Certificate>> {
+    let Some(path) = std::env::var_os("KILN_REGISTRY_CA").filter(|p| !p.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let data = std::fs::read(&path).with_context(|| {
+        format!(
+            "KILN_REGISTRY_CA={}: cannot read it (give a PEM file with the registry's CA certificate)",
+            PathBuf::from(&path).display()
+        )
+    })?;
+    if !String::from_utf8_lossy(&data).contains("-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!(
+            "KILN_REGISTRY_CA={}: not a PEM certificate (no BEGIN CERTIFICATE line)",
+            PathBuf::from(&path).display()
+        );
+    }
+    Ok(vec![Certificate {
+        encoding: CertificateEncoding::Pem,
+        data,
+    }])
+}
+
 /// A connection to one repository.
 pub struct Registry {
     pub address: Address,
@@ -206,6 +232,7 @@ impl Registry {
     pub fn connect(address: Address, insecure: bool) -> anyhow::Result<Registry> {
         let auth = credentials(&address.registry)?;
         let config = ClientConfig {
+            extra_root_certificates: extra_ca()?,
             protocol: if insecure {
                 ClientProtocol::HttpsExcept(vec![address.registry.clone()])
             } else {
@@ -352,6 +379,15 @@ fn explain(e: OciDistributionError, r: &Reference) -> anyhow::Error {
              or log in so ~/.docker/config.json has an `auths` entry for {})",
             r.registry()
         ),
+        OciDistributionError::RequestError(inner)
+            if inner.is_connect() && root_cause(inner).contains("certificate") =>
+        {
+            anyhow::anyhow!(
+                "{what}: the registry's TLS certificate is not trusted ({}); trust its CA with \
+                 KILN_REGISTRY_CA=FILE.pem",
+                root_cause(inner)
+            )
+        }
         OciDistributionError::RequestError(inner) if inner.is_connect() || inner.is_timeout() => {
             anyhow::anyhow!(
                 "{what}: cannot reach the registry ({}); is it running, and is it HTTPS \
@@ -376,7 +412,13 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 /// again would only wait and repeat the warning.
 pub fn hopeless(e: &anyhow::Error) -> bool {
     let text = format!("{e:#}");
-    text.contains("cannot reach the registry") || text.contains("refused the credentials")
+    [
+        "cannot reach the registry",
+        "refused the credentials",
+        "certificate is not trusted",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 #[cfg(test)]

@@ -270,6 +270,67 @@ fn basic_auth_from_the_environment_or_docker_config_and_a_refused_login_falls_ba
     assert!(t.contains("warning: remote cache: agent"), "{t}");
 }
 
+#[test]
+#[ignore = "needs docker-registry and openssl; run by `cargo xtask test`"]
+fn an_https_registry_is_trusted_through_its_ca_only() {
+    let reg = LocalRegistry::start_with(None, true).unwrap();
+    let url = reg.url();
+    let ca = reg.ca_path();
+    let ca = ca.to_str().unwrap();
+    let args = |push: bool| {
+        // No --insecure-registry: HTTPS, certificate checked.
+        let mut v = vec!["--cache-remote", url.as_str()];
+        if push {
+            v.push("--cache-push");
+        }
+        v.extend(["build-agent", "--arch", "x86_64"]);
+        v
+    };
+    let a = tempfile::tempdir().unwrap();
+    let t = ok(xtask(
+        a.path(),
+        None,
+        &[("KILN_REGISTRY_CA", ca)],
+        &args(true),
+    ));
+    assert!(
+        t.contains("remote cache: agent ") && t.contains("pushed to"),
+        "{t}"
+    );
+    let b = tempfile::tempdir().unwrap();
+    let t = ok(xtask(
+        b.path(),
+        None,
+        &[("KILN_REGISTRY_CA", ca)],
+        &args(false),
+    ));
+    assert!(t.contains("verified)"), "{t}");
+    // Without the CA the certificate is unknown: one clear line, a local build.
+    let c = tempfile::tempdir().unwrap();
+    let t = ok(xtask(c.path(), None, &[], &args(false)));
+    let untrusted = t
+        .lines()
+        .filter(|l| l.contains("certificate is not trusted"))
+        .count();
+    assert_eq!(untrusted, 1, "{t}");
+    assert!(t.contains("KILN_REGISTRY_CA"), "{t}");
+    assert!(c.path().join("agent/x86_64/kiln-agent").exists());
+    // A file that is not a certificate is named, not used.
+    let bogus = c.path().join("not-a-cert.pem");
+    std::fs::write(&bogus, "hello").unwrap();
+    let o = xtask(
+        c.path(),
+        None,
+        &[("KILN_REGISTRY_CA", bogus.to_str().unwrap())],
+        &args(false),
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("not a PEM certificate"),
+        "{}",
+        text(&o)
+    );
+}
+
 /// Library-level: concurrent pushes of one key, and a manifest that lies about its key.
 #[test]
 #[ignore = "needs docker-registry; run by `cargo xtask test`"]

@@ -46,6 +46,8 @@ const COMMON_PACKAGES: &[&str] = &[
     // registry on a loopback port, and htpasswd for its basic-auth variant
     "docker-registry",
     "apache2-utils",
+    // and the certificates of its TLS variant
+    "openssl",
     // to build virtiofsd (cargo install)
     "pkg-config",
     "libseccomp-dev",
