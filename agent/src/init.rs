@@ -1,5 +1,6 @@
-//! What the agent does when the kernel starts it as PID 1: mount the pseudo
-//! filesystems, attach the console, and become a subreaper-of-last-resort.
+//! What the agent does when the kernel starts it as PID 1: leave the
+//! initramfs for a tmpfs root, mount the pseudo filesystems, attach the
+//! console, and become a subreaper-of-last-resort.
 //!
 //! Every step logs and carries on when it fails: a PID 1 that exits panics the
 //! kernel, and a partly set-up guest the host can still talk to is more useful.
@@ -81,9 +82,16 @@ fn pseudo_filesystems(run_size: &str) -> Vec<PseudoFs> {
     ]
 }
 
-/// Mounts everything; returns human-readable problems instead of failing.
-pub fn setup_pid1() -> Vec<String> {
+/// Leaves the initramfs for a tmpfs root ([`crate::initramfs`]), then mounts
+/// everything; returns (what it did, problems) instead of failing.
+pub fn setup_pid1() -> (Vec<String>, Vec<String>) {
     let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    match crate::initramfs::leave() {
+        Ok(Some(note)) => notes.push(note),
+        Ok(None) => {}
+        Err(e) => problems.push(format!("{e}; containers fall back to chroot")),
+    }
     // /proc (the first entry) before the rest: `agent.run_size` on the
     // command line sizes /run.
     let all = pseudo_filesystems(crate::config::RUN_SIZE);
@@ -107,7 +115,7 @@ pub fn setup_pid1() -> Vec<String> {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         );
     }
-    problems
+    (notes, problems)
 }
 
 /// Mounts each of `list` that is not mounted yet; failures go to `problems`.

@@ -14,6 +14,7 @@ pub mod error;
 pub mod facts;
 pub mod guest;
 pub mod init;
+pub mod initramfs;
 pub mod iptables;
 pub mod kmod;
 pub mod mem_agent;

@@ -26,7 +26,11 @@ fn main() {
     {
         container::child::helper_main();
     }
-    let early_problems = if pid1 { init::setup_pid1() } else { Vec::new() };
+    let (early_notes, early_problems) = if pid1 {
+        init::setup_pid1()
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let cmdline = init::kernel_cmdline(Path::new("/proc"));
     let (mut config, warnings) = AgentConfig::from_cmdline(&cmdline);
     // Outside a VM (tests, development) the address can be given directly.
@@ -70,6 +74,9 @@ fn main() {
     }
     init_logging(&config.log_level);
     std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
+    for n in &early_notes {
+        tracing::info!("start-up: {n}");
+    }
     for p in &early_problems {
         tracing::warn!("start-up: {p}");
     }

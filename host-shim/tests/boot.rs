@@ -311,9 +311,12 @@ async fn guest_facts_prove_the_kernel_features() {
         "the vsock device is bound to the virtio transport"
     );
     let root = facts.root_mount.as_ref().expect("a mount on /");
+    // The minimal image boots from its initramfs, and the agent (PID 1)
+    // moved it onto a tmpfs first, so containers can pivot_root.
     assert_eq!(
-        root.fstype, "rootfs",
-        "the minimal image runs from its initramfs"
+        (root.source.as_str(), root.fstype.as_str()),
+        ("tmpfs", "tmpfs"),
+        "PID 1 left the initramfs (rootfs) for a tmpfs root"
     );
     assert!(
         facts.paths[0].exists,
