@@ -936,14 +936,29 @@ async fn hostile_input(g: &Guest) {
     });
     assert_eq!((st, out.len(), err.as_str()), (0, 1 << 20, "flooded\n"));
 
+    // PID 1 moved itself off the initramfs onto a tmpfs at boot, so the
+    // helper pivot_roots and detaches the guest's root: a container's mount
+    // table holds one mount on "/", its own, and nothing of the initramfs.
+    // (With the chroot fallback the guest's rootfs mount showed here too.)
+    g.run("mnt", spec(&["cat", "/proc/self/mountinfo"])).await;
+    let (st, out, err) = g.outcome("mnt", "").await;
+    g.remove("mnt").await;
+    let on_root = out
+        .lines()
+        .filter(|l| l.split_whitespace().nth(4) == Some("/"))
+        .count();
+    assert!(
+        st == 0 && on_root == 1 && !out.contains(" - rootfs "),
+        "the container sees the guest's root mount: {st} {out} {err}"
+    );
+
     // A container that keeps CAP_SYS_ADMIN and CAP_SYS_CHROOT (Docker's
     // default grants the latter) tries the classic way out of its root:
     // holding an fd to its root, it chroots into a subdirectory and walks
-    // `..` from that fd, which a chroot does not confine. Under the
-    // initramfs boot the helper moves the rootfs over `/` (pivot_root cannot
-    // leave an initramfs), so the initramfs (`init`, `lib/modules`) is right
-    // below: `..` at the top must lead back into the container's own root.
-    // (The walk does leave the chroot: `pwd` there is unreachable.)
+    // `..` from that fd, which a chroot does not confine. `..` at the top
+    // must stay in the container's own root and never reach the guest's
+    // (`init`, `lib/modules`). (The walk does leave the chroot: `pwd` there
+    // is unreachable.)
     let mut esc = spec(&[
         "sh",
         "-c",

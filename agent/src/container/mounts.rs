@@ -2,9 +2,10 @@
 //! namespace: rootfs bind, spec mounts, device nodes, then pivot_root (or the
 //! chroot fallback), then masked/read-only paths.
 //!
-//! pivot_root cannot move away from the initramfs the guest boots from (the
-//! kernel answers EINVAL when the current root has no parent mount), so in
-//! that case, or when asked, the rootfs is moved over `/` (MS_MOVE) and
+//! pivot_root cannot move away from an initramfs (the kernel answers EINVAL
+//! when the current root has no parent mount). PID 1 leaves the initramfs for
+//! a tmpfs at boot (`crate::initramfs`), so this only happens when that move
+//! failed; then, or when asked, the rootfs is moved over `/` (MS_MOVE) and
 //! chrooted into, as runc's `--no-pivot` does. The old root is then hidden
 //! under the container's rootfs in this mount namespace rather than detached;
 //! a process with CAP_SYS_ADMIN could still reach it, so containers that keep
