@@ -48,29 +48,6 @@ pub fn oci_arch(arch: Arch) -> &'static str {
     }
 }
 
-/// `org.opencontainers.image.created` from SOURCE_DATE_EPOCH (RFC 3339, UTC),
-/// so the index is as reproducible as the tarballs.
-fn rfc3339(epoch: u64) -> String {
-    let days = (epoch / 86_400) as i64;
-    let secs = epoch % 86_400;
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
 fn annotations(release: &ReleaseManifest) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("org.opencontainers.image.title".into(), "kiln".into()),
@@ -88,11 +65,12 @@ fn annotations(release: &ReleaseManifest) -> BTreeMap<String, String> {
         ),
         (
             "org.opencontainers.image.created".into(),
-            rfc3339(release.source_date_epoch),
+            // From SOURCE_DATE_EPOCH: the index is as reproducible as the tarballs.
+            crate::stage::sbom::rfc3339_utc(release.source_date_epoch),
         ),
         (
             "org.opencontainers.image.licenses".into(),
-            "Apache-2.0".into(),
+            env!("CARGO_PKG_LICENSE").into(),
         ),
     ])
 }
@@ -348,13 +326,6 @@ fn title(layer: &OciDescriptor) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn created_is_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_796_601_599), "2026-12-06T23:59:59Z");
-    }
 
     #[test]
     fn platforms_use_goarch_names() {

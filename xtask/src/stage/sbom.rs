@@ -346,7 +346,7 @@ fn spdx_license(cargo: &str) -> String {
 }
 
 /// `1970-01-01T00:00:00Z` form of a Unix time (UTC, no leap seconds).
-fn rfc3339_utc(epoch: u64) -> String {
+pub(crate) fn rfc3339_utc(epoch: u64) -> String {
     let days = (epoch / 86_400) as i64;
     let secs = epoch % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
