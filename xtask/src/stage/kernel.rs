@@ -944,6 +944,47 @@ fn hash_dir(dir: &Path) -> anyhow::Result<String> {
 mod tests {
     use super::*;
 
+    /// The stage key (so the remote cache's tag) follows every fragment
+    /// setting, and only the settings: a changed fragment misses every cache,
+    /// an edited comment hits.
+    #[test]
+    fn the_key_follows_fragment_settings_not_comments() {
+        let ctx = Ctx::new(&crate::GlobalFlags {
+            no_setup: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("linux");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("Makefile"), "VERSION = 6\nPATCHLEVEL = 12\n").unwrap();
+        let frag = d.path().join("virtio.conf");
+        let key = |text: &str| {
+            fs::write(&frag, text).unwrap();
+            let req = KernelRequest {
+                arch: Arch::host(),
+                series: "6.12".into(),
+                fragments: vec![frag.clone()],
+                kernel_src: Some(src.clone()),
+                patches: None,
+            };
+            Plan::new(&ctx, &req).unwrap().key
+        };
+        let base = key("CONFIG_VIRTIO=y\n");
+        assert_eq!(base, key("# why: virtio\nCONFIG_VIRTIO=y\n"), "a comment");
+        assert_ne!(
+            base,
+            key("CONFIG_VIRTIO=y\nCONFIG_IPV6=y\n"),
+            "an added option"
+        );
+        assert_ne!(base, key("# CONFIG_VIRTIO is not set\n"), "a changed value");
+        assert_eq!(
+            base.len(),
+            64,
+            "the full sha256: the remote tag carries all of it"
+        );
+    }
+
     #[test]
     fn reads_the_makefile_version() {
         let dir = tempfile::tempdir().unwrap();
