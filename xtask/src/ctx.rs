@@ -54,7 +54,8 @@ impl Ctx {
         let cache = cache_dir()?;
         let timings = out.join("timings.json");
         let source_date_epoch = source_date_epoch(&root)?;
-        let remote = remote_cache(flags)?.map(Arc::new);
+        let insecure_registry = flags.insecure_registry || env_on("KILN_INSECURE_REGISTRY");
+        let remote = remote_cache(flags, insecure_registry)?.map(Arc::new);
         Ok(Ctx {
             root,
             out,
@@ -65,7 +66,7 @@ impl Ctx {
             no_patches: flags.no_patches,
             agent_profile: AgentProfile::Release,
             remote,
-            insecure_registry: flags.insecure_registry || env_on("KILN_INSECURE_REGISTRY"),
+            insecure_registry,
             ui: Ui::new().with_timings(timings),
         })
     }
@@ -91,7 +92,7 @@ impl Ctx {
 
     /// Asks the remote cache for `stage`'s result under `key` and installs a
     /// verified hit into `dir`; true when `dir` now holds it. Prints one line
-    /// either way that something happened.
+    /// for a hit and one for a problem; a plain miss is silent.
     pub fn remote_fetch(&self, dir: &Path, stage: &str, key: &str) -> bool {
         let Some(remote) = &self.remote else {
             return false;
@@ -150,7 +151,7 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
 
 /// `--cache-remote` or `$KILN_CACHE_REMOTE` (a checkout can set it in
 /// `.cargo/config.toml`'s `[env]`), with the push and insecure switches.
-fn remote_cache(flags: &GlobalFlags) -> anyhow::Result<Option<RemoteCache>> {
+fn remote_cache(flags: &GlobalFlags, insecure: bool) -> anyhow::Result<Option<RemoteCache>> {
     let address = flags
         .cache_remote
         .clone()
@@ -164,7 +165,6 @@ fn remote_cache(flags: &GlobalFlags) -> anyhow::Result<Option<RemoteCache>> {
         return Ok(None);
     }
     let push = flags.cache_push || env_on("KILN_CACHE_PUSH");
-    let insecure = flags.insecure_registry || env_on("KILN_INSECURE_REGISTRY");
     RemoteCache::connect(&address, push, insecure).map(Some)
 }
 

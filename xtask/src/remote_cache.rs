@@ -226,19 +226,48 @@ impl RemoteCache {
         let tag = Self::tag(stage, key);
         let stamp = Stamp::fresh(dir, stage, key)
             .with_context(|| format!("{} holds no fresh {stage} result", dir.display()))?;
-        if let Some(found) = self.registry.manifest(&tag)? {
-            let notes = found.manifest.annotations.unwrap_or_default();
-            if notes.get(KEY_ANNOTATION).map(String::as_str) == Some(key) {
-                return Ok(false); // already there (pushed by us or another machine)
-            }
+        if self.published(&tag, key)? {
+            return Ok(false); // already there (pushed by us or another machine)
         }
         let (layers, config, manifest) = artifact(dir, stage, &stamp)?;
         let total: u64 = layers.iter().map(|l| l.data.len() as u64).sum();
-        self.registry.push(&tag, &layers, config, manifest)?;
+        // Two machines uploading one blob at the same moment can make the
+        // registry refuse a manifest that names it (distribution answers
+        // BLOB_UNKNOWN / DIGEST_INVALID while the other upload commits; seen
+        // in the concurrent-push test). Pushes are content-addressed and
+        // idempotent: if the other push has landed we are done, else push again.
+        let mut attempt = 0;
+        loop {
+            match self
+                .registry
+                .push(&tag, &layers, config.clone(), manifest.clone())
+            {
+                Ok(_) => break,
+                Err(e) if attempt < PUSH_ATTEMPTS && !oci::hopeless(&e) => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(250 * attempt));
+                    if self.published(&tag, key)? {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         self.pushed.fetch_add(total, Ordering::Relaxed);
         Ok(true)
     }
+
+    /// The registry already has `key`'s result under `tag`.
+    fn published(&self, tag: &str, key: &str) -> anyhow::Result<bool> {
+        Ok(self.registry.manifest(tag)?.is_some_and(|found| {
+            let notes = found.manifest.annotations.unwrap_or_default();
+            notes.get(KEY_ANNOTATION).map(String::as_str) == Some(key)
+        }))
+    }
 }
+
+/// Retries of one push that lost a race with another machine's push of the same blobs.
+const PUSH_ATTEMPTS: u64 = 3;
 
 /// Checks a manifest's layers against the stamp: each is titled with a plain
 /// relative path the stamp lists, carries that file's sha256 as its digest,
