@@ -372,32 +372,47 @@ fn not_found(e: &OciDistributionError) -> bool {
 /// One line a user can act on, instead of oci-client's nested error.
 fn explain(e: OciDistributionError, r: &Reference) -> anyhow::Error {
     let what = format!("{}/{}", r.registry(), r.repository());
+    let hopeless = |text: String| anyhow::Error::new(Hopeless(text));
     match &e {
         OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => anyhow::anyhow!(
+        | OciDistributionError::AuthenticationFailure(_) => hopeless(format!(
             "{what}: the registry refused the credentials (set KILN_REGISTRY_USER and KILN_REGISTRY_PASSWORD, \
              or log in so ~/.docker/config.json has an `auths` entry for {})",
             r.registry()
-        ),
+        )),
         OciDistributionError::RequestError(inner)
             if inner.is_connect() && root_cause(inner).contains("certificate") =>
         {
-            anyhow::anyhow!(
+            hopeless(format!(
                 "{what}: the registry's TLS certificate is not trusted ({}); trust its CA with \
                  KILN_REGISTRY_CA=FILE.pem",
                 root_cause(inner)
-            )
+            ))
         }
         OciDistributionError::RequestError(inner) if inner.is_connect() || inner.is_timeout() => {
-            anyhow::anyhow!(
+            hopeless(format!(
                 "{what}: cannot reach the registry ({}); is it running, and is it HTTPS \
                  (use --insecure-registry only for a plain-HTTP registry you trust)?",
                 root_cause(inner)
-            )
+            ))
         }
         _ => anyhow::Error::new(e).context(what),
     }
 }
+
+/// A registry failure no later call in this run can get past: unreachable,
+/// credentials refused, certificate not trusted. Carried as a type so
+/// [`hopeless`] never depends on the wording of a message.
+#[derive(Debug)]
+struct Hopeless(String);
+
+impl std::fmt::Display for Hopeless {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Hopeless {}
 
 fn root_cause(e: &dyn std::error::Error) -> String {
     let mut cur = e;
@@ -408,17 +423,10 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 }
 
 /// True when `e` means no later call in this run can succeed either (the
-/// registry is not reachable, or it refuses these credentials), so asking
-/// again would only wait and repeat the warning.
+/// registry is not reachable, refuses these credentials or is not trusted),
+/// so asking again would only wait and repeat the warning.
 pub fn hopeless(e: &anyhow::Error) -> bool {
-    let text = format!("{e:#}");
-    [
-        "cannot reach the registry",
-        "refused the credentials",
-        "certificate is not trusted",
-    ]
-    .iter()
-    .any(|m| text.contains(m))
+    e.chain().any(|cause| cause.is::<Hopeless>())
 }
 
 #[cfg(test)]
@@ -480,6 +488,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("user:password"));
+    }
+
+    #[test]
+    fn hopeless_is_a_type_not_a_wording() {
+        let gone = anyhow::Error::new(Hopeless("r/k: cannot reach the registry".into()))
+            .context("pulling blob sha256:00");
+        assert!(hopeless(&gone), "found through the context");
+        let echoed = anyhow::anyhow!("server said: cannot reach the registry");
+        assert!(!hopeless(&echoed), "a message that only says so is not");
     }
 
     #[test]
