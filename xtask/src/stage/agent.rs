@@ -144,10 +144,16 @@ fn cargo_build(ctx: &Ctx, arch: Arch) -> duct::Expression {
         // Packagers' builds: crates must come from the local registry cache or `cargo vendor`.
         args.push("--offline");
     }
-    duct::cmd("cargo", &args)
+    let build = duct::cmd("cargo", &args)
         .dir(&ctx.root)
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags(ctx))
-        .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string())
+        .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string());
+    match ctx.agent_profile {
+        // The dev loop's seconds come from incremental builds, even where the
+        // environment turns them off (CI's `.ci/run` does, to save disk).
+        AgentProfile::Dev => build.env("CARGO_INCREMENTAL", "1"),
+        AgentProfile::Release => build,
+    }
 }
 
 fn input_key(ctx: &Ctx, arch: Arch) -> anyhow::Result<String> {
