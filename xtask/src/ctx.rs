@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::arch::Arch;
-use crate::remote_cache::{Lookup, RemoteCache};
+use crate::remote_cache::{Lookup, RemoteCache, Said};
 use crate::ui::Ui;
 use crate::GlobalFlags;
 
@@ -92,7 +92,7 @@ impl Ctx {
 
     /// Asks the remote cache for `stage`'s result under `key` and installs a
     /// verified hit into `dir`; true when `dir` now holds it. Prints one line
-    /// for a hit and one for a problem; a plain miss is silent.
+    /// for a hit, one for a miss and one for a problem.
     pub fn remote_fetch(&self, dir: &Path, stage: &str, key: &str) -> bool {
         let Some(remote) = &self.remote else {
             return false;
@@ -100,14 +100,24 @@ impl Ctx {
         match remote.fetch(dir, stage, key, &|line| self.ui.println(line)) {
             Lookup::Hit { files, bytes } => {
                 self.ui.println(&format!(
-                    "remote cache: {stage} {} pulled from {} ({files} files, {} KiB, verified)",
+                    "remote cache: {stage} {} {} {} ({files} files, {} KiB, verified)",
                     &key[..16.min(key.len())],
+                    Said::Pulled.words(),
                     remote.address(),
                     bytes / 1024
                 ));
                 true
             }
-            Lookup::Miss => false,
+            Lookup::Miss => {
+                self.ui.println(&format!(
+                    "remote cache: {stage} {} {} {}; building it here",
+                    &key[..16.min(key.len())],
+                    Said::Missed.words(),
+                    remote.address()
+                ));
+                false
+            }
+            Lookup::Failed => false,
         }
     }
 
@@ -116,8 +126,9 @@ impl Ctx {
         if let Some(remote) = &self.remote {
             if remote.offer(dir, stage, key, &|line| self.ui.println(line)) {
                 self.ui.println(&format!(
-                    "remote cache: {stage} {} pushed to {}",
+                    "remote cache: {stage} {} {} {}",
                     &key[..16.min(key.len())],
+                    Said::Pushed.words(),
                     remote.address()
                 ));
             }

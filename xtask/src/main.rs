@@ -91,6 +91,10 @@ pub struct KernelFlags {
     /// Kernel source: a tarball or an unpacked tree (default: Debian's linux-source-6.12).
     #[arg(long)]
     pub kernel_src: Option<PathBuf>,
+    /// One more config fragment, applied after the image's (try an option
+    /// before adding it to kernel-configs/). Repeat for several, in order.
+    #[arg(long, value_name = "FILE")]
+    pub fragment: Vec<PathBuf>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -198,7 +202,8 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             for arch in f.arch.arches() {
                 ctx.ensure_setup(&[arch])?;
                 let image = ImageSpec::load(ctx, &f.image)?;
-                let req = KernelRequest::for_image(ctx, &image, arch, f.kernel_src.clone())?;
+                let req = KernelRequest::for_image(ctx, &image, arch, f.kernel_src.clone())?
+                    .with_extra_fragments(&f.fragment)?;
                 stage::kernel::build(ctx, &req)?;
             }
             Ok(())
@@ -207,7 +212,8 @@ fn run(ctx: &Ctx, task: Task) -> anyhow::Result<()> {
             for arch in f.arch.arches() {
                 ctx.ensure_setup(&[arch])?;
                 let image = ImageSpec::load(ctx, &f.image)?;
-                let req = KernelRequest::for_image(ctx, &image, arch, f.kernel_src.clone())?;
+                let req = KernelRequest::for_image(ctx, &image, arch, f.kernel_src.clone())?
+                    .with_extra_fragments(&f.fragment)?;
                 if compare.is_empty() {
                     stage::kernel::check(ctx, &req)?;
                 } else {

@@ -60,6 +60,42 @@ pub enum Lookup {
     Hit { files: usize, bytes: u64 },
     /// The registry has nothing for this key.
     Miss,
+    /// The registry could not be used (already reported); build locally.
+    Failed,
+}
+
+/// What a run printed about one stage's lookup or push: the words after the
+/// key in [`crate::ctx::Ctx::remote_fetch`]'s and `remote_offer`'s lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Said {
+    Pulled,
+    Missed,
+    Pushed,
+}
+
+impl Said {
+    pub fn words(self) -> &'static str {
+        match self {
+            Said::Pulled => "pulled from",
+            Said::Missed => "not on",
+            Said::Pushed => "pushed to",
+        }
+    }
+}
+
+/// Whether a run's output (`output`) has the line saying `stage` was `what`
+/// (for tests and benchmarks reading a run's output).
+pub fn said(output: &str, stage: &str, what: Said) -> bool {
+    let prefix = format!("remote cache: {stage} ");
+    output.lines().any(|l| {
+        l.strip_prefix(&prefix)
+            .and_then(|rest| rest.split_once(' '))
+            .is_some_and(|(key, rest)| {
+                key.len() == 16
+                    && key.bytes().all(|b| b.is_ascii_hexdigit())
+                    && rest.starts_with(what.words())
+            })
+    })
 }
 
 impl RemoteCache {
@@ -104,7 +140,7 @@ impl RemoteCache {
     /// Never fails: a problem is reported through `warn` and counts as a miss.
     pub fn fetch(&self, dir: &Path, stage: &str, key: &str, warn: &dyn Fn(&str)) -> Lookup {
         if *self.gone.lock().unwrap_or_else(|e| e.into_inner()) {
-            return Lookup::Miss;
+            return Lookup::Failed;
         }
         match self.try_fetch(dir, stage, key) {
             Ok(found) => found,
@@ -114,7 +150,7 @@ impl RemoteCache {
                     "warning: remote cache: {stage} {}: {e:#}; building it locally",
                     &key[..key.len().min(16)]
                 ));
-                Lookup::Miss
+                Lookup::Failed
             }
         }
     }
@@ -353,6 +389,19 @@ pub fn artifact(
 mod tests {
     use super::*;
     use crate::cache::write_atomic;
+
+    #[test]
+    fn said_reads_only_the_line_for_that_stage_and_event() {
+        let out = "remote cache: kernel 0123456789abcdef pulled from oci://r/k (3 files, 9 KiB, verified)\n\
+                   remote cache: initrd fedcba9876543210 not on oci://r/k; building it here\n\
+                   warning: remote cache: disk 0011223344556677: refused; building it locally\n";
+        assert!(said(out, "kernel", Said::Pulled));
+        assert!(!said(out, "kernel", Said::Missed));
+        assert!(said(out, "initrd", Said::Missed));
+        assert!(!said(out, "initrd", Said::Pulled));
+        assert!(!said(out, "disk", Said::Pulled) && !said(out, "disk", Said::Missed));
+        assert!(!said(out, "agent", Said::Pushed));
+    }
 
     fn stage_dir() -> (tempfile::TempDir, Stamp) {
         let d = tempfile::tempdir().unwrap();

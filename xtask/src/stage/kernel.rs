@@ -131,6 +131,35 @@ impl KernelRequest {
             patches: (!ctx.no_patches).then_some(patches),
         })
     }
+
+    /// Appends fragments from outside the tree (`--fragment`), after the
+    /// image's, so their settings win. They are part of the key like any other
+    /// fragment, named by file name so two machines share a build.
+    pub fn with_extra_fragments(mut self, extra: &[PathBuf]) -> anyhow::Result<KernelRequest> {
+        for f in extra {
+            let path = fs::canonicalize(f).ok().filter(|p| p.is_file());
+            let Some(path) = path else {
+                anyhow::bail!(
+                    "--fragment {}: no such file; give a kernel config fragment, lines such as `CONFIG_DUMMY=y` or `# CONFIG_DUMMY is not set`",
+                    f.display()
+                );
+            };
+            self.fragments.push(path);
+        }
+        Ok(self)
+    }
+}
+
+/// A fragment's name in the key and in messages: its path in the checkout, or
+/// `extra/<file name>` for one given with `--fragment` (never a host path).
+fn fragment_name(ctx: &Ctx, path: &Path) -> String {
+    match path.strip_prefix(&ctx.root) {
+        Ok(rel) => rel.display().to_string(),
+        Err(_) => format!(
+            "extra/{}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -421,7 +450,7 @@ impl Plan {
     fn new(ctx: &Ctx, req: &KernelRequest) -> anyhow::Result<Plan> {
         let mut fragments = Vec::new();
         for path in &req.fragments {
-            let name = ctx.rel(path).display().to_string();
+            let name = fragment_name(ctx, path);
             let text = fs::read_to_string(path)
                 .with_context(|| format!("reading kernel fragment {name}"))?;
             fragments.push((name.clone(), ConfigFile::parse(&text, &name)?));
@@ -983,6 +1012,55 @@ mod tests {
             64,
             "the full sha256: the remote tag carries all of it"
         );
+    }
+
+    /// `--fragment` files count in the key by name and content, not by where
+    /// they lie on this machine, and a missing one is named.
+    #[test]
+    fn extra_fragments_are_keyed_by_name_and_content_not_host_path() {
+        let ctx = Ctx::new(&crate::GlobalFlags {
+            no_setup: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("linux");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("Makefile"), "VERSION = 6\nPATCHLEVEL = 12\n").unwrap();
+        let base = ctx.root.join("kernel-configs/common/base.conf");
+        let req = || KernelRequest {
+            arch: Arch::host(),
+            series: "6.12".into(),
+            fragments: vec![base.clone()],
+            kernel_src: Some(src.clone()),
+            patches: None,
+        };
+        let key_with = |dir: &str, text: &str| {
+            let f = d.path().join(dir).join("local.conf");
+            fs::create_dir_all(f.parent().unwrap()).unwrap();
+            fs::write(&f, text).unwrap();
+            let req = req().with_extra_fragments(&[f]).unwrap();
+            assert_eq!(
+                fragment_name(&ctx, req.fragments.last().unwrap()),
+                "extra/local.conf"
+            );
+            Plan::new(&ctx, &req).unwrap().key
+        };
+        let plain = Plan::new(&ctx, &req()).unwrap().key;
+        let one = key_with("a", "CONFIG_DUMMY=y\n");
+        assert_ne!(plain, one, "an extra fragment changes the key");
+        assert_eq!(one, key_with("elsewhere/b", "CONFIG_DUMMY=y\n"));
+        assert_ne!(one, key_with("a", "CONFIG_DUMMY=m\n"));
+        assert_eq!(
+            fragment_name(&ctx, &base),
+            "kernel-configs/common/base.conf",
+            "the tree's fragments keep their checkout paths (and so their keys)"
+        );
+        let e = req()
+            .with_extra_fragments(&[d.path().join("nope.conf")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--fragment") && e.contains("nope.conf"), "{e}");
     }
 
     #[test]

@@ -487,7 +487,7 @@ fn clone_builds_from_registry(
     let took = start.elapsed().as_secs_f64();
     let pulled = ["agent", "kernel", "initrd", "disk"]
         .iter()
-        .all(|s| said.contains(&format!("remote cache: {s} ")));
+        .all(|s| crate::remote_cache::said(&said, s, crate::remote_cache::Said::Pulled));
     if !pulled || said.contains("make ") || cache.path().join("kernel/src").exists() {
         anyhow::bail!("the second clone did not take every stage from the registry:\n{said}");
     }

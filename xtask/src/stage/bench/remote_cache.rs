@@ -76,7 +76,9 @@ pub fn measure(ctx: &Ctx, rounds: usize) -> anyhow::Result<Vec<Row>> {
     for _ in 0..rounds {
         let (out, cache) = (tempfile::tempdir()?, tempfile::tempdir()?);
         let (secs, text) = xtask(ctx, out.path(), Some(cache.path()), &read)?;
-        if text.contains("make ") || !text.contains("remote cache: kernel") {
+        if text.contains("make ")
+            || !crate::remote_cache::said(&text, "kernel", crate::remote_cache::Said::Pulled)
+        {
             anyhow::bail!(
                 "the empty-cache build did not take its kernel from the registry:\n{text}"
             );
