@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::arch::Arch;
-use crate::remote_cache::{Lookup, RemoteCache, Said};
+use crate::remote_cache::{short_key, Lookup, RemoteCache, Said};
 use crate::ui::Ui;
 use crate::GlobalFlags;
 
@@ -43,6 +43,16 @@ pub enum AgentProfile {
 }
 
 impl Ctx {
+    /// The context unit tests use: this checkout, no set-up step.
+    #[cfg(test)]
+    pub fn for_tests() -> Ctx {
+        Ctx::new(&GlobalFlags {
+            no_setup: true,
+            ..Default::default()
+        })
+        .expect("a Ctx for this checkout")
+    }
+
     pub fn new(flags: &GlobalFlags) -> anyhow::Result<Ctx> {
         let root = workspace_root()?;
         // KILN_OUT_DIR: outputs elsewhere (a packager's build tree; the
@@ -101,7 +111,7 @@ impl Ctx {
             Lookup::Hit { files, bytes } => {
                 self.ui.println(&format!(
                     "remote cache: {stage} {} {} {} ({files} files, {} KiB, verified)",
-                    &key[..16.min(key.len())],
+                    short_key(key),
                     Said::Pulled.words(),
                     remote.address(),
                     bytes / 1024
@@ -111,7 +121,7 @@ impl Ctx {
             Lookup::Miss => {
                 self.ui.println(&format!(
                     "remote cache: {stage} {} {} {}; building it here",
-                    &key[..16.min(key.len())],
+                    short_key(key),
                     Said::Missed.words(),
                     remote.address()
                 ));
@@ -127,7 +137,7 @@ impl Ctx {
             if remote.offer(dir, stage, key, &|line| self.ui.println(line)) {
                 self.ui.println(&format!(
                     "remote cache: {stage} {} {} {}",
-                    &key[..16.min(key.len())],
+                    short_key(key),
                     Said::Pushed.words(),
                     remote.address()
                 ));

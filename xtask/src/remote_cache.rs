@@ -83,6 +83,11 @@ impl Said {
     }
 }
 
+/// The first 16 hex digits of a key, as messages show it.
+pub fn short_key(key: &str) -> &str {
+    &key[..key.len().min(16)]
+}
+
 /// Whether a run's output (`output`) has the line saying `stage` was `what`
 /// (for tests and benchmarks reading a run's output).
 pub fn said(output: &str, stage: &str, what: Said) -> bool {
@@ -137,7 +142,7 @@ impl RemoteCache {
     }
 
     /// Looks `key` up and, on a verified hit, installs the result into `dir`.
-    /// Never fails: a problem is reported through `warn` and counts as a miss.
+    /// Never fails: a problem is reported through `warn` and gives [`Lookup::Failed`].
     pub fn fetch(&self, dir: &Path, stage: &str, key: &str, warn: &dyn Fn(&str)) -> Lookup {
         if *self.gone.lock().unwrap_or_else(|e| e.into_inner()) {
             return Lookup::Failed;
@@ -148,7 +153,7 @@ impl RemoteCache {
                 self.note_failure(&e);
                 warn(&format!(
                     "warning: remote cache: {stage} {}: {e:#}; building it locally",
-                    &key[..key.len().min(16)]
+                    short_key(key)
                 ));
                 Lookup::Failed
             }
@@ -167,7 +172,7 @@ impl RemoteCache {
                 self.note_failure(&e);
                 warn(&format!(
                     "warning: remote cache: pushing {stage} {}: {e:#}; the local build is unaffected",
-                    &key[..key.len().min(16)]
+                    short_key(key)
                 ));
                 false
             }

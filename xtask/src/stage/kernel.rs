@@ -973,20 +973,22 @@ fn hash_dir(dir: &Path) -> anyhow::Result<String> {
 mod tests {
     use super::*;
 
+    /// A kernel "tree" in `dir` with just enough (a Makefile) for a key.
+    fn fake_source(dir: &Path) -> PathBuf {
+        let src = dir.join("linux");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("Makefile"), "VERSION = 6\nPATCHLEVEL = 12\n").unwrap();
+        src
+    }
+
     /// The stage key (so the remote cache's tag) follows every fragment
     /// setting, and only the settings: a changed fragment misses every cache,
     /// an edited comment hits.
     #[test]
     fn the_key_follows_fragment_settings_not_comments() {
-        let ctx = Ctx::new(&crate::GlobalFlags {
-            no_setup: true,
-            ..Default::default()
-        })
-        .unwrap();
+        let ctx = Ctx::for_tests();
         let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("linux");
-        fs::create_dir_all(&src).unwrap();
-        fs::write(src.join("Makefile"), "VERSION = 6\nPATCHLEVEL = 12\n").unwrap();
+        let src = fake_source(d.path());
         let frag = d.path().join("virtio.conf");
         let key = |text: &str| {
             fs::write(&frag, text).unwrap();
@@ -1018,15 +1020,9 @@ mod tests {
     /// they lie on this machine, and a missing one is named.
     #[test]
     fn extra_fragments_are_keyed_by_name_and_content_not_host_path() {
-        let ctx = Ctx::new(&crate::GlobalFlags {
-            no_setup: true,
-            ..Default::default()
-        })
-        .unwrap();
+        let ctx = Ctx::for_tests();
         let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("linux");
-        fs::create_dir_all(&src).unwrap();
-        fs::write(src.join("Makefile"), "VERSION = 6\nPATCHLEVEL = 12\n").unwrap();
+        let src = fake_source(d.path());
         let base = ctx.root.join("kernel-configs/common/base.conf");
         let req = || KernelRequest {
             arch: Arch::host(),

@@ -273,11 +273,7 @@ mod real_source_tests {
     #[test]
     #[ignore = "configures the real kernel source; run by `cargo xtask test`"]
     fn test_patch_is_applied_and_broken_patch_rejected() {
-        let ctx = Ctx::new(&crate::GlobalFlags {
-            no_setup: true,
-            ..Default::default()
-        })
-        .unwrap();
+        let ctx = Ctx::for_tests();
         let dir = tempfile::tempdir().unwrap();
         let frag = dir.path().join("test.conf");
         std::fs::write(

@@ -740,11 +740,7 @@ mod real_source_tests {
     #[test]
     #[ignore = "configures the real kernel source; run by `cargo xtask test`"]
     fn misspelt_and_dependency_less_options_fail_by_name() {
-        let ctx = Ctx::new(&crate::GlobalFlags {
-            no_setup: true,
-            ..Default::default()
-        })
-        .unwrap();
+        let ctx = Ctx::for_tests();
         let dir = tempfile::tempdir().unwrap();
         let frag = dir.path().join("broken.conf");
         std::fs::write(
