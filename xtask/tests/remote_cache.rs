@@ -435,6 +435,7 @@ fn a_changed_fragment_misses_the_registry_and_builds_the_kernel_here() {
         .chain(["--fragment", extra.to_str().unwrap()])
         .collect();
     let printed = b.path().join("changed.out");
+    let printed_file = std::fs::File::create(&printed).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .arg("--no-setup")
         .args(&changed)
@@ -445,8 +446,8 @@ fn a_changed_fragment_misses_the_registry_and_builds_the_kernel_here() {
         .env("DOCKER_CONFIG", b.path().join("no-docker-config"))
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap())
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&printed).unwrap())
-        .stderr(Stdio::null())
+        .stdout(printed_file.try_clone().unwrap())
+        .stderr(printed_file)
         .spawn()
         .unwrap();
     let log = b.path().join("logs/kernel-x86_64.log");
