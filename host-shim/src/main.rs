@@ -364,8 +364,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// SIGINT, listened for from the start of a boot: `tokio::signal::ctrl_c()`
+/// installs its handler only when first polled, so a Ctrl-C (or `cargo xtask
+/// dev` stopping its VM) that came between two awaits took the default action
+/// and killed the shim with its run directory and mounts left behind. Once
+/// this exists, a SIGINT waits for the next `recv`, which tears the VM down.
+fn listen_for_sigint() -> anyhow::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| anyhow::anyhow!("listening for SIGINT: {e}"))
+}
+
 /// `kiln-shim boot`.
 async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
+    let mut sigint = listen_for_sigint()?;
     let BootArgs {
         image,
         console,
@@ -403,7 +414,7 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
         .transpose()?;
     let image = BootImage::load(&installed::image(image)?)?;
     if let Some(marker) = until_console {
-        return boot_until_console(&cfg, &image, rootfs, verity, &marker, json).await;
+        return boot_until_console(&cfg, &image, rootfs, verity, &marker, json, &mut sigint).await;
     }
     let mut vm = Vm::launch(
         &image,
@@ -421,7 +432,7 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
     // Ctrl-C drops the VM (and with it QEMU, the backend and the run dir).
     let ready = tokio::select! {
         r = vm.wait_ready(&cfg) => r?,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        _ = sigint.recv() => anyhow::bail!("interrupted"),
     };
     let version = ready.client.version().await?;
     let details = ready.client.guest_details().await?;
@@ -439,7 +450,7 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
     let smoke_steps = if smoke {
         tokio::select! {
             r = kiln_shim::smoke::run(&ready.client, share.is_some()) => r?,
-            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            _ = sigint.recv() => anyhow::bail!("interrupted"),
         }
     } else {
         Vec::new()
@@ -467,7 +478,7 @@ async fn boot(cfg: ShimConfig, args: BootArgs) -> anyhow::Result<ExitCode> {
             }
         );
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = sigint.recv() => {}
             _ = vm.wait_exit() => eprintln!("the VM exited"),
         }
     }
@@ -545,6 +556,7 @@ async fn boot_until_console(
     verity: Option<String>,
     marker: &str,
     json: bool,
+    sigint: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<ExitCode> {
     let opts = BootOptions {
         rootfs,
@@ -554,7 +566,7 @@ async fn boot_until_console(
     let mut vm = Vm::launch(image, cfg, &opts)?;
     let t = tokio::select! {
         r = vm.wait_console(marker, cfg.boot_timeout()) => r?,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        _ = sigint.recv() => anyhow::bail!("interrupted"),
     };
     if json {
         println!(
