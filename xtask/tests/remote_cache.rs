@@ -12,8 +12,9 @@ use std::time::Instant;
 use xtask::local_registry::LocalRegistry;
 use xtask::remote_cache::{said, Said};
 
-/// `cargo xtask <args>` with outputs in `out` and, if given, the cache in `cache`.
-fn xtask(out: &Path, cache: Option<&Path>, env: &[(&str, &str)], args: &[&str]) -> Output {
+/// `cargo xtask <args>` with outputs in `out` and, if given, the cache in
+/// `cache`; no registry setting or credential of the caller's leaks in.
+fn xtask_command(out: &Path, cache: Option<&Path>, env: &[(&str, &str)], args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
     c.arg("--no-setup")
         .args(args)
@@ -32,7 +33,12 @@ fn xtask(out: &Path, cache: Option<&Path>, env: &[(&str, &str)], args: &[&str]) 
     for (k, v) in env {
         c.env(k, v);
     }
-    c.output().unwrap()
+    c
+}
+
+/// [`xtask_command`], run to completion.
+fn xtask(out: &Path, cache: Option<&Path>, env: &[(&str, &str)], args: &[&str]) -> Output {
+    xtask_command(out, cache, env, args).output().unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -436,16 +442,7 @@ fn a_changed_fragment_misses_the_registry_and_builds_the_kernel_here() {
         .collect();
     let printed = b.path().join("changed.out");
     let printed_file = std::fs::File::create(&printed).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .arg("--no-setup")
-        .args(&changed)
-        .env("KILN_OUT_DIR", b.path())
-        .env("KILN_CACHE_DIR", b_cache.path())
-        .env_remove("KILN_CACHE_REMOTE")
-        .env_remove("KILN_CACHE_PUSH")
-        .env("DOCKER_CONFIG", b.path().join("no-docker-config"))
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap())
-        .stdin(Stdio::null())
+    let mut child = xtask_command(b.path(), Some(b_cache.path()), &[], &changed)
         .stdout(printed_file.try_clone().unwrap())
         .stderr(printed_file)
         .spawn()
