@@ -2,7 +2,8 @@
 //! VFIO, and block devices (`--device`, raw-block volumes).
 //!
 //! Block devices, Kata's form: `Device{type: "blk" | "virtio-blk" |
-//! "virtio-blk-pci", vm_path: "<guest PCI path>"}` or `Device{type: "scsi",
+//! "virtio-blk-pci", vm_path: "<guest PCI path>"}`, `Device{type: "blk-ccw",
+//! id: "<CCW bus id>"}` (s390x) or `Device{type: "scsi",
 //! vm_path: "<target>:<lun>"}`, with `container_path` naming the spec's
 //! `linux.devices` entry. The disk is awaited, and that entry and the
 //! cgroup rules that named the host's device numbers get the guest's.
@@ -32,7 +33,7 @@ use crate::uevent;
 
 pub const VFIO_PCI: &str = "vfio-pci";
 /// Block device types (virtio-blk by PCI path, virtio-scsi by address).
-pub const BLOCK_TYPES: &[&str] = &["blk", "virtio-blk", "virtio-blk-pci", "scsi"];
+pub const BLOCK_TYPES: &[&str] = &["blk", "virtio-blk", "virtio-blk-pci", "blk-ccw", "scsi"];
 pub const VFIO_PCI_GK: &str = "vfio-pci-gk";
 const MAX_DEVICES: usize = 64;
 /// `/dev/vfio/vfio` is misc device 196.
@@ -119,7 +120,14 @@ pub async fn setup(
                     d.type_, d.vm_path
                 )));
             }
-            blocks.push((d, Disk::parse(&d.type_, &d.vm_path)?));
+            // Kata's runtime puts a CCW bus id in `id`, a PCI path or SCSI
+            // address in `vm_path`.
+            let at = if d.type_ == "blk-ccw" && d.vm_path.is_empty() {
+                &d.id
+            } else {
+                &d.vm_path
+            };
+            blocks.push((d, Disk::parse(&d.type_, at)?));
             continue;
         }
         if d.type_ != VFIO_PCI && d.type_ != VFIO_PCI_GK {
@@ -769,5 +777,13 @@ mod tests {
             Disk::Scsi(crate::storage::ScsiAddr { target: 0, lun: 1 })
         );
         assert!(Disk::parse("blk", "0:1").is_err(), "not a PCI path");
+        assert_eq!(
+            Disk::parse("blk-ccw", "0.0.001e").unwrap(),
+            Disk::Ccw(crate::ccw::CcwId {
+                set: 0,
+                devno: 0x1e
+            })
+        );
+        assert!(Disk::parse("blk-ccw", "02/00").is_err(), "not a CCW id");
     }
 }

@@ -3,6 +3,7 @@
 //! The binary is a thin start-up around [`server::serve`].
 
 pub mod beneath;
+pub mod ccw;
 pub mod command;
 pub mod config;
 pub mod container;

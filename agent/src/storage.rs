@@ -9,6 +9,7 @@
 //! | `watchable-bind` | a small shared source copied under the watchable tmpfs and kept current (see `watchable.rs`) |
 //! | `9p` | the virtio-9p tag in `source` is mounted (`trans=virtio`) |
 //! | `blk`, `virtio-blk`, `virtio-blk-pci` | the disk at the PCI path in `source` is awaited and mounted |
+//! | `blk-ccw` | the virtio-blk disk at the CCW bus id in `source` (`0.0.0005`, s390x) is awaited and mounted |
 //! | `scsi` | the virtio-scsi disk at the SCSI address in `source` (`0:1`: target 0, LUN 1) is awaited and mounted |
 //! | `nvdimm`, `pmem` | the `/dev/pmemN` in `source` is awaited and mounted (`dax` when in the options) |
 //!
@@ -24,6 +25,7 @@ use std::time::Duration;
 use kiln_protocol::agent;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use crate::ccw::CcwId;
 use crate::container::spec::parse_mount_options;
 use crate::error::{invalid, os, precondition, Result};
 use crate::guest::GuestFs;
@@ -41,6 +43,7 @@ pub const DRIVERS: &[&str] = &[
     "blk",
     "virtio-blk",
     "virtio-blk-pci",
+    "blk-ccw",
     "scsi",
     "nvdimm",
     "pmem",
@@ -366,7 +369,7 @@ async fn setup(env: &StorageEnv<'_>, s: &agent::Storage, mount_point: &Path) -> 
                 .map_err(|e| e.context("is CONFIG_9P_FS in the guest kernel?"))?;
             Ok(true.into())
         }
-        "scsi" | "blk" | "virtio-blk" | "virtio-blk-pci" => {
+        "scsi" | "blk" | "virtio-blk" | "virtio-blk-pci" | "blk-ccw" => {
             let disk = Disk::parse(&s.driver, &s.source)?;
             let dev = disk.wait(env.guest, env.hotplug_timeout).await?;
             mount_block(s, &format!("/dev/{dev}"), mount_point).map(Into::into)
@@ -432,22 +435,24 @@ impl ScsiAddr {
     }
 }
 
-/// A hot-plugged disk as Kata names it: virtio-blk by guest PCI path,
-/// virtio-scsi by `target:lun`. Storages and CreateContainer devices both
-/// wait for one the same way.
+/// A hot-plugged disk as Kata names it: virtio-blk by guest PCI path (or by
+/// CCW bus id on s390x), virtio-scsi by `target:lun`. Storages and
+/// CreateContainer devices both wait for one the same way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disk {
     Pci(PciPath),
+    Ccw(CcwId),
     Scsi(ScsiAddr),
 }
 
 impl Disk {
-    /// `kind` is the storage driver or device type (`scsi`, else virtio-blk).
+    /// `kind` is the storage driver or device type (`scsi`, `blk-ccw`, else
+    /// virtio-blk on PCI).
     pub fn parse(kind: &str, at: &str) -> Result<Disk> {
-        Ok(if kind == "scsi" {
-            Disk::Scsi(ScsiAddr::parse(at)?)
-        } else {
-            Disk::Pci(at.parse()?)
+        Ok(match kind {
+            "scsi" => Disk::Scsi(ScsiAddr::parse(at)?),
+            "blk-ccw" => Disk::Ccw(at.parse()?),
+            _ => Disk::Pci(at.parse()?),
         })
     }
 
@@ -463,6 +468,16 @@ impl Disk {
                     limit,
                     move || pci::resolve(&g, &path).and_then(|bdf| pci::block_device(&g, &bdf)),
                     |ev| ev.get("SUBSYSTEM") == "block" || ev.get("SUBSYSTEM") == "pci",
+                )
+                .await
+            }
+            Disk::Ccw(id) => {
+                let id = *id;
+                uevent::wait_for(
+                    &format!("virtio-blk disk at CCW bus id {id}"),
+                    limit,
+                    move || id.block_device(&g),
+                    |ev| ev.get("SUBSYSTEM") == "block" || ev.get("SUBSYSTEM") == "ccw",
                 )
                 .await
             }

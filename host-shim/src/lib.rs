@@ -11,6 +11,7 @@ pub mod installed;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod rootfs_disk;
 pub mod rpc_cli;
 pub mod run;
 pub mod smoke;

@@ -172,6 +172,12 @@ struct RunArgs {
     /// Hot-plug a disk image and mount it: FILE[:DEST[:FSTYPE]] (default /diskN, ext4).
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// How the rootfs reaches the guest: virtio-fs (shared: writes reach the
+    /// host directory), block (copied into an ext4 image on a virtio-blk
+    /// disk, Kata's block-based rootfs), or auto (block on s390x, whose
+    /// big-endian guest virtiofsd cannot serve; else virtio-fs).
+    #[arg(long, default_value = "auto", value_name = "auto|virtio-fs|block")]
+    rootfs_via: String,
     /// Pass a host PCI device through with VFIO: vfio:ADDRESS (e.g.
     /// vfio:0000:01:00.0), /dev/vfio/GROUP, or vfio-gk:... to keep the
     /// guest kernel's driver. Repeatable; needs root and a host IOMMU.
@@ -496,6 +502,7 @@ async fn run_container(cfg: &ShimConfig, args: RunArgs) -> anyhow::Result<ExitCo
         env,
         console,
         disks,
+        rootfs_via,
         devices,
         force,
         emulated_vfio,
@@ -535,6 +542,7 @@ async fn run_container(cfg: &ShimConfig, args: RunArgs) -> anyhow::Result<ExitCo
             rootfs.display()
         );
     }
+    let image_arch = image.manifest.arch;
     let req = kiln_shim::run::RunRequest {
         image,
         spec,
@@ -542,6 +550,7 @@ async fn run_container(cfg: &ShimConfig, args: RunArgs) -> anyhow::Result<ExitCo
         container_id: kiln_shim::run::new_container_id(),
         console,
         disks,
+        rootfs_via: kiln_shim::rootfs_disk::RootfsVia::parse(&rootfs_via, image_arch)?,
         vfio,
     };
     let status = kiln_shim::run::run(cfg, req).await?;

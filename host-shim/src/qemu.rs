@@ -170,6 +170,8 @@ pub struct QemuLaunch<'a> {
     pub viommu: bool,
     /// A NIC, if any (`hypervisor.qemu.network`).
     pub network: Network,
+    /// A container's rootfs image, attached as `crate::rootfs_disk` says.
+    pub container_disk: Option<&'a Path>,
 }
 
 /// The guest's network link.
@@ -675,6 +677,19 @@ impl QemuLaunch<'_> {
                 &format!("{},bus={port},id=kiln_vfio{i}", d.backend.qemu_device()),
             ]);
         }
+        if let Some(disk) = self.container_disk {
+            push(&[
+                "-drive",
+                &format!(
+                    "file={},if=none,id=kiln_ctr_rootfs,format=raw",
+                    qemu_path(disk)
+                ),
+            ]);
+            push(&[
+                "-device",
+                &crate::rootfs_disk::attachment(self.arch, "kiln_ctr_rootfs").0,
+            ]);
+        }
         match self.network {
             Network::None => {}
             Network::User => {
@@ -826,6 +841,7 @@ mod tests {
             passthrough: &[],
             viommu: false,
             network: Network::None,
+            container_disk: None,
         };
         let args = launch.args().unwrap().join(" ");
         assert!(
@@ -871,6 +887,34 @@ mod tests {
             passthrough: &[],
             viommu: false,
             network: Network::None,
+            container_disk: None,
+        }
+    }
+
+    #[test]
+    fn a_container_rootfs_disk_is_writable_at_its_fixed_address() {
+        let cfg = QemuSection::default();
+        let disk = Path::new("/r/ctr.img");
+        for (arch, device) in [
+            (
+                Arch::S390x,
+                "-device virtio-blk-ccw,drive=kiln_ctr_rootfs,devno=fe.0.001e",
+            ),
+            (
+                Arch::X86_64,
+                "-device virtio-blk-pci,drive=kiln_ctr_rootfs,bus=pcie.0,addr=0x1e",
+            ),
+        ] {
+            let mut l = launch_for(arch, &cfg, Accel::Tcg);
+            l.container_disk = Some(disk);
+            let args = l.args().unwrap().join(" ");
+            assert!(
+                args.contains(
+                    "-drive file=/r/ctr.img,if=none,id=kiln_ctr_rootfs,format=raw -device"
+                ),
+                "{args}"
+            );
+            assert!(args.contains(device), "{args}");
         }
     }
 
@@ -1228,6 +1272,7 @@ mod tests {
             passthrough: &[],
             viommu: false,
             network: Network::None,
+            container_disk: None,
         };
         let args = launch.args().unwrap().join(" ");
         assert!(

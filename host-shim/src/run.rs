@@ -16,6 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::client::{AgentClient, ContainerExtras};
 use crate::config::ShimConfig;
 use crate::image::BootImage;
+use crate::rootfs_disk::RootfsVia;
 use crate::stdio::{copy_in, copy_out, forward, resize, RawTerminal};
 use crate::vm::{BootOptions, Vm};
 
@@ -33,6 +34,8 @@ pub struct RunRequest {
     pub console: bool,
     /// Disks to hot-plug and mount in the container.
     pub disks: Vec<DiskSpec>,
+    /// How `rootfs` reaches the guest.
+    pub rootfs_via: RootfsVia,
     /// Devices to pass through with VFIO.
     pub vfio: crate::vfio::VfioOptions,
 }
@@ -82,9 +85,11 @@ pub async fn run(cfg: &ShimConfig, req: RunRequest) -> anyhow::Result<i32> {
         .and_then(|p| p.terminal())
         .unwrap_or(false);
     let cid = req.container_id.clone();
+    let block = req.rootfs_via == RootfsVia::Block;
     let opts = BootOptions {
         console: req.console,
-        share_rootfs: Some((cid.clone(), req.rootfs.clone())),
+        share_rootfs: (!block).then(|| (cid.clone(), req.rootfs.clone())),
+        rootfs_disk: block.then(|| req.rootfs.clone()),
         vfio: req.vfio.clone(),
         ..Default::default()
     };
@@ -118,7 +123,12 @@ async fn drive(
     terminal: bool,
 ) -> anyhow::Result<i32> {
     let hostname = req.spec.hostname().clone().unwrap_or_else(|| "kiln".into());
-    c.create_sandbox(cid, &hostname, vec![share_storage()])
+    // A rootfs on a disk needs no share (and s390x cannot mount one).
+    let sandbox_storages = match vm.container_disk {
+        Some(_) => vec![],
+        None => vec![share_storage()],
+    };
+    c.create_sandbox(cid, &hostname, sandbox_storages)
         .await
         .context("CreateSandbox")?;
     let (mut spec, sandbox_pidns) = agent_spec(&req.spec, cid)?;
@@ -126,6 +136,14 @@ async fn drive(
         sandbox_pidns,
         ..Default::default()
     };
+    if let Some(disk) = &vm.container_disk {
+        tracing::info!(
+            "rootfs on a virtio-blk disk, guest {} {}",
+            disk.driver,
+            disk.source
+        );
+        extras.storages.push(rootfs_disk_storage(disk, cid));
+    }
     plug_disks(vm, &req.disks, &mut spec, &mut extras)?;
     for d in &vm.passed {
         tracing::info!(
@@ -141,6 +159,18 @@ async fn drive(
         .context("CreateContainer")?;
     c.start_container(cid).await.context("StartContainer")?;
     attach(vm, c, cid, terminal).await
+}
+
+/// The container storage that mounts its rootfs disk where the spec's root
+/// points (`<share mount point>/<id>/rootfs`), as Kata's runtime sends a
+/// block-based rootfs.
+pub fn rootfs_disk_storage(disk: &crate::rootfs_disk::GuestDisk, cid: &str) -> agent::Storage {
+    let mut s = agent::Storage::new();
+    s.driver = disk.driver.into();
+    s.source = disk.source.clone();
+    s.fstype = "ext4".into();
+    s.mount_point = format!("{SHARE_MOUNT_POINT}/{cid}/rootfs");
+    s
 }
 
 /// Hot-plugs each `--disk` and has the container bind-mount it.

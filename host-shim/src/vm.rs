@@ -26,6 +26,9 @@ pub struct BootOptions {
     /// `kataShared`): (container id, host directory). It appears in the guest
     /// as `<share mount point>/<id>/rootfs`, Kata's layout.
     pub share_rootfs: Option<(String, PathBuf)>,
+    /// Container rootfs to copy into an ext4 image and attach as a
+    /// virtio-blk disk instead (`crate::rootfs_disk`): the host directory.
+    pub rootfs_disk: Option<PathBuf>,
     /// Overrides `hypervisor.qemu.rootfs` ("initrd", "image", "nvdimm",
     /// "virtio-blk"), e.g. from `kiln-shim boot --rootfs`.
     pub rootfs: Option<String>,
@@ -57,6 +60,8 @@ pub struct Vm {
     iothread: Option<String>,
     /// Devices passed through at boot, with their guest PCI paths.
     pub passed: Vec<crate::vfio::PassedDevice>,
+    /// Where the guest finds the container's rootfs disk, if one was attached.
+    pub container_disk: Option<crate::rootfs_disk::GuestDisk>,
 }
 
 /// A disk hot-plugged through QMP, and where the guest finds it.
@@ -173,13 +178,27 @@ impl Vm {
             (None, _) => None,
         };
 
+        let arch = image.manifest.arch;
+        let container_image = dir.join("container-rootfs.img");
+        let container_disk = match &opts.rootfs_disk {
+            Some(tree) => {
+                let size = crate::rootfs_disk::make_ext4(tree, &container_image)?;
+                tracing::info!(
+                    "container rootfs {} copied into a {} MiB ext4 disk",
+                    tree.display(),
+                    size >> 20
+                );
+                Some(crate::rootfs_disk::attachment(arch, "kiln_ctr_rootfs").1)
+            }
+            None => None,
+        };
+
         let (vfio, passed) = passthrough(&opts.vfio, &mut state)?;
         let viommu = opts.vfio.viommu
             || passed
                 .iter()
                 .any(|d| d.mode == crate::vfio::GuestMode::Vfio);
 
-        let arch = image.manifest.arch;
         let (accel, accel_note) = qemu::choose_accel(
             &cfg.hypervisor.qemu.accel,
             arch,
@@ -216,6 +235,7 @@ impl Vm {
                 "hypervisor.qemu.network",
                 &cfg.hypervisor.qemu.network,
             )?,
+            container_disk: container_disk.as_ref().map(|_| container_image.as_path()),
         };
         let hotplug_ports = if qemu::has_pcie_root_ports(arch, &launch.machine()?) {
             cfg.hypervisor.qemu.hotplug_root_ports
@@ -247,6 +267,7 @@ impl Vm {
             hotplug_ports,
             iothread,
             passed,
+            container_disk,
         })
     }
 

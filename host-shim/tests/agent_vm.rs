@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_protocol::{agent, oci, types};
 use kiln_shim::config::ShimConfig;
 use kiln_shim::run::{SANDBOX_STORAGE, SHARE_MOUNT_POINT};
+use kiln_testsupport::spec::with_memory_limit;
 use kiln_testsupport::vm::{bind, create_request, long, SandboxVm};
 use protobuf::MessageField;
 use sha2::Digest;
@@ -87,13 +88,6 @@ fn process(args: &[&str]) -> oci::Process {
 /// run` does, over the shared busybox rootfs, in the sandbox's network.
 fn spec(args: &[&str]) -> oci::Spec {
     kiln_testsupport::vm::shim_spec(args, SHARE)
-}
-
-fn with_memory_limit(mut s: oci::Spec, bytes: i64) -> oci::Spec {
-    let linux = s.Linux.mut_or_insert_default();
-    let res = linux.Resources.mut_or_insert_default();
-    res.Memory.mut_or_insert_default().Limit = bytes;
-    s
 }
 
 /// The value of a Prometheus gauge in GetMetrics' text.

@@ -36,21 +36,7 @@ fn env_path(var: &str) -> PathBuf {
 
 /// A private copy of the built rootfs: the tests write into it (redis, fio).
 fn rootfs_copy() -> tempfile::TempDir {
-    let src = env_path("KILN_E2E_WORKLOAD_ROOTFS");
-    assert!(
-        src.join("usr/bin/fio").exists(),
-        "{} is not the workload rootfs (no usr/bin/fio)",
-        src.display()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", src.display()))
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(st.success(), "copying the workload rootfs");
-    dir
+    kiln_testsupport::vm::rootfs_copy("KILN_E2E_WORKLOAD_ROOTFS", "usr/bin/fio")
 }
 
 /// Every capability: the test's containers are privileged (mkswap, swapon,

@@ -13,3 +13,11 @@ pub fn allow_all_devices() -> oci::LinuxDeviceCgroup {
     all.Access = "rwm".into();
     all
 }
+
+/// `s` with `linux.resources.memory.limit` set (memory.max in the guest).
+pub fn with_memory_limit(mut s: oci::Spec, bytes: i64) -> oci::Spec {
+    let linux = s.Linux.mut_or_insert_default();
+    let res = linux.Resources.mut_or_insert_default();
+    res.Memory.mut_or_insert_default().Limit = bytes;
+    s
+}

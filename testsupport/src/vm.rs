@@ -145,13 +145,41 @@ pub async fn boot_sandbox(
     manifest: &Path,
     rootfs: tempfile::TempDir,
     share_id: &str,
+    sandbox: agent::CreateSandboxRequest,
+) -> anyhow::Result<SandboxVm> {
+    let how = RootfsTo {
+        share_id: Some(share_id),
+        disk: false,
+    };
+    boot_sandbox_with(cfg, manifest, rootfs, how, sandbox).await
+}
+
+/// How [`boot_sandbox_with`] gives the guest the rootfs: shared over
+/// virtio-fs as a container id, copied into a virtio-blk disk
+/// (`kiln_shim::rootfs_disk`; `SandboxVm::vm.container_disk` says where), or both.
+#[derive(Debug, Clone, Copy)]
+pub struct RootfsTo<'a> {
+    pub share_id: Option<&'a str>,
+    pub disk: bool,
+}
+
+/// [`boot_sandbox`], the rootfs given as `how` says; without a share, the
+/// sandbox gets no share storage.
+pub async fn boot_sandbox_with(
+    cfg: &ShimConfig,
+    manifest: &Path,
+    rootfs: tempfile::TempDir,
+    how: RootfsTo<'_>,
     mut sandbox: agent::CreateSandboxRequest,
 ) -> anyhow::Result<SandboxVm> {
     let run_base = tempfile::tempdir()?;
     std::env::set_var("KILN_RUN_DIR", run_base.path());
     let image = kiln_shim::image::BootImage::load(manifest)?;
     let opts = kiln_shim::vm::BootOptions {
-        share_rootfs: Some((share_id.into(), rootfs.path().to_path_buf())),
+        share_rootfs: how
+            .share_id
+            .map(|id| (id.into(), rootfs.path().to_path_buf())),
+        rootfs_disk: how.disk.then(|| rootfs.path().to_path_buf()),
         ..Default::default()
     };
     let mut vm = kiln_shim::vm::Vm::launch(&image, cfg, &opts)?;
@@ -164,7 +192,9 @@ pub async fn boot_sandbox(
         ready.elapsed.as_secs_f64(),
         vm.accel_note
     );
-    sandbox.storages.push(kiln_shim::run::share_storage());
+    if how.share_id.is_some() {
+        sandbox.storages.push(kiln_shim::run::share_storage());
+    }
     if let Err(e) = ready
         .client
         .agent
@@ -179,6 +209,30 @@ pub async fn boot_sandbox(
         rootfs,
         run_base,
     })
+}
+
+/// A private copy of the built container rootfs named by `var` (`cargo
+/// xtask test` sets it; the tests write into their copy), checked to hold
+/// `must_have`.
+pub fn rootfs_copy(var: &str, must_have: &str) -> tempfile::TempDir {
+    let src =
+        PathBuf::from(std::env::var(var).unwrap_or_else(|_| {
+            panic!("{var} is not set; run this test through `cargo xtask test`")
+        }));
+    assert!(
+        src.join(must_have).exists(),
+        "{} is not the rootfs this test needs (no {must_have})",
+        src.display()
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(dir.path())
+        .status()
+        .expect("running cp");
+    assert!(st.success(), "copying {}", src.display());
+    dir
 }
 
 impl SandboxVm {

@@ -21,6 +21,9 @@ const E2E_DEBIAN_IMAGE: &str = "debian";
 /// guest: never s390x.)
 const WORKLOAD_RECIPE: &str = "workload";
 const WORKLOAD_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64];
+/// The small container rootfs (Debian minbase) every arch runs containers
+/// from, on a virtio-blk disk and over virtio-fs (host-shim/tests/arch_containers.rs).
+const SHELL_RECIPE: &str = "shell";
 /// Where the Debian/systemd image boots in every run (aarch64: about 11 s to
 /// agent-ready under TCG in CI); ppc64le and s390x are not yet in the budget.
 const DEBIAN_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64];
@@ -87,6 +90,8 @@ enum Input {
     Manifest,
     /// The workload container rootfs ([`WORKLOAD_RECIPE`]), built for the arch.
     WorkloadRootfs,
+    /// The shell container rootfs ([`SHELL_RECIPE`]), built for the arch.
+    ShellRootfs,
 }
 
 /// One `cargo test -- --ignored` run: the end-to-end and pipeline suites.
@@ -137,6 +142,19 @@ const SUITES: &[Suite] = &[
         env: &[("KILN_E2E_MANIFEST", Input::Manifest)],
         arches: Arches::Host,
         nocapture: false,
+    },
+    Suite {
+        name: "containers on every arch (rootfs disk and share)",
+        image: Some(E2E_IMAGE),
+        package: "kiln-shim",
+        tests: &["arch_containers"],
+        filter: None,
+        env: &[
+            ("KILN_E2E_MANIFEST", Input::Manifest),
+            ("KILN_E2E_SHELL_ROOTFS", Input::ShellRootfs),
+        ],
+        arches: Arches::Selected,
+        nocapture: true,
     },
     Suite {
         name: "workload",
@@ -332,7 +350,8 @@ pub fn run(ctx: &Ctx, flags: &TestFlags) -> anyhow::Result<()> {
             for suite in suites.iter().filter(|s| s.arches.admit(arch, flags.arch)) {
                 run_suite(ctx, suite, Some(arch), flags.stress, |what| match what {
                     Input::Manifest => Ok(manifest.clone()),
-                    Input::WorkloadRootfs => workload_rootfs(ctx, arch),
+                    Input::WorkloadRootfs => container_rootfs(ctx, WORKLOAD_RECIPE, arch),
+                    Input::ShellRootfs => container_rootfs(ctx, SHELL_RECIPE, arch),
                 })?;
             }
         }
@@ -647,11 +666,11 @@ fn verity_is_valid(ctx: &Ctx, manifest: &std::path::Path) -> anyhow::Result<()> 
 
 /// The workload test's container rootfs (fio, iptables, nft, redis, swap,
 /// hugetlbfs, mqueue) for `arch`, built or found in the cache.
-fn workload_rootfs(ctx: &Ctx, arch: Arch) -> anyhow::Result<std::path::PathBuf> {
+fn container_rootfs(ctx: &Ctx, recipe: &str, arch: Arch) -> anyhow::Result<std::path::PathBuf> {
     let started = std::time::Instant::now();
-    let rootfs = crate::stage::container::build(ctx, WORKLOAD_RECIPE, arch)?;
+    let rootfs = crate::stage::container::build(ctx, recipe, arch)?;
     ctx.ui.println(&format!(
-        "workload container rootfs {} ready after {:.0} s",
+        "{recipe} container rootfs {} ready after {:.0} s",
         ctx.rel(&rootfs.dir).display(),
         started.elapsed().as_secs_f64()
     ));
