@@ -1,7 +1,6 @@
 //! A container's root filesystem as a virtio-blk disk: Kata's block-based
-//! rootfs, for guests where a shared directory is not possible (s390x: the
-//! big-endian guest's FUSE traffic is not byte-swapped by virtiofsd) or not
-//! wanted.
+//! rootfs, for guests where a shared directory is not possible (see
+//! [`virtio_fs_serves`]) or not wanted.
 //!
 //! The host directory is copied into a fresh ext4 image (`mke2fs -d`: no
 //! root, no loop device), attached at a fixed guest address at boot, and
@@ -32,14 +31,31 @@ pub enum RootfsVia {
     Block,
 }
 
+/// Whether virtiofsd on a `host` serves a `guest` kernel's FUSE requests.
+/// FUSE passes them in the guest's ABI and virtiofsd translates nothing, so:
+/// - byte order must match: s390x is big-endian, the others little-endian;
+/// - open(2) flag values differ (Linux's uapi `asm/fcntl.h`): x86_64 and
+///   s390x use the generic ones, powerpc and arm64 their own. A ppc64le
+///   guest's O_LARGEFILE (0200000, which a 64-bit kernel always sets) is the
+///   generic O_DIRECTORY, so every open of a file on an x86_64 host's share
+///   fails with ENOTDIR. arm64's O_LARGEFILE is the generic O_NOFOLLOW
+///   (harmless there), but its O_DIRECT (0200000) is O_DIRECTORY too: an
+///   aarch64 guest's O_DIRECT opens on the share fail, everything else works.
+pub fn virtio_fs_serves(host: Arch, guest: Arch) -> bool {
+    let big = |a: Arch| a == Arch::S390x;
+    let powerpc_flags = |a: Arch| a == Arch::Ppc64le;
+    big(host) == big(guest) && powerpc_flags(host) == powerpc_flags(guest)
+}
+
 impl RootfsVia {
-    /// `auto` picks virtio-fs, but a block disk on s390x (see the module doc).
+    /// `auto` picks virtio-fs where it serves this host's `arch` guests
+    /// ([`virtio_fs_serves`]), else the block disk.
     pub fn parse(s: &str, arch: Arch) -> anyhow::Result<RootfsVia> {
         Ok(match s {
             "virtio-fs" => RootfsVia::VirtioFs,
             "block" => RootfsVia::Block,
-            "auto" if arch == Arch::S390x => RootfsVia::Block,
-            "auto" => RootfsVia::VirtioFs,
+            "auto" if virtio_fs_serves(Arch::host(), arch) => RootfsVia::VirtioFs,
+            "auto" => RootfsVia::Block,
             other => anyhow::bail!(
                 "--rootfs-via {other:?}: use auto, virtio-fs or block (a virtio-blk disk image of the rootfs)"
             ),
@@ -148,19 +164,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_is_a_block_disk_only_on_s390x() {
-        assert_eq!(
-            RootfsVia::parse("auto", Arch::S390x).unwrap(),
-            RootfsVia::Block
-        );
-        assert_eq!(
-            RootfsVia::parse("auto", Arch::Ppc64le).unwrap(),
-            RootfsVia::VirtioFs
-        );
-        assert_eq!(
-            RootfsVia::parse("block", Arch::X86_64).unwrap(),
-            RootfsVia::Block
-        );
+    fn auto_is_the_share_only_where_virtiofsd_serves_the_guest() {
+        use Arch::*;
+        assert!(virtio_fs_serves(X86_64, Aarch64) && virtio_fs_serves(Aarch64, X86_64));
+        assert!(virtio_fs_serves(Ppc64le, Ppc64le) && virtio_fs_serves(S390x, S390x));
+        assert!(!virtio_fs_serves(X86_64, S390x), "byte order");
+        assert!(!virtio_fs_serves(X86_64, Ppc64le), "open(2) flag values");
+        assert!(!virtio_fs_serves(Ppc64le, Aarch64));
+        let auto = |a| RootfsVia::parse("auto", a).unwrap();
+        assert_eq!(auto(Arch::host()), RootfsVia::VirtioFs);
+        if Arch::host() == X86_64 {
+            assert_eq!(
+                (auto(S390x), auto(Ppc64le)),
+                (RootfsVia::Block, RootfsVia::Block)
+            );
+        }
+        let virtio_fs = RootfsVia::parse("virtio-fs", S390x).unwrap();
+        assert_eq!(virtio_fs, RootfsVia::VirtioFs, "asked for, it is tried");
+        assert_eq!(RootfsVia::parse("block", X86_64).unwrap(), RootfsVia::Block);
         let e = RootfsVia::parse("9p", Arch::X86_64)
             .unwrap_err()
             .to_string();
