@@ -96,12 +96,8 @@ fn kiln_shim_run_streams_and_exits_on_this_arch() {
         Some(sum.as_str()),
         "1 MiB of stdin reached the container whole: {stdout}"
     );
-    let machine = match arch() {
-        Arch::X86_64 => "x86_64",
-        Arch::Aarch64 => "aarch64",
-        Arch::Ppc64le => "ppc64le",
-        Arch::S390x => "s390x",
-    };
+    // Arch names are `uname -m`'s.
+    let machine = arch().name();
     assert_eq!(lines.get(2), Some(&machine), "{stdout}");
     assert!(stderr.contains("err\n"), "{stderr}");
     assert_eq!(out.status.code(), Some(7), "{stderr}");

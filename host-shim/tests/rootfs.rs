@@ -7,6 +7,9 @@
 //! hash it verifies against, and a copy of the image with one byte changed
 //! fails the read of that byte's file (a changed tree fails the boot).
 //!
+//! The Debian image also runs a container, from the `shell` container rootfs
+//! built for its arch (KILN_E2E_SHELL_ROOTFS) on a virtio-blk disk.
+//!
 //! `cargo xtask test` builds the images and runs these with KILN_E2E_MANIFEST
 //! (minimal), KILN_E2E_EROFS_MANIFEST (minimal-erofs) and
 //! KILN_E2E_DEBIAN_MANIFEST (debian) set.
@@ -26,6 +29,16 @@ async fn boot(
     mode: &str,
     verity: &str,
 ) -> (Vm, Result<kiln_shim::vm::Ready, String>, tempfile::TempDir) {
+    boot_with_container_disk(image, mode, verity, None).await
+}
+
+/// [`boot`], with a container rootfs directory attached as a virtio-blk disk.
+async fn boot_with_container_disk(
+    image: &BootImage,
+    mode: &str,
+    verity: &str,
+    container: Option<&std::path::Path>,
+) -> (Vm, Result<kiln_shim::vm::Ready, String>, tempfile::TempDir) {
     let run_base = tempfile::tempdir().unwrap();
     std::env::set_var("KILN_RUN_DIR", run_base.path());
     let mut cfg = ShimConfig::default();
@@ -34,6 +47,7 @@ async fn boot(
     let opts = BootOptions {
         rootfs: Some(mode.to_string()),
         verity: Some(verity.to_string()),
+        rootfs_disk: container.map(std::path::Path::to_path_buf),
         ..Default::default()
     };
     let mut vm = Vm::launch(image, &cfg, &opts).unwrap();
@@ -81,7 +95,27 @@ async fn boot_and_look(
     paths: &[&str],
     modules: &[&str],
 ) -> (bool, kiln_protocol::kiln::GuestFacts, String) {
-    let (vm, ready, _run) = boot(image, mode, verity).await;
+    let (init, facts, note, _) = boot_look_and_run(image, mode, verity, paths, modules, None).await;
+    (init, facts, note)
+}
+
+/// [`boot_and_look`], and when `container` names a rootfs directory, a
+/// container from it on a virtio-blk disk (the sandbox the modules were
+/// loaded with) running `sh -c` [`CONTAINER_SCRIPT`]: its (status, stdout).
+async fn boot_look_and_run(
+    image: &BootImage,
+    mode: &str,
+    verity: &str,
+    paths: &[&str],
+    modules: &[&str],
+    container: Option<&std::path::Path>,
+) -> (
+    bool,
+    kiln_protocol::kiln::GuestFacts,
+    String,
+    Option<(i32, String)>,
+) {
+    let (vm, ready, _run) = boot_with_container_disk(image, mode, verity, container).await;
     let ready =
         ready.unwrap_or_else(|e| panic!("{} with rootfs={mode}: {e}", image.manifest.image));
     let note = vm.rootfs_note.clone().unwrap_or_default();
@@ -102,9 +136,54 @@ async fn boot_and_look(
         facts = ready.client.guest_facts(&[], paths).await.unwrap();
     }
     eprintln!("{mode}: {facts:?}");
+    let ran = match &vm.container_disk {
+        Some(disk) => Some(
+            run_container(&ready.client, disk)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "a container in {}: {e:#}{}",
+                        image.manifest.image,
+                        vm.diagnostics()
+                    )
+                }),
+        ),
+        None => None,
+    };
     drop(ready);
     vm.shutdown();
-    (details.agent_details.init_daemon, facts, note)
+    (details.agent_details.init_daemon, facts, note, ran)
+}
+
+/// What the container in the Debian image runs: its arch, its Debian
+/// release, and a write to its (writable) root.
+const CONTAINER_SCRIPT: &str =
+    "uname -m; cat /etc/debian_version; echo written > /tmp/x; cat /tmp/x";
+
+/// Container `c` on the rootfs disk, in the current sandbox: (status, stdout).
+async fn run_container(
+    client: &kiln_shim::client::AgentClient,
+    disk: &kiln_shim::rootfs_disk::GuestDisk,
+) -> anyhow::Result<(i32, String)> {
+    let mut spec = kiln_testsupport::vm::shim_spec(&["/bin/sh", "-c", CONTAINER_SCRIPT], "c");
+    spec.Root.mut_or_insert_default().Readonly = false;
+    let extras = kiln_shim::client::ContainerExtras {
+        storages: vec![kiln_shim::run::rootfs_disk_storage(disk, "c")],
+        ..Default::default()
+    };
+    client.create_container("c", spec, extras).await?;
+    client.start_container("c").await?;
+    let out = kiln_testsupport::streams::read_to_eof(
+        &client.agent,
+        kiln_testsupport::vm::long,
+        "c",
+        "c",
+        kiln_testsupport::streams::Stream::Stdout,
+        64 * 1024,
+    )
+    .await?;
+    let status = client.wait_process("c", "c").await?;
+    Ok((status, String::from_utf8_lossy(&out).into_owned()))
 }
 
 /// The root is the dm-verity device kiln-shim asked for, holding the root
@@ -254,9 +333,29 @@ async fn debian_boots_systemd_and_the_agent_service_from_dax() {
     let paths = ["/usr/bin/kiln-agent", "/usr/lib/systemd/systemd"];
     // "image": DAX on an NVDIMM where the machine has one, virtio-blk elsewhere.
     // Modules sit under /usr/lib/modules (merged /usr) here.
-    let (init, facts, note) =
-        boot_and_look(&image, "image", "auto", &paths, &["dummy", "bridge"]).await;
+    // A container from the `shell` rootfs built for this arch, on a disk.
+    let container = kiln_testsupport::vm::rootfs_copy("KILN_E2E_SHELL_ROOTFS", "usr/bin/dash");
+    let (init, facts, note, ran) = boot_look_and_run(
+        &image,
+        "image",
+        "auto",
+        &paths,
+        &["dummy", "bridge"],
+        Some(container.path()),
+    )
+    .await;
     assert!(!init, "systemd is PID 1; the agent runs as its service");
+    let (status, out) = ran.expect("the container ran");
+    // Arch names are `uname -m`'s.
+    let machine = image.manifest.arch.name();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(lines.first(), Some(&machine), "{out}");
+    assert!(
+        lines.get(1).is_some_and(|v| v.starts_with("12.")),
+        "bookworm: {out}"
+    );
+    assert_eq!(lines.get(2), Some(&"written"), "{out}");
     assert_modules(&facts, &["dummy", "llc", "stp", "bridge"]);
     if image.manifest.arch == kiln_manifest::Arch::X86_64 {
         assert!(note.contains("NVDIMM"), "{note}");

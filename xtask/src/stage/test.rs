@@ -195,7 +195,10 @@ const SUITES: &[Suite] = &[
         package: "kiln-shim",
         tests: &["rootfs"],
         filter: Some("debian_"),
-        env: &[("KILN_E2E_DEBIAN_MANIFEST", Input::Manifest)],
+        env: &[
+            ("KILN_E2E_DEBIAN_MANIFEST", Input::Manifest),
+            ("KILN_E2E_SHELL_ROOTFS", Input::ShellRootfs),
+        ],
         arches: Arches::Only(DEBIAN_ARCHES),
         nocapture: true,
     },
