@@ -169,7 +169,7 @@ pub async fn setup(
             let bdf = wait_for_device(guest, hotplug_timeout, o).await?;
             tracing::info!(host = %o.host, guest = %bdf, kind = %d.type_, "VFIO device present");
             if d.type_ == VFIO_PCI {
-                let group = iommu_group(guest, &bdf)?;
+                let group = group_for_vfio(guest, &bdf)?;
                 if !groups.contains(&group) {
                     groups.push(group);
                 }
@@ -261,7 +261,8 @@ pub fn iommu_group(guest: &GuestFs, bdf: &GuestBdf) -> Result<u32> {
     let target = std::fs::read_link(&link).map_err(|_| {
         precondition(format!(
             "guest device {bdf} has no IOMMU group, so it cannot be given to vfio-pci: \
-             the VM needs a virtual IOMMU (q35: -device intel-iommu and intel_iommu=on), \
+             the VM needs a virtual IOMMU (q35: -device intel-iommu and intel_iommu=on; \
+             virt: -device virtio-iommu-pci), \
              or pass the device as {VFIO_PCI_GK:?}"
         ))
     })?;
@@ -292,6 +293,25 @@ fn driver_of(dev: &Path) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The IOMMU group of `bdf`, which is to go to vfio-pci. On a device-tree
+/// guest (aarch64 `virt` with virtio-iommu) a device joins its group only
+/// when a driver probes it (`of_dma_configure` runs at probe), so a device
+/// with no driver and no group is bound to vfio-pci first, which puts it
+/// in its group.
+fn group_for_vfio(guest: &GuestFs, bdf: &GuestBdf) -> Result<u32> {
+    match iommu_group(guest, bdf) {
+        Ok(group) => Ok(group),
+        Err(e) => {
+            let dev = guest.path("/sys/bus/pci/devices").join(&bdf.0);
+            if driver_of(&dev).is_some() {
+                return Err(e);
+            }
+            bind_to_vfio(guest, &bdf.0)?;
+            iommu_group(guest, bdf)
+        }
+    }
+}
+
 /// Binds every device of guest IOMMU group `group` except bridges to
 /// vfio-pci: `driver_override`, unbind from the current driver, `drivers_probe`.
 pub fn bind_group_to_vfio(guest: &GuestFs, group: u32) -> Result<()> {
@@ -302,28 +322,37 @@ pub fn bind_group_to_vfio(guest: &GuestFs, group: u32) -> Result<()> {
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .collect();
     members.sort();
-    let devices = guest.path("/sys/bus/pci/devices");
     for bdf in members {
-        let dev = devices.join(&bdf);
+        let dev = guest.path("/sys/bus/pci/devices").join(&bdf);
         if pci_class(&dev) == CLASS_BRIDGE {
             continue;
         }
-        let current = driver_of(&dev);
-        if current.as_deref() == Some(VFIO_PCI) {
-            continue;
+        if let Some(from) = bind_to_vfio(guest, &bdf)? {
+            tracing::info!(device = %bdf, group, from = ?from, "bound to vfio-pci");
         }
-        let write = |file: &Path, value: &str| {
-            std::fs::write(file, value)
-                .map_err(|e| os(format_args!("writing {value:?} to {}", file.display()), e))
-        };
-        write(&dev.join("driver_override"), VFIO_PCI)?;
-        if current.is_some() {
-            write(&dev.join("driver/unbind"), &bdf)?;
-        }
-        write(&guest.path("/sys/bus/pci/drivers_probe"), &bdf)?;
-        tracing::info!(device = %bdf, group, from = ?current, "bound to vfio-pci");
     }
     Ok(())
+}
+
+/// Binds one device to vfio-pci unless it is already: `driver_override`,
+/// unbind from its driver, `drivers_probe`. Some(previous driver) when it
+/// changed anything.
+fn bind_to_vfio(guest: &GuestFs, bdf: &str) -> Result<Option<Option<String>>> {
+    let dev = guest.path("/sys/bus/pci/devices").join(bdf);
+    let current = driver_of(&dev);
+    if current.as_deref() == Some(VFIO_PCI) {
+        return Ok(None);
+    }
+    let write = |file: &Path, value: &str| {
+        std::fs::write(file, value)
+            .map_err(|e| os(format_args!("writing {value:?} to {}", file.display()), e))
+    };
+    write(&dev.join("driver_override"), VFIO_PCI)?;
+    if current.is_some() {
+        write(&dev.join("driver/unbind"), bdf)?;
+    }
+    write(&guest.path("/sys/bus/pci/drivers_probe"), bdf)?;
+    Ok(Some(current))
 }
 
 async fn wait_for_group_node(guest: &GuestFs, limit: Duration, group: u32) -> Result<()> {
@@ -597,6 +626,38 @@ mod tests {
         fs::write(root.join("sys/class/vfio/7/dev"), "244:0\n").unwrap();
         fs::create_dir_all(root.join("dev/vfio")).unwrap();
         fs::write(root.join("dev/vfio/7"), "").unwrap();
+    }
+
+    /// A device-tree guest: a driverless device joins its group only once
+    /// a driver probes it, so it is bound first; one with a driver is not
+    /// taken from it.
+    #[test]
+    fn a_driverless_device_without_a_group_is_probed_by_vfio_pci_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fake_tree(root);
+        let guest = GuestFs::new(root);
+        let devs = root.join("sys/bus/pci/devices");
+        fs::remove_file(devs.join("0000:01:00.0/iommu_group")).unwrap();
+        fs::remove_file(devs.join("0000:01:00.1/iommu_group")).unwrap();
+        let bdf = GuestBdf("0000:01:00.0".into());
+        // The fake kernel makes no group: the error stays, after the probe.
+        assert!(group_for_vfio(&guest, &bdf).is_err());
+        let over = fs::read_to_string(devs.join("0000:01:00.0/driver_override")).unwrap();
+        assert_eq!(over, VFIO_PCI);
+        let probed = fs::read_to_string(root.join("sys/bus/pci/drivers_probe")).unwrap();
+        assert_eq!(probed, "0000:01:00.0");
+        let driven = GuestBdf("0000:01:00.1".into());
+        assert!(group_for_vfio(&guest, &driven).is_err());
+        let over = fs::read_to_string(devs.join("0000:01:00.1/driver_override")).unwrap();
+        assert_eq!(over, "(null)\n", "a driven device keeps its driver");
+        // With the group there (as the kernel makes it at probe), it is read.
+        symlink(
+            "../../../../kernel/iommu_groups/7",
+            devs.join("0000:01:00.0/iommu_group"),
+        )
+        .unwrap();
+        assert_eq!(group_for_vfio(&guest, &bdf).unwrap(), 7);
     }
 
     fn device(kind: &str, opts: &[&str], cpath: &str) -> agent::Device {

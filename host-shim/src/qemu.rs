@@ -365,6 +365,18 @@ pub fn has_pcie_root_ports(arch: Arch, machine: &str) -> bool {
     )
 }
 
+/// The virtual IOMMU a guest gets to use vfio-pci itself: intel-iommu on
+/// x86_64 (caching-mode lets QEMU's vfio-pci follow the guest's mappings),
+/// virtio-iommu on aarch64 (described to the guest in the device tree).
+/// None where kiln offers no guest VFIO path.
+pub fn viommu_device(arch: Arch) -> Option<&'static str> {
+    match arch {
+        Arch::X86_64 => Some("intel-iommu,caching-mode=on"),
+        Arch::Aarch64 => Some("virtio-iommu-pci"),
+        Arch::Ppc64le | Arch::S390x => None,
+    }
+}
+
 /// Whether DIMMs can be hot-plugged (`-m ...,slots,maxmem` and `pc-dimm`).
 pub fn supports_memory_hotplug(arch: Arch, machine: &str) -> bool {
     (arch, machine) == (Arch::X86_64, "q35")
@@ -493,9 +505,10 @@ impl QemuLaunch<'_> {
             &smp_arg(self.config.default_vcpus, self.config.default_maxvcpus),
         ]);
         if self.viommu {
-            // Before any PCI device, so it translates for all of them;
-            // caching-mode lets QEMU's vfio-pci follow the guest's mappings.
-            push(&["-device", "intel-iommu,caching-mode=on"]);
+            // Before any PCI device, so it translates for all of them.
+            if let Some(device) = viommu_device(self.arch) {
+                push(&["-device", device]);
+            }
         }
         a.extend(nvdimm_args(nvdimm_root, pmem.as_ref()));
         a.extend(self.console_args(p.console));
@@ -526,10 +539,10 @@ impl QemuLaunch<'_> {
             );
         }
         if (self.viommu || !self.passthrough.is_empty())
-            && (self.arch, machine) != (Arch::X86_64, "q35")
+            && !(has_pcie_root_ports(self.arch, machine) && viommu_device(self.arch).is_some())
         {
             anyhow::bail!(
-                "VFIO passthrough needs an x86_64 q35 machine (pcie-root-port, intel-iommu), not {} {machine}",
+                "VFIO passthrough needs an x86_64 q35 or aarch64 virt machine (pcie-root-port and a virtual IOMMU), not {} {machine}",
                 self.arch
             );
         }
@@ -588,7 +601,7 @@ impl QemuLaunch<'_> {
         }
         if self.viommu {
             cmdline.push(' ');
-            cmdline.push_str(crate::vfio::GUEST_IOMMU_PARAMS);
+            cmdline.push_str(crate::vfio::guest_iommu_params(self.arch));
         }
         if let Some(r) = &self.rootfs {
             cmdline.push(' ');
@@ -1234,8 +1247,22 @@ mod tests {
 
         let mut arm = launch_for(Arch::Aarch64, &cfg, Accel::Tcg);
         arm.passthrough = &passed;
-        let err = arm.args().unwrap_err().to_string();
-        assert!(err.contains("x86_64 q35"), "{err}");
+        arm.viommu = true;
+        let args = arm.args().unwrap();
+        let line = args.join(" ");
+        let iommu = line.find("-device virtio-iommu-pci").expect(&line);
+        assert!(iommu < line.find("vhost-user-vsock-pci").unwrap(), "{line}");
+        assert!(line.contains("-device edu,bus=kiln_vfio_rp1"), "{line}");
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(
+            append.ends_with(" vfio_iommu_type1.allow_unsafe_interrupts=1"),
+            "{append}"
+        );
+        assert!(!append.contains("intel_iommu"), "{append}");
+        let mut ppc = launch_for(Arch::Ppc64le, &cfg, Accel::Tcg);
+        ppc.passthrough = &passed;
+        let err = ppc.args().unwrap_err().to_string();
+        assert!(err.contains("x86_64 q35 or aarch64 virt"), "{err}");
         let plain = launch_for(Arch::X86_64, &cfg, Accel::Tcg)
             .args()
             .unwrap()

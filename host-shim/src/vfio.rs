@@ -666,8 +666,18 @@ pub fn emulated_group(i: u32) -> u32 {
     900 + i
 }
 
-/// Kernel parameters a guest needs to use vfio-pci itself.
+/// Kernel parameters an x86_64 guest needs to use vfio-pci itself.
 pub const GUEST_IOMMU_PARAMS: &str = "intel_iommu=on vfio_iommu_type1.allow_unsafe_interrupts=1";
+
+/// Kernel parameters a guest of `arch` needs to use vfio-pci itself: the
+/// IOMMU switched on where it is off by default, and interrupts allowed
+/// without remapping (neither virtual IOMMU remaps them under TCG).
+pub fn guest_iommu_params(arch: kiln_manifest::Arch) -> &'static str {
+    match arch {
+        kiln_manifest::Arch::X86_64 => GUEST_IOMMU_PARAMS,
+        _ => "vfio_iommu_type1.allow_unsafe_interrupts=1",
+    }
+}
 
 #[cfg(test)]
 mod tests {

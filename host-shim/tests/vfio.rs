@@ -1,5 +1,6 @@
 //! End-to-end VFIO passthrough under TCG: the guest gets a virtual IOMMU
-//! (`intel-iommu`) and an emulated `edu` device (1234:11e8), which the shim
+//! (`intel-iommu` on x86_64, `virtio-iommu-pci` on aarch64) and an emulated
+//! `edu` device (1234:11e8), which the shim
 //! presents to the agent as host device 0000:ab:00.0 passed through
 //! (`--emulated-vfio`). The agent binds it to vfio-pci in the guest, the
 //! container gets `/dev/vfio/<group>` and `/dev/vfio/vfio`, and a small
@@ -7,7 +8,8 @@
 //! Once cold (behind a root port the shim made, through `kiln-shim run`) and
 //! once hot-plugged through QMP while CreateContainer waits for it.
 //!
-//! `cargo xtask test` builds the image and runs these with KILN_E2E_MANIFEST.
+//! `cargo xtask test` builds the image and runs these with KILN_E2E_MANIFEST
+//! (and, for aarch64, KILN_E2E_SHELL_ROOTFS: the container rootfs).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -23,21 +25,32 @@ use protobuf::MessageField;
 
 const HOST_BDF: &str = "0000:ab:00.0";
 
-/// VFIO passthrough needs q35 (intel-iommu, pcie-root-port): x86_64 guests only.
-fn x86_64_image() -> bool {
+/// The guest VFIO path needs PCIe root ports and a virtual IOMMU
+/// (`kiln_shim::qemu::viommu_device`): x86_64 q35 and aarch64 virt.
+fn vfio_arch() -> bool {
     let arch = BootImage::load(&manifest()).unwrap().manifest.arch;
-    if arch != kiln_manifest::Arch::X86_64 {
-        eprintln!("skipping: VFIO passthrough is x86_64 q35 only, the image is {arch}");
+    let ok = kiln_shim::qemu::viommu_device(arch).is_some();
+    if !ok {
+        eprintln!(
+            "skipping: {arch}: kiln offers no guest IOMMU there (pseries' TCE IOMMU and s390x zPCI are not wired up), so no guest VFIO path"
+        );
     }
-    arch == kiln_manifest::Arch::X86_64
+    ok
 }
 
-/// A busybox rootfs with `/vfio_probe`, built statically for the guest.
+/// The container rootfs with `/vfio_probe`, built statically for the guest:
+/// the host's busybox on x86_64, the `shell` rootfs built for the arch elsewhere.
 fn rootfs_with_probe() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    kiln_testsupport::vm::write_busybox_rootfs(dir.path()).unwrap();
+    let arch = BootImage::load(&manifest()).unwrap().manifest.arch;
+    let dir = if arch == kiln_manifest::Arch::host() {
+        let dir = tempfile::tempdir().unwrap();
+        kiln_testsupport::vm::write_busybox_rootfs(dir.path()).unwrap();
+        dir
+    } else {
+        kiln_testsupport::vm::rootfs_copy("KILN_E2E_SHELL_ROOTFS", "usr/bin/dash")
+    };
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vfio_probe.rs");
-    kiln_testsupport::vm::build_static_x86_64(&src, &dir.path().join("vfio_probe"));
+    kiln_testsupport::vm::build_static(&src, &dir.path().join("vfio_probe"), arch);
     dir
 }
 
@@ -82,7 +95,7 @@ fn check_output(out: &str) {
 #[test]
 #[ignore = "boots a VM; run through `cargo xtask test`"]
 fn cold_plugged_edu_is_a_vfio_device_in_the_container() {
-    if !x86_64_image() {
+    if !vfio_arch() {
         return;
     }
     let rootfs = rootfs_with_probe();
@@ -113,7 +126,7 @@ fn cold_plugged_edu_is_a_vfio_device_in_the_container() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "boots a VM; run through `cargo xtask test`"]
 async fn hot_plugged_edu_is_awaited_by_create_container() {
-    if !x86_64_image() {
+    if !vfio_arch() {
         return;
     }
     let run_base = tempfile::tempdir().unwrap();

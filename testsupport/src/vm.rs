@@ -43,17 +43,37 @@ pub fn write_busybox_rootfs(root: &Path) -> anyhow::Result<()> {
 /// can run it. Panics with rustc's message (the musl target comes from
 /// `cargo xtask setup`).
 pub fn build_static_x86_64(src: &Path, out: &Path) {
-    let built = std::process::Command::new("rustc")
-        .args(["--edition", "2021", "--target", "x86_64-unknown-linux-musl"])
-        .args(["-C", "opt-level=1", "-C", "panic=abort", "-o"])
+    build_static(src, out, kiln_manifest::Arch::X86_64)
+}
+
+/// [`build_static_x86_64`] for a guest of `arch` (x86_64 or aarch64, the
+/// musl targets; the aarch64 one links with Debian's cross gcc, as
+/// .cargo/config.toml says for the agent).
+pub fn build_static(src: &Path, out: &Path, arch: kiln_manifest::Arch) {
+    let mut rustc = std::process::Command::new("rustc");
+    rustc.args(["--edition", "2021", "--target", arch.rust_target()]);
+    rustc.args([
+        "-C",
+        "opt-level=1",
+        "-C",
+        "panic=abort",
+        "-C",
+        "target-feature=+crt-static",
+    ]);
+    if arch == kiln_manifest::Arch::Aarch64 {
+        rustc.args(["-C", "linker=aarch64-linux-gnu-gcc"]);
+    }
+    let built = rustc
+        .arg("-o")
         .arg(out)
         .arg(src)
         .output()
         .expect("running rustc");
     assert!(
         built.status.success(),
-        "building {} for x86_64-unknown-linux-musl: {}",
+        "building {} for {}: {}",
         src.display(),
+        arch.rust_target(),
         String::from_utf8_lossy(&built.stderr)
     );
 }

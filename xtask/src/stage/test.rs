@@ -21,6 +21,9 @@ const E2E_DEBIAN_IMAGE: &str = "debian";
 /// guest: never s390x.)
 const WORKLOAD_RECIPE: &str = "workload";
 const WORKLOAD_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64];
+/// Where the guest VFIO path runs: the machines with PCIe root ports and a
+/// virtual IOMMU (kiln_shim::qemu::viommu_device).
+const VFIO_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64];
 /// The small container rootfs (Debian minbase) every arch runs containers
 /// from, on a virtio-blk disk and over virtio-fs (host-shim/tests/arch_containers.rs).
 const SHELL_RECIPE: &str = "shell";
@@ -130,17 +133,23 @@ const SUITES: &[Suite] = &[
         package: "kiln-shim",
         // kata_replay: a pod's life as Kata's runtimes drive the agent, with
         // vCPU and DIMM hot-plug.
-        tests: &[
-            "run",
-            "agent_vm",
-            "vfio",
-            "seccomp",
-            "kata_replay",
-            "stress",
-        ],
+        tests: &["run", "agent_vm", "seccomp", "kata_replay", "stress"],
         filter: None,
         env: &[("KILN_E2E_MANIFEST", Input::Manifest)],
         arches: Arches::Host,
+        nocapture: false,
+    },
+    Suite {
+        name: "guest VFIO (edu behind a virtual IOMMU)",
+        image: Some(E2E_IMAGE),
+        package: "kiln-shim",
+        tests: &["vfio"],
+        filter: None,
+        env: &[
+            ("KILN_E2E_MANIFEST", Input::Manifest),
+            ("KILN_E2E_SHELL_ROOTFS", Input::ShellRootfs),
+        ],
+        arches: Arches::Only(VFIO_ARCHES),
         nocapture: false,
     },
     Suite {
