@@ -30,7 +30,7 @@ const SHELL_RECIPE: &str = "shell";
 /// Where the Debian/systemd image boots in every run, and runs a container
 /// (systemd to agent-ready under TCG, 7 Dec: ppc64le 10.8 s, s390x 18.4 s;
 /// aarch64 about 11 s in CI).
-const DEBIAN_ARCHES: &[Arch] = &Arch::ALL;
+const DEBIAN_ARCHES: &[Arch] = &crate::arch::ALL;
 
 /// Wall time of each part of the run, printed when the run ends (also when
 /// it fails), so a CI log shows where the minutes went.
