@@ -89,6 +89,12 @@ pub struct QemuSection {
     /// reach the file. x86_64 q35 only; empty means none.
     #[serde(default)]
     pub pmem_file: String,
+    /// UEFI firmware to boot through (`-bios`; the kernel still comes from
+    /// `-kernel`); empty: a direct kernel boot. On aarch64 it gives the guest
+    /// ACPI, and with it NVDIMMs (DAX); an aarch64 NVDIMM without it uses
+    /// Debian's edk2 (`crate::qemu::AARCH64_EDK2`, package qemu-efi-aarch64).
+    #[serde(default)]
+    pub firmware: String,
     /// Where the guest's root filesystem comes from (see [`ROOTFS_MODES`]).
     #[serde(default = "default_rootfs")]
     pub rootfs: String,
@@ -132,7 +138,8 @@ pub fn check_network_mode(key: &str, value: &str) -> anyhow::Result<crate::qemu:
 /// Values of `hypervisor.qemu.rootfs`:
 /// - "initrd": the image's initrd (the default);
 /// - "image": the image's rootfs.img, as an NVDIMM with DAX where the machine
-///   has one (x86_64 q35), else as a virtio-blk disk; the log says which;
+///   has one (x86_64 q35; aarch64 virt when `firmware` is set), else as a
+///   virtio-blk disk; the log says which;
 /// - "nvdimm": rootfs.img as an NVDIMM with DAX, and an error where there is none;
 /// - "virtio-blk": rootfs.img as a read-only virtio-blk disk, no DAX.
 pub const ROOTFS_MODES: &[&str] = &["initrd", "image", "nvdimm", "virtio-blk"];

@@ -64,11 +64,21 @@ pub const PMEM_ALIGN: u64 = 2 << 20;
 
 /// Whether kiln-shim can give this arch and machine a persistent-memory
 /// device. QEMU 7.2 has `-device nvdimm` (ACPI NFIT) on x86 q35; virt needs
-/// ACPI from UEFI firmware (no NFIT with -kernel and a device tree), pseries
+/// ACPI from UEFI firmware (no NFIT with -kernel and a device tree: `firmware`), pseries
 /// needs labelled namespaces created in the guest, s390x has none, and
 /// virtio-pmem-pci exists only in the x86 binary.
-pub fn supports_pmem(arch: Arch, machine: &str) -> bool {
+pub fn supports_pmem(arch: Arch, machine: &str, firmware: bool) -> bool {
     matches!((arch, machine), (Arch::X86_64, "q35"))
+        || (firmware && (arch, machine) == (Arch::Aarch64, "virt"))
+}
+
+/// Debian's edk2 build for QEMU's aarch64 `virt` (package qemu-efi-aarch64).
+pub const AARCH64_EDK2: &str = "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd";
+
+/// Whether an aarch64 NVDIMM can have firmware: the configured one, or
+/// Debian's edk2 where it is installed.
+fn aarch64_firmware_available(configured: &str) -> bool {
+    !configured.is_empty() || Path::new(AARCH64_EDK2).exists()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,22 +258,31 @@ pub fn choose_rootfs_device(
     setting: &str,
     arch: Arch,
     machine: &str,
+    firmware: &str,
 ) -> anyhow::Result<Option<(RootfsDevice, String)>> {
     crate::config::check_rootfs_mode(key, setting)?;
-    let nvdimm = supports_pmem(arch, machine);
+    // "image" takes an NVDIMM only where no firmware boot is needed or one
+    // was configured; "nvdimm" asks for it, and then gets Debian's edk2.
+    let nvdimm = supports_pmem(arch, machine, !firmware.is_empty());
+    let asked_nvdimm = supports_pmem(arch, machine, aarch64_firmware_available(firmware));
     Ok(match setting {
         "initrd" => None,
         "virtio-blk" => Some((
             RootfsDevice::VirtioBlk,
             "rootfs image on virtio-blk (/dev/vda1, no DAX), as configured".into(),
         )),
-        "nvdimm" if nvdimm => Some((
+        "nvdimm" if asked_nvdimm => Some((
             RootfsDevice::Nvdimm,
             "rootfs image on an NVDIMM (/dev/pmem0p1, DAX)".into(),
         )),
+        "nvdimm" if (arch, machine) == (Arch::Aarch64, "virt") => anyhow::bail!(
+            "{key} = \"nvdimm\" on aarch64 virt needs UEFI firmware, whose ACPI NFIT describes the NVDIMM: \
+             install Debian's qemu-efi-aarch64 ({AARCH64_EDK2}) or set hypervisor.qemu.firmware"
+        ),
         "nvdimm" => anyhow::bail!(
             "{key} = \"nvdimm\" asks for a DAX root on an NVDIMM, but kiln-shim has no NVDIMM for {arch} {machine} \
-             (QEMU 7.2 offers -device nvdimm with ACPI NFIT on x86_64 q35 only); use \"virtio-blk\" (no DAX) or \"image\""
+             (QEMU 7.2 offers -device nvdimm with ACPI NFIT on x86_64 q35, and on aarch64 virt booted through UEFI); \
+             use \"virtio-blk\" (no DAX) or \"image\""
         ),
         _ if nvdimm => Some((
             RootfsDevice::Nvdimm,
@@ -430,16 +449,36 @@ impl QemuLaunch<'_> {
         })
     }
 
+    /// The firmware to boot through: the configured one, or for an aarch64
+    /// NVDIMM (described only by ACPI) Debian's edk2; None: a direct boot.
+    pub fn firmware(&self, nvdimm: bool) -> anyhow::Result<Option<String>> {
+        let path = match self.config.firmware.as_str() {
+            "" if nvdimm && self.arch == Arch::Aarch64 => AARCH64_EDK2,
+            "" => return Ok(None),
+            configured => configured,
+        };
+        if !Path::new(path).is_file() {
+            anyhow::bail!(
+                "UEFI firmware {path} is missing: install Debian's qemu-efi-aarch64 or set hypervisor.qemu.firmware"
+            );
+        }
+        Ok(Some(qemu_path(Path::new(path))))
+    }
+
     /// The configured persistent-memory file and its size, checked.
     fn pmem(&self, machine: &str) -> anyhow::Result<Option<(std::path::PathBuf, u64)>> {
         let file = self.config.pmem_file.trim();
         if file.is_empty() {
             return Ok(None);
         }
-        if !supports_pmem(self.arch, machine) {
+        if !supports_pmem(
+            self.arch,
+            machine,
+            aarch64_firmware_available(&self.config.firmware),
+        ) {
             anyhow::bail!(
                 "hypervisor.qemu.pmem_file is set, but kiln-shim can attach persistent memory only to x86_64 q35 guests \
-                 (QEMU 7.2 has no nvdimm or virtio-pmem for {} {machine} booted with -kernel)",
+                 and aarch64 virt guests booted through UEFI (QEMU 7.2 has no nvdimm or virtio-pmem for {} {machine} booted with -kernel)",
                 self.arch
             );
         }
@@ -485,6 +524,9 @@ impl QemuLaunch<'_> {
         ]);
         let nvdimm = pmem.is_some() || nvdimm_root.is_some();
         push(&["-machine", &self.machine_opts(&p, machine, nvdimm)]);
+        if let Some(fw) = self.firmware(nvdimm)? {
+            push(&["-bios", &fw]);
+        }
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => {
@@ -524,9 +566,15 @@ impl QemuLaunch<'_> {
         nvdimm_root: bool,
         hotplug_mib: u32,
     ) -> anyhow::Result<()> {
-        if nvdimm_root && !supports_pmem(self.arch, machine) {
+        if nvdimm_root
+            && !supports_pmem(
+                self.arch,
+                machine,
+                aarch64_firmware_available(&self.config.firmware),
+            )
+        {
             anyhow::bail!(
-                "an NVDIMM root needs an x86_64 q35 machine, not {} {machine}",
+                "an NVDIMM root needs an x86_64 q35 machine or aarch64 virt with UEFI firmware, not {} {machine}",
                 self.arch
             );
         }
@@ -1135,33 +1183,68 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("nvdimm") && !line.contains("dax"), "{line}");
+        assert!(!line.contains("-bios"), "a direct kernel boot: {line}");
         l.rootfs = Some(disk(RootfsDevice::Nvdimm));
         assert!(l.args().is_err(), "no NVDIMM on s390x");
+
+        // aarch64: the NVDIMM is described by ACPI, so the VM boots through
+        // UEFI firmware (a configured one here; Debian's edk2 by default).
+        let fw = tempfile::NamedTempFile::new().unwrap();
+        let arm_cfg = QemuSection {
+            firmware: fw.path().display().to_string(),
+            ..QemuSection::default()
+        };
+        let mut l = launch_for(Arch::Aarch64, &arm_cfg, Accel::Tcg);
+        l.rootfs = Some(disk(RootfsDevice::Nvdimm));
+        let line = l.args().unwrap().join(" ");
+        assert!(
+            line.contains("-machine virt,memory-backend=mem,nvdimm=on"),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("-bios {}", fw.path().display())),
+            "{line}"
+        );
+        let missing = QemuSection {
+            firmware: "/nonexistent/QEMU_EFI.fd".into(),
+            ..QemuSection::default()
+        };
+        let mut l = launch_for(Arch::Aarch64, &missing, Accel::Tcg);
+        l.rootfs = Some(disk(RootfsDevice::Nvdimm));
+        let err = l.args().unwrap_err().to_string();
+        assert!(err.contains("qemu-efi-aarch64"), "{err}");
     }
 
     #[test]
     fn rootfs_modes_pick_a_device_or_refuse() {
         let k = "hypervisor.qemu.rootfs";
-        assert!(choose_rootfs_device(k, "initrd", Arch::X86_64, "q35")
-            .unwrap()
-            .is_none());
-        let (d, _) = choose_rootfs_device(k, "image", Arch::X86_64, "q35")
-            .unwrap()
-            .unwrap();
+        let choose = |mode, arch, machine, fw| choose_rootfs_device(k, mode, arch, machine, fw);
+        assert!(choose("initrd", Arch::X86_64, "q35", "").unwrap().is_none());
+        let (d, _) = choose("image", Arch::X86_64, "q35", "").unwrap().unwrap();
         assert_eq!(d, RootfsDevice::Nvdimm);
-        let (d, why) = choose_rootfs_device(k, "image", Arch::Aarch64, "virt")
-            .unwrap()
-            .unwrap();
+        let (d, why) = choose("image", Arch::Aarch64, "virt", "").unwrap().unwrap();
         assert_eq!(d, RootfsDevice::VirtioBlk);
         assert!(why.contains("no DAX"), "{why}");
-        let err = choose_rootfs_device(k, "nvdimm", Arch::Aarch64, "virt")
+        let (d, _) = choose("image", Arch::Aarch64, "virt", "/fw.fd")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            d,
+            RootfsDevice::Nvdimm,
+            "with firmware, ACPI describes an NVDIMM"
+        );
+        match choose("nvdimm", Arch::Aarch64, "virt", "") {
+            Ok(d) => assert!(Path::new(AARCH64_EDK2).exists(), "{d:?} without edk2"),
+            Err(e) => assert!(e.to_string().contains("qemu-efi-aarch64"), "{e}"),
+        }
+        let err = choose("nvdimm", Arch::Ppc64le, "pseries", "")
             .unwrap_err()
             .to_string();
         assert!(
             err.contains(k) && err.contains("virtio-blk"),
             "DAX asked where there is none: {err}"
         );
-        let err = choose_rootfs_device("--rootfs", "dax", Arch::X86_64, "q35")
+        let err = choose_rootfs_device("--rootfs", "dax", Arch::X86_64, "q35", "")
             .unwrap_err()
             .to_string();
         assert!(err.contains("--rootfs"), "{err}");

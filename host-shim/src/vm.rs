@@ -103,8 +103,13 @@ impl Vm {
             "" => qemu::profile(image.manifest.arch).machine.to_string(),
             m => m.to_string(),
         };
-        let rootfs_choice =
-            qemu::choose_rootfs_device(rootfs_key, rootfs_mode, image.manifest.arch, &machine)?;
+        let rootfs_choice = qemu::choose_rootfs_device(
+            rootfs_key,
+            rootfs_mode,
+            image.manifest.arch,
+            &machine,
+            &cfg.hypervisor.qemu.firmware,
+        )?;
         let rootfs_image = match &rootfs_choice {
             Some(_) => Some(image.rootfs_image()?),
             None => None,

@@ -68,6 +68,11 @@ pub fn packages_for(arches: &[Arch]) -> BTreeSet<&'static str> {
     let mut set: BTreeSet<&str> = COMMON_PACKAGES.iter().copied().collect();
     for a in arches {
         set.insert(a.qemu_package());
+        if *a == Arch::Aarch64 {
+            // edk2 for QEMU's virt: an aarch64 NVDIMM (DAX) is described by
+            // ACPI, which the guest gets only through UEFI firmware.
+            set.insert("qemu-efi-aarch64");
+        }
         set.extend(a.cross_gcc_package());
         set.extend(a.cross_libc_package());
         set.extend(a.cross_c_program_libc_package());
@@ -335,7 +340,9 @@ mod tests {
             p.contains("libc6-dev-s390x-cross"),
             "static glibc agent link: {p:?}"
         );
+        assert!(!p.contains("qemu-efi-aarch64"));
         let p = packages_for(&[Arch::Aarch64, Arch::Ppc64le]);
+        assert!(p.contains("qemu-efi-aarch64"), "the NVDIMM's UEFI boot: {p:?}");
         assert!(
             p.contains("qemu-system-arm") && p.contains("qemu-system-ppc"),
             "{p:?}"
