@@ -280,8 +280,7 @@ async fn minimal_boots_from_its_rootfs_image() {
         // An NVDIMM on virt is described by ACPI's NFIT, so the shim boots
         // the kernel through Debian's edk2; without dm-verity (which cannot
         // map DAX), the root is DAX.
-        let (init, facts, note) =
-            boot_and_look(&image, "nvdimm", "off", &["/init"], &[]).await;
+        let (init, facts, note) = boot_and_look(&image, "nvdimm", "off", &["/init"], &[]).await;
         assert!(init, "the agent is PID 1");
         assert!(note.contains("NVDIMM"), "{note}");
         assert_dax_root(&facts, &layout.filesystem);

@@ -342,7 +342,10 @@ mod tests {
         );
         assert!(!p.contains("qemu-efi-aarch64"));
         let p = packages_for(&[Arch::Aarch64, Arch::Ppc64le]);
-        assert!(p.contains("qemu-efi-aarch64"), "the NVDIMM's UEFI boot: {p:?}");
+        assert!(
+            p.contains("qemu-efi-aarch64"),
+            "the NVDIMM's UEFI boot: {p:?}"
+        );
         assert!(
             p.contains("qemu-system-arm") && p.contains("qemu-system-ppc"),
             "{p:?}"
