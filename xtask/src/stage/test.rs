@@ -733,27 +733,39 @@ mod tests {
                 .map(|s| s.name)
                 .collect()
         };
+        const VFIO: &str = "guest VFIO (edu behind a virtual IOMMU)";
+        const EVERY_ARCH: &str = "containers on every arch (rootfs disk and share)";
+        const DEBIAN: &str = "debian (systemd; DAX on x86_64)";
         assert_eq!(
             plan(Arch::X86_64),
             [
                 "boot",
                 "containers",
+                VFIO,
+                EVERY_ARCH,
                 "workload",
                 "minimal rootfs image",
                 "erofs rootfs image",
-                "debian (systemd; DAX on x86_64)"
+                DEBIAN
             ]
         );
         assert_eq!(
             plan(Arch::Aarch64),
             [
                 "boot",
+                VFIO,
+                EVERY_ARCH,
                 "workload",
                 "minimal rootfs image",
-                "debian (systemd; DAX on x86_64)"
+                DEBIAN
             ]
         );
-        assert_eq!(plan(Arch::S390x), ["boot", "minimal rootfs image"]);
+        for arch in [Arch::Ppc64le, Arch::S390x] {
+            assert_eq!(
+                plan(arch),
+                ["boot", EVERY_ARCH, "minimal rootfs image", DEBIAN]
+            );
+        }
         assert_eq!(images(), [E2E_IMAGE, E2E_EROFS_IMAGE, E2E_DEBIAN_IMAGE]);
         let pipeline = SUITES.iter().find(|s| s.image.is_none()).unwrap();
         assert_eq!(
