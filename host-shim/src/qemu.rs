@@ -288,6 +288,13 @@ pub fn choose_rootfs_device(
             RootfsDevice::Nvdimm,
             "rootfs image on an NVDIMM (/dev/pmem0p1, DAX), the best this machine has".into(),
         )),
+        _ if asked_nvdimm => Some((
+            RootfsDevice::VirtioBlk,
+            format!(
+                "rootfs image on virtio-blk (/dev/vda1), no DAX: an NVDIMM on {arch} {machine} needs a UEFI boot \
+                 (set hypervisor.qemu.firmware, or ask for \"nvdimm\")"
+            ),
+        )),
         _ => Some((
             RootfsDevice::VirtioBlk,
             format!("rootfs image on virtio-blk (/dev/vda1): {arch} {machine} has no NVDIMM, so no DAX"),
