@@ -456,6 +456,16 @@ impl QemuLaunch<'_> {
         })
     }
 
+    /// Whether this launch can have persistent memory, booting through
+    /// firmware where the machine needs it.
+    fn pmem_possible(&self, machine: &str) -> bool {
+        supports_pmem(
+            self.arch,
+            machine,
+            aarch64_firmware_available(&self.config.firmware),
+        )
+    }
+
     /// The firmware to boot through: the configured one, or for an aarch64
     /// NVDIMM (described only by ACPI) Debian's edk2; None: a direct boot.
     pub fn firmware(&self, nvdimm: bool) -> anyhow::Result<Option<String>> {
@@ -478,11 +488,7 @@ impl QemuLaunch<'_> {
         if file.is_empty() {
             return Ok(None);
         }
-        if !supports_pmem(
-            self.arch,
-            machine,
-            aarch64_firmware_available(&self.config.firmware),
-        ) {
+        if !self.pmem_possible(machine) {
             anyhow::bail!(
                 "hypervisor.qemu.pmem_file is set, but kiln-shim can attach persistent memory only to x86_64 q35 guests \
                  and aarch64 virt guests booted through UEFI (QEMU 7.2 has no nvdimm or virtio-pmem for {} {machine} booted with -kernel)",
@@ -573,13 +579,7 @@ impl QemuLaunch<'_> {
         nvdimm_root: bool,
         hotplug_mib: u32,
     ) -> anyhow::Result<()> {
-        if nvdimm_root
-            && !supports_pmem(
-                self.arch,
-                machine,
-                aarch64_firmware_available(&self.config.firmware),
-            )
-        {
+        if nvdimm_root && !self.pmem_possible(machine) {
             anyhow::bail!(
                 "an NVDIMM root needs an x86_64 q35 machine or aarch64 virt with UEFI firmware, not {} {machine}",
                 self.arch

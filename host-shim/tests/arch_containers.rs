@@ -36,9 +36,7 @@ fn arch() -> Arch {
 
 /// 1 MiB that is not all one byte, and its sha256 as `sha256sum` prints it.
 fn mib() -> (Vec<u8>, String) {
-    let data: Vec<u8> = (0..1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let data = kiln_testsupport::vm::one_mib();
     let sum = sha2::Sha256::digest(&data)
         .iter()
         .map(|b| format!("{b:02x}"))

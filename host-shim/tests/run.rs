@@ -116,9 +116,7 @@ fn stdout_stderr_and_exit_status() {
 fn one_mib_of_stdin_round_trips_through_cat() {
     let rootfs = busybox_rootfs();
     let base = tempfile::tempdir().unwrap();
-    let data: Vec<u8> = (0..1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let data = kiln_testsupport::vm::one_mib();
     let mut child = shim(base.path())
         .args(run_args(rootfs.path()))
         .args(["--", "cat"])

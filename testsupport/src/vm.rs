@@ -231,6 +231,13 @@ pub async fn boot_sandbox_with(
     })
 }
 
+/// 1 MiB of test input that is not all one byte (the stdin round trips).
+pub fn one_mib() -> Vec<u8> {
+    (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
 /// A private copy of the built container rootfs named by `var` (`cargo
 /// xtask test` sets it; the tests write into their copy), checked to hold
 /// `must_have`.
