@@ -65,8 +65,7 @@ impl GuestExt for Guest {
 
     /// Runs `args` in container `id`; returns (status, stdout, stderr).
     async fn sh(&self, id: &str, exec: &str, args: &[&str]) -> (i32, String, String) {
-        self.exec(id, exec, args, None).await;
-        self.outcome(id, exec).await
+        self.exec_outcome(id, exec, process(args)).await
     }
 }
 

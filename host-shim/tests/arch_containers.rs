@@ -50,6 +50,7 @@ fn mib() -> (Vec<u8>, String) {
 #[test]
 #[ignore = "boots a VM; run through `cargo xtask test`"]
 fn kiln_shim_run_streams_and_exits_on_this_arch() {
+    let arch = arch();
     let rootfs = rootfs_copy(ROOTFS_VAR, MARKER);
     let base = tempfile::tempdir().unwrap();
     let (data, sum) = mib();
@@ -79,8 +80,7 @@ fn kiln_shim_run_streams_and_exits_on_this_arch() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!(
-        "figure: {} kiln-shim run, launch to exit: {:.1} s",
-        arch(),
+        "figure: {arch} kiln-shim run, launch to exit: {:.1} s",
         started.elapsed().as_secs_f64()
     );
     let lines: Vec<&str> = stdout.lines().collect();
@@ -95,14 +95,14 @@ fn kiln_shim_run_streams_and_exits_on_this_arch() {
         "1 MiB of stdin reached the container whole: {stdout}"
     );
     // Arch names are `uname -m`'s.
-    let machine = arch().name();
+    let machine = arch.name();
     assert_eq!(lines.get(2), Some(&machine), "{stdout}");
     assert!(stderr.contains("err\n"), "{stderr}");
     assert_eq!(out.status.code(), Some(7), "{stderr}");
     let on_disk = stderr.contains("rootfs on a virtio-blk disk, guest blk");
     assert_eq!(
         on_disk,
-        !virtio_fs_serves(Arch::host(), arch()),
+        !virtio_fs_serves(Arch::host(), arch),
         "--rootfs-via auto is the block disk where the share cannot serve: {stderr}"
     );
     let left: Vec<_> = std::fs::read_dir(base.path()).unwrap().flatten().collect();
@@ -149,13 +149,13 @@ async fn containers_on_a_rootfs_disk_and_on_the_share() {
     };
     assert_eq!(disk.driver, expect, "Kata's driver for a {arch} disk");
     let storage = kiln_shim::run::rootfs_disk_storage(&disk, "disk");
-    checks(&g, "disk", vec![storage], false).await;
+    checks(&g, arch, "disk", vec![storage], false).await;
     eprintln!(
         "{arch}: rootfs disk checks done at {:.1} s",
         t.elapsed().as_secs_f64()
     );
     if let Some(share) = share {
-        checks(&g, share, vec![], true).await;
+        checks(&g, arch, share, vec![], true).await;
         eprintln!(
             "{arch}: share checks done at {:.1} s",
             t.elapsed().as_secs_f64()
@@ -170,6 +170,7 @@ async fn containers_on_a_rootfs_disk_and_on_the_share() {
 /// write that reaches the host directory only when the rootfs is `shared`.
 async fn checks(
     g: &SandboxVm,
+    arch: Arch,
     id: &str,
     storages: Vec<kiln_protocol::agent::Storage>,
     shared: bool,
@@ -183,13 +184,13 @@ async fn checks(
     g.start(id).await;
     let sh = |script: &str| process(&["/bin/sh", "-c", script]);
 
-    g.exec_process(
-        id,
-        "io",
-        sh("echo out; echo err >&2; cat /sys/fs/cgroup/memory.max; exit 3"),
-    )
-    .await;
-    let (st, out, err) = g.outcome(id, "io").await;
+    let (st, out, err) = g
+        .exec_outcome(
+            id,
+            "io",
+            sh("echo out; echo err >&2; cat /sys/fs/cgroup/memory.max; exit 3"),
+        )
+        .await;
     assert_eq!(
         (st, out.as_str(), err.as_str()),
         (3, "out\n67108864\n", "err\n"),
@@ -197,9 +198,7 @@ async fn checks(
     );
 
     let (data, sum) = mib();
-    let mut p = sh("sha256sum");
-    p.Terminal = false;
-    g.exec_process(id, "stdin", p).await;
+    g.exec_process(id, "stdin", sh("sha256sum")).await;
     for chunk in data.chunks(256 * 1024) {
         g.write(id, "stdin", chunk).await;
     }
@@ -231,9 +230,9 @@ async fn checks(
         "{id}: the OOM killer's SIGKILL"
     );
 
-    g.exec_process(id, "write", sh("echo from-the-guest > /written-here"))
+    let (st, _, err) = g
+        .exec_outcome(id, "write", sh("echo from-the-guest > /written-here"))
         .await;
-    let (st, _, err) = g.outcome(id, "write").await;
     assert_eq!(st, 0, "{id}: the rootfs is writable: {err}");
     let on_host = g.host("written-here").exists();
     assert_eq!(
@@ -244,14 +243,14 @@ async fn checks(
 
     // O_DIRECT: an aarch64 guest's flag value is the host's O_DIRECTORY
     // (rootfs_disk::virtio_fs_serves), so on an x86_64 host's share it fails.
-    let mismatch = shared && arch() == Arch::Aarch64 && Arch::host() == Arch::X86_64;
-    g.exec_process(
-        id,
-        "direct",
-        sh("dd if=/etc/hosts of=/dev/null iflag=direct bs=4096"),
-    )
-    .await;
-    let (st, _, err) = g.outcome(id, "direct").await;
+    let mismatch = shared && arch == Arch::Aarch64 && Arch::host() == Arch::X86_64;
+    let (st, _, err) = g
+        .exec_outcome(
+            id,
+            "direct",
+            sh("dd if=/etc/hosts of=/dev/null iflag=direct bs=4096"),
+        )
+        .await;
     if mismatch {
         assert!(
             st != 0 && err.contains("Not a directory"),

@@ -366,6 +366,17 @@ impl SandboxVm {
         )
     }
 
+    /// ExecProcess of `p`, then its [`SandboxVm::outcome`].
+    pub async fn exec_outcome(
+        &self,
+        id: &str,
+        exec: &str,
+        p: oci::Process,
+    ) -> (i32, String, String) {
+        self.exec_process(id, exec, p).await;
+        self.outcome(id, exec).await
+    }
+
     /// (status, stdout, stderr) of a process that runs to its end.
     pub async fn outcome(&self, id: &str, exec: &str) -> (i32, String, String) {
         let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
