@@ -6,6 +6,7 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod exec;
+pub mod id_shift;
 pub mod image;
 pub mod installed;
 pub mod process;

@@ -159,7 +159,7 @@ impl Vm {
                 let base = q.virtio_fs_id_map_base;
                 let mut daemon_args = q.virtio_fs_extra_args.clone();
                 if base != 0 {
-                    let n = crate::virtiofs::shift_tree(rootfs, base).with_context(|| {
+                    let n = crate::id_shift::shift_tree(rootfs, base).with_context(|| {
                         format!("re-owning {} for hypervisor.qemu.virtio_fs_id_map_base", rootfs.display())
                     })?;
                     tracing::info!("{}: {n} entries re-owned into host ids {base}..", rootfs.display());
