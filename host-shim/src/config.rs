@@ -75,11 +75,12 @@ pub struct QemuSection {
     #[serde(default)]
     pub virtio_fs_extra_args: Vec<String>,
     /// Host uid/gid that guest root is on the shared directory (guest ids
-    /// 0..65535 become this..+65535); 0, the default, keeps guest root host
-    /// root. When set, a container's rootfs is re-owned into that range
-    /// before the guest sees it, so nothing the guest makes or chmods there
-    /// is setuid root or owned by a host user.
-    #[serde(default)]
+    /// 0..65535 become this..+65535): a container's rootfs is re-owned into
+    /// that range before the guest sees it, so nothing the guest makes or
+    /// chmods there is setuid root or owned by a host user. 0 keeps guest
+    /// root host root, as Kata does. Only a shim running as root maps: an
+    /// unprivileged virtiofsd cannot make a file anyone else's.
+    #[serde(default = "default_id_map_base")]
     pub virtio_fs_id_map_base: u32,
     /// PCIe root ports reserved for hot-plugging (disks, VFIO devices).
     #[serde(default = "default_hotplug_ports")]
@@ -216,6 +217,12 @@ fn default_network() -> String {
 }
 fn default_seccomp_sandbox() -> String {
     SECCOMP_SANDBOX.into()
+}
+/// 0x70000000: the start of 65536 ids no distribution gives a user
+/// (podman's `--userns=auto` picks from a similar high range).
+pub const DEFAULT_ID_MAP_BASE: u32 = 1_879_048_192;
+fn default_id_map_base() -> u32 {
+    DEFAULT_ID_MAP_BASE
 }
 fn default_hotplug_ports() -> u32 {
     2
@@ -491,7 +498,7 @@ mod tests {
                 .hypervisor
                 .qemu
                 .virtio_fs_id_map_base,
-            0
+            DEFAULT_ID_MAP_BASE
         );
         for bad in ["1000", "4294967295"] {
             let e = ShimConfig::parse(&format!(

@@ -156,11 +156,15 @@ impl Vm {
             (Some((id, rootfs)), "virtio-fs") => {
                 let shared = dir.join("shared");
                 let target = shared.join(id).join("rootfs");
-                let base = q.virtio_fs_id_map_base;
+                let base = effective_id_map_base(q.virtio_fs_id_map_base);
                 let mut daemon_args = q.virtio_fs_extra_args.clone();
                 if base != 0 {
                     let n = crate::id_shift::shift_tree(rootfs, base).with_context(|| {
-                        format!("re-owning {} for hypervisor.qemu.virtio_fs_id_map_base", rootfs.display())
+                        format!(
+                            "re-owning {} into host ids {base}.. for the guest's id map \
+                             (hypervisor.qemu.virtio_fs_id_map_base; 0 turns the map off)",
+                            rootfs.display()
+                        )
                     })?;
                     tracing::info!("{}: {n} entries re-owned into host ids {base}..", rootfs.display());
                     daemon_args.extend(crate::virtiofs::id_map_args(base));
@@ -572,6 +576,20 @@ impl Vm {
             fs.guard.stop(Duration::from_secs(2));
         }
     }
+}
+
+/// The id map base that applies: `configured` when the shim runs as root.
+/// An unprivileged shim's virtiofsd runs as the caller and cannot make a
+/// file root's or anyone else's, so there is nothing to map (and no right to
+/// re-own the rootfs).
+fn effective_id_map_base(configured: u32) -> u32 {
+    if configured != 0 && !nix::unistd::geteuid().is_root() {
+        tracing::info!(
+            "hypervisor.qemu.virtio_fs_id_map_base: not root, so no id map (virtiofsd runs as you)"
+        );
+        return 0;
+    }
+    configured
 }
 
 /// Binds the requested host devices (recorded in the run state first) and
