@@ -34,6 +34,14 @@ pub fn shift_tree(root: &Path, base: u32) -> anyhow::Result<u64> {
     if !top.is_dir() {
         anyhow::bail!("{} is not a directory", root.display());
     }
+    shift_entry(root, base)
+}
+
+/// [`shift_tree`] for any entry: a directory with everything below it, or
+/// one file or symlink (never followed).
+pub fn shift_entry(root: &Path, base: u32) -> anyhow::Result<u64> {
+    let top =
+        std::fs::symlink_metadata(root).with_context(|| format!("reading {}", root.display()))?;
     let mut entries = Vec::new();
     walk(root, top.dev(), &mut entries)?;
     break_outside_links(&mut entries)?;
@@ -395,6 +403,21 @@ mod tests {
                 f.display()
             );
         }
+    }
+
+    /// What a runtime shares after launch can be a single file.
+    #[test]
+    fn shift_entry_takes_one_file_and_shift_tree_only_directories() {
+        if !root_only() {
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        let f = host.path().join("cid-0123-hosts");
+        std::fs::write(&f, "127.0.0.1 localhost\n").unwrap();
+        assert!(shift_tree(&f, 1 << 30).is_err(), "not a directory");
+        assert_eq!(shift_entry(&f, 1 << 30).unwrap(), 1);
+        assert_eq!(std::fs::metadata(&f).unwrap().uid(), 1 << 30);
+        assert_eq!(shift_entry(&f, 1 << 30).unwrap(), 0);
     }
 
     #[test]

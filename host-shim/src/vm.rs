@@ -62,6 +62,8 @@ pub struct Vm {
     pub passed: Vec<crate::vfio::PassedDevice>,
     /// Where the guest finds the container's rootfs disk, if one was attached.
     pub container_disk: Option<crate::rootfs_disk::GuestDisk>,
+    /// The virtio-fs share's host directory and the guest id map on it (0: none).
+    share: Option<(PathBuf, u32)>,
 }
 
 /// A disk hot-plugged through QMP, and where the guest finds it.
@@ -152,6 +154,7 @@ impl Vm {
         state.add("vhost-device-vsock", vsock.guard.pid())?;
         let q = &cfg.hypervisor.qemu;
         let mut mounts = Vec::new();
+        let mut share = None;
         let virtiofs = match (&opts.share_rootfs, q.shared_fs.as_str()) {
             (Some((id, rootfs)), "virtio-fs") => {
                 let shared = dir.join("shared");
@@ -179,6 +182,7 @@ impl Vm {
                 }
                 let fs = VirtioFs::start(Path::new(&q.virtio_fs_daemon), &daemon_args, &shared, &dir)?;
                 state.add("virtiofsd", fs.guard.pid())?;
+                share = Some((shared, base));
                 Some(fs)
             }
             (Some(_), other) => anyhow::bail!(
@@ -277,7 +281,38 @@ impl Vm {
             iothread,
             passed,
             container_disk,
+            share,
         })
+    }
+
+    /// Hands `path`, which a runtime put into this VM's virtio-fs share after
+    /// launch (Kata's ShareRootFilesystem and ShareFile flows: a container's
+    /// `<cid>/rootfs`, a configMap, a file), to the guest: with the id map on,
+    /// it is re-owned into the guest's range as the launch rootfs was, so guest
+    /// root can write it and cannot make it setuid root on the host. Returns
+    /// how many entries changed; a path outside the share is an error.
+    pub fn hand_to_guest(&self, path: &Path) -> anyhow::Result<u64> {
+        let Some((shared, base)) = &self.share else {
+            anyhow::bail!(
+                "this VM has no virtio-fs share to hand {} to",
+                path.display()
+            );
+        };
+        let real = path
+            .canonicalize()
+            .with_context(|| format!("resolving {}", path.display()))?;
+        if !real.starts_with(shared.canonicalize()?) || real == shared.canonicalize()? {
+            anyhow::bail!(
+                "{} is not inside the VM's share {}",
+                path.display(),
+                shared.display()
+            );
+        }
+        if *base == 0 {
+            return Ok(0);
+        }
+        crate::id_shift::shift_entry(&real, *base)
+            .with_context(|| format!("re-owning {} into host ids {base}..", real.display()))
     }
 
     /// Waits until the agent answers `Check`, or fails naming why: QEMU died,

@@ -183,6 +183,8 @@ impl Guest {
         if !root.join("bin/busybox").exists() {
             kiln_testsupport::vm::write_busybox_rootfs(&root)?;
         }
+        // As a runtime must with the (default) guest id map: into the range.
+        self.vm.hand_to_guest(&self.shared.join(cid))?;
         Ok(())
     }
 
@@ -191,6 +193,7 @@ impl Guest {
     fn share_file(&self, cid: &str, hex: &str, dest: &str, content: &str) -> String {
         let name = format!("{cid}-{hex}-{}", base(dest));
         std::fs::write(self.shared.join(&name), content).unwrap();
+        self.vm.hand_to_guest(&self.shared.join(&name)).unwrap();
         format!("{SHARED}/{name}")
     }
 
@@ -506,6 +509,7 @@ fn share_config_map(g: &Guest, cid: &str, hex: &str, volume: &str) -> String {
     std::fs::write(dir.join(stamp).join("game.properties"), CONFIG_CONTENT).unwrap();
     std::os::unix::fs::symlink(stamp, dir.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/game.properties", dir.join("game.properties")).unwrap();
+    g.vm.hand_to_guest(&dir).unwrap();
     format!("{SHARED}/{name}")
 }
 
@@ -533,9 +537,6 @@ fn shim_config() -> ShimConfig {
     q.default_memory = BOOT_MIB;
     q.default_maxmemory = BOOT_MIB + 512;
     q.memory_slots = 2;
-    // Kata's runtime starts virtiofsd without an id map, and this test, as
-    // that runtime, puts host-root-owned files into the share after launch.
-    q.virtio_fs_id_map_base = 0;
     cfg
 }
 
@@ -784,6 +785,7 @@ async fn go_replay(g: &Guest, s: &mut Steps) -> GoOutcome {
 
     // --- the app container
     std::fs::create_dir_all(g.shared.join("watchable")).unwrap();
+    g.vm.hand_to_guest(&g.shared.join("watchable")).unwrap();
     g.share_rootfs(APP).unwrap();
     let hosts = "127.0.0.1\tlocalhost\n10.88.0.5\treplay-pod\n";
     let mounts = [
