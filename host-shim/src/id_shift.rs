@@ -149,27 +149,26 @@ fn private_copy(from: &Path, to: &Path, meta: &std::fs::Metadata) -> anyhow::Res
     let _ = std::fs::remove_file(to);
     if meta.file_type().is_symlink() {
         std::os::unix::fs::symlink(std::fs::read_link(from)?, to)?;
-    } else {
-        let mut src = std::fs::File::open(from)?;
-        let mut dst = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(to)?;
-        std::io::copy(&mut src, &mut dst)?;
-        dst.sync_all()?;
-        let caps = get_xattr(from, CAPS_XATTR)?;
         std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()))?;
-        std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        if let Some(caps) = caps {
-            set_xattr(to, CAPS_XATTR, &caps)?;
-        }
-        let times = std::fs::FileTimes::new()
-            .set_accessed(meta.accessed()?)
-            .set_modified(meta.modified()?);
-        dst.set_times(times)?;
         return Ok(());
     }
+    let mut src = std::fs::File::open(from)?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    std::io::copy(&mut src, &mut dst)?;
+    dst.sync_all()?;
+    let caps = get_xattr(from, CAPS_XATTR)?;
     std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()))?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    if let Some(caps) = caps {
+        set_xattr(to, CAPS_XATTR, &caps)?;
+    }
+    let times = std::fs::FileTimes::new()
+        .set_accessed(meta.accessed()?)
+        .set_modified(meta.modified()?);
+    dst.set_times(times)?;
     Ok(())
 }
 

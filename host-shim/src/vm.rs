@@ -301,7 +301,8 @@ impl Vm {
         let real = path
             .canonicalize()
             .with_context(|| format!("resolving {}", path.display()))?;
-        if !real.starts_with(shared.canonicalize()?) || real == shared.canonicalize()? {
+        let shared_real = shared.canonicalize()?;
+        if !real.starts_with(&shared_real) || real == shared_real {
             anyhow::bail!(
                 "{} is not inside the VM's share {}",
                 path.display(),
