@@ -23,6 +23,10 @@ fn xtask_command(out: &Path, cache: Option<&Path>, env: &[(&str, &str)], args: &
         .env_remove("KILN_CACHE_PUSH")
         .env_remove("KILN_REGISTRY_USER")
         .env_remove("KILN_REGISTRY_PASSWORD")
+        // A caller's KILN_INSECURE_REGISTRY=1 (README's advice for a loopback
+        // registry) would turn the HTTPS test into plain HTTP.
+        .env_remove("KILN_INSECURE_REGISTRY")
+        .env_remove("KILN_REGISTRY_CA")
         // No developer's ~/.docker/config.json leaks into the test.
         .env("DOCKER_CONFIG", out.join("no-docker-config"))
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap())

@@ -282,12 +282,15 @@ fn run_suite(
         cargo_args(suite).join(" ")
     ));
     // The suites are hermetic: a developer's KILN_CACHE_REMOTE must not turn a
-    // build a test expects to run (a killed stage, the dev loop) into a pull.
+    // build a test expects to run (a killed stage, the dev loop) into a pull,
+    // nor KILN_INSECURE_REGISTRY the HTTPS registry test into plain HTTP.
     // The images the suites boot were built above, where the remote cache helps.
     let mut expr = duct::cmd("cargo", cargo_args(suite))
         .dir(&ctx.root)
         .env_remove("KILN_CACHE_REMOTE")
-        .env_remove("KILN_CACHE_PUSH");
+        .env_remove("KILN_CACHE_PUSH")
+        .env_remove("KILN_INSECURE_REGISTRY")
+        .env_remove("KILN_REGISTRY_CA");
     for (var, what) in suite.env {
         expr = expr.env(var, input(*what)?);
     }
