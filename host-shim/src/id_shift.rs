@@ -29,21 +29,23 @@ const CAPS_XATTR: &str = "security.capability";
 /// a second run (or one after a crash half-way) costs one stat per entry.
 /// Returns how many entries were changed.
 pub fn shift_tree(root: &Path, base: u32) -> anyhow::Result<u64> {
-    let top =
-        std::fs::symlink_metadata(root).with_context(|| format!("reading {}", root.display()))?;
+    let top = lstat(root)?;
     if !top.is_dir() {
         anyhow::bail!("{} is not a directory", root.display());
     }
-    shift_entry(root, base)
+    shift_from(root, top, base)
 }
 
 /// [`shift_tree`] for any entry: a directory with everything below it, or
 /// one file or symlink (never followed).
 pub fn shift_entry(root: &Path, base: u32) -> anyhow::Result<u64> {
-    let top =
-        std::fs::symlink_metadata(root).with_context(|| format!("reading {}", root.display()))?;
+    shift_from(root, lstat(root)?, base)
+}
+
+fn shift_from(root: &Path, top: std::fs::Metadata, base: u32) -> anyhow::Result<u64> {
     let mut entries = Vec::new();
-    walk(root, top.dev(), &mut entries)?;
+    let dev = top.dev();
+    walk(root, top, dev, &mut entries)?;
     break_outside_links(&mut entries)?;
     let mut changed = 0;
     let mut seen = std::collections::HashSet::new();
@@ -58,10 +60,18 @@ pub fn shift_entry(root: &Path, base: u32) -> anyhow::Result<u64> {
     Ok(changed)
 }
 
-/// Every entry below `path` on device `dev`, children before their parent.
-fn walk(path: &Path, dev: u64, out: &mut Vec<(PathBuf, std::fs::Metadata)>) -> anyhow::Result<()> {
-    let meta =
-        std::fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+fn lstat(path: &Path) -> anyhow::Result<std::fs::Metadata> {
+    std::fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// `path` (whose `meta` the caller read) and every entry below it on
+/// device `dev`, children before their parent.
+fn walk(
+    path: &Path,
+    meta: std::fs::Metadata,
+    dev: u64,
+    out: &mut Vec<(PathBuf, std::fs::Metadata)>,
+) -> anyhow::Result<()> {
     if meta.dev() != dev {
         return Ok(());
     }
@@ -73,7 +83,8 @@ fn walk(path: &Path, dev: u64, out: &mut Vec<(PathBuf, std::fs::Metadata)>) -> a
             .with_context(|| format!("listing {}", path.display()))?;
         names.sort();
         for child in names {
-            walk(&child, dev, out)?;
+            let child_meta = lstat(&child)?;
+            walk(&child, child_meta, dev, out)?;
         }
     }
     out.push((path.to_path_buf(), meta));

@@ -298,17 +298,7 @@ impl Vm {
                 path.display()
             );
         };
-        let real = path
-            .canonicalize()
-            .with_context(|| format!("resolving {}", path.display()))?;
-        let shared_real = shared.canonicalize()?;
-        if !real.starts_with(&shared_real) || real == shared_real {
-            anyhow::bail!(
-                "{} is not inside the VM's share {}",
-                path.display(),
-                shared.display()
-            );
-        }
+        let real = entry_in_share(path, shared)?;
         if *base == 0 {
             return Ok(0);
         }
@@ -677,8 +667,73 @@ fn tail(path: &std::path::Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Where `path` is, as an entry inside the share `shared`: its directories
+/// resolved, the entry itself not followed (a symlink handed over is
+/// re-owned as a symlink, never its target). Anything that is not strictly
+/// inside the share is an error.
+fn entry_in_share(path: &Path, shared: &Path) -> anyhow::Result<PathBuf> {
+    let Some(name) = path.file_name() else {
+        anyhow::bail!(
+            "{} names no entry to hand over (it ends in `..` or is `/`)",
+            path.display()
+        );
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let real = parent
+        .canonicalize()
+        .with_context(|| format!("resolving {}", parent.display()))?
+        .join(name);
+    let shared_real = shared
+        .canonicalize()
+        .with_context(|| format!("resolving the share {}", shared.display()))?;
+    if !real.starts_with(&shared_real) || real == shared_real {
+        anyhow::bail!(
+            "{} is not inside the VM's share {}",
+            path.display(),
+            shared.display()
+        );
+    }
+    Ok(real)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::entry_in_share;
+
+    #[test]
+    fn an_entry_handed_over_is_never_followed_out_of_the_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("shared");
+        std::fs::create_dir_all(share.join("c1/rootfs")).unwrap();
+        std::os::unix::fs::symlink("/etc", share.join("c1/escape")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), share.join("up")).unwrap();
+        let real_share = share.canonicalize().unwrap();
+        // A symlink is the entry itself, not /etc.
+        assert_eq!(
+            entry_in_share(&share.join("c1/escape"), &share).unwrap(),
+            real_share.join("c1/escape")
+        );
+        assert_eq!(
+            entry_in_share(&share.join("c1/rootfs"), &share).unwrap(),
+            real_share.join("c1/rootfs")
+        );
+        // A directory reached through a symlink that leaves the share is outside.
+        let err = entry_in_share(&share.join("up/shared/../x"), &share);
+        assert!(err.is_err());
+        let err = entry_in_share(&share.join("up/outside"), &share).unwrap_err();
+        assert!(
+            err.to_string().contains("not inside the VM's share"),
+            "{err}"
+        );
+        // `..` and the share itself name nothing to hand over.
+        assert!(entry_in_share(&share.join("c1/.."), &share).is_err());
+        let err = entry_in_share(&share, &share).unwrap_err();
+        assert!(err.to_string().contains("not inside"), "{err}");
+    }
+
     #[test]
     fn a_verity_corruption_line_is_found_in_the_console() {
         let dir = tempfile::tempdir().unwrap();
