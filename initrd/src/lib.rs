@@ -732,6 +732,24 @@ fn emit_host_file<W: Write>(
     w.pad_data(size)
 }
 
+/// The archive `data` (plain or compressed, by its magic) with the cpio stream
+/// unchanged and `opts.compression` applied, as [`Archive::write`] would have
+/// written it: one image's initrd in each compression, to compare them (`cargo
+/// xtask bench --initrd-cost`) without rebuilding the tree.
+pub fn recompress(data: &[u8], opts: &WriteOptions) -> Result<Vec<u8>> {
+    let cpio = reader::decompress(data, reader::DEFAULT_MAX_DECOMPRESSED)?;
+    let mut encoder = Encoder::new(
+        Vec::with_capacity(cpio.len() / 2),
+        opts.compression,
+        opts.zstd_level,
+        opts.zstd_workers,
+    )?;
+    encoder.write_all(&cpio).map_err(Error::Output)?;
+    // Archive::write flushes once before finishing (a sync point in gzip).
+    encoder.flush().map_err(Error::Output)?;
+    encoder.finish().map_err(Error::Output)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -778,5 +796,25 @@ mod tests {
             Err(Error::InvalidMode { .. })
         ));
         assert_eq!(a, before);
+    }
+
+    #[test]
+    fn recompress_keeps_the_cpio_and_matches_a_direct_write() {
+        let mut a = Archive::new();
+        a.add_dir("bin", 0o755).unwrap();
+        a.add_file("bin/x", 0o755, vec![7u8; 100_000]).unwrap();
+        let write = |c| {
+            let mut out = Vec::new();
+            a.write(&mut out, &WriteOptions::new(1).compression(c))
+                .unwrap();
+            out
+        };
+        let gzip = write(Compression::Gzip);
+        for c in Compression::ALL {
+            let again = recompress(&gzip, &WriteOptions::new(1).compression(c)).unwrap();
+            assert_eq!(reader::detect(&again), Some(c));
+            assert_eq!(again, write(c), "{c}: not what Archive::write makes");
+        }
+        assert!(recompress(b"not an archive", &WriteOptions::new(1)).is_err());
     }
 }

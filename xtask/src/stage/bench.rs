@@ -18,6 +18,7 @@ use crate::image_spec::ImageSpec;
 use crate::stage::image;
 
 mod agent;
+mod initrd_cost;
 mod kernel_cost;
 mod remote_cache;
 
@@ -73,14 +74,26 @@ pub struct BenchFlags {
     /// bytes pulled, and the same build from the local kernel cache.
     #[arg(long, conflicts_with = "kernel_cost")]
     pub remote_cache: bool,
-    /// Arches for --kernel-cost: x86_64, aarch64, ppc64le, s390x or all.
-    #[arg(long, default_value = "all", requires = "kernel_cost")]
+    /// Only measure what the initrd's compression costs at boot: the minimal
+    /// image's initrd rewritten as none, gzip and zstd (same cpio, same
+    /// kernel), size and launch→agent-ready each, per arch (--arch).
+    #[arg(long, conflicts_with_all = ["kernel_cost", "remote_cache"])]
+    pub initrd_cost: bool,
+    /// Arches for --kernel-cost and --initrd-cost: x86_64, aarch64, ppc64le, s390x or all.
+    #[arg(long, default_value = "all")]
     pub arch: crate::arch::ArchSel,
 }
 
 pub fn run(ctx: &Ctx, flags: &BenchFlags) -> anyhow::Result<()> {
     if flags.kernel_cost {
         return run_kernel_cost(ctx, &flags.arch.arches(), flags.rounds.max(1));
+    }
+    if flags.initrd_cost {
+        let shim = shim_binary(ctx)?;
+        let rows = initrd_cost::measure(ctx, &shim, &flags.arch.arches(), flags.rounds.max(1))?;
+        println!("\n== cost of the initrd's compression at boot");
+        print_rows(&rows);
+        return merge_section(ctx, "initrd_cost", &rows);
     }
     if flags.remote_cache {
         ctx.ensure_setup(&[Arch::host()])?;

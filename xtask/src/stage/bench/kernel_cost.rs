@@ -221,7 +221,7 @@ fn boot(shim: &Path, manifest: &Path) -> anyhow::Result<Boot> {
     })
 }
 
-fn loadavg() -> f64 {
+pub(super) fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())

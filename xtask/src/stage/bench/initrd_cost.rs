@@ -1,0 +1,137 @@
+//! `cargo xtask bench --initrd-cost`: what the initrd's compression costs at
+//! boot, per arch. Under TCG the guest kernel's own decompressor is emulated
+//! too, so the smallest initrd is not the fastest to boot. The minimal image's
+//! initrd is rewritten in every compression kiln offers (the cpio stream
+//! unchanged, `kiln_initrd::recompress`), each booted with the image's own
+//! kernel and command line in alternating rounds: initrd size and launch to
+//! agent-ready (median).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use kiln_initrd::{Compression, WriteOptions};
+
+use super::{median, row, Row};
+use crate::arch::Arch;
+use crate::cache::{copy_atomic, write_atomic};
+use crate::ctx::Ctx;
+use crate::image_spec::ImageSpec;
+use crate::stage::image;
+use kiln_manifest::{role, Manifest};
+
+const IMAGE: &str = "minimal";
+
+pub fn measure(ctx: &Ctx, shim: &Path, arches: &[Arch], rounds: usize) -> anyhow::Result<Vec<Row>> {
+    let spec = ImageSpec::load(ctx, IMAGE)?;
+    let shipped: Compression = spec
+        .compression
+        .parse()
+        .with_context(|| format!("image-manifests/{IMAGE}.toml: compression"))?;
+    let mut rows = vec![row(
+        "machine load (1-min average) at start",
+        super::kernel_cost::loadavg(),
+        "load",
+        "",
+    )];
+    for &arch in arches {
+        ctx.ensure_setup(&[arch])?;
+        let built = image::build(ctx, &spec, arch, None)?;
+        let variants = Compression::ALL
+            .into_iter()
+            .map(|c| Ok((c, variant_image(ctx, &spec, &built, arch, c)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut ready: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        for round in 0..rounds {
+            let step = ctx
+                .ui
+                .stage(&format!("bench initrd cost {arch} {}/{rounds}", round + 1));
+            let mut line = Vec::new();
+            for (i, (c, manifest)) in variants.iter().enumerate() {
+                let s = super::shim_seconds(shim, manifest, &[])?;
+                ready[i].push(s);
+                line.push(format!("{c} {s:.2} s"));
+            }
+            step.done(&line.join(", "));
+        }
+        let medians: Vec<f64> = ready.iter_mut().map(|v| median(v)).collect();
+        let base = variants
+            .iter()
+            .position(|(c, _)| *c == shipped)
+            .map_or(0.0, |i| medians[i]);
+        for (i, (c, manifest)) in variants.iter().enumerate() {
+            rows.push(row(
+                format!("{arch} initrd {c}"),
+                initrd_size(manifest)?,
+                "bytes",
+                "",
+            ));
+            rows.push(row(
+                format!("{arch} launch to agent ready, initrd {c}"),
+                medians[i],
+                "s",
+                format!("median of {rounds}"),
+            ));
+            if base > 0.0 {
+                rows.push(row(
+                    format!("{arch} launch to agent ready, initrd {c}/{shipped}"),
+                    medians[i] / base,
+                    "ratio",
+                    "",
+                ));
+            }
+        }
+    }
+    rows.push(row(
+        "machine load (1-min average) at end",
+        super::kernel_cost::loadavg(),
+        "load",
+        "",
+    ));
+    Ok(rows)
+}
+
+fn initrd_size(manifest: &Path) -> anyhow::Result<f64> {
+    let m: Manifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
+    Ok(m.artifacts.get(role::INITRD).context("no initrd")?.size as f64)
+}
+
+/// The image at `manifest` with its initrd in `compression`: same kernel,
+/// same command line, booted from the initrd.
+fn variant_image(
+    ctx: &Ctx,
+    spec: &ImageSpec,
+    manifest: &Path,
+    arch: Arch,
+    compression: Compression,
+) -> anyhow::Result<PathBuf> {
+    let dir = ctx
+        .out
+        .join("bench")
+        .join(format!("initrd-{compression}"))
+        .join(arch.name());
+    std::fs::create_dir_all(&dir)?;
+    let mut built: Manifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
+    let image_dir = manifest.parent().context("manifest has a directory")?;
+    let kernel = built.artifacts.get(role::KERNEL).context("no kernel")?;
+    copy_atomic(&image_dir.join(&kernel.file), &dir.join(&kernel.file))?;
+    let initrd = built.artifacts.get(role::INITRD).context("no initrd")?;
+    let data = std::fs::read(image_dir.join(&initrd.file))?;
+    let mut opts = WriteOptions::new(ctx.source_date_epoch).compression(compression);
+    if let Some(level) = spec.compression_level {
+        opts = opts.zstd_level(level);
+    }
+    let bytes = kiln_initrd::recompress(&data, &opts)
+        .with_context(|| format!("rewriting {} as {compression}", initrd.file))?;
+    let file = initrd.file.clone();
+    write_atomic(&dir.join(&file), &bytes)?;
+    built.image = format!("{}-initrd-{compression}", built.image);
+    built.artifacts.retain(|k, _| k == role::KERNEL);
+    built.artifacts.insert(
+        role::INITRD.into(),
+        crate::hash::artifact_record(&dir, &file)?,
+    );
+    built.rootfs = None;
+    let path = dir.join(image::MANIFEST);
+    write_atomic(&path, &serde_json::to_vec_pretty(&built)?)?;
+    Ok(path)
+}
