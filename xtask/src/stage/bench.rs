@@ -302,6 +302,49 @@ fn verity_cost(
     Ok(())
 }
 
+/// A boot-only image under `target/kiln/bench/<variant>/<arch>/`: the image at
+/// `manifest` (its command line, kernel and initrd), with the artifact `role`
+/// (kernel or initrd) replaced by what `write` puts into the directory under
+/// the file name it returns. No rootfs: the variant boots from its initrd.
+fn variant_image(
+    ctx: &Ctx,
+    manifest: &Path,
+    variant: &str,
+    arch: Arch,
+    role: &str,
+    write: impl FnOnce(&Path, &kiln_manifest::ArtifactRecord) -> anyhow::Result<String>,
+) -> anyhow::Result<PathBuf> {
+    let dir = ctx.out.join("bench").join(variant).join(arch.name());
+    std::fs::create_dir_all(&dir)?;
+    let mut built: kiln_manifest::Manifest =
+        serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
+    let image_dir = manifest.parent().context("manifest has a directory")?;
+    let kept = if role == role::KERNEL {
+        role::INITRD
+    } else {
+        role::KERNEL
+    };
+    let keep = built
+        .artifacts
+        .get(kept)
+        .with_context(|| format!("no {kept}"))?;
+    crate::cache::copy_atomic(&image_dir.join(&keep.file), &dir.join(&keep.file))?;
+    let old = built
+        .artifacts
+        .get(role)
+        .with_context(|| format!("no {role}"))?;
+    let file = write(&dir, old)?;
+    built.image = format!("{}-{variant}", built.image);
+    built.artifacts.retain(|k, _| k == kept);
+    built
+        .artifacts
+        .insert(role.into(), crate::hash::artifact_record(&dir, &file)?);
+    built.rootfs = None;
+    let path = dir.join(image::MANIFEST);
+    write_atomic(&path, &serde_json::to_vec_pretty(&built)?)?;
+    Ok(path)
+}
+
 fn shim_binary(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     crate::cmd::run_logged(
         ctx,

@@ -13,7 +13,7 @@ use kiln_initrd::{Compression, WriteOptions};
 
 use super::{median, row, Row};
 use crate::arch::Arch;
-use crate::cache::{copy_atomic, write_atomic};
+use crate::cache::write_atomic;
 use crate::ctx::Ctx;
 use crate::image_spec::ImageSpec;
 use crate::stage::image;
@@ -104,34 +104,24 @@ fn variant_image(
     arch: Arch,
     compression: Compression,
 ) -> anyhow::Result<PathBuf> {
-    let dir = ctx
-        .out
-        .join("bench")
-        .join(format!("initrd-{compression}"))
-        .join(arch.name());
-    std::fs::create_dir_all(&dir)?;
-    let mut built: Manifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
-    let image_dir = manifest.parent().context("manifest has a directory")?;
-    let kernel = built.artifacts.get(role::KERNEL).context("no kernel")?;
-    copy_atomic(&image_dir.join(&kernel.file), &dir.join(&kernel.file))?;
-    let initrd = built.artifacts.get(role::INITRD).context("no initrd")?;
-    let data = std::fs::read(image_dir.join(&initrd.file))?;
     let mut opts = WriteOptions::new(ctx.source_date_epoch).compression(compression);
     if let Some(level) = spec.compression_level {
         opts = opts.zstd_level(level);
     }
-    let bytes = kiln_initrd::recompress(&data, &opts)
-        .with_context(|| format!("rewriting {} as {compression}", initrd.file))?;
-    let file = initrd.file.clone();
-    write_atomic(&dir.join(&file), &bytes)?;
-    built.image = format!("{}-initrd-{compression}", built.image);
-    built.artifacts.retain(|k, _| k == role::KERNEL);
-    built.artifacts.insert(
-        role::INITRD.into(),
-        crate::hash::artifact_record(&dir, &file)?,
-    );
-    built.rootfs = None;
-    let path = dir.join(image::MANIFEST);
-    write_atomic(&path, &serde_json::to_vec_pretty(&built)?)?;
-    Ok(path)
+    let variant = format!("initrd-{compression}");
+    super::variant_image(
+        ctx,
+        manifest,
+        &variant,
+        arch,
+        role::INITRD,
+        |dir, initrd| {
+            let image_dir = manifest.parent().context("manifest has a directory")?;
+            let data = std::fs::read(image_dir.join(&initrd.file))?;
+            let bytes = kiln_initrd::recompress(&data, &opts)
+                .with_context(|| format!("rewriting {} as {compression}", initrd.file))?;
+            write_atomic(&dir.join(&initrd.file), &bytes)?;
+            Ok(initrd.file.clone())
+        },
+    )
 }

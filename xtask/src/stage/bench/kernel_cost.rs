@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::{median, row, Row};
 use crate::arch::Arch;
-use crate::cache::{copy_atomic, write_atomic};
+use crate::cache::copy_atomic;
 use crate::ctx::Ctx;
 use crate::image_spec::ImageSpec;
 use crate::stage::{image, kernel};
@@ -180,32 +180,12 @@ fn kernel_size(manifest: &Path) -> anyhow::Result<f64> {
 /// The image at `manifest` with `kernel` instead of its own: same initrd,
 /// same command line, booted from the initrd.
 fn variant_image(ctx: &Ctx, manifest: &Path, kernel: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
-    let dir = ctx
-        .out
-        .join("bench")
-        .join(format!("without-{FEATURE}"))
-        .join(arch.name());
-    std::fs::create_dir_all(&dir)?;
-    let mut built: Manifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
-    let image_dir = manifest.parent().context("manifest has a directory")?;
-    let initrd = built
-        .artifacts
-        .get(role::INITRD)
-        .context("no initrd")?
-        .clone();
-    copy_atomic(&image_dir.join(&initrd.file), &dir.join(&initrd.file))?;
-    let kernel_file = image::kernel_file_name(arch);
-    copy_atomic(kernel, &dir.join(kernel_file))?;
-    built.image = format!("{}-without-{FEATURE}", built.image);
-    built.artifacts.retain(|k, _| k == role::INITRD);
-    built.artifacts.insert(
-        role::KERNEL.into(),
-        crate::hash::artifact_record(&dir, kernel_file)?,
-    );
-    built.rootfs = None;
-    let path = dir.join(image::MANIFEST);
-    write_atomic(&path, &serde_json::to_vec_pretty(&built)?)?;
-    Ok(path)
+    let variant = format!("without-{FEATURE}");
+    super::variant_image(ctx, manifest, &variant, arch, role::KERNEL, |dir, _| {
+        let file = image::kernel_file_name(arch);
+        copy_atomic(kernel, &dir.join(file))?;
+        Ok(file.to_string())
+    })
 }
 
 fn boot(shim: &Path, manifest: &Path) -> anyhow::Result<Boot> {
