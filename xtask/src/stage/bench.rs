@@ -345,6 +345,24 @@ fn variant_image(
     Ok(path)
 }
 
+/// The size of `manifest`'s artifact `role`, as recorded in the manifest.
+fn artifact_size(manifest: &Path, role: &str) -> anyhow::Result<f64> {
+    let built: kiln_manifest::Manifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
+    Ok(built
+        .artifacts
+        .get(role)
+        .with_context(|| format!("{} has no {role}", manifest.display()))?
+        .size as f64)
+}
+
+/// The 1-minute load average, printed beside timings (-1 if unreadable).
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(-1.0)
+}
+
 fn shim_binary(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     crate::cmd::run_logged(
         ctx,

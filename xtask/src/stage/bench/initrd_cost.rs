@@ -17,7 +17,7 @@ use crate::cache::write_atomic;
 use crate::ctx::Ctx;
 use crate::image_spec::ImageSpec;
 use crate::stage::image;
-use kiln_manifest::{role, Manifest};
+use kiln_manifest::role;
 
 const IMAGE: &str = "minimal";
 
@@ -29,7 +29,7 @@ pub fn measure(ctx: &Ctx, shim: &Path, arches: &[Arch], rounds: usize) -> anyhow
         .with_context(|| format!("image-manifests/{IMAGE}.toml: compression"))?;
     let mut rows = vec![row(
         "machine load (1-min average) at start",
-        super::kernel_cost::loadavg(),
+        super::loadavg(),
         "load",
         "",
     )];
@@ -61,7 +61,7 @@ pub fn measure(ctx: &Ctx, shim: &Path, arches: &[Arch], rounds: usize) -> anyhow
         for (i, (c, manifest)) in variants.iter().enumerate() {
             rows.push(row(
                 format!("{arch} initrd {c}"),
-                initrd_size(manifest)?,
+                super::artifact_size(manifest, role::INITRD)?,
                 "bytes",
                 "",
             ));
@@ -83,16 +83,11 @@ pub fn measure(ctx: &Ctx, shim: &Path, arches: &[Arch], rounds: usize) -> anyhow
     }
     rows.push(row(
         "machine load (1-min average) at end",
-        super::kernel_cost::loadavg(),
+        super::loadavg(),
         "load",
         "",
     ));
     Ok(rows)
-}
-
-fn initrd_size(manifest: &Path) -> anyhow::Result<f64> {
-    let m: Manifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
-    Ok(m.artifacts.get(role::INITRD).context("no initrd")?.size as f64)
 }
 
 /// The image at `manifest` with its initrd in `compression`: same kernel,

@@ -17,7 +17,7 @@ use crate::cache::copy_atomic;
 use crate::ctx::Ctx;
 use crate::image_spec::ImageSpec;
 use crate::stage::{image, kernel};
-use kiln_manifest::{role, Manifest};
+use kiln_manifest::role;
 
 /// The feature whose cost is measured.
 pub const FEATURE: &str = "workload";
@@ -68,7 +68,7 @@ pub fn measure(ctx: &Ctx, shim: &Path, arches: &[Arch], rounds: usize) -> anyhow
     let mut rows = Vec::new();
     rows.push(row(
         "machine load (1-min average) at start",
-        loadavg(),
+        super::loadavg(),
         "load",
         "",
     ));
@@ -99,13 +99,16 @@ pub fn measure(ctx: &Ctx, shim: &Path, arches: &[Arch], rounds: usize) -> anyhow
                 (wo[round].used / 1048576.0).round()
             ));
         }
-        let a = summarise(&mut with, kernel_size(&with_manifest)?);
+        let a = summarise(
+            &mut with,
+            super::artifact_size(&with_manifest, role::KERNEL)?,
+        );
         let b = summarise(&mut wo, std::fs::metadata(&k.image)?.len() as f64);
         rows.extend(arch_rows(arch, &a, &b, rounds));
     }
     rows.push(row(
         "machine load (1-min average) at end",
-        loadavg(),
+        super::loadavg(),
         "load",
         "",
     ));
@@ -172,11 +175,6 @@ pub fn arch_rows(arch: Arch, with: &Variant, without: &Variant, rounds: usize) -
     rows
 }
 
-fn kernel_size(manifest: &Path) -> anyhow::Result<f64> {
-    let built: Manifest = serde_json::from_str(&std::fs::read_to_string(manifest)?)?;
-    Ok(built.artifacts.get(role::KERNEL).context("no kernel")?.size as f64)
-}
-
 /// The image at `manifest` with `kernel` instead of its own: same initrd,
 /// same command line, booted from the initrd.
 fn variant_image(ctx: &Ctx, manifest: &Path, kernel: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
@@ -199,13 +197,6 @@ fn boot(shim: &Path, manifest: &Path) -> anyhow::Result<Boot> {
             as f64,
         total: b.guest_memory_total_bytes.unwrap_or(0) as f64,
     })
-}
-
-pub(super) fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(-1.0)
 }
 
 #[cfg(test)]
