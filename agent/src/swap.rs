@@ -43,7 +43,7 @@ pub async fn add_disk(guest: &GuestFs, wait: Duration, slots: &[u32]) -> Result<
                 .ok_or_else(|| invalid(format!("AddSwap PCIPath slot {s} is not 0..=31")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let path = PciPath(hops);
+    let path = PciPath::on_root_bus(hops);
     let _ = std::fs::write(guest.path("/sys/bus/pci/rescan"), "1");
     let g = guest.clone();
     let dev = crate::uevent::wait_for(

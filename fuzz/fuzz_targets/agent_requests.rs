@@ -377,11 +377,12 @@ async fn storage(env: &Env, s: &agent::Storage) {
     assert_inside(env.run_dir(), &mount_point);
     let _ = parse_mount_options(&s.options);
     if let Ok(p) = s.source.parse::<PciPath>() {
-        // Only hex slots, `.` functions and `/`; printed, it parses the same.
+        // Only hex slots, `.` functions, `/` and a root bus's `:`; printed,
+        // it parses the same.
         assert!(
             s.source
                 .bytes()
-                .all(|c| c.is_ascii_hexdigit() || c == b'/' || c == b'.'),
+                .all(|c| c.is_ascii_hexdigit() || c == b'/' || c == b'.' || c == b':'),
             "{:?} accepted as a PCI path",
             s.source
         );

@@ -394,13 +394,29 @@ pub fn has_pcie_root_ports(arch: Arch, machine: &str) -> bool {
 /// The virtual IOMMU a guest gets to use vfio-pci itself: intel-iommu on
 /// x86_64 (caching-mode lets QEMU's vfio-pci follow the guest's mappings),
 /// virtio-iommu on aarch64 (described to the guest in the device tree).
-/// None where kiln offers no guest VFIO path.
+/// A pseries guest always has its own sPAPR TCE IOMMU, with one IOMMU group
+/// per DMA window and one window per PHB, so passed devices get a second PHB
+/// ([`VFIO_PHB`]) of their own; otherwise they would share a group with the
+/// vsock and disk functions. None where kiln offers no guest VFIO path.
 pub fn viommu_device(arch: Arch) -> Option<&'static str> {
     match arch {
         Arch::X86_64 => Some("intel-iommu,caching-mode=on"),
         Arch::Aarch64 => Some("virtio-iommu-pci"),
-        Arch::Ppc64le | Arch::S390x => None,
+        Arch::Ppc64le => Some("spapr-pci-host-bridge,index=1,id=kiln_vfio_phb"),
+        Arch::S390x => None,
     }
+}
+
+/// The pseries PHB passed devices sit on; the guest numbers a PHB's PCI
+/// domain after its index, so its root bus is `0001:00`.
+pub const VFIO_PHB: &str = "kiln_vfio_phb";
+
+/// Whether `machine` can give passed devices a guest IOMMU: root ports
+/// and a virtual IOMMU (x86_64 q35, aarch64 virt) or a PHB of their own
+/// (ppc64le pseries).
+pub fn supports_guest_vfio(arch: Arch, machine: &str) -> bool {
+    viommu_device(arch).is_some()
+        && (has_pcie_root_ports(arch, machine) || (arch, machine) == (Arch::Ppc64le, "pseries"))
 }
 
 /// Whether DIMMs can be hot-plugged (`-m ...,slots,maxmem` and `pc-dimm`).
@@ -559,7 +575,7 @@ impl QemuLaunch<'_> {
             "-smp",
             &smp_arg(self.config.default_vcpus, self.config.default_maxvcpus),
         ]);
-        if self.viommu {
+        if self.viommu && has_pcie_root_ports(self.arch, machine) {
             // Before any PCI device, so it translates for all of them.
             if let Some(device) = viommu_device(self.arch) {
                 push(&["-device", device]);
@@ -593,11 +609,11 @@ impl QemuLaunch<'_> {
                 self.arch
             );
         }
-        if (self.viommu || !self.passthrough.is_empty())
-            && !(has_pcie_root_ports(self.arch, machine) && viommu_device(self.arch).is_some())
+        if (self.viommu || !self.passthrough.is_empty()) && !supports_guest_vfio(self.arch, machine)
         {
             anyhow::bail!(
-                "VFIO passthrough needs an x86_64 q35 or aarch64 virt machine (pcie-root-port and a virtual IOMMU), not {} {machine}",
+                "VFIO passthrough needs an x86_64 q35 or aarch64 virt machine (pcie-root-port and a virtual IOMMU) \
+                 or ppc64le pseries (a PHB of its own), not {} {machine}",
                 self.arch
             );
         }
@@ -654,9 +670,10 @@ impl QemuLaunch<'_> {
             cmdline.push(' ');
             cmdline.push_str(self.config.kernel_params.trim());
         }
-        if self.viommu {
+        let iommu_params = crate::vfio::guest_iommu_params(self.arch);
+        if self.viommu && !iommu_params.is_empty() {
             cmdline.push(' ');
-            cmdline.push_str(crate::vfio::guest_iommu_params(self.arch));
+            cmdline.push_str(iommu_params);
         }
         if let Some(r) = &self.rootfs {
             cmdline.push(' ');
@@ -730,7 +747,11 @@ impl QemuLaunch<'_> {
                 ]);
             }
         }
+        let own_phb = !has_pcie_root_ports(self.arch, machine);
         for (i, d) in (0u32..).zip(self.passthrough) {
+            if own_phb {
+                continue; // onto their PHB, below
+            }
             let port = crate::vfio::cold_port_id(i);
             push(&[
                 "-device",
@@ -763,6 +784,24 @@ impl QemuLaunch<'_> {
             Network::User => {
                 push(&["-netdev", "user,id=kiln_net0,ipv4=on,ipv6=on"]);
                 push(&["-device", &nic_device(self.arch, "kiln_net0", usernet::MAC)]);
+            }
+        }
+        if own_phb && (self.viommu || !self.passthrough.is_empty()) {
+            // pseries: the passed devices' PHB comes after every other PCI
+            // device, which would otherwise land on this newest bus (and in
+            // the passed devices' IOMMU group); then the devices, onto it.
+            if let Some(phb) = viommu_device(self.arch) {
+                push(&["-device", phb]);
+            }
+            for (i, d) in (0u32..).zip(self.passthrough) {
+                push(&[
+                    "-device",
+                    &format!(
+                        "{},bus={VFIO_PHB}.0,addr={:#x},id=kiln_vfio{i}",
+                        d.backend.qemu_device(),
+                        crate::vfio::COLD_PORT_SLOT_BASE + i
+                    ),
+                ]);
             }
         }
         push(&[
@@ -1304,13 +1343,13 @@ mod tests {
                 backend: Backend::Host("0000:01:00.0".parse().unwrap()),
                 mode: GuestMode::Vfio,
                 host_group: 5,
-                pci_path: crate::vfio::cold_device_path(0),
+                pci_path: crate::vfio::cold_device_path(Arch::X86_64, 0),
             },
             PassedDevice {
                 backend: crate::vfio::parse_emulated("edu@0000:ab:00.0").unwrap(),
                 mode: GuestMode::Vfio,
                 host_group: 900,
-                pci_path: crate::vfio::cold_device_path(1),
+                pci_path: crate::vfio::cold_device_path(Arch::X86_64, 1),
             },
         ];
         let mut l = launch_for(Arch::X86_64, &cfg, Accel::Tcg);
@@ -1349,9 +1388,37 @@ mod tests {
             "{append}"
         );
         assert!(!append.contains("intel_iommu"), "{append}");
+        // pseries: the devices go straight onto a PHB of their own, which the
+        // guest numbers domain 0001; no root ports, no IOMMU parameters.
+        let ppc_passed: Vec<_> = (0u32..)
+            .zip(&passed)
+            .map(|(i, d)| PassedDevice {
+                pci_path: crate::vfio::cold_device_path(Arch::Ppc64le, i),
+                ..d.clone()
+            })
+            .collect();
+        assert_eq!(ppc_passed[1].pci_path, "0001:00/19");
         let mut ppc = launch_for(Arch::Ppc64le, &cfg, Accel::Tcg);
-        ppc.passthrough = &passed;
-        let err = ppc.args().unwrap_err().to_string();
+        ppc.passthrough = &ppc_passed;
+        ppc.viommu = true;
+        let args = ppc.args().unwrap();
+        let line = args.join(" ");
+        let phb = line
+            .find("-device spapr-pci-host-bridge,index=1,id=kiln_vfio_phb")
+            .expect(&line);
+        assert!(phb < line.find("kiln_vfio_phb.0").unwrap(), "{line}");
+        // After every device placed without a bus, which would land on it.
+        assert!(phb > line.find("vhost-user-vsock-pci").unwrap(), "{line}");
+        assert!(
+            line.contains("-device edu,bus=kiln_vfio_phb.0,addr=0x19,id=kiln_vfio1"),
+            "{line}"
+        );
+        assert!(!line.contains("pcie-root-port"), "{line}");
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(!append.contains("iommu"), "{append}");
+        let mut s390 = launch_for(Arch::S390x, &cfg, Accel::Tcg);
+        s390.passthrough = &passed;
+        let err = s390.args().unwrap_err().to_string();
         assert!(err.contains("x86_64 q35 or aarch64 virt"), "{err}");
         let plain = launch_for(Arch::X86_64, &cfg, Accel::Tcg)
             .args()

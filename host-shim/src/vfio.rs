@@ -552,9 +552,14 @@ pub fn cold_port_id(i: u32) -> String {
     format!("kiln_vfio_rp{i}")
 }
 
-/// Guest PCI path of the device in cold port `i`: `<port slot>/00`.
-pub fn cold_device_path(i: u32) -> String {
-    format!("{:02x}/00", COLD_PORT_SLOT_BASE + i)
+/// Guest PCI path of the i-th cold-plugged device: `<port slot>/00` behind
+/// its root port, or on pseries `0001:00/<slot>` on the passed devices' PHB
+/// (kiln's root-bus form, see the agent's `pci` module).
+pub fn cold_device_path(arch: kiln_manifest::Arch, i: u32) -> String {
+    match arch {
+        kiln_manifest::Arch::Ppc64le => format!("0001:00/{:02x}", COLD_PORT_SLOT_BASE + i),
+        _ => format!("{:02x}/00", COLD_PORT_SLOT_BASE + i),
+    }
 }
 
 /// What QEMU attaches for one passed device.
@@ -672,9 +677,11 @@ pub const GUEST_IOMMU_PARAMS: &str = "intel_iommu=on vfio_iommu_type1.allow_unsa
 /// Kernel parameters a guest of `arch` needs to use vfio-pci itself: the
 /// IOMMU switched on where it is off by default, and interrupts allowed
 /// without remapping (neither virtual IOMMU remaps them under TCG).
+/// pseries needs none: its TCE IOMMU is always on and VFIO there is not type1.
 pub fn guest_iommu_params(arch: kiln_manifest::Arch) -> &'static str {
     match arch {
         kiln_manifest::Arch::X86_64 => GUEST_IOMMU_PARAMS,
+        kiln_manifest::Arch::Ppc64le => "",
         _ => "vfio_iommu_type1.allow_unsafe_interrupts=1",
     }
 }
@@ -1012,7 +1019,7 @@ mod tests {
             backend: Backend::Host(bdf("0000:01:00.0")),
             mode: GuestMode::Vfio,
             host_group: 5,
-            pci_path: cold_device_path(1),
+            pci_path: cold_device_path(kiln_manifest::Arch::X86_64, 1),
         };
         let a = d.agent_device();
         assert_eq!(a.type_, "vfio-pci");

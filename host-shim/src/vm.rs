@@ -206,7 +206,7 @@ impl Vm {
             None => None,
         };
 
-        let (vfio, passed) = passthrough(&opts.vfio, &mut state)?;
+        let (vfio, passed) = passthrough(&opts.vfio, arch, &mut state)?;
         let viommu = opts.vfio.viommu
             || passed
                 .iter()
@@ -619,10 +619,12 @@ fn effective_id_map_base(configured: u32) -> u32 {
 }
 
 /// Binds the requested host devices (recorded in the run state first) and
-/// lays out every passed device behind its own root port.
+/// lays out every passed device behind its own root port (on pseries, in
+/// its own slot of the passed devices' PHB).
 #[allow(clippy::type_complexity)]
 fn passthrough(
     opts: &crate::vfio::VfioOptions,
+    arch: kiln_manifest::Arch,
     state: &mut RunState,
 ) -> anyhow::Result<(
     Option<crate::vfio::VfioBinding>,
@@ -653,7 +655,7 @@ fn passthrough(
             backend,
             mode,
             host_group,
-            pci_path: crate::vfio::cold_device_path(i),
+            pci_path: crate::vfio::cold_device_path(arch, i),
         })
         .collect();
     Ok((binding, passed))

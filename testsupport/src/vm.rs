@@ -46,9 +46,9 @@ pub fn build_static_x86_64(src: &Path, out: &Path) {
     build_static(src, out, kiln_manifest::Arch::X86_64)
 }
 
-/// [`build_static_x86_64`] for a guest of `arch` (x86_64 or aarch64, the
-/// musl targets; the aarch64 one links with Debian's cross gcc, as
-/// .cargo/config.toml says for the agent).
+/// [`build_static_x86_64`] for a guest of `arch` (musl on x86_64 and
+/// aarch64, static glibc on ppc64le and s390x; the foreign ones link with
+/// Debian's cross gcc, as .cargo/config.toml says for the agent).
 pub fn build_static(src: &Path, out: &Path, arch: kiln_manifest::Arch) {
     let mut rustc = std::process::Command::new("rustc");
     rustc.args(["--edition", "2021", "--target", arch.rust_target()]);
@@ -60,8 +60,14 @@ pub fn build_static(src: &Path, out: &Path, arch: kiln_manifest::Arch) {
         "-C",
         "target-feature=+crt-static",
     ]);
-    if arch == kiln_manifest::Arch::Aarch64 {
-        rustc.args(["-C", "linker=aarch64-linux-gnu-gcc"]);
+    let linker = match arch {
+        kiln_manifest::Arch::X86_64 => None,
+        kiln_manifest::Arch::Aarch64 => Some("aarch64-linux-gnu-gcc"),
+        kiln_manifest::Arch::Ppc64le => Some("powerpc64le-linux-gnu-gcc"),
+        kiln_manifest::Arch::S390x => Some("s390x-linux-gnu-gcc"),
+    };
+    if let Some(linker) = linker {
+        rustc.arg("-C").arg(format!("linker={linker}"));
     }
     let built = rustc
         .arg("-o")

@@ -21,9 +21,10 @@ const E2E_DEBIAN_IMAGE: &str = "debian";
 /// guest: never s390x.)
 const WORKLOAD_RECIPE: &str = "workload";
 const WORKLOAD_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64];
-/// Where the guest VFIO path runs: the machines with PCIe root ports and a
-/// virtual IOMMU (kiln_shim::qemu::viommu_device).
-const VFIO_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64];
+/// Where the guest VFIO path runs: the machines with a guest IOMMU
+/// (kiln_shim::qemu::viommu_device): PCIe root ports and a virtual IOMMU on
+/// x86_64 and aarch64, a PHB of its own on ppc64le.
+const VFIO_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64, Arch::Ppc64le];
 /// The small container rootfs (Debian minbase) every arch runs containers
 /// from, on a virtio-blk disk and over virtio-fs (host-shim/tests/arch_containers.rs).
 const SHELL_RECIPE: &str = "shell";
