@@ -391,13 +391,14 @@ pub fn has_pcie_root_ports(arch: Arch, machine: &str) -> bool {
     )
 }
 
-/// The virtual IOMMU a guest gets to use vfio-pci itself: intel-iommu on
+/// The device that gives passed devices a guest IOMMU: intel-iommu on
 /// x86_64 (caching-mode lets QEMU's vfio-pci follow the guest's mappings),
 /// virtio-iommu on aarch64 (described to the guest in the device tree).
 /// A pseries guest always has its own sPAPR TCE IOMMU, with one IOMMU group
 /// per DMA window and one window per PHB, so passed devices get a second PHB
 /// ([`VFIO_PHB`]) of their own; otherwise they would share a group with the
-/// vsock and disk functions. None where kiln offers no guest VFIO path.
+/// vsock and disk functions. s390x needs none: every zPCI function is its own
+/// PCI domain behind the s390 IOMMU, with a group of its own.
 pub fn viommu_device(arch: Arch) -> Option<&'static str> {
     match arch {
         Arch::X86_64 => Some("intel-iommu,caching-mode=on"),
@@ -411,12 +412,15 @@ pub fn viommu_device(arch: Arch) -> Option<&'static str> {
 /// domain after its index, so its root bus is `0001:00`.
 pub const VFIO_PHB: &str = "kiln_vfio_phb";
 
-/// Whether `machine` can give passed devices a guest IOMMU: root ports
-/// and a virtual IOMMU (x86_64 q35, aarch64 virt) or a PHB of their own
-/// (ppc64le pseries).
+/// Whether `machine` gives passed devices a guest IOMMU: root ports and a
+/// virtual IOMMU (x86_64 q35, aarch64 virt), a PHB of their own (ppc64le
+/// pseries) or a zPCI function each (s390x).
 pub fn supports_guest_vfio(arch: Arch, machine: &str) -> bool {
-    viommu_device(arch).is_some()
-        && (has_pcie_root_ports(arch, machine) || (arch, machine) == (Arch::Ppc64le, "pseries"))
+    match arch {
+        Arch::X86_64 | Arch::Aarch64 => has_pcie_root_ports(arch, machine),
+        Arch::Ppc64le => machine == "pseries",
+        Arch::S390x => machine == "s390-ccw-virtio",
+    }
 }
 
 /// Whether DIMMs can be hot-plugged (`-m ...,slots,maxmem` and `pc-dimm`).
@@ -612,8 +616,8 @@ impl QemuLaunch<'_> {
         if (self.viommu || !self.passthrough.is_empty()) && !supports_guest_vfio(self.arch, machine)
         {
             anyhow::bail!(
-                "VFIO passthrough needs an x86_64 q35 or aarch64 virt machine (pcie-root-port and a virtual IOMMU) \
-                 or ppc64le pseries (a PHB of its own), not {} {machine}",
+                "VFIO passthrough needs an x86_64 q35 or aarch64 virt machine (pcie-root-port and a virtual IOMMU), \
+                 ppc64le pseries (a PHB of its own) or s390x s390-ccw-virtio (zPCI), not {} {machine}",
                 self.arch
             );
         }
@@ -747,10 +751,10 @@ impl QemuLaunch<'_> {
                 ]);
             }
         }
-        let own_phb = !has_pcie_root_ports(self.arch, machine);
+        let root_ports = has_pcie_root_ports(self.arch, machine);
         for (i, d) in (0u32..).zip(self.passthrough) {
-            if own_phb {
-                continue; // onto their PHB, below
+            if !root_ports {
+                continue; // onto their PHB or zPCI functions, below
             }
             let port = crate::vfio::cold_port_id(i);
             push(&[
@@ -786,7 +790,10 @@ impl QemuLaunch<'_> {
                 push(&["-device", &nic_device(self.arch, "kiln_net0", usernet::MAC)]);
             }
         }
-        if own_phb && (self.viommu || !self.passthrough.is_empty()) {
+        if !root_ports
+            && self.arch == Arch::Ppc64le
+            && (self.viommu || !self.passthrough.is_empty())
+        {
             // pseries: the passed devices' PHB comes after every other PCI
             // device, which would otherwise land on this newest bus (and in
             // the passed devices' IOMMU group); then the devices, onto it.
@@ -801,6 +808,21 @@ impl QemuLaunch<'_> {
                         d.backend.qemu_device(),
                         crate::vfio::COLD_PORT_SLOT_BASE + i
                     ),
+                ]);
+            }
+        }
+        if !root_ports && self.arch == Arch::S390x {
+            // s390x: a zPCI function per device, whose uid the guest takes
+            // as the device's PCI domain (crate::vfio::cold_device_path).
+            for (i, d) in (0u32..).zip(self.passthrough) {
+                let uid = crate::vfio::zpci_uid(i);
+                push(&[
+                    "-device",
+                    &format!("zpci,uid={uid},fid={uid},target=kiln_vfio{i},id=kiln_zpci{i}"),
+                ]);
+                push(&[
+                    "-device",
+                    &format!("{},id=kiln_vfio{i}", d.backend.qemu_device()),
                 ]);
             }
         }
@@ -1416,9 +1438,34 @@ mod tests {
         assert!(!line.contains("pcie-root-port"), "{line}");
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(!append.contains("iommu"), "{append}");
+        // s390x: a zPCI function each, its uid the guest's PCI domain.
+        let s390_passed: Vec<_> = (0u32..)
+            .zip(&passed)
+            .map(|(i, d)| PassedDevice {
+                pci_path: crate::vfio::cold_device_path(Arch::S390x, i),
+                ..d.clone()
+            })
+            .collect();
+        assert_eq!(s390_passed[1].pci_path, "0019:00/00");
         let mut s390 = launch_for(Arch::S390x, &cfg, Accel::Tcg);
-        s390.passthrough = &passed;
-        let err = s390.args().unwrap_err().to_string();
+        s390.passthrough = &s390_passed;
+        s390.viommu = true;
+        let line = s390.args().unwrap().join(" ");
+        assert!(
+            line.contains("-device zpci,uid=25,fid=25,target=kiln_vfio1,id=kiln_zpci1 -device edu,id=kiln_vfio1"),
+            "{line}"
+        );
+        assert!(
+            !line.contains("pcie-root-port") && !line.contains("iommu,"),
+            "{line}"
+        );
+        let pc_cfg = QemuSection {
+            machine_type: "pc".into(),
+            ..Default::default()
+        };
+        let mut pc = launch_for(Arch::X86_64, &pc_cfg, Accel::Tcg);
+        pc.passthrough = &passed;
+        let err = pc.args().unwrap_err().to_string();
         assert!(err.contains("x86_64 q35 or aarch64 virt"), "{err}");
         let plain = launch_for(Arch::X86_64, &cfg, Accel::Tcg)
             .args()

@@ -552,14 +552,22 @@ pub fn cold_port_id(i: u32) -> String {
     format!("kiln_vfio_rp{i}")
 }
 
-/// Guest PCI path of the i-th cold-plugged device: `<port slot>/00` behind
-/// its root port, or on pseries `0001:00/<slot>` on the passed devices' PHB
-/// (kiln's root-bus form, see the agent's `pci` module).
+/// Guest PCI path of the i-th cold-plugged device (kiln's root-bus form for
+/// another domain, see the agent's `pci` module): `<port slot>/00` behind its
+/// root port; on pseries `0001:00/<slot>` on the passed devices' PHB; on
+/// s390x `<uid>:00/00`, its zPCI function's own domain.
 pub fn cold_device_path(arch: kiln_manifest::Arch, i: u32) -> String {
     match arch {
         kiln_manifest::Arch::Ppc64le => format!("0001:00/{:02x}", COLD_PORT_SLOT_BASE + i),
+        kiln_manifest::Arch::S390x => format!("{:04x}:00/00", zpci_uid(i)),
         _ => format!("{:02x}/00", COLD_PORT_SLOT_BASE + i),
     }
+}
+
+/// The zPCI uid (and fid) of the i-th passed device on s390x. With the
+/// unique uids QEMU reports, the guest makes the uid the PCI domain.
+pub fn zpci_uid(i: u32) -> u32 {
+    COLD_PORT_SLOT_BASE + i
 }
 
 /// What QEMU attaches for one passed device.
@@ -596,7 +604,14 @@ pub fn parse_emulated(arg: &str) -> anyhow::Result<Backend> {
     let (driver, bdf) = arg.split_once('@').with_context(|| {
         format!("--emulated-vfio {arg}: give DRIVER@PCI-ADDRESS, e.g. edu@0000:ab:00.0")
     })?;
-    const DRIVERS: &[&str] = &["edu", "e1000e", "pci-testdev"];
+    // virtio-rng-pci-non-transitional: the one spare PCI function QEMU's
+    // s390x has (no edu there); no I/O BAR, which zPCI cannot map.
+    const DRIVERS: &[&str] = &[
+        "edu",
+        "e1000e",
+        "pci-testdev",
+        "virtio-rng-pci-non-transitional",
+    ];
     if !DRIVERS.contains(&driver) {
         anyhow::bail!(
             "--emulated-vfio {arg}: `{driver}` is not one of the emulated devices kiln-shim attaches ({})",

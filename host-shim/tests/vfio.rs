@@ -1,14 +1,17 @@
 //! End-to-end VFIO passthrough under TCG: the guest gets a virtual IOMMU
 //! (`intel-iommu` on x86_64, `virtio-iommu-pci` on aarch64, on ppc64le a
 //! second PHB, whose sPAPR TCE IOMMU gives it a group of its own) and an
-//! emulated `edu` device (1234:11e8), which the shim
+//! emulated `edu` device (1234:11e8; on s390x, whose QEMU has no edu, a
+//! virtio-rng function, each zPCI function being its own domain and IOMMU
+//! group there), which the shim
 //! presents to the agent as host device 0000:ab:00.0 passed through
 //! (`--emulated-vfio`). The agent binds it to vfio-pci in the guest, the
 //! container gets `/dev/vfio/<group>` and `/dev/vfio/vfio`, and a small
 //! static program (examples/vfio_probe.rs) drives the VFIO API on it.
 //! Once cold (behind a root port the shim made, through `kiln-shim run`) and
 //! once hot-plugged through QMP while CreateContainer waits for it (not on
-//! ppc64le: kiln-shim hot-plugs into PCIe root ports, which pseries lacks).
+//! ppc64le and s390x: kiln-shim hot-plugs into PCIe root ports, which
+//! pseries and s390-ccw-virtio lack).
 //!
 //! `cargo xtask test` builds the image and runs these with KILN_E2E_MANIFEST
 //! (and, for aarch64, KILN_E2E_SHELL_ROOTFS: the container rootfs).
@@ -27,27 +30,36 @@ use protobuf::MessageField;
 
 const HOST_BDF: &str = "0000:ab:00.0";
 
-/// The guest VFIO path needs a guest IOMMU (`kiln_shim::qemu::viommu_device`):
-/// x86_64 q35, aarch64 virt and ppc64le pseries.
+/// The guest VFIO path needs a guest IOMMU (`kiln_shim::qemu::supports_guest_vfio`):
+/// every arch's default machine has one.
 fn vfio_arch() -> bool {
     let arch = BootImage::load(&manifest()).unwrap().manifest.arch;
-    let ok = kiln_shim::qemu::viommu_device(arch).is_some();
+    let ok = kiln_shim::qemu::supports_guest_vfio(arch, arch.qemu_machine());
     if !ok {
-        eprintln!(
-            "skipping: {arch}: kiln offers no guest IOMMU there (QEMU's s390x has no edu nor pci-testdev to pass), so no guest VFIO path"
-        );
+        eprintln!("skipping: {arch}: kiln offers no guest IOMMU there, so no guest VFIO path");
     }
     ok
 }
 
+/// The emulated device passed and its `vendor:device`: QEMU's edu, except
+/// on s390x, whose QEMU has none (nor pci-testdev): a virtio-rng function.
+fn passed_device() -> (&'static str, &'static str) {
+    match BootImage::load(&manifest()).unwrap().manifest.arch {
+        kiln_manifest::Arch::S390x => ("virtio-rng-pci-non-transitional", "0x1af4:0x1044"),
+        _ => ("edu", "0x1234:0x11e8"),
+    }
+}
+
 /// Hot-plug goes into a free PCIe root port: x86_64 q35 and aarch64 virt.
+/// (This test also shares the rootfs over virtio-fs, which serves neither a
+/// ppc64le nor an s390x guest from an x86_64 host.)
 fn hotplug_arch() -> bool {
     let arch = BootImage::load(&manifest()).unwrap().manifest.arch;
     let machine = arch.qemu_machine();
     let ok = vfio_arch() && kiln_shim::qemu::has_pcie_root_ports(arch, machine);
     if !ok {
         eprintln!(
-            "skipping: {arch} {machine}: no PCIe root ports to hot-plug into (kiln-shim does not drive pseries' PHB hot-plug)"
+            "skipping: {arch} {machine}: kiln-shim hot-plugs VFIO devices into PCIe root ports only, which this machine has not (pseries' PHB slots and s390x zPCI hot-plug are not driven)"
         );
     }
     ok
@@ -80,7 +92,7 @@ exec /vfio_probe /dev/vfio/$g "$PCIDEVICE_TEST"
 "#;
 
 /// Checks the container's output: the guest address replaced the host's,
-/// the device is the edu, and VFIO_DEVICE_GET_INFO reported regions.
+/// the device is the one passed, and VFIO_DEVICE_GET_INFO reported regions.
 fn check_output(out: &str) {
     let field = |k: &str| {
         out.lines()
@@ -91,18 +103,19 @@ fn check_output(out: &str) {
     };
     let guest_bdf = field("PCIDEVICE_TEST=");
     assert_ne!(guest_bdf, HOST_BDF, "PCIDEVICE_TEST not rewritten:\n{out}");
-    // 0000:..: behind a root port; 0001:00:..: on pseries' second PHB.
-    let arch = BootImage::load(&manifest()).unwrap().manifest.arch;
-    let domain = if arch == kiln_manifest::Arch::Ppc64le {
-        "0001:00:"
-    } else {
-        "0000:"
+    // 0000:..: behind a root port; 0001:00:..: on pseries' second PHB;
+    // 0018:00:..: the zPCI function's own domain (its uid) on s390x.
+    let domain = match BootImage::load(&manifest()).unwrap().manifest.arch {
+        kiln_manifest::Arch::Ppc64le => "0001:00:",
+        kiln_manifest::Arch::S390x => "0018:00:",
+        _ => "0000:",
     };
     assert!(
         guest_bdf.len() == 12 && guest_bdf.starts_with(domain),
         "PCIDEVICE_TEST is not a guest PCI address in {domain}:\n{out}"
     );
-    assert_eq!(field("ids="), "0x1234:0x11e8", "not the edu device:\n{out}");
+    let (driver, ids) = passed_device();
+    assert_eq!(field("ids="), ids, "not the {driver} device:\n{out}");
     assert!(!field("group=").is_empty(), "no /dev/vfio/<group>:\n{out}");
     assert!(out.contains("viable=true"), "{out}");
     assert!(out.contains(&format!("device={guest_bdf} ")), "{out}");
@@ -129,7 +142,10 @@ fn cold_plugged_edu_is_a_vfio_device_in_the_container() {
         .arg(manifest())
         .arg("--rootfs")
         .arg(rootfs.path())
-        .args(["--emulated-vfio", &format!("edu@{HOST_BDF}")])
+        .args([
+            "--emulated-vfio",
+            &format!("{}@{HOST_BDF}", passed_device().0),
+        ])
         .args(["-e", &format!("PCIDEVICE_TEST={HOST_BDF}")])
         .args(["--", "sh", "-c", SCRIPT])
         .stdin(Stdio::null())
@@ -138,7 +154,8 @@ fn cold_plugged_edu_is_a_vfio_device_in_the_container() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!(
-        "figure: run with a cold-plugged edu as vfio-pci, launch to exit: {:.2} s\n{stdout}",
+        "figure: run with a cold-plugged {} as vfio-pci, launch to exit: {:.2} s\n{stdout}",
+        passed_device().0,
         started.elapsed().as_secs_f64()
     );
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");

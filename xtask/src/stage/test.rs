@@ -21,10 +21,6 @@ const E2E_DEBIAN_IMAGE: &str = "debian";
 /// guest: never s390x.)
 const WORKLOAD_RECIPE: &str = "workload";
 const WORKLOAD_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64];
-/// Where the guest VFIO path runs: the machines with a guest IOMMU
-/// (kiln_shim::qemu::viommu_device): PCIe root ports and a virtual IOMMU on
-/// x86_64 and aarch64, a PHB of its own on ppc64le.
-const VFIO_ARCHES: &[Arch] = &[Arch::X86_64, Arch::Aarch64, Arch::Ppc64le];
 /// The small container rootfs (Debian minbase) every arch runs containers
 /// from, on a virtio-blk disk and over virtio-fs (host-shim/tests/arch_containers.rs).
 const SHELL_RECIPE: &str = "shell";
@@ -74,8 +70,8 @@ enum Arches {
     Selected,
     /// The host's arch only: the container tests share the host's busybox as
     /// the container rootfs over virtio-fs, which crosses no arches (and
-    /// virtiofsd does not byte-swap FUSE for big-endian s390x guests); vfio
-    /// and kata_replay also need x86_64 q35 (intel-iommu, pcie-root-port).
+    /// virtiofsd does not byte-swap FUSE for big-endian s390x guests);
+    /// kata_replay also needs x86_64 q35 (pcie-root-port, DIMM hot-plug).
     Host,
     /// These arches, if selected.
     Only(&'static [Arch]),
@@ -138,7 +134,7 @@ const SUITES: &[Suite] = &[
         nocapture: false,
     },
     Suite {
-        name: "guest VFIO (edu behind a virtual IOMMU)",
+        name: "guest VFIO (an emulated device behind a guest IOMMU)",
         image: Some(E2E_IMAGE),
         package: "kiln-shim",
         tests: &["vfio"],
@@ -147,7 +143,10 @@ const SUITES: &[Suite] = &[
             ("KILN_E2E_MANIFEST", Input::Manifest),
             ("KILN_E2E_SHELL_ROOTFS", Input::ShellRootfs),
         ],
-        arches: Arches::Only(VFIO_ARCHES),
+        // Every arch: PCIe root ports and a virtual IOMMU on x86_64 and
+        // aarch64, a PHB of its own on ppc64le, a zPCI function on s390x
+        // (kiln_shim::qemu::supports_guest_vfio).
+        arches: Arches::Selected,
         nocapture: false,
     },
     Suite {
@@ -736,7 +735,7 @@ mod tests {
                 .map(|s| s.name)
                 .collect()
         };
-        const VFIO: &str = "guest VFIO (edu behind a virtual IOMMU)";
+        const VFIO: &str = "guest VFIO (an emulated device behind a guest IOMMU)";
         const EVERY_ARCH: &str = "containers on every arch (rootfs disk and share)";
         const DEBIAN: &str = "debian (systemd; DAX on x86_64)";
         assert_eq!(
@@ -766,7 +765,7 @@ mod tests {
         for arch in [Arch::Ppc64le, Arch::S390x] {
             assert_eq!(
                 plan(arch),
-                ["boot", EVERY_ARCH, "minimal rootfs image", DEBIAN]
+                ["boot", VFIO, EVERY_ARCH, "minimal rootfs image", DEBIAN]
             );
         }
         assert_eq!(images(), [E2E_IMAGE, E2E_EROFS_IMAGE, E2E_DEBIAN_IMAGE]);
