@@ -1410,15 +1410,19 @@ mod tests {
             "{append}"
         );
         assert!(!append.contains("intel_iommu"), "{append}");
+        // The same devices where `arch` puts them (vm.rs's passthrough()).
+        let placed_for = |arch: Arch| -> Vec<PassedDevice> {
+            (0u32..)
+                .zip(&passed)
+                .map(|(i, d)| PassedDevice {
+                    pci_path: crate::vfio::cold_device_path(arch, i),
+                    ..d.clone()
+                })
+                .collect()
+        };
         // pseries: the devices go straight onto a PHB of their own, which the
         // guest numbers domain 0001; no root ports, no IOMMU parameters.
-        let ppc_passed: Vec<_> = (0u32..)
-            .zip(&passed)
-            .map(|(i, d)| PassedDevice {
-                pci_path: crate::vfio::cold_device_path(Arch::Ppc64le, i),
-                ..d.clone()
-            })
-            .collect();
+        let ppc_passed = placed_for(Arch::Ppc64le);
         assert_eq!(ppc_passed[1].pci_path, "0001:00/19");
         let mut ppc = launch_for(Arch::Ppc64le, &cfg, Accel::Tcg);
         ppc.passthrough = &ppc_passed;
@@ -1439,13 +1443,7 @@ mod tests {
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(!append.contains("iommu"), "{append}");
         // s390x: a zPCI function each, its uid the guest's PCI domain.
-        let s390_passed: Vec<_> = (0u32..)
-            .zip(&passed)
-            .map(|(i, d)| PassedDevice {
-                pci_path: crate::vfio::cold_device_path(Arch::S390x, i),
-                ..d.clone()
-            })
-            .collect();
+        let s390_passed = placed_for(Arch::S390x);
         assert_eq!(s390_passed[1].pci_path, "0019:00/00");
         let mut s390 = launch_for(Arch::S390x, &cfg, Accel::Tcg);
         s390.passthrough = &s390_passed;
