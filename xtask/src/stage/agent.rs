@@ -69,7 +69,7 @@ pub fn build(ctx: &Ctx, arch: Arch) -> anyhow::Result<AgentArtifact> {
         .join(BINARY);
     let bytes = std::fs::read(&built)
         .with_context(|| format!("cargo did not produce {}", built.display()))?;
-    elf::require_static(&format!("kiln-agent for {arch}"), &bytes)?;
+    elf::require_static(&format!("kiln-agent for {arch}"), &bytes, arch)?;
     copy_atomic(&built, &dir.join(BINARY))?;
     let stamp = Stamp::record(&dir, "agent", &key, &[BINARY])?;
     ctx.remote_offer(&dir, "agent", &key);

@@ -178,7 +178,7 @@ fn fill_tree(
         )
         .with_context(|| what("programs", &p.source))?;
         let bytes = fs::read(&bin)?;
-        crate::elf::require_static(&p.path, &bytes)?;
+        crate::elf::require_static(&p.path, &bytes, arch)?;
         t.add_file(&p.path, 0o755, &bytes)
             .with_context(|| what("programs", &p.path))?;
     }

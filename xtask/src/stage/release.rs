@@ -255,7 +255,11 @@ pub fn build_shim(ctx: &Ctx, arch: Arch) -> anyhow::Result<PathBuf> {
         .join(arch.rust_target())
         .join("release")
         .join(SHIM);
-    crate::elf::require_static(&format!("kiln-shim for {arch}"), &std::fs::read(&bin)?)?;
+    crate::elf::require_static(
+        &format!("kiln-shim for {arch}"),
+        &std::fs::read(&bin)?,
+        arch,
+    )?;
     step.done(&format!(
         "{} KiB, static",
         std::fs::metadata(&bin)?.len() / 1024

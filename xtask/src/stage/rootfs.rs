@@ -254,7 +254,7 @@ pub fn plan(
                 "recipe key `busybox`: {HOST_BUSYBOX} is missing (apt-get install busybox-static)"
             )
         })?;
-        crate::elf::require_static(HOST_BUSYBOX, &bytes)?;
+        crate::elf::require_static(HOST_BUSYBOX, &bytes, arch)?;
         Some(p)
     } else {
         None
