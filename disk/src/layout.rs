@@ -80,6 +80,10 @@ impl Geometry {
 pub struct DiskIds {
     /// uuid of the pfn device (`nd_pfn_sb.uuid`).
     pub pfn_uuid: [u8; 16],
+    /// uuid of the namespace the image fills (`nd_pfn_sb.parent_uuid`): zero
+    /// on a label-less NVDIMM, the label's uuid on a labelled one (pseries),
+    /// where the kernel ignores an info block naming another parent.
+    pub namespace_uuid: [u8; 16],
     /// MBR disk signature (both MBRs; the partitions' PARTUUID prefix).
     pub disk_signature: u32,
 }
@@ -95,7 +99,16 @@ impl DiskIds {
         let disk_signature = u32::from_le_bytes([seed[16], seed[17], seed[18], seed[19]]);
         DiskIds {
             pfn_uuid,
+            namespace_uuid: [0; 16],
             disk_signature,
+        }
+    }
+
+    /// The same ids for an image that fills the labelled namespace `uuid`.
+    pub fn in_namespace(self, uuid: [u8; 16]) -> DiskIds {
+        DiskIds {
+            namespace_uuid: uuid,
+            ..self
         }
     }
 }
@@ -111,12 +124,13 @@ pub fn headers(geometry: &Geometry, ids: &DiskIds) -> Result<Vec<u8>> {
         ids.disk_signature,
         Partition::linux(NVDIMM_PARTITION_OFFSET, geometry.fs_region())?,
     );
-    let pfn = PfnInfo::ram_mode(
+    let mut pfn = PfnInfo::ram_mode(
         ids.pfn_uuid,
         geometry.image_size(),
         DATA_OFFSET,
         ALIGN as u32,
     )?;
+    pfn.parent_uuid = ids.namespace_uuid;
     out[..MBR_SIZE].copy_from_slice(&outer.to_bytes());
     let p = PFN_INFO_OFFSET as usize;
     out[p..p + PFN_INFO_SIZE].copy_from_slice(&pfn.to_bytes());

@@ -5,6 +5,7 @@
 //! - [`pfn`]: the NVDIMM PFN info block that makes a pmem namespace DAX-capable.
 //! - [`layout`]: the image layout that boots as virtio-blk *and* as an NVDIMM
 //!   with DAX (MBR, PFN info block, a second MBR at 2 MiB, filesystem at 3 MiB).
+//! - [`nslabel`]: the namespace label area a label-aware (pseries) NVDIMM needs.
 //! - [`verity`]: dm-verity hash trees appended to a filesystem, and their check.
 //! - [`ext4`]: the one superblock edit reproducible builds need (a fixed
 //!   write time, with the checksum renewed).
@@ -26,6 +27,7 @@ mod error;
 pub mod ext4;
 pub mod layout;
 pub mod mbr;
+pub mod nslabel;
 pub mod pfn;
 pub mod verity;
 

@@ -68,8 +68,43 @@ pub const PMEM_ALIGN: u64 = 2 << 20;
 /// needs labelled namespaces created in the guest, s390x has none, and
 /// virtio-pmem-pci exists only in the x86 binary.
 pub fn supports_pmem(arch: Arch, machine: &str, firmware: bool) -> bool {
-    matches!((arch, machine), (Arch::X86_64, "q35"))
+    (arch, machine) == (Arch::Ppc64le, "pseries") || supports_nvdimm_root(arch, machine, firmware)
+}
+
+/// Whether the rootfs image can be the root on an NVDIMM: as
+/// [`supports_pmem`], but not on pseries, whose label-aware NVDIMMs need
+/// namespace labels the rootfs image does not carry.
+pub fn supports_nvdimm_root(arch: Arch, machine: &str, firmware: bool) -> bool {
+    (arch, machine) == (Arch::X86_64, "q35")
         || (firmware && (arch, machine) == (Arch::Aarch64, "virt"))
+}
+
+/// pseries NVDIMMs (`spapr-nvdimm`): QEMU wants the size without the label
+/// area to be a multiple of this, and `maxmem` aligned to it.
+pub const PSERIES_NVDIMM_BLOCK: u64 = 256 << 20;
+
+/// The uuid of the i-th pseries NVDIMM (`spapr-nvdimm,uuid=`, the guest's
+/// `ibm,unit-guid`). Its first half makes the interleave-set cookie that
+/// labels must carry (`kiln_disk::nslabel::papr_cookie`), so every kiln
+/// DIMM shares it and the index tells them apart.
+pub fn pseries_nvdimm_uuid(index: u8) -> String {
+    let mut b = PSERIES_NVDIMM_UUID_BASE;
+    b[15] = index;
+    format!(
+        "{}-{}-{}-{}-{}",
+        hex(&b[..4]),
+        hex(&b[4..6]),
+        hex(&b[6..8]),
+        hex(&b[8..10]),
+        hex(&b[10..])
+    )
+}
+
+/// The raw bytes behind [`pseries_nvdimm_uuid`] (index 0).
+pub const PSERIES_NVDIMM_UUID_BASE: [u8; 16] = *b"kiln-nvdimm-0000";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Debian's edk2 build for QEMU's aarch64 `virt` (package qemu-efi-aarch64).
@@ -263,8 +298,8 @@ pub fn choose_rootfs_device(
     crate::config::check_rootfs_mode(key, setting)?;
     // "image" takes an NVDIMM only where no firmware boot is needed or one
     // was configured; "nvdimm" asks for it, and then gets Debian's edk2.
-    let nvdimm = supports_pmem(arch, machine, !firmware.is_empty());
-    let asked_nvdimm = supports_pmem(arch, machine, aarch64_firmware_available(firmware));
+    let nvdimm = supports_nvdimm_root(arch, machine, !firmware.is_empty());
+    let asked_nvdimm = supports_nvdimm_root(arch, machine, aarch64_firmware_available(firmware));
     Ok(match setting {
         "initrd" => None,
         "virtio-blk" => Some((
@@ -430,7 +465,14 @@ pub fn supports_memory_hotplug(arch: Arch, machine: &str) -> bool {
 
 /// `-m`: the boot memory, plus the hot-plug area when NVDIMMs (given in
 /// bytes) or DIMM hot-plug (`hotplug_mib`, in `slots` DIMMs) need one.
-pub fn memory_arg(mem_mib: u32, nvdimm_bytes: u64, hotplug_mib: u32, slots: u32) -> String {
+/// `align_mib` rounds `maxmem` up (pseries wants 256 MiB multiples).
+pub fn memory_arg(
+    mem_mib: u32,
+    nvdimm_bytes: u64,
+    hotplug_mib: u32,
+    slots: u32,
+    align_mib: u64,
+) -> String {
     if nvdimm_bytes == 0 && hotplug_mib == 0 {
         return format!("{mem_mib}M");
     }
@@ -445,6 +487,7 @@ pub fn memory_arg(mem_mib: u32, nvdimm_bytes: u64, hotplug_mib: u32, slots: u32)
         total_slots += slots;
         maxmem += u64::from(hotplug_mib);
     }
+    let maxmem = maxmem.next_multiple_of(align_mib.max(1));
     format!("{mem_mib}M,slots={total_slots},maxmem={maxmem}M")
 }
 
@@ -510,8 +553,9 @@ impl QemuLaunch<'_> {
         }
         if !self.pmem_possible(machine) {
             anyhow::bail!(
-                "hypervisor.qemu.pmem_file is set, but kiln-shim can attach persistent memory only to x86_64 q35 guests \
-                 and aarch64 virt guests booted through UEFI (QEMU 7.2 has no nvdimm or virtio-pmem for {} {machine} booted with -kernel)",
+                "hypervisor.qemu.pmem_file is set, but kiln-shim can attach persistent memory only to x86_64 q35 and \
+                 ppc64le pseries guests and aarch64 virt guests booted through UEFI (QEMU 7.2 has no nvdimm or \
+                 virtio-pmem for {} {machine} booted with -kernel)",
                 self.arch
             );
         }
@@ -519,6 +563,18 @@ impl QemuLaunch<'_> {
         let size = std::fs::metadata(&path)
             .map_err(|e| anyhow::anyhow!("hypervisor.qemu.pmem_file {}: {e}", path.display()))?
             .len();
+        let label = kiln_disk::nslabel::LABEL_AREA_SIZE as u64;
+        if machine == "pseries" {
+            if size <= label || !(size - label).is_multiple_of(PSERIES_NVDIMM_BLOCK) {
+                anyhow::bail!(
+                    "hypervisor.qemu.pmem_file {} is {size} bytes; a pseries NVDIMM file is a multiple of 256 MiB \
+                     followed by a {label}-byte namespace label area (kiln_disk::nslabel), without which \
+                     the guest shows no namespace",
+                    path.display()
+                );
+            }
+            return Ok(Some((path, size)));
+        }
         if size == 0 || size % PMEM_ALIGN != 0 {
             anyhow::bail!(
                 "hypervisor.qemu.pmem_file {} is {size} bytes; a persistent-memory file must be a non-zero multiple of 2 MiB \
@@ -573,7 +629,17 @@ impl QemuLaunch<'_> {
             pmem.as_ref().map_or(0, |(_, size)| *size) + nvdimm_root.map_or(0, |r| r.size);
         push(&[
             "-m",
-            &memory_arg(mem, nvdimm_bytes, hotplug_mib, self.config.memory_slots),
+            &memory_arg(
+                mem,
+                nvdimm_bytes,
+                hotplug_mib,
+                self.config.memory_slots,
+                if machine == "pseries" {
+                    PSERIES_NVDIMM_BLOCK >> 20
+                } else {
+                    1
+                },
+            ),
         ]);
         push(&[
             "-smp",
@@ -585,7 +651,11 @@ impl QemuLaunch<'_> {
                 push(&["-device", device]);
             }
         }
-        a.extend(nvdimm_args(nvdimm_root, pmem.as_ref()));
+        a.extend(nvdimm_args(
+            nvdimm_root,
+            pmem.as_ref(),
+            machine == "pseries",
+        ));
         a.extend(self.console_args(p.console));
         a.extend(self.boot_args()?);
         a.extend(self.device_args(machine));
@@ -599,7 +669,13 @@ impl QemuLaunch<'_> {
         nvdimm_root: bool,
         hotplug_mib: u32,
     ) -> anyhow::Result<()> {
-        if nvdimm_root && !self.pmem_possible(machine) {
+        if nvdimm_root
+            && !supports_nvdimm_root(
+                self.arch,
+                machine,
+                aarch64_firmware_available(&self.config.firmware),
+            )
+        {
             anyhow::bail!(
                 "an NVDIMM root needs an x86_64 q35 machine or aarch64 virt with UEFI firmware, not {} {machine}",
                 self.arch
@@ -838,6 +914,7 @@ impl QemuLaunch<'_> {
 fn nvdimm_args(
     nvdimm_root: Option<RootfsDisk>,
     pmem: Option<&(std::path::PathBuf, u64)>,
+    pseries: bool,
 ) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -865,7 +942,19 @@ fn nvdimm_args(
                 file.display()
             ),
         ]);
-        push(&["-device", "nvdimm,id=kiln_nvdimm0,memdev=kiln_pmem0"]);
+        if pseries {
+            // Label-aware: the file's last 128 KiB are its namespace labels.
+            push(&[
+                "-device",
+                &format!(
+                    "spapr-nvdimm,id=kiln_nvdimm0,memdev=kiln_pmem0,label-size={},uuid={}",
+                    kiln_disk::nslabel::LABEL_AREA_SIZE,
+                    pseries_nvdimm_uuid(0)
+                ),
+            ]);
+        } else {
+            push(&["-device", "nvdimm,id=kiln_nvdimm0,memdev=kiln_pmem0"]);
+        }
     }
     a
 }
@@ -907,11 +996,21 @@ mod tests {
         assert_eq!(smp_arg(1, 0), "1");
         assert_eq!(smp_arg(2, 2), "2");
         assert_eq!(smp_arg(1, 4), "1,maxcpus=4");
-        assert_eq!(memory_arg(512, 0, 0, 10), "512M");
-        assert_eq!(memory_arg(512, 0, 1536, 10), "512M,slots=10,maxmem=2048M");
-        assert_eq!(memory_arg(512, 4 << 20, 0, 10), "512M,slots=2,maxmem=1540M");
+        assert_eq!(memory_arg(512, 0, 0, 10, 1), "512M");
         assert_eq!(
-            memory_arg(512, 4 << 20, 512, 4),
+            memory_arg(512, 0, 1536, 10, 1),
+            "512M,slots=10,maxmem=2048M"
+        );
+        assert_eq!(
+            memory_arg(512, 4 << 20, 0, 10, 1),
+            "512M,slots=2,maxmem=1540M"
+        );
+        assert_eq!(
+            memory_arg(512, (256 << 20) + (128 << 10), 0, 10, 256),
+            "512M,slots=2,maxmem=2048M"
+        );
+        assert_eq!(
+            memory_arg(512, 4 << 20, 512, 4, 1),
             "512M,slots=6,maxmem=2052M",
             "NVDIMMs and DIMMs share the hot-plug area"
         );

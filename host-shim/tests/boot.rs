@@ -224,22 +224,39 @@ const FEATURE_OPTIONS: &[&str] = &[
 ];
 
 /// A pmem image with an NVDIMM PFN info block (what makes the namespace
-/// DAX-capable), laid out by kiln-disk around 1 MiB of empty filesystem space.
-fn pmem_image(dir: &std::path::Path) -> PathBuf {
+/// DAX-capable), laid out by kiln-disk around 1 MiB of empty filesystem
+/// space; on pseries 256 MiB (QEMU's NVDIMM block) followed by the namespace
+/// labels its label-aware DIMM needs. Returns the path and the size pmem0
+/// must have: the namespace minus the 2 MiB PFN reserve.
+fn pmem_image(dir: &std::path::Path, arch: kiln_manifest::Arch) -> (PathBuf, u64) {
     use kiln_disk::layout::{self, DiskIds, Geometry};
+    use std::io::Write;
     let path = dir.join("pmem.img");
-    let geometry = Geometry::for_content(1 << 20, 0).unwrap();
+    let pseries = arch == kiln_manifest::Arch::Ppc64le;
+    let namespace = if pseries {
+        kiln_shim::qemu::PSERIES_NVDIMM_BLOCK
+    } else {
+        4 << 20
+    };
+    let fs_len = namespace - layout::FS_OFFSET;
+    let geometry = Geometry::for_content(fs_len, 0).unwrap();
+    assert_eq!(geometry.image_size(), namespace);
     let mut file = std::fs::File::create(&path).unwrap();
     let mut zeros = std::io::repeat(0);
     layout::write_image(
         &mut file,
         &mut zeros,
-        1 << 20,
+        fs_len,
         &geometry,
-        &DiskIds::from_seed(&[7; 32]),
+        &DiskIds::from_seed(&[7; 32]).in_namespace(if pseries { [7; 16] } else { [0; 16] }),
     )
     .unwrap();
-    path
+    if pseries {
+        let cookie = kiln_disk::nslabel::papr_cookie(&kiln_shim::qemu::PSERIES_NVDIMM_UUID_BASE);
+        let labels = kiln_disk::nslabel::label_area(&[7; 16], namespace, cookie).unwrap();
+        file.write_all(&labels).unwrap();
+    }
+    (path, namespace - (2 << 20))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,8 +272,11 @@ async fn guest_facts_prove_the_kernel_features() {
     // A direct kernel boot (no firmware): aarch64's NVDIMM needs a UEFI
     // boot, which the rootfs suite's DAX check makes.
     let with_pmem = kiln_shim::qemu::supports_pmem(arch, machine, false);
+    let mut pmem_size = 0;
     if with_pmem {
-        cfg.hypervisor.qemu.pmem_file = pmem_image(scratch.path()).display().to_string();
+        let (path, size) = pmem_image(scratch.path(), arch);
+        cfg.hypervisor.qemu.pmem_file = path.display().to_string();
+        pmem_size = size;
     } else {
         eprintln!("{arch} {machine}: no persistent-memory device with a direct -kernel boot; pmem/DAX not checked here");
     }
@@ -415,9 +435,8 @@ async fn guest_facts_prove_the_kernel_features() {
             "the PFN info block made it an fsdax namespace: {pmem0:?}"
         );
         assert_eq!(
-            pmem0.size_bytes,
-            2 << 20,
-            "4 MiB image minus the 2 MiB PFN reserve: {pmem0:?}"
+            pmem0.size_bytes, pmem_size,
+            "the namespace minus the 2 MiB PFN reserve: {pmem0:?}"
         );
     }
     drop(ready);
