@@ -9,6 +9,12 @@
 //! 3 MiB      the filesystem (ext4 with 4 KiB blocks, or erofs)
 //! end        a multiple of 2 MiB (else "pfn: resource end misaligned" and no /dev/pmem0)
 //! ```
+//!
+//! A *labelled* image (for pseries, whose NVDIMMs are label-aware) is the
+//! same up to its end, which is a multiple of 256 MiB (QEMU's pseries NVDIMM
+//! block), and is followed by the 128 KiB namespace label area
+//! ([`crate::nslabel`]) describing one namespace over all of it; the PFN
+//! info block names that namespace as its parent.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -16,6 +22,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::mbr::{Mbr, Partition, MBR_SIZE, TYPE_LINUX};
+use crate::nslabel::{self, LABEL_AREA_SIZE as LABEL_AREA};
 use crate::pfn::{PfnInfo, PfnMode, PFN_INFO_OFFSET, PFN_INFO_SIZE};
 
 pub const MIB: u64 = 1 << 20;
@@ -29,10 +36,15 @@ pub const FS_OFFSET: u64 = 3 * MIB;
 /// Where the filesystem starts as seen through /dev/pmem0.
 pub const NVDIMM_PARTITION_OFFSET: u64 = FS_OFFSET - DATA_OFFSET;
 
+/// A labelled image's size is a multiple of this (QEMU's pseries NVDIMM
+/// block: the NVDIMM without its label area).
+pub const LABELLED_ALIGN: u64 = 256 * MIB;
+
 /// The size of an image; everything else follows from the constants above.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
     image_size: u64,
+    labelled: bool,
 }
 
 impl Geometry {
@@ -53,7 +65,32 @@ impl Geometry {
             })?;
         // Both MBRs must be able to address the partition.
         Partition::linux(FS_OFFSET, image_size - FS_OFFSET)?;
-        Ok(Geometry { image_size })
+        Ok(Geometry {
+            image_size,
+            labelled: false,
+        })
+    }
+
+    /// The same filesystem in a labelled image (for a pseries NVDIMM): the
+    /// size rounded up to [`LABELLED_ALIGN`], the label area after it.
+    pub fn labelled(self) -> Result<Geometry> {
+        let image_size = self
+            .image_size
+            .checked_next_multiple_of(LABELLED_ALIGN)
+            .ok_or(Error::BadSize {
+                size: self.image_size,
+                reason: "image too large".into(),
+            })?;
+        Partition::linux(FS_OFFSET, image_size - FS_OFFSET)?;
+        Ok(Geometry {
+            image_size,
+            labelled: true,
+        })
+    }
+
+    /// The file's length: the image, plus the label area if labelled.
+    pub fn file_size(&self) -> u64 {
+        self.image_size + if self.labelled { LABEL_AREA as u64 } else { 0 }
     }
 
     /// For a filesystem that is sized up front (ext4): `content` bytes plus
@@ -62,7 +99,7 @@ impl Geometry {
         Self::for_filesystem(content.saturating_add(margin).max(1))
     }
 
-    /// Total image size, a multiple of 2 MiB.
+    /// Image size without the label area (the namespace), a multiple of 2 MiB.
     pub fn image_size(&self) -> u64 {
         self.image_size
     }
@@ -110,6 +147,16 @@ impl DiskIds {
             namespace_uuid: uuid,
             ..self
         }
+    }
+
+    /// [`DiskIds::from_seed`] for a labelled image: the namespace uuid from
+    /// the seed's second half (a version 8 uuid too).
+    pub fn labelled_from_seed(seed: &[u8; 32]) -> DiskIds {
+        let mut ns = [0u8; 16];
+        ns.copy_from_slice(&seed[16..]);
+        ns[6] = (ns[6] & 0x0f) | 0x80;
+        ns[8] = (ns[8] & 0x3f) | 0x80;
+        Self::from_seed(seed).in_namespace(ns)
     }
 }
 
@@ -175,13 +222,32 @@ pub fn write_image(
         .map_err(|e| Error::io("extending the image", e))?;
     out.seek(SeekFrom::End(0))
         .map_err(|e| Error::io("seeking in the image", e))?;
+    if geometry.labelled {
+        if ids.namespace_uuid == [0; 16] {
+            return Err(Error::BadSize {
+                size: geometry.image_size(),
+                reason: "a labelled image needs a namespace uuid (DiskIds::labelled_from_seed)"
+                    .into(),
+            });
+        }
+        let labels = nslabel::label_area(
+            &ids.namespace_uuid,
+            geometry.image_size(),
+            nslabel::papr_cookie(&nslabel::KILN_DIMM_UUID),
+        )?;
+        out.write_all(&labels)
+            .map_err(|e| Error::io("writing the namespace labels", e))?;
+    }
     Ok(())
 }
 
 /// Everything [`inspect`] found and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageFacts {
+    /// Without the label area: the namespace's size.
     pub image_size: u64,
+    /// A labelled image (pseries): the label area follows `image_size`.
+    pub labelled: bool,
     /// The MBR at 0 (virtio-blk view).
     pub mbr: Mbr,
     /// The PFN info block at 4 KiB.
@@ -198,12 +264,30 @@ pub struct ImageFacts {
 /// first `DATA_OFFSET + 512` bytes, `image_size` is the file's length. Checks
 /// what the kernel checks (signature, checksum, mode, alignment, size) and that
 /// both partition tables point at the same bytes. Never panics.
-pub fn inspect(head: &[u8], image_size: u64) -> Result<ImageFacts> {
+pub fn inspect(head: &[u8], file_size: u64) -> Result<ImageFacts> {
     let bad = |field: &'static str, value: String, reason: String| Error::BadField {
         what: "DAX image",
         field,
         value,
         reason,
+    };
+    // A PFN block naming a parent namespace marks a labelled image.
+    let p = PFN_INFO_OFFSET as usize;
+    let labelled =
+        PfnInfo::parse(head.get(p..).unwrap_or(&[])).is_ok_and(|pfn| pfn.parent_uuid != [0; 16]);
+    let image_size = if labelled {
+        let size = file_size.saturating_sub(LABEL_AREA as u64);
+        if size == 0 || size % LABELLED_ALIGN != 0 {
+            return Err(bad(
+                "size",
+                file_size.to_string(),
+                "a labelled image is a multiple of 256 MiB followed by its 128 KiB label area"
+                    .into(),
+            ));
+        }
+        size
+    } else {
+        file_size
     };
     if image_size % ALIGN != 0 {
         return Err(bad(
@@ -238,11 +322,11 @@ pub fn inspect(head: &[u8], image_size: u64) -> Result<ImageFacts> {
             format!("must be aligned to {align} and inside the {image_size} byte image"),
         ));
     }
-    if pfn.parent_uuid != [0; 16] || pfn.start_pad != 0 || pfn.end_trunc != 0 {
+    if pfn.start_pad != 0 || pfn.end_trunc != 0 {
         return Err(bad(
-            "pfn.parent_uuid/start_pad/end_trunc",
+            "pfn.start_pad/end_trunc",
             "non-zero".into(),
-            "QEMU's label-less namespace needs a null parent uuid and no padding".into(),
+            "the namespace is the whole image: no padding".into(),
         ));
     }
     let d = usize::try_from(pfn.dataoff).unwrap_or(usize::MAX);
@@ -278,6 +362,7 @@ pub fn inspect(head: &[u8], image_size: u64) -> Result<ImageFacts> {
     }
     Ok(ImageFacts {
         image_size,
+        labelled,
         fs_offset: outer.start_bytes(),
         fs_region: outer.len_bytes(),
         mbr,
@@ -295,7 +380,16 @@ pub fn inspect_file(path: &Path) -> Result<ImageFacts> {
     (&f).take(FS_OFFSET)
         .read_to_end(&mut head)
         .map_err(|e| Error::io(what(), e))?;
-    inspect(&head, size)
+    let facts = inspect(&head, size)?;
+    if facts.labelled {
+        let mut tail = Vec::new();
+        let mut f = f;
+        f.seek(SeekFrom::Start(facts.image_size))
+            .map_err(|e| Error::io(what(), e))?;
+        f.read_to_end(&mut tail).map_err(|e| Error::io(what(), e))?;
+        nslabel::check_namespace(&tail, &facts.pfn.parent_uuid, facts.image_size)?;
+    }
+    Ok(facts)
 }
 
 fn only_linux_partition(mbr: &Mbr, which: &'static str) -> Result<Partition> {
@@ -334,6 +428,41 @@ mod tests {
             Geometry::for_filesystem(3 << 40).is_err(),
             "MBRs stop at 2 TiB"
         );
+    }
+
+    /// A labelled image (pseries): 256 MiB, the label area after it, the
+    /// PFN block's parent the labels' namespace; it reads back as such
+    /// (nslabel's tests refuse labels of another namespace).
+    #[test]
+    fn labelled_image_round_trip() {
+        let g = Geometry::for_filesystem(5 * MIB)
+            .unwrap()
+            .labelled()
+            .unwrap();
+        assert_eq!(g.image_size(), LABELLED_ALIGN);
+        assert_eq!(g.file_size(), LABELLED_ALIGN + (128 << 10));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut f = File::create(&path).unwrap();
+        let seed = [0x33; 32];
+        let ids = DiskIds::labelled_from_seed(&seed);
+        assert_ne!(ids.namespace_uuid, [0; 16]);
+        assert_eq!(ids.namespace_uuid[6] >> 4, 8);
+        write_image(&mut f, &mut std::io::repeat(1), 5 * MIB, &g, &ids).unwrap();
+        drop(f);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), g.file_size());
+        let facts = inspect_file(&path).unwrap();
+        assert!(facts.labelled);
+        assert_eq!(facts.image_size, LABELLED_ALIGN);
+        assert_eq!(facts.pfn.parent_uuid, ids.namespace_uuid);
+        assert_eq!(facts.fs_offset, FS_OFFSET);
+        // Without a namespace uuid a labelled image cannot be written.
+        let mut f = File::create(&path).unwrap();
+        assert!(write_image(&mut f, &mut std::io::repeat(1), 5 * MIB, &g, &ids_plain()).is_err());
+    }
+
+    fn ids_plain() -> DiskIds {
+        DiskIds::from_seed(&[0x33; 32])
     }
 
     #[test]

@@ -60,6 +60,11 @@ fn geometry(config_size: usize) -> (usize, usize) {
     (index_size(nslot), nslot)
 }
 
+/// The uuid of kiln's pseries NVDIMMs (`spapr-nvdimm,uuid=`, the guest's
+/// `ibm,unit-guid`), with the last byte set to the DIMM's index. Its first
+/// half makes the cookie every kiln label carries ([`papr_cookie`]).
+pub const KILN_DIMM_UUID: [u8; 16] = *b"kiln-nvdimm-0000";
+
 /// The interleave-set cookie a v1.1 pmem label must carry on a pseries
 /// DIMM with `dimm_uuid` (QEMU's `spapr-nvdimm,uuid=`, the guest's
 /// `ibm,unit-guid`): papr_scm's `cookie1`, the uuid's first 8 bytes read
@@ -112,13 +117,57 @@ pub fn label_area(ns_uuid: &[u8; 16], size: u64, cookie: u64) -> Result<Vec<u8>>
     Ok(area)
 }
 
+/// Checks that `area` (a label area, as [`label_area`] writes it) describes
+/// namespace `ns_uuid` of `size` bytes from the DIMM's start, with the cookie
+/// of [`KILN_DIMM_UUID`]: what the kernel will find on the DIMM. Never panics.
+pub fn check_namespace(area: &[u8], ns_uuid: &[u8; 16], size: u64) -> Result<()> {
+    let bad = |field: &'static str, reason: String| Error::BadField {
+        what: "namespace label area",
+        field,
+        value: format!("{} bytes", area.len()),
+        reason,
+    };
+    if area.len() != LABEL_AREA_SIZE {
+        return Err(bad("size", format!("must be {LABEL_AREA_SIZE} bytes")));
+    }
+    let (index_size, _) = geometry(LABEL_AREA_SIZE);
+    for i in 0..2 {
+        let b = &area[i * index_size..(i + 1) * index_size];
+        let mut zeroed = b.to_vec();
+        zeroed[I_CHECKSUM..I_CHECKSUM + 8].fill(0);
+        if b[..16] != INDEX_SIGNATURE || fletcher64(&zeroed) != le64(b, I_CHECKSUM) {
+            return Err(bad("index", format!("index block {i} is not valid")));
+        }
+    }
+    let l = &area[2 * index_size..2 * index_size + LABEL_SIZE];
+    if l[L_UUID..L_UUID + 16] != ns_uuid[..]
+        || le64(l, L_RAWSIZE) != size
+        || le64(l, L_DPA) != 0
+        || le64(l, L_ISETCOOKIE) != papr_cookie(&KILN_DIMM_UUID)
+    {
+        return Err(bad(
+            "label",
+            format!(
+                "slot 0 must describe namespace {} of {size} bytes at 0 with kiln's cookie",
+                ns_uuid
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn le64(b: &[u8], at: usize) -> u64 {
-        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-    }
 
     /// The kernel's numbers for a 128 KiB area of 128-byte labels: 256-byte
     /// index blocks and 1020 slots.
@@ -164,6 +213,21 @@ mod tests {
             0x51, 0x62,
         ];
         assert_eq!(papr_cookie(&uuid), 0x1a4c_4e8f_0a2d_3c6b);
+    }
+
+    #[test]
+    fn written_areas_check_and_others_do_not() {
+        let cookie = papr_cookie(&KILN_DIMM_UUID);
+        let area = label_area(&[3; 16], 256 << 20, cookie).unwrap();
+        check_namespace(&area, &[3; 16], 256 << 20).unwrap();
+        assert!(check_namespace(&area, &[4; 16], 256 << 20).is_err());
+        assert!(check_namespace(&area, &[3; 16], 512 << 20).is_err());
+        assert!(check_namespace(&area[1..], &[3; 16], 256 << 20).is_err());
+        let mut broken = area.clone();
+        broken[100] ^= 1;
+        assert!(check_namespace(&broken, &[3; 16], 256 << 20).is_err());
+        let other = label_area(&[3; 16], 256 << 20, cookie + 1).unwrap();
+        assert!(check_namespace(&other, &[3; 16], 256 << 20).is_err());
     }
 
     #[test]

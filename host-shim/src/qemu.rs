@@ -71,12 +71,13 @@ pub fn supports_pmem(arch: Arch, machine: &str, firmware: bool) -> bool {
     (arch, machine) == (Arch::Ppc64le, "pseries") || supports_nvdimm_root(arch, machine, firmware)
 }
 
-/// Whether the rootfs image can be the root on an NVDIMM: as
-/// [`supports_pmem`], but not on pseries, whose label-aware NVDIMMs need
-/// namespace labels the rootfs image does not carry.
+/// Whether the rootfs image can be the root on an NVDIMM (on pseries the
+/// image must be labelled, as kiln builds ppc64le images).
 pub fn supports_nvdimm_root(arch: Arch, machine: &str, firmware: bool) -> bool {
-    (arch, machine) == (Arch::X86_64, "q35")
-        || (firmware && (arch, machine) == (Arch::Aarch64, "virt"))
+    matches!(
+        (arch, machine),
+        (Arch::X86_64, "q35") | (Arch::Ppc64le, "pseries")
+    ) || (firmware && (arch, machine) == (Arch::Aarch64, "virt"))
 }
 
 /// pseries NVDIMMs (`spapr-nvdimm`): QEMU wants the size without the label
@@ -84,11 +85,10 @@ pub fn supports_nvdimm_root(arch: Arch, machine: &str, firmware: bool) -> bool {
 pub const PSERIES_NVDIMM_BLOCK: u64 = 256 << 20;
 
 /// The uuid of the i-th pseries NVDIMM (`spapr-nvdimm,uuid=`, the guest's
-/// `ibm,unit-guid`). Its first half makes the interleave-set cookie that
-/// labels must carry (`kiln_disk::nslabel::papr_cookie`), so every kiln
-/// DIMM shares it and the index tells them apart.
+/// `ibm,unit-guid`): [`kiln_disk::nslabel::KILN_DIMM_UUID`], whose first half
+/// makes the interleave-set cookie kiln's labels carry, with the index last.
 pub fn pseries_nvdimm_uuid(index: u8) -> String {
-    let mut b = PSERIES_NVDIMM_UUID_BASE;
+    let mut b = kiln_disk::nslabel::KILN_DIMM_UUID;
     b[15] = index;
     format!(
         "{}-{}-{}-{}-{}",
@@ -100,8 +100,12 @@ pub fn pseries_nvdimm_uuid(index: u8) -> String {
     )
 }
 
-/// The raw bytes behind [`pseries_nvdimm_uuid`] (index 0).
-pub const PSERIES_NVDIMM_UUID_BASE: [u8; 16] = *b"kiln-nvdimm-0000";
+/// Whether a file of `size` bytes can back a pseries NVDIMM: whole 256 MiB
+/// blocks, then kiln's label area.
+fn pseries_nvdimm_file(size: u64) -> bool {
+    let label = kiln_disk::nslabel::LABEL_AREA_SIZE as u64;
+    size > label && (size - label).is_multiple_of(PSERIES_NVDIMM_BLOCK)
+}
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -316,7 +320,8 @@ pub fn choose_rootfs_device(
         ),
         "nvdimm" => anyhow::bail!(
             "{key} = \"nvdimm\" asks for a DAX root on an NVDIMM, but kiln-shim has no NVDIMM for {arch} {machine} \
-             (QEMU 7.2 offers -device nvdimm with ACPI NFIT on x86_64 q35, and on aarch64 virt booted through UEFI); \
+             (QEMU 7.2 offers -device nvdimm with ACPI NFIT on x86_64 q35 and on aarch64 virt booted through UEFI, \
+             and spapr-nvdimm on ppc64le pseries); \
              use \"virtio-blk\" (no DAX) or \"image\""
         ),
         _ if nvdimm => Some((
@@ -342,7 +347,7 @@ pub const VERITY_DM_NAME: &str = "kiln-root";
 
 /// Kernel parameters that mount the rootfs image's partition 1 as `/`,
 /// read-only (ext4 with DAX on an NVDIMM:
-/// `root=/dev/pmem0p1 rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4`).
+/// `root=/dev/pmem0p1 rootflags=dax,errors=remount-ro ro rootfstype=ext4`).
 ///
 /// With `verity`, the kernel's DM_INIT creates a dm-verity device over the
 /// partition from `dm-mod.create=` before mounting root, and `/` is that
@@ -360,8 +365,8 @@ pub fn root_params(
     };
     let dax = device == RootfsDevice::Nvdimm && verity.is_none();
     let flags = match (filesystem, dax) {
-        ("ext4", true) => "dax,data=ordered,errors=remount-ro",
-        ("ext4", false) => "data=ordered,errors=remount-ro",
+        ("ext4", true) => "dax,errors=remount-ro",
+        ("ext4", false) => "errors=remount-ro",
         ("erofs", true) => "dax",
         ("erofs", false) => "",
         (other, _) => anyhow::bail!(
@@ -563,14 +568,14 @@ impl QemuLaunch<'_> {
         let size = std::fs::metadata(&path)
             .map_err(|e| anyhow::anyhow!("hypervisor.qemu.pmem_file {}: {e}", path.display()))?
             .len();
-        let label = kiln_disk::nslabel::LABEL_AREA_SIZE as u64;
         if machine == "pseries" {
-            if size <= label || !(size - label).is_multiple_of(PSERIES_NVDIMM_BLOCK) {
+            if !pseries_nvdimm_file(size) {
                 anyhow::bail!(
                     "hypervisor.qemu.pmem_file {} is {size} bytes; a pseries NVDIMM file is a multiple of 256 MiB \
-                     followed by a {label}-byte namespace label area (kiln_disk::nslabel), without which \
+                     followed by a {}-byte namespace label area (kiln_disk::nslabel), without which \
                      the guest shows no namespace",
-                    path.display()
+                    path.display(),
+                    kiln_disk::nslabel::LABEL_AREA_SIZE
                 );
             }
             return Ok(Some((path, size)));
@@ -594,6 +599,17 @@ impl QemuLaunch<'_> {
         let nvdimm_root = self.rootfs.filter(|r| r.device == RootfsDevice::Nvdimm);
         let hotplug_mib = self.config.default_maxmemory.saturating_sub(mem);
         self.check_machine(machine, nvdimm_root.is_some(), hotplug_mib)?;
+        if let Some(r) = nvdimm_root.filter(|_| machine == "pseries") {
+            if !pseries_nvdimm_file(r.size) {
+                anyhow::bail!(
+                    "{} ({} bytes) is not a labelled image, which a pseries NVDIMM root needs (a multiple of \
+                     256 MiB followed by 128 KiB of namespace labels, as cargo xtask build-image lays out ppc64le \
+                     images): rebuild the image, or use --rootfs virtio-blk",
+                    r.path.display(),
+                    r.size
+                );
+            }
+        }
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&[
@@ -929,10 +945,21 @@ fn nvdimm_args(
                 r.size
             ),
         ]);
-        push(&[
-            "-device",
-            "nvdimm,id=kiln_rootfs,memdev=kiln_rootfs_mem,unarmed=on",
-        ]);
+        if pseries {
+            push(&[
+                "-device",
+                &format!(
+                    "spapr-nvdimm,id=kiln_rootfs,memdev=kiln_rootfs_mem,unarmed=on,label-size={},uuid={}",
+                    kiln_disk::nslabel::LABEL_AREA_SIZE,
+                    pseries_nvdimm_uuid(1)
+                ),
+            ]);
+        } else {
+            push(&[
+                "-device",
+                "nvdimm,id=kiln_rootfs,memdev=kiln_rootfs_mem,unarmed=on",
+            ]);
+        }
     }
     if let Some((file, size)) = pmem {
         push(&[
@@ -1327,7 +1354,7 @@ mod tests {
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert_eq!(
             append,
-            "console=ttyS0 root=/dev/pmem0p1 rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4 init=/init"
+            "console=ttyS0 root=/dev/pmem0p1 rootflags=dax,errors=remount-ro ro rootfstype=ext4 init=/init"
         );
 
         let mut l = launch_for(Arch::S390x, &cfg, Accel::Tcg);
@@ -1345,7 +1372,7 @@ mod tests {
         );
         assert!(
             line.contains(
-                "root=/dev/vda1 rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4"
+                "root=/dev/vda1 rootflags=errors=remount-ro ro rootfstype=ext4"
             ),
             "{line}"
         );
@@ -1382,6 +1409,41 @@ mod tests {
         assert!(err.contains("qemu-efi-aarch64"), "{err}");
     }
 
+    /// pseries: the root NVDIMM is a label-aware spapr-nvdimm (kiln's uuid,
+    /// index 1), and only a labelled image's size is taken.
+    #[test]
+    fn pseries_nvdimm_root_is_a_labelled_spapr_nvdimm() {
+        let cfg = QemuSection::default();
+        let img = PathBuf::from("/images/rootfs.img");
+        let disk = |size| RootfsDisk {
+            device: RootfsDevice::Nvdimm,
+            path: &img,
+            size,
+            filesystem: "ext4",
+            init: Some("/init"),
+            verity: None,
+        };
+        let mut l = launch_for(Arch::Ppc64le, &cfg, Accel::Tcg);
+        l.rootfs = Some(disk((256 << 20) + (128 << 10)));
+        let line = l.args().unwrap().join(" ");
+        assert!(line.contains(",nvdimm=on"), "{line}");
+        assert!(
+            line.contains(&format!(
+                "-device spapr-nvdimm,id=kiln_rootfs,memdev=kiln_rootfs_mem,unarmed=on,label-size=131072,uuid={}",
+                pseries_nvdimm_uuid(1)
+            )),
+            "{line}"
+        );
+        assert_eq!(
+            pseries_nvdimm_uuid(1),
+            "6b696c6e-2d6e-7664-696d-6d2d30303001"
+        );
+        assert!(line.contains("maxmem=2048M"), "{line}");
+        l.rootfs = Some(disk(64 << 20));
+        let err = l.args().unwrap_err().to_string();
+        assert!(err.contains("not a labelled image"), "{err}");
+    }
+
     #[test]
     fn rootfs_modes_pick_a_device_or_refuse() {
         let k = "hypervisor.qemu.rootfs";
@@ -1404,7 +1466,11 @@ mod tests {
             Ok(d) => assert!(Path::new(AARCH64_EDK2).exists(), "{d:?} without edk2"),
             Err(e) => assert!(e.to_string().contains("qemu-efi-aarch64"), "{e}"),
         }
-        let err = choose("nvdimm", Arch::Ppc64le, "pseries", "")
+        let (d, _) = choose("image", Arch::Ppc64le, "pseries", "")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d, RootfsDevice::Nvdimm, "spapr-nvdimm, no firmware");
+        let err = choose("nvdimm", Arch::S390x, "s390-ccw-virtio", "")
             .unwrap_err()
             .to_string();
         assert!(
@@ -1444,7 +1510,7 @@ mod tests {
             p,
             format!(
                 "dm-mod.create=\"kiln-root,,,ro,0 20480 verity 1 /dev/vda1 /dev/vda1 4096 4096 2560 2560 sha256 {} {}\" \
-                 root=/dev/dm-0 rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4 init=/init",
+                 root=/dev/dm-0 rootflags=errors=remount-ro ro rootfstype=ext4 init=/init",
                 "ab".repeat(32),
                 "5a".repeat(32)
             )

@@ -252,7 +252,7 @@ fn pmem_image(dir: &std::path::Path, arch: kiln_manifest::Arch) -> (PathBuf, u64
     )
     .unwrap();
     if pseries {
-        let cookie = kiln_disk::nslabel::papr_cookie(&kiln_shim::qemu::PSERIES_NVDIMM_UUID_BASE);
+        let cookie = kiln_disk::nslabel::papr_cookie(&kiln_disk::nslabel::KILN_DIMM_UUID);
         let labels = kiln_disk::nslabel::label_area(&[7; 16], namespace, cookie).unwrap();
         file.write_all(&labels).unwrap();
     }

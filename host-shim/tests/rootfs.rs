@@ -276,10 +276,14 @@ async fn minimal_boots_from_its_rootfs_image() {
             facts.paths
         );
     }
-    if arch == kiln_manifest::Arch::Aarch64 {
-        // An NVDIMM on virt is described by ACPI's NFIT, so the shim boots
-        // the kernel through Debian's edk2; without dm-verity (which cannot
-        // map DAX), the root is DAX.
+    if matches!(
+        arch,
+        kiln_manifest::Arch::Aarch64 | kiln_manifest::Arch::Ppc64le
+    ) {
+        // aarch64: an NVDIMM on virt is described by ACPI's NFIT, so the shim
+        // boots the kernel through Debian's edk2. ppc64le: a label-aware
+        // spapr-nvdimm, whose namespace labels follow the image. Without
+        // dm-verity (which cannot map DAX), the root is DAX.
         let (init, facts, note) = boot_and_look(&image, "nvdimm", "off", &["/init"], &[]).await;
         assert!(init, "the agent is PID 1");
         assert!(note.contains("NVDIMM"), "{note}");
@@ -366,7 +370,10 @@ async fn debian_boots_systemd_and_the_agent_service_from_dax() {
     );
     assert_eq!(lines.get(2), Some(&"written"), "{out}");
     assert_modules(&facts, &["dummy", "llc", "stp", "bridge"]);
-    if image.manifest.arch == kiln_manifest::Arch::X86_64 {
+    if matches!(
+        image.manifest.arch,
+        kiln_manifest::Arch::X86_64 | kiln_manifest::Arch::Ppc64le
+    ) {
         assert!(note.contains("NVDIMM"), "{note}");
         assert_dax_root(&facts, &layout.filesystem);
     } else {
@@ -378,22 +385,39 @@ async fn debian_boots_systemd_and_the_agent_service_from_dax() {
 /// The first filesystem block of `path` in the ext4 partition at `offset` of
 /// `img` (debugfs reads the partition in place).
 fn ext4_first_block(img: &std::path::Path, offset: u64, path: &str) -> u64 {
+    let debugfs = |request: &str| {
+        let out = std::process::Command::new("debugfs")
+            .arg("-R")
+            .arg(request)
+            .arg(format!("{}?offset={offset}", img.display()))
+            .output()
+            .expect("debugfs (e2fsprogs) runs");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (text, err) = debugfs(&format!("blocks /{path}"));
+    text.split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| panic!("debugfs found no block of {path}: {text} {err}"))
+}
+
+/// The block size of the ext4 filesystem at `offset` of `img` (64 KiB on
+/// ppc64le, whose images match its page size for DAX).
+fn ext4_block_size(img: &std::path::Path, offset: u64) -> u64 {
     let out = std::process::Command::new("debugfs")
         .arg("-R")
-        .arg(format!("blocks /{path}"))
+        .arg("stats")
         .arg(format!("{}?offset={offset}", img.display()))
         .output()
         .expect("debugfs (e2fsprogs) runs");
     let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .next()
-        .and_then(|b| b.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "debugfs found no block of {path}: {text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+    text.lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("debugfs stats shows no block size: {text}"))
 }
 
 /// A copy of the image whose rootfs.img has the byte at `at` flipped, and
@@ -452,7 +476,8 @@ async fn minimal_verity_refuses_a_modified_image() {
 
     // One byte of dummy.ko's data: the guest boots (nothing it needs changed),
     // and reading that file fails with EIO, as loading it does.
-    let (_copy, bad) = tampered_copy(&image, layout.partition_offset + block * 4096 + 100);
+    let block_size = ext4_block_size(&img, layout.partition_offset);
+    let (_copy, bad) = tampered_copy(&image, layout.partition_offset + block * block_size + 100);
     let (vm, ready, _run) = boot(&bad, "virtio-blk", "on").await;
     let ready = ready.unwrap_or_else(|e| panic!("only dummy.ko changed, the rest must boot: {e}"));
     let err = load_modules(&ready.client, &["dummy"]).await.unwrap_err();

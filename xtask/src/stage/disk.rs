@@ -34,10 +34,20 @@ use crate::stage::rootfs::{LazyTree, RootfsPlan};
 pub const FILE: &str = "rootfs.img";
 /// The record of the last build, kept beside the image for the manifest.
 const RECORD: &str = ".rootfs-record.json";
-const BLOCK: u64 = 4096;
 /// ext4 journal size: the smallest mke2fs allows with 4 KiB blocks. The root
 /// is mounted read-only; the journal only has to exist.
 const JOURNAL_MIB: u64 = 4;
+
+/// ext4 block size for `arch`'s images: the guest's page size, which DAX
+/// needs ("unsupported blocksize for DAX" otherwise): 64 KiB on ppc64le,
+/// whose kernel has 64 KiB pages, 4 KiB elsewhere.
+fn ext4_block(arch: Arch) -> u64 {
+    if arch == Arch::Ppc64le {
+        64 << 10
+    } else {
+        4096
+    }
+}
 
 /// An e2fsprogs configuration of our own, so the host's /etc/mke2fs.conf
 /// cannot change the filesystem. The size classes mke2fs picks by itself
@@ -63,6 +73,13 @@ const MKE2FS_CONF: &str = "[defaults]
 \thuge = {
 \t}
 ";
+
+/// Whether `arch`'s images carry NVDIMM namespace labels: ppc64le, whose
+/// pseries NVDIMMs are label-aware (papr_scm), so the image is padded to
+/// 256 MiB and its labels follow (kiln_disk::layout, labelled images).
+fn labelled(arch: Arch) -> bool {
+    arch == Arch::Ppc64le
+}
 
 #[derive(Debug, Clone)]
 pub struct DiskArtifact {
@@ -100,6 +117,15 @@ pub fn build(
                 "off"
             },
         )
+        .str("ext4_block", &ext4_block(arch).to_string())
+        .str(
+            "nvdimm_labels",
+            if labelled(arch) {
+                "nslabel-v1.1"
+            } else {
+                "none"
+            },
+        )
         .str("source_date_epoch", &ctx.source_date_epoch.to_string())
         .str("tool", &tool_version)
         .str("kiln-disk", env!("CARGO_PKG_VERSION"))
@@ -132,9 +158,11 @@ pub fn build(
             std::fs::metadata(&fs_img)?.len()
         }
         _ => {
-            let content = tree.data_bytes(BLOCK)?;
+            let block = ext4_block(arch);
+            let content = tree.data_bytes(block)?;
             let inodes = tree.len() as u64 + tree.len() as u64 / 8 + 64;
-            let geometry = Geometry::for_content(content + ext4_overhead(content, inodes), margin)?;
+            let geometry =
+                Geometry::for_content(content + ext4_overhead(content, inodes, block), margin)?;
             step.message("mke2fs -d, debugfs, e2fsck");
             let log = ctx.log_path(&format!("rootfs-{arch}"));
             make_ext4(
@@ -142,7 +170,7 @@ pub fn build(
                 ctx.source_date_epoch,
                 &tree,
                 &fs_img,
-                geometry.fs_region(),
+                (geometry.fs_region(), block),
                 inodes,
                 &ids,
             )?;
@@ -157,8 +185,14 @@ pub fn build(
         None
     };
     let fs_len = std::fs::metadata(&fs_img)?.len();
-    let geometry = Geometry::for_filesystem(fs_len)?;
-    let disk_ids = DiskIds::from_seed(&seed);
+    let (geometry, disk_ids) = if labelled(arch) {
+        (
+            Geometry::for_filesystem(fs_len)?.labelled()?,
+            DiskIds::labelled_from_seed(&seed),
+        )
+    } else {
+        (Geometry::for_filesystem(fs_len)?, DiskIds::from_seed(&seed))
+    };
     let mut out = tempfile::NamedTempFile::new_in(&dir)?;
     let mut src = std::fs::File::open(&fs_img)?;
     layout::write_image(out.as_file_mut(), &mut src, fs_len, &geometry, &disk_ids)?;
@@ -262,9 +296,9 @@ fn tool_version(tool: &str) -> anyhow::Result<String> {
 
 /// Metadata ext4 needs beyond the data blocks: inode tables, the journal,
 /// bitmaps and group descriptors, extent blocks of large files.
-fn ext4_overhead(content: u64, inodes: u64) -> u64 {
-    let groups = (content / BLOCK).div_ceil(32768).max(1);
-    inodes * 256 + (JOURNAL_MIB << 20) + groups * 4 * BLOCK + content / 64 + (1 << 20)
+fn ext4_overhead(content: u64, inodes: u64, block: u64) -> u64 {
+    let groups = (content / block).div_ceil(8 * block).max(1);
+    inodes * 256 + (JOURNAL_MIB << 20) + groups * 4 * block + content / 64 + (1 << 20)
 }
 
 /// Filesystem identity, fixed per image and arch.
@@ -302,12 +336,15 @@ fn uuid_string(u: &[u8; 16]) -> String {
     )
 }
 
+/// `size` bytes in blocks of `block` bytes. A journal needs 1024 blocks at
+/// least, 64 MiB with 64 KiB blocks: those filesystems (read-only roots) go
+/// without one.
 fn make_ext4(
     log: &Path,
     epoch: u64,
     tree: &Tree,
     out: &Path,
-    size: u64,
+    (size, block): (u64, u64),
     inodes: u64,
     ids: &FsIds,
 ) -> anyhow::Result<()> {
@@ -321,15 +358,19 @@ fn make_ext4(
         "-t".into(),
         "ext4".into(),
         "-b".into(),
-        BLOCK.to_string(),
+        block.to_string(),
         "-I".into(),
         "256".into(),
         "-N".into(),
         inodes.to_string(),
         "-m".into(),
         "0".into(),
-        "-J".into(),
-        format!("size={JOURNAL_MIB}"),
+        if block == 4096 { "-J" } else { "-O" }.into(),
+        if block == 4096 {
+            format!("size={JOURNAL_MIB}")
+        } else {
+            "^has_journal".into()
+        },
         "-L".into(),
         "kiln-root".into(),
         "-U".into(),
@@ -342,7 +383,7 @@ fn make_ext4(
         "-d".into(),
         tree.dir().display().to_string(),
         out.display().to_string(),
-        (size / BLOCK).to_string(),
+        (size / block).to_string(),
     ];
     cmd::run_logged_to(
         log,
@@ -516,7 +557,7 @@ mod tests {
                 1_700_000_000,
                 &t,
                 &out,
-                16 << 20,
+                (16 << 20, 4096),
                 64,
                 &FsIds::derive("t", Arch::X86_64),
             )
