@@ -1371,9 +1371,7 @@ mod tests {
             "{line}"
         );
         assert!(
-            line.contains(
-                "root=/dev/vda1 rootflags=errors=remount-ro ro rootfstype=ext4"
-            ),
+            line.contains("root=/dev/vda1 rootflags=errors=remount-ro ro rootfstype=ext4"),
             "{line}"
         );
         assert!(!line.contains("nvdimm") && !line.contains("dax"), "{line}");
