@@ -17,7 +17,7 @@
 //! ```
 
 use crate::error::{Error, Result};
-use crate::pfn::fletcher64;
+use crate::pfn::{fletcher64, le64};
 
 /// The smallest label area QEMU's pseries accepts (`label-size`), and what
 /// kiln uses.
@@ -104,7 +104,7 @@ pub fn label_area(ns_uuid: &[u8; 16], size: u64, cookie: u64) -> Result<Vec<u8>>
         for slot in 1..nslot {
             free[slot / 8] |= 1 << (slot % 8);
         }
-        let sum = fletcher64(b);
+        let sum = index_checksum(b);
         b[I_CHECKSUM..I_CHECKSUM + 8].copy_from_slice(&sum.to_le_bytes());
     }
     let l = &mut area[2 * index_size..2 * index_size + LABEL_SIZE];
@@ -133,9 +133,7 @@ pub fn check_namespace(area: &[u8], ns_uuid: &[u8; 16], size: u64) -> Result<()>
     let (index_size, _) = geometry(LABEL_AREA_SIZE);
     for i in 0..2 {
         let b = &area[i * index_size..(i + 1) * index_size];
-        let mut zeroed = b.to_vec();
-        zeroed[I_CHECKSUM..I_CHECKSUM + 8].fill(0);
-        if b[..16] != INDEX_SIGNATURE || fletcher64(&zeroed) != le64(b, I_CHECKSUM) {
+        if b[..16] != INDEX_SIGNATURE || index_checksum(b) != le64(b, I_CHECKSUM) {
             return Err(bad("index", format!("index block {i} is not valid")));
         }
     }
@@ -159,10 +157,12 @@ pub fn check_namespace(area: &[u8], ns_uuid: &[u8; 16], size: u64) -> Result<()>
     Ok(())
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
+/// An index block's checksum: fletcher64 of the block with its checksum
+/// field zero, as `__nd_label_validate` computes it.
+fn index_checksum(block: &[u8]) -> u64 {
+    let mut zeroed = block.to_vec();
+    zeroed[I_CHECKSUM..I_CHECKSUM + 8].fill(0);
+    fletcher64(&zeroed)
 }
 
 #[cfg(test)]
@@ -184,9 +184,7 @@ mod tests {
         for i in 0..2 {
             let b = &area[i * 256..(i + 1) * 256];
             assert_eq!(&b[..16], b"NAMESPACE_INDEX\0");
-            let mut zeroed = b.to_vec();
-            zeroed[I_CHECKSUM..I_CHECKSUM + 8].fill(0);
-            assert_eq!(fletcher64(&zeroed), le64(b, I_CHECKSUM), "index {i}");
+            assert_eq!(index_checksum(b), le64(b, I_CHECKSUM), "index {i}");
             assert_eq!(le64(b, I_MYOFF), (i * 256) as u64);
             assert_eq!(le64(b, I_OTHEROFF), ((1 - i) * 256) as u64);
             assert_eq!(le64(b, I_LABELOFF), 512);
