@@ -85,9 +85,11 @@ pub struct QemuSection {
     /// PCIe root ports reserved for hot-plugging (disks, VFIO devices).
     #[serde(default = "default_hotplug_ports")]
     pub hotplug_root_ports: u32,
-    /// A file to attach as a persistent-memory device (`-device nvdimm`, the
-    /// guest's /dev/pmem0); its size must be a multiple of 2 MiB. Guest writes
-    /// reach the file. x86_64 q35 only; empty means none.
+    /// A file to attach as a persistent-memory device (the guest's
+    /// /dev/pmem0): `-device nvdimm` on x86_64 q35 and aarch64 virt (through
+    /// UEFI), its size a multiple of 2 MiB; `spapr-nvdimm` on ppc64le pseries,
+    /// 256 MiB blocks followed by kiln's namespace labels
+    /// (`kiln_disk::nslabel`). Guest writes reach the file. Empty means none.
     #[serde(default)]
     pub pmem_file: String,
     /// UEFI firmware to boot through (`-bios`; the kernel still comes from
