@@ -273,8 +273,10 @@ pub fn inspect(head: &[u8], file_size: u64) -> Result<ImageFacts> {
     };
     // A PFN block naming a parent namespace marks a labelled image.
     let p = PFN_INFO_OFFSET as usize;
-    let labelled =
-        PfnInfo::parse(head.get(p..).unwrap_or(&[])).is_ok_and(|pfn| pfn.parent_uuid != [0; 16]);
+    let parsed_pfn = PfnInfo::parse(head.get(p..).unwrap_or(&[]));
+    let labelled = parsed_pfn
+        .as_ref()
+        .is_ok_and(|pfn| pfn.parent_uuid != [0; 16]);
     let image_size = if labelled {
         let size = file_size.saturating_sub(LABEL_AREA as u64);
         if size == 0 || size % LABELLED_ALIGN != 0 {
@@ -298,8 +300,7 @@ pub fn inspect(head: &[u8], file_size: u64) -> Result<ImageFacts> {
     }
     let mbr = Mbr::parse(head)?;
     let outer = only_linux_partition(&mbr, "MBR at 0")?;
-    let p = PFN_INFO_OFFSET as usize;
-    let pfn = PfnInfo::parse(head.get(p..).unwrap_or(&[]))?;
+    let pfn = parsed_pfn?;
     if pfn.mode != PfnMode::Ram {
         return Err(bad(
             "pfn.mode",

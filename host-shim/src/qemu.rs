@@ -945,21 +945,13 @@ fn nvdimm_args(
                 r.size
             ),
         ]);
-        if pseries {
-            push(&[
-                "-device",
-                &format!(
-                    "spapr-nvdimm,id=kiln_rootfs,memdev=kiln_rootfs_mem,unarmed=on,label-size={},uuid={}",
-                    kiln_disk::nslabel::LABEL_AREA_SIZE,
-                    pseries_nvdimm_uuid(1)
-                ),
-            ]);
-        } else {
-            push(&[
-                "-device",
-                "nvdimm,id=kiln_rootfs,memdev=kiln_rootfs_mem,unarmed=on",
-            ]);
-        }
+        push(&[
+            "-device",
+            &nvdimm_device(
+                "id=kiln_rootfs,memdev=kiln_rootfs_mem,unarmed=on",
+                pseries.then_some(1),
+            ),
+        ]);
     }
     if let Some((file, size)) = pmem {
         push(&[
@@ -969,21 +961,26 @@ fn nvdimm_args(
                 file.display()
             ),
         ]);
-        if pseries {
-            // Label-aware: the file's last 128 KiB are its namespace labels.
-            push(&[
-                "-device",
-                &format!(
-                    "spapr-nvdimm,id=kiln_nvdimm0,memdev=kiln_pmem0,label-size={},uuid={}",
-                    kiln_disk::nslabel::LABEL_AREA_SIZE,
-                    pseries_nvdimm_uuid(0)
-                ),
-            ]);
-        } else {
-            push(&["-device", "nvdimm,id=kiln_nvdimm0,memdev=kiln_pmem0"]);
-        }
+        push(&[
+            "-device",
+            &nvdimm_device("id=kiln_nvdimm0,memdev=kiln_pmem0", pseries.then_some(0)),
+        ]);
     }
     a
+}
+
+/// `-device` for an NVDIMM with `props`: plain `nvdimm`, or on pseries the
+/// label-aware `spapr-nvdimm` with kiln's label area (the backing file's last
+/// 128 KiB) and the uuid of DIMM `index` (`pseries_nvdimm_uuid`).
+fn nvdimm_device(props: &str, pseries_index: Option<u8>) -> String {
+    match pseries_index {
+        Some(i) => format!(
+            "spapr-nvdimm,{props},label-size={},uuid={}",
+            kiln_disk::nslabel::LABEL_AREA_SIZE,
+            pseries_nvdimm_uuid(i)
+        ),
+        None => format!("nvdimm,{props}"),
+    }
 }
 
 #[cfg(test)]
